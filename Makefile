@@ -1,0 +1,26 @@
+# The two commands of the README. Both create the environment when it is missing and
+# are safe to run again.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
+
+.PHONY: demo test venv bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: venv
+	$(PY) -m part_distillation experiment=demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	for b in benchmarks/b*_*.py; do $(PY) $$b || exit 1; done

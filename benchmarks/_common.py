@@ -1,0 +1,39 @@
+"""Timing helpers shared by the benchmarks (median of repeats: the machine is shared)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+
+def limit_threads(threads: int = 2) -> None:
+    """Same thread budget for the project (torch) and its baselines (OpenMP/BLAS)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall seconds of one call and its result."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float], object]:
+    """Median wall seconds over ``repeats`` calls (after ``warmup``), all times, last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        seconds, out = timed(fn)
+        times.append(seconds)
+    return statistics.median(times), times, out
+
+
+def fmt_times(times: list[float], scale: float = 1e3, unit: str = "ms") -> str:
+    return "[" + ", ".join(f"{t * scale:.1f}" for t in times) + f"] {unit}"

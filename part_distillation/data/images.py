@@ -1,0 +1,255 @@
+"""The project's one image decoder: any file PIL reads becomes a uint8 RGB array.
+
+Web-scraped trees such as ImageNet-21k hold grayscale, CMYK, 16-bit, palette and
+transparent images, camera JPEGs with an EXIF rotation, truncated downloads, HTML pages
+saved as ``.JPEG`` and the odd gigapixel scan. Every stage goes through ``load_rgb`` so
+all of them see the same pixels, and a bad file becomes one exception type
+(``BadImageError``) that a stage can count and skip instead of crashing a job.
+
+Choices:
+- Transparency is composited on white, not dropped: the colour under fully transparent
+  pixels is arbitrary (often black), so dropping alpha shows garbage backgrounds.
+- 16-bit samples are scaled to 8 bits over the full range (``v * 255 / 65535``).
+- EXIF orientation is applied, so the array is the image as a viewer shows it.
+- Size is checked from the header before any pixel is decoded; an image above
+  ``max_pixels`` is downscaled (JPEGs decoded directly at 1/2, 1/4 or 1/8 scale) or
+  refused. An image that would need more than ``max_decode_pixels`` pixels decoded
+  even after that (a huge PNG cannot be decoded at reduced scale) is refused as well,
+  so no file can exhaust memory.
+- A missing file raises ``FileNotFoundError`` (a wrong path, not a bad image).
+- EPS is never opened: PIL would run Ghostscript on it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+#: Default pixel budget (width x height) of a decoded image: 64 Mpx, far above any
+#: ImageNet photo (the largest are ~10 Mpx) and ~200 MB as uint8 RGB.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+#: In "downscale" mode a non-JPEG image is decoded in full before it is resized; one
+#: needing more pixels decoded than this (128 Mpx, ~400 MB as RGB) is refused instead.
+MAX_DECODE_PIXELS = 128 * 1024 * 1024
+
+Oversize = Literal["downscale", "refuse"]
+
+_UNSAFE_FORMATS = {"EPS"}  # opening runs an external interpreter
+_bomb_limit_lock = threading.Lock()
+
+
+class BadImageError(Exception):
+    """A file that cannot be decoded into an image (corrupt, truncated, not an image, too large)."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep it picklable across DataLoader workers
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Result of ``probe_image``: the size ``load_rgb`` returns, or why it failed.
+
+    ``width``/``height`` are 0 when the file could not be decoded.
+    """
+
+    width: int
+    height: int
+    ok: bool
+    reason: str = ""
+
+
+def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             oversize: Oversize = "downscale",
+             max_decode_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
+    """Decode ``path`` to a uint8 array (H, W, 3), EXIF orientation applied.
+
+    ``max_pixels`` bounds H*W of the result (``None``: no bound, PIL's own
+    decompression-bomb limit then applies). Above it, ``oversize="downscale"`` shrinks
+    the image keeping its aspect ratio, ``"refuse"`` raises ``BadImageError``.
+    ``max_decode_pixels`` bounds the memory spent on the way (see the module notes).
+    """
+    if oversize not in ("downscale", "refuse"):
+        raise ValueError(f"oversize must be 'downscale' or 'refuse', got {oversize!r}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    if os.path.isdir(path):
+        raise BadImageError(path, "is a directory")
+    if os.path.getsize(path) == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    try:
+        with _open(path, max_pixels, oversize) as img:
+            target = _fit_size(img.size, max_pixels)
+            if target != img.size:
+                if oversize == "refuse":
+                    raise BadImageError(path, f"{img.size[0]}x{img.size[1]} image exceeds the limit of "
+                                              f"{max_pixels} pixels (oversize='refuse')")
+                if img.format in ("JPEG", "MPO"):
+                    img.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale, never below target
+                to_decode = img.size[0] * img.size[1]
+                if to_decode > max(max_decode_pixels, max_pixels):
+                    raise BadImageError(path, f"{img.size[0]}x{img.size[1]} {img.format} image would need "
+                                              f"{to_decode} pixels decoded to downscale, more than "
+                                              f"max_decode_pixels={max_decode_pixels}")
+            img.load()
+            img = _apply_exif_orientation(img, path)
+            rgb = _to_rgb(img, path)
+            out_size = _fit_size(rgb.size, max_pixels)
+            if out_size != rgb.size:
+                rgb = rgb.resize(out_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+            array = np.asarray(rgb, dtype=np.uint8)
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # any decoder failure is a property of the file, not of our code
+        raise BadImageError(path, _describe(exc)) from exc
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise BadImageError(path, f"decoded to an unexpected array shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def probe_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                oversize: Oversize = "downscale",
+                max_decode_pixels: int = MAX_DECODE_PIXELS) -> ImageInfo:
+    """Fully decode ``path`` as ``load_rgb`` would and report the size or the failure.
+
+    Used to index a tree once, so later stages can skip bad files without retrying them.
+    Decoding in full (not just reading the header) is what catches truncated files.
+    """
+    try:
+        array = load_rgb(path, max_pixels=max_pixels, oversize=oversize, max_decode_pixels=max_decode_pixels)
+    except (BadImageError, FileNotFoundError) as exc:
+        reason = exc.reason if isinstance(exc, BadImageError) else f"file not found: {exc}"
+        return ImageInfo(0, 0, False, reason)
+    return ImageInfo(int(array.shape[1]), int(array.shape[0]), True, "")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return sorted(f for f in Image.OPEN if f not in _UNSAFE_FORMATS)
+
+
+@contextmanager
+def _open(path: str, max_pixels: int | None, oversize: Oversize) -> Iterator[Image.Image]:
+    """Open lazily (header only), with PIL's bomb check replaced by ours when we downscale.
+
+    PIL raises ``DecompressionBombError`` from the header alone above ~179 Mpx. We have
+    our own bound, so in "downscale" mode such a file is reopened with PIL's limit lifted
+    (briefly, under a lock: it is a module global) and then downscaled or refused below.
+    """
+    formats = _allowed_formats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # PIL warns about palette transparency and odd EXIF; we handle both ourselves.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            img = Image.open(path, formats=formats)
+        except Image.DecompressionBombError as exc:
+            if max_pixels is None or oversize == "refuse":
+                raise BadImageError(path, f"refused as a decompression bomb: {exc}") from exc
+            with _bomb_limit_lock:
+                saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+                try:
+                    img = Image.open(path, formats=formats)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+        except Image.UnidentifiedImageError as exc:
+            raise BadImageError(path, "not an image file PIL can identify") from exc
+        try:
+            yield img
+        finally:
+            img.close()
+
+
+def _fit_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
+    """Largest (w, h) with the same aspect ratio and at most ``max_pixels`` pixels."""
+    w, h = size
+    if max_pixels is None or w * h <= max_pixels:
+        return (w, h)
+    scale = math.sqrt(max_pixels / (w * h))
+    nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+    while nw * nh > max_pixels:  # guard the rounding
+        if nw >= nh:
+            nw -= 1
+        else:
+            nh -= 1
+    return (nw, nh)
+
+
+def _apply_exif_orientation(img: Image.Image, path: str) -> Image.Image:
+    """Rotate/flip as the EXIF orientation says; a broken EXIF block is ignored, not fatal."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, _describe(exc))
+        return img
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit scaled, transparency on white)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(_gray_to_uint8(np.asarray(img), mode)).convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("PA", "LA", "La", "RGBA", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise BadImageError(path, f"cannot convert mode {mode!r} to RGB ({_describe(exc)})") from exc
+
+
+def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit (or 32-bit int / float) gray samples to 0..255.
+
+    ``I;16*`` is full-range 16-bit. Mode ``I`` is how older PIL versions return 16-bit
+    PNG data, so values within 0..65535 are read as 16-bit too; anything else, and float
+    images outside 0..1, are stretched from their own min..max.
+    """
+    values = values.astype(np.float64)
+    in_16bit_range = bool(values.size) and values.min() >= 0 and values.max() <= 65535
+    if mode.startswith("I;16") or (mode == "I" and in_16bit_range):
+        scaled = values * (255.0 / 65535.0)
+    else:
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

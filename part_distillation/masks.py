@@ -1,0 +1,97 @@
+"""Mask helpers every stage shares: COCO RLE encoding, resizing, areas and IoU.
+
+RLEs are stored as plain dicts ``{"size": [h, w], "counts": str}`` (COCO compressed
+form, counts as text) so they serialise to JSON and COCO tools read them directly.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+from pycocotools import mask as _coco
+
+RLE = dict
+
+
+def encode_rle(mask: np.ndarray) -> RLE:
+    """Encode one binary (H, W) mask as a JSON-ready COCO RLE."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode_rle expects a 2-D mask, got shape {mask.shape}")
+    rle = _coco.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def encode_rles(masks: np.ndarray | Sequence[np.ndarray]) -> list[RLE]:
+    """Encode a stack (N, H, W) of binary masks."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"encode_rles expects (N, H, W) masks, got shape {masks.shape}")
+    if len(masks) == 0:
+        return []
+    rles = _coco.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def _to_coco(rle: RLE) -> dict:
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE as in some COCO json files
+        return _coco.frPyObjects(rle, int(rle["size"][0]), int(rle["size"][1]))
+    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_rle(rle: RLE) -> np.ndarray:
+    """Decode one RLE to a bool (H, W) mask."""
+    return _coco.decode(_to_coco(rle)).astype(bool)
+
+
+def decode_rles(rles: Sequence[RLE], size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode RLEs to a bool (N, H, W) stack; ``size`` gives (H, W) when the list is empty."""
+    if len(rles) == 0:
+        if size is None:
+            raise ValueError("decode_rles needs size=(h, w) for an empty list")
+        return np.zeros((0, *size), dtype=bool)
+    return _coco.decode([_to_coco(r) for r in rles]).transpose(2, 0, 1).astype(bool)
+
+
+def rle_area(rles: RLE | Sequence[RLE]) -> np.ndarray:
+    """Pixel count of each RLE, without decoding."""
+    if isinstance(rles, dict):
+        rles = [rles]
+    return np.asarray(_coco.area([_to_coco(r) for r in rles]), dtype=np.int64)
+
+
+def rle_to_bbox(rles: Sequence[RLE]) -> np.ndarray:
+    """Boxes (N, 4) in XYWH, as COCO stores them."""
+    if len(rles) == 0:
+        return np.zeros((0, 4))
+    return np.asarray(_coco.toBbox([_to_coco(r) for r in rles]), dtype=np.float64).reshape(-1, 4)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (N, M) between two stacks of binary masks of the same (H, W)."""
+    a = np.asarray(a, dtype=bool).reshape(len(a), -1).astype(np.float32)
+    b = np.asarray(b, dtype=bool).reshape(len(b), -1).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool (N, H, W) stack to ``size`` = (h, w)."""
+    masks = np.asarray(masks, dtype=bool)
+    h, w = masks.shape[-2:]
+    th, tw = size
+    rows = np.minimum((np.arange(th) + 0.5) * h / th, h - 1).astype(np.int64)
+    cols = np.minimum((np.arange(tw) + 0.5) * w / tw, w - 1).astype(np.int64)
+    return masks[..., rows[:, None], cols[None, :]]
+
+
+def union(masks: Iterable[np.ndarray]) -> np.ndarray:
+    """Pixel-wise OR of binary masks."""
+    out = None
+    for m in masks:
+        out = np.asarray(m, dtype=bool) if out is None else out | m
+    if out is None:
+        raise ValueError("union of no masks")
+    return out

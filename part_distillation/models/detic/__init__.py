@@ -1,0 +1,43 @@
+"""Detic inference implemented on torch/torchvision (no detectron2), loading the public weights."""
+from .centernet import CenterNet, Proposals
+from .fpn import FPN
+from .model import (
+    DEFAULT_WEIGHTS_PATH,
+    WEIGHTS_URL,
+    CheckpointMismatchError,
+    Detections,
+    Detic,
+    DeticConfig,
+    build_detic,
+    detector_postprocess,
+    load_state_dict,
+    paste_masks,
+    read_checkpoint,
+    resize_image,
+    resized_shape,
+)
+from .roi_heads import CascadeROIHeads, RawDetections, StageOutput
+from .swin import SwinTransformer
+
+__all__ = [
+    "CascadeROIHeads",
+    "CenterNet",
+    "CheckpointMismatchError",
+    "DEFAULT_WEIGHTS_PATH",
+    "Detections",
+    "Detic",
+    "DeticConfig",
+    "FPN",
+    "Proposals",
+    "RawDetections",
+    "StageOutput",
+    "SwinTransformer",
+    "WEIGHTS_URL",
+    "build_detic",
+    "detector_postprocess",
+    "load_state_dict",
+    "paste_masks",
+    "read_checkpoint",
+    "resize_image",
+    "resized_shape",
+]

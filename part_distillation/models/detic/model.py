@@ -1,0 +1,327 @@
+"""Detic (Zhou et al. 2022) for inference: Swin-B + FPN, CenterNet proposals, cascade ROI heads
+with a CLIP zero-shot classifier, class-agnostic masks.
+
+``Detic.predict`` takes RGB uint8 images and returns detections at the original image size, the
+path of detectron2's ``DefaultPredictor``: resize (PIL bilinear), normalise, zero-pad to 32, run,
+rescale boxes and paste masks. The classifier's vocabulary is swapped with ``set_vocabulary``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .centernet import CenterNet, Proposals
+from .fpn import FPN
+from .roi_heads import CascadeROIHeads, RawDetections, clip_boxes
+from .swin import SwinTransformer
+
+WEIGHTS_NAME = "Detic_LCOCOI21k_CLIP_SwinB_896b32_4x_ft4x_max-size.pth"
+WEIGHTS_URL = f"https://dl.fbaipublicfiles.com/detic/{WEIGHTS_NAME}"
+DEFAULT_WEIGHTS_PATH = Path("weights/detic") / WEIGHTS_NAME
+
+
+@dataclass(frozen=True)
+class DeticConfig:
+    """Architecture and inference settings; defaults are the public Swin-B LVIS+COCO+IN-21k model."""
+
+    swin_embed_dim: int = 128
+    swin_depths: tuple[int, ...] = (2, 2, 18, 2)
+    swin_num_heads: tuple[int, ...] = (4, 8, 16, 32)
+    swin_window_size: int = 7
+    fpn_channels: int = 256
+    num_classes: int = 22047
+    box_fc_dim: int = 1024
+    mask_conv_dim: int = 256
+    text_embed_dim: int = 512
+    norm_temperature: float = 50.0
+    cascade_bbox_reg_weights: tuple[tuple[float, ...], ...] = (
+        (10.0, 10.0, 5.0, 5.0),
+        (20.0, 20.0, 10.0, 10.0),
+        (30.0, 30.0, 15.0, 15.0),
+    )
+    # CenterNet proposals
+    proposal_score_thresh: float = 1e-4
+    proposal_pre_nms_topk: int = 1000
+    proposal_post_nms_topk: int = 256
+    proposal_nms_thresh: float = 0.9
+    # ROI heads
+    score_thresh: float = 0.02
+    nms_thresh: float = 0.5
+    detections_per_image: int = 300
+    mult_proposal_score: bool = True
+    one_class_per_proposal: bool = False
+    # Input
+    resize: str = "shortest_edge"  # or "fit": scale to fit a size x size square (PartDistillation's mapper)
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+    mask_threshold: float = 0.5
+
+    @classmethod
+    def for_labeling(cls, **overrides) -> "DeticConfig":
+        """PartDistillation's object-mask settings: test size 640, 1000 detections, no score threshold."""
+        base = dict(min_size_test=640, detections_per_image=1000, score_thresh=0.0)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class Detections:
+    """Detections of one image at the output size, by descending score."""
+
+    boxes: torch.Tensor  # (N, 4) XYXY pixels
+    scores: torch.Tensor  # (N,)
+    classes: torch.Tensor  # (N,) int64 index into the vocabulary
+    masks: torch.Tensor  # (N, H, W) bool
+    image_size: tuple[int, int]  # (H, W)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre- and post-processing
+
+
+def resized_shape(height: int, width: int, mode: str, size: int, max_size: int) -> tuple[int, int]:
+    """Output (h, w) of detectron2's ResizeShortestEdge ("shortest_edge") or ResizeScale to a square ("fit")."""
+    if mode == "shortest_edge":
+        scale = size * 1.0 / min(height, width)
+        newh, neww = (size * 1.0, scale * width) if height < width else (scale * height, size * 1.0)
+        if max(newh, neww) > max_size:
+            scale = max_size * 1.0 / max(newh, neww)
+            newh, neww = newh * scale, neww * scale
+        return int(newh + 0.5), int(neww + 0.5)
+    if mode == "fit":
+        scale = min(size / height, size / width)
+        out = np.round(np.multiply((height, width), scale)).astype(int)
+        return int(out[0]), int(out[1])
+    raise ValueError(f"unknown resize mode {mode!r}; expected 'shortest_edge' or 'fit'")
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """PIL bilinear resize of an (H, W, 3) uint8 RGB image to ``shape`` = (h, w)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    if tuple(image.shape[:2]) == tuple(shape):
+        return image
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
+
+
+def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float | None = 0.5) -> torch.Tensor:
+    """detectron2's paste_masks_in_image: (N, M, M) box-relative probabilities -> (N, H, W) bool masks.
+
+    Each mask is bilinearly resampled (align_corners=False) over the pixels near its box only, as
+    detectron2 does on CPU, so memory stays proportional to the box area. ``threshold=None`` returns
+    the pasted probabilities instead of binary masks.
+    """
+    img_h, img_w = size
+    dtype = torch.float32 if threshold is None else torch.bool
+    out = torch.zeros((len(mask_probs), img_h, img_w), dtype=dtype, device=mask_probs.device)
+    for i in range(len(mask_probs)):
+        box = boxes[i : i + 1].float()
+        x0_int, y0_int = torch.clamp(box.min(dim=0).values.floor()[:2] - 1, min=0).to(torch.int32).tolist()
+        x1_int = int(torch.clamp(box[:, 2].max().ceil() + 1, max=img_w))
+        y1_int = int(torch.clamp(box[:, 3].max().ceil() + 1, max=img_h))
+        x0, y0, x1, y1 = torch.split(box, 1, dim=1)
+        ys = torch.arange(y0_int, y1_int, device=box.device, dtype=torch.float32) + 0.5
+        xs = torch.arange(x0_int, x1_int, device=box.device, dtype=torch.float32) + 0.5
+        ys = (ys - y0) / (y1 - y0) * 2 - 1
+        xs = (xs - x0) / (x1 - x0) * 2 - 1
+        grid = torch.stack([xs[:, None, :].expand(1, ys.shape[1], xs.shape[1]), ys[:, :, None].expand(1, ys.shape[1], xs.shape[1])], dim=3)
+        pasted = F.grid_sample(mask_probs[i : i + 1, None].float(), grid, align_corners=False)[0, 0]
+        out[i, y0_int:y1_int, x0_int:x1_int] = pasted if threshold is None else pasted >= threshold
+    return out
+
+
+def detector_postprocess(raw: RawDetections, output_size: tuple[int, int], mask_threshold: float = 0.5) -> Detections:
+    """Map detections from the network frame to ``output_size``: scale, clip, drop empty boxes, paste masks."""
+    out_h, out_w = output_size
+    scale_x, scale_y = out_w / raw.image_size[1], out_h / raw.image_size[0]
+    boxes = raw.boxes.clone()
+    boxes[:, 0::2] *= scale_x
+    boxes[:, 1::2] *= scale_y
+    boxes = clip_boxes(boxes, (out_h, out_w))
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    boxes = boxes[keep]
+    if raw.mask_probs is None:
+        masks = torch.zeros((len(boxes), out_h, out_w), dtype=torch.bool, device=boxes.device)
+    else:
+        masks = paste_masks(raw.mask_probs[keep][:, 0], boxes, (out_h, out_w), mask_threshold)
+    return Detections(boxes, raw.scores[keep], raw.classes[keep], masks, (int(out_h), int(out_w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class Detic(nn.Module):
+    def __init__(self, config: DeticConfig = DeticConfig()):
+        super().__init__()
+        self.config = config
+        c = config
+        swin = SwinTransformer(c.swin_embed_dim, c.swin_depths, c.swin_num_heads, c.swin_window_size)
+        self.backbone = FPN(swin, ("swin1", "swin2", "swin3"), c.fpn_channels)
+        strides = [self.backbone.out_strides[f] for f in ("p3", "p4", "p5", "p6", "p7")]
+        self.proposal_generator = CenterNet(
+            c.fpn_channels,
+            ("p3", "p4", "p5", "p6", "p7"),
+            strides,
+            score_thresh=c.proposal_score_thresh,
+            pre_nms_topk=c.proposal_pre_nms_topk,
+            post_nms_topk=c.proposal_post_nms_topk,
+            nms_thresh=c.proposal_nms_thresh,
+        )
+        self.roi_heads = CascadeROIHeads(
+            c.fpn_channels,
+            c.num_classes,
+            ("p3", "p4", "p5"),
+            strides[:3],
+            fc_dim=c.box_fc_dim,
+            mask_conv_dim=c.mask_conv_dim,
+            embed_dim=c.text_embed_dim,
+            temperature=c.norm_temperature,
+            cascade_weights=c.cascade_bbox_reg_weights,
+            score_thresh=c.score_thresh,
+            nms_thresh=c.nms_thresh,
+            detections_per_image=c.detections_per_image,
+            mult_proposal_score=c.mult_proposal_score,
+            one_class_per_proposal=c.one_class_per_proposal,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(c.pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(c.pixel_std).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.num_classes
+
+    def set_vocabulary(self, embeddings: torch.Tensor | np.ndarray) -> None:
+        """Classify against (C, D) text embeddings (e.g. CLIP "a {name}"), replacing the stored vocabulary."""
+        embeddings = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
+        if embeddings.ndim != 2:
+            raise ValueError(f"vocabulary embeddings must be (C, D), got shape {tuple(embeddings.shape)}")
+        self.roi_heads.set_vocabulary(embeddings)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Resize, normalise and zero-pad RGB uint8 images into one (B, 3, H, W) batch."""
+        c = self.config
+        tensors, sizes = [], []
+        for image in images:
+            shape = resized_shape(image.shape[0], image.shape[1], c.resize, c.min_size_test, c.max_size_test)
+            resized = resize_image(image, shape)
+            x = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1), device=self.device)
+            tensors.append((x - self.pixel_mean) / self.pixel_std)
+            sizes.append(shape)
+        return self.pad(tensors), sizes
+
+    def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        div = self.config.size_divisibility
+        h = max(t.shape[-2] for t in tensors)
+        w = max(t.shape[-1] for t in tensors)
+        h, w = -(-h // div) * div, -(-w // div) * div
+        batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], h, w))
+        for i, t in enumerate(tensors):
+            batch[i, :, : t.shape[-2], : t.shape[-1]] = t
+        return batch
+
+    def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[RawDetections]:
+        """Normalised, padded (B, 3, H, W) batch -> detections in the frame of each unpadded image."""
+        features = self.backbone(images)
+        proposals: list[Proposals] = self.proposal_generator(features)
+        return self.roi_heads(features, [p.boxes for p in proposals], [p.scores for p in proposals], image_sizes)
+
+    @torch.no_grad()
+    def predict(
+        self, images: np.ndarray | Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[Detections]:
+        """RGB uint8 (H, W, 3) image(s) -> detections at the original size (or ``output_sizes``)."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        batch, sizes = self.preprocess(images)
+        raws = self(batch, sizes)
+        if output_sizes is None:
+            output_sizes = [tuple(im.shape[:2]) for im in images]
+        return [detector_postprocess(r, s, self.config.mask_threshold) for r, s in zip(raws, output_sizes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model (names or shapes)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Detic ``.pth`` (``{'model': state_dict}`` or a bare state dict), loaded safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Detic weights not found at {path}. Download {WEIGHTS_URL} and place it there "
+            f"(expected layout: {DEFAULT_WEIGHTS_PATH})."
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"{path} holds no state dict (expected {{'model': state_dict}})")
+    return dict(state)
+
+
+def load_state_dict(model: Detic, state: Mapping[str, torch.Tensor], max_listed: int = 10) -> None:
+    """Strict load with readable errors. The stored vocabulary (``zs_weight``) is adopted whatever its size.
+
+    ``relative_position_index`` buffers may be absent (they are recomputed identically).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("relative_position_index")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(own[k].shape))
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        and not (k.endswith("cls_score.zs_weight") and state[k].ndim == 2 and state[k].shape[0] == own[k].shape[0])
+    ]
+    if missing or unexpected or mismatched:
+        lines = []
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatches (checkpoint vs model), first: " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in mismatched[:max_listed]))
+        if missing:
+            lines.append(f"{len(missing)} missing keys, first: " + ", ".join(missing[:max_listed]))
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected keys, first: " + ", ".join(unexpected[:max_listed]))
+        raise CheckpointMismatchError("Detic checkpoint does not match the model:\n  " + "\n  ".join(lines))
+    for predictor in model.roi_heads.box_predictor:
+        cls = predictor.cls_score
+        key = [k for k, m in model.named_modules() if m is cls][0] + ".zs_weight"
+        cls.zs_weight = torch.empty_like(state[key], dtype=cls.zs_weight.dtype, device=cls.zs_weight.device)
+    model.load_state_dict(dict(state), strict=False)
+
+
+def build_detic(
+    weights: str | Path | None = DEFAULT_WEIGHTS_PATH,
+    config: DeticConfig | None = None,
+    vocabulary: torch.Tensor | np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+) -> Detic:
+    """Build, load weights (``None`` keeps the random init), optionally swap the vocabulary; eval mode."""
+    config = config or DeticConfig()
+    model = Detic(config)
+    if weights is not None:
+        load_state_dict(model, read_checkpoint(weights))
+    if vocabulary is not None:
+        model.set_vocabulary(vocabulary)
+    return model.to(device).eval()

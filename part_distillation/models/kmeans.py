@@ -1,0 +1,479 @@
+"""One batched k-means for the whole pipeline (pixel grouping and part ranking).
+
+Many independent problems are solved at once: ``points`` (B, N, D) with a validity
+``mask`` (B, N) for problems of different sizes (or a list, see :func:`kmeans_list`).
+Everything runs on the device of the inputs.
+
+How it stays fast without giving up quality:
+
+- Distances use ||x||^2 - 2 x.c + ||c||^2 with one batched matmul per pass, in float32.
+- Initialisation is greedy k-means++ (sklearn's variant: ``2 + log K`` candidate
+  centres per step, keep the one that lowers the potential most) seeded per problem by
+  a ``torch.Generator``, so a problem's answer does not depend on what it is batched
+  with.
+- Coarse to fine: the ``n_init`` initialisations and their Lloyd iterations run on a
+  random sample of each problem (all of it when it is small), all runs sharing one
+  matmul per pass; the best run by sample inertia is then refined by Lloyd iterations
+  on all points. Huge problems thus need only a handful of passes over their data.
+- Lloyd stops on label stability or when the centre shift falls below ``tol`` times
+  the mean per-feature variance (sklearn's criterion); after the refinement's first
+  pass, cluster sums are updated only with the points that changed cluster.
+- Passes are chunked over points (bounded temporaries for millions of points) and,
+  on CPU, problems are processed in groups small enough to stay in cache.
+- Empty clusters are re-seeded with the points farthest from their centres; a cluster
+  stays empty only when every point already sits on a centre (fewer distinct points
+  than K), and its centroid is then a duplicate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["KMeansResult", "batched_kmeans", "kmeans", "kmeans_list", "assign_to_centroids"]
+
+# Temporaries per chunk (elements of the (B, chunk, R*K) distance block) and, on CPU,
+# the data size of one group of problems (kept well inside L2/L3 cache).
+_CHUNK_ELEMENTS = 1 << 21
+_CPU_GROUP_BYTES = 24 << 20
+# Refinement re-sums all points when more than this fraction changed cluster.
+_INCREMENTAL_FRACTION = 0.125
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """Result of k-means: per problem (leading dim B) or for one problem (no B dim).
+
+    centroids (B, K, D) float32; labels (B, N) int64, -1 where the point is masked out;
+    inertia (B,) float64, sum of squared distances to the assigned centroid; counts
+    (B, K) int64 cluster sizes (0 only when there were fewer distinct points than K);
+    n_iter (B,) Lloyd iterations of the final run over all points.
+    """
+
+    centroids: torch.Tensor
+    labels: torch.Tensor
+    inertia: torch.Tensor
+    counts: torch.Tensor
+    n_iter: torch.Tensor
+
+
+def default_sample_size(n_clusters: int) -> int:
+    """Points per problem used for the initialisations (the refinement uses all)."""
+    return max(2048, 256 * n_clusters)
+
+
+def batched_kmeans(
+    points: torch.Tensor,
+    n_clusters: int,
+    mask: torch.Tensor | None = None,
+    *,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int | Sequence[int] = 0,
+    sample_size: int | None = None,
+    chunk_size: int | None = None,
+    group_bytes: int | None = None,
+) -> KMeansResult:
+    """K-means on B independent problems: points (B, N, D), mask (B, N) of valid points.
+
+    ``seed``: an int (problem b uses ``seed + b``) or one seed per problem; the result
+    of a problem depends only on its points and its seed. ``n_init`` initialisations
+    are compared on the sample (``sample_size`` points, default
+    :func:`default_sample_size`) and the best is refined on all points. ``chunk_size``
+    bounds the points per pass step; ``group_bytes`` the data per group of problems
+    (default: all at once on GPU, cache-sized groups on CPU).
+    """
+    if points.dim() != 3:
+        raise ValueError(f"points must be (B, N, D), got shape {tuple(points.shape)}")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if n_init < 1 or max_iter < 0 or tol < 0:
+        raise ValueError(f"need n_init >= 1, max_iter >= 0, tol >= 0; got {n_init}, {max_iter}, {tol}")
+    batch, num_points, dim = points.shape
+    device = points.device
+    if mask is None:
+        mask = torch.ones(batch, num_points, dtype=torch.bool, device=device)
+    mask = mask.to(device=device, dtype=torch.bool)
+    if mask.shape != (batch, num_points):
+        raise ValueError(f"mask must be {(batch, num_points)}, got {tuple(mask.shape)}")
+    seeds = _problem_seeds(seed, batch)
+    points = points if points.dtype == torch.float32 else points.float()
+    sample_size = default_sample_size(n_clusters) if sample_size is None else int(sample_size)
+    if sample_size < 1:
+        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
+    if group_bytes is None:
+        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else 1 << 62
+
+    centroids = points.new_zeros(batch, n_clusters, dim)
+    labels = torch.full((batch, num_points), -1, dtype=torch.long, device=device)
+    inertia = torch.zeros(batch, dtype=torch.float64, device=device)
+    counts = torch.zeros(batch, n_clusters, dtype=torch.long, device=device)
+    n_iter = torch.zeros(batch, dtype=torch.long, device=device)
+    bytes_per_problem = max(1, num_points * dim * 4)
+    per_group = max(1, group_bytes // bytes_per_problem)
+    for start in range(0, batch, per_group):
+        stop = min(batch, start + per_group)
+        group_mask = mask[start:stop]
+        length = _used_length(group_mask)
+        if length == 0:
+            continue
+        result = _solve_group(
+            points[start:stop, :length], group_mask[:, :length], n_clusters, seeds[start:stop],
+            n_init=n_init, max_iter=max_iter, tol=tol, sample_size=sample_size, chunk_size=chunk_size,
+        )
+        centroids[start:stop] = result.centroids
+        labels[start:stop, :length] = result.labels
+        inertia[start:stop] = result.inertia
+        counts[start:stop] = result.counts
+        n_iter[start:stop] = result.n_iter
+    return KMeansResult(centroids, labels, inertia, counts, n_iter)
+
+
+def kmeans(points: torch.Tensor, n_clusters: int, **kwargs) -> KMeansResult:
+    """K-means on one problem, points (N, D); same options as :func:`batched_kmeans`.
+
+    Returns centroids (K, D), labels (N,), inertia, counts (K,) and n_iter as 0-d/1-d
+    tensors (the batch dimension removed).
+    """
+    if points.dim() != 2:
+        raise ValueError(f"points must be (N, D), got shape {tuple(points.shape)}")
+    seed = kwargs.pop("seed", 0)
+    result = batched_kmeans(points[None], n_clusters, seed=[int(seed)], **kwargs)
+    return KMeansResult(*(field[0] for field in _fields(result)))
+
+
+def kmeans_list(problems: Sequence[torch.Tensor], n_clusters: int, **kwargs) -> list[KMeansResult]:
+    """K-means on problems of different sizes, each (N_i, D); packs them into groups.
+
+    Problem i uses seed ``seed + i`` (or ``seed[i]``), exactly as in
+    :func:`batched_kmeans`, so its answer equals ``kmeans(problems[i], seed=...)``.
+    """
+    if not problems:
+        return []
+    dims = {p.shape[-1] for p in problems}
+    if any(p.dim() != 2 for p in problems) or len(dims) != 1:
+        raise ValueError("problems must all be (N_i, D) with the same D")
+    seeds = _problem_seeds(kwargs.pop("seed", 0), len(problems))
+    group_bytes = kwargs.pop("group_bytes", None)
+    device = problems[0].device
+    if group_bytes is None:
+        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else 1 << 30
+    dim = dims.pop()
+    # Similar sizes together keep the padding small.
+    order = sorted(range(len(problems)), key=lambda i: problems[i].shape[0])
+    results: list[KMeansResult | None] = [None] * len(problems)
+    group: list[int] = []
+
+    def flush() -> None:
+        length = max(1, max(problems[i].shape[0] for i in group))
+        packed = problems[group[0]].new_zeros(len(group), length, dim, dtype=torch.float32)
+        mask = torch.zeros(len(group), length, dtype=torch.bool, device=device)
+        for row, i in enumerate(group):
+            packed[row, : problems[i].shape[0]] = problems[i]
+            mask[row, : problems[i].shape[0]] = True
+        out = batched_kmeans(packed, n_clusters, mask, seed=[seeds[i] for i in group],
+                             group_bytes=1 << 62, **kwargs)
+        for row, i in enumerate(group):
+            n = problems[i].shape[0]
+            results[i] = KMeansResult(out.centroids[row], out.labels[row, :n], out.inertia[row],
+                                      out.counts[row], out.n_iter[row])
+
+    for i in order:
+        length = max(problems[j].shape[0] for j in group + [i])
+        if group and (len(group) + 1) * length * dim * 4 > group_bytes:
+            flush()
+            group = []
+        group.append(i)
+    flush()
+    return results  # type: ignore[return-value]
+
+
+def assign_to_centroids(
+    points: torch.Tensor, centroids: torch.Tensor, metric: str = "l2", chunk_size: int | None = None
+) -> torch.Tensor:
+    """Index of the nearest centroid for each point: points (..., N, D), centroids (..., K, D).
+
+    ``metric`` "l2" (smallest squared distance) or "dot" (largest dot product).
+    """
+    if metric not in ("l2", "dot"):
+        raise ValueError(f"metric must be 'l2' or 'dot', got {metric!r}")
+    batched = points.dim() == 3
+    x = points if batched else points[None]
+    c = (centroids if batched else centroids[None]).to(x.dtype)
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * c.shape[1]))
+    out = torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
+    c_t = c.transpose(1, 2)
+    half_norm = 0.5 * c.square().sum(-1)[:, None, :]
+    for start in range(0, x.shape[1], chunk):
+        scores = torch.bmm(x[:, start:start + chunk], c_t)
+        if metric == "l2":
+            scores = scores - half_norm  # argmax of x.c - |c|^2/2 == argmin of |x - c|^2
+        out[:, start:start + chunk] = scores.argmax(-1)
+    return out if batched else out[0]
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _fields(result: KMeansResult):
+    return (result.centroids, result.labels, result.inertia, result.counts, result.n_iter)
+
+
+def _problem_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+    if isinstance(seed, (int,)) or (torch.is_tensor(seed) and seed.dim() == 0):
+        return [int(seed) + b for b in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for {batch} problems")
+    return seeds
+
+
+def _used_length(mask: torch.Tensor) -> int:
+    """Points up to the last valid one in any problem of the group (drops padding)."""
+    any_valid = mask.any(0)
+    if not bool(any_valid.any()):
+        return 0
+    return int(any_valid.nonzero()[-1]) + 1
+
+
+def _chunk_for(batch: int, runs_k: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(256, _CHUNK_ELEMENTS // max(1, batch * runs_k))
+
+
+def _assign(x, x_norm, mask, centroids, chunk):
+    """Nearest centre per point for R runs: centroids (B, R, K, D) -> labels, min dist (B, R, N)."""
+    batch, runs, k, dim = centroids.shape
+    flat = centroids.reshape(batch, runs * k, dim)
+    c_t = flat.transpose(1, 2)
+    c_norm = flat.square().sum(-1)[:, None, :]
+    n = x.shape[1]
+    labels = torch.empty(batch, runs, n, dtype=torch.long, device=x.device)
+    min_dist = torch.empty(batch, runs, n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        dist = torch.baddbmm(c_norm, x[:, start:stop], c_t, alpha=-2.0)  # (B, c, R*K)
+        value, index = dist.view(batch, stop - start, runs, k).min(-1)
+        value = (value + x_norm[:, start:stop, None]).clamp_(min=0)
+        labels[:, :, start:stop] = index.transpose(1, 2)
+        min_dist[:, :, start:stop] = value.transpose(1, 2)
+    min_dist.masked_fill_(~mask[:, None, :], 0)
+    return labels, min_dist
+
+
+def _cluster_sums(x, labels, mask, k, chunk):
+    """Per-cluster sums and counts, labels (B, R, N) -> (B, R, K, D), (B, R, K)."""
+    batch, runs, n = labels.shape
+    if runs == 1:
+        # Scatter-add of rows: one read of the points, no one-hot matrix.
+        offsets = torch.arange(batch, device=x.device)[:, None] * k
+        index = torch.where(mask, labels[:, 0] + offsets, batch * k).reshape(-1)
+        sums = x.new_zeros(batch * k + 1, x.shape[-1])
+        sums.index_add_(0, index, x.reshape(batch * n, -1))
+        counts = torch.bincount(index, minlength=batch * k + 1)
+        return sums[:-1].view(batch, 1, k, -1), counts[:-1].view(batch, 1, k)
+    sums = x.new_zeros(batch, runs * k, x.shape[-1])
+    counts = torch.zeros(batch, runs * k, dtype=torch.long, device=x.device)
+    ids = torch.arange(k, device=x.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        onehot = (labels[:, :, None, start:stop] == ids[:, None]) & mask[:, None, None, start:stop]
+        onehot = onehot.view(batch, runs * k, stop - start)
+        counts += onehot.sum(-1)
+        sums.baddbmm_(onehot.to(x.dtype), x[:, start:stop])
+    return sums.view(batch, runs, k, -1), counts.view(batch, runs, k)
+
+
+def _reseed_empty(x, centroids, counts, labels, min_dist, mask):
+    """Move each empty centre onto one of the points farthest from their centre."""
+    empty = counts == 0
+    if not bool(empty.any()):
+        return centroids
+    batch, runs, k, dim = centroids.shape
+    n = x.shape[1]
+    top = min(k, n)
+    far_dist, far_index = min_dist.masked_fill(~mask[:, None, :], -1).topk(top, dim=-1)  # (B, R, top)
+    # Exact distance of the candidates (the expanded form is not exact near zero).
+    far_points = torch.gather(x[:, None].expand(batch, runs, n, dim), 2,
+                              far_index[..., None].expand(batch, runs, top, dim))
+    own = torch.gather(labels, 2, far_index)
+    own_centre = torch.gather(centroids, 2, own[..., None].expand(batch, runs, top, dim))
+    exact = (far_points - own_centre).square().sum(-1)
+    usable = (far_dist >= 0) & (exact > 0)
+    rank = (empty.long().cumsum(-1) - 1).clamp(min=0, max=top - 1)  # j-th empty cluster -> j-th point
+    take = empty & torch.gather(usable, 2, rank) & (empty.long().cumsum(-1) <= top)
+    chosen = torch.gather(far_points, 2, rank[..., None].expand(batch, runs, k, dim))
+    return torch.where(take[..., None], chosen, centroids)
+
+
+def _lloyd(x, x_norm, mask, centroids, max_iter, tol_abs, chunk):
+    """Lloyd iterations for R runs at once; returns centroids, labels, min_dist, counts, n_iter.
+
+    The first pass assigns the given centres. Each further pass assigns the updated
+    centres; a run stops when no label changed (its centres are then the exact means)
+    or when the centre shift was <= tol_abs (after the pass that assigns them).
+    """
+    batch, runs, k, _ = centroids.shape
+    labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
+    sums, counts = _cluster_sums(x, labels, mask, k, chunk)
+    done = torch.zeros(batch, runs, dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros(batch, runs, dtype=torch.long, device=x.device)
+    valid_points = max(1, int(mask.sum()))
+    for _ in range(max_iter):
+        means = sums / counts.clamp(min=1)[..., None]
+        updated = torch.where((counts == 0)[..., None], centroids, means)
+        updated = _reseed_empty(x, updated, counts, labels, min_dist, mask)
+        shift = (updated - centroids).square().sum((-1, -2))
+        centroids = torch.where(done[..., None, None], centroids, updated)
+        new_labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
+        n_iter += (~done).long()
+        changed = (new_labels != labels) & mask[:, None, :] & ~done[..., None]
+        done = done | ~changed.any(-1) | (shift <= tol_abs)
+        if bool(done.all()):
+            labels = new_labels
+            break
+        n_changed = int(changed.sum())
+        if runs == 1 and n_changed <= _INCREMENTAL_FRACTION * valid_points:
+            sums, counts = _update_sums(x, sums, counts, labels, new_labels, changed, k)
+        else:
+            sums, counts = _cluster_sums(x, new_labels, mask, k, chunk)
+        labels = new_labels
+    counts = _cluster_sums(x, labels, mask, k, chunk)[1] if runs > 1 else _count(labels, mask, k)
+    return centroids, labels, min_dist, counts, n_iter
+
+
+def _count(labels, mask, k):
+    batch = labels.shape[0]
+    offsets = torch.arange(batch, device=labels.device)[:, None] * k
+    index = torch.where(mask, labels[:, 0] + offsets, batch * k).reshape(-1)
+    return torch.bincount(index, minlength=batch * k + 1)[:-1].view(batch, 1, k)
+
+
+def _update_sums(x, sums, counts, old, new, changed, k):
+    """Move only the points that changed cluster (single run)."""
+    batch, _, n = old.shape
+    where = changed[:, 0].reshape(-1).nonzero().squeeze(1)
+    if where.numel() == 0:
+        return sums, counts
+    rows = x.reshape(batch * n, -1).index_select(0, where)
+    problem = where // n
+    flat_sums = sums.reshape(batch * k, -1).clone()
+    flat_counts = counts.reshape(batch * k).clone()
+    old_index = problem * k + old[:, 0].reshape(-1)[where]
+    new_index = problem * k + new[:, 0].reshape(-1)[where]
+    flat_sums.index_add_(0, new_index, rows)
+    flat_sums.index_add_(0, old_index, rows, alpha=-1)
+    ones = torch.ones_like(new_index)
+    flat_counts.index_add_(0, new_index, ones)
+    flat_counts.index_add_(0, old_index, -ones)
+    return flat_sums.view_as(sums), flat_counts.view_as(counts)
+
+
+def _kmeans_plus_plus(x, x_norm, mask, uniforms, k):
+    """Greedy k-means++ for R runs per problem: uniforms (B, R, 1 + (K-1)*T) -> (B, R, K, D)."""
+    batch, n, dim = x.shape
+    runs = uniforms.shape[1]
+    trials = (uniforms.shape[2] - 1) // max(1, k - 1) if k > 1 else 0
+    valid = mask[:, None, :].expand(batch, runs, n).double()
+    first = _sample(valid, uniforms[:, :, :1])[..., 0]  # (B, R)
+    centres = [torch.gather(x, 1, first.reshape(batch, runs, 1).expand(batch, runs, dim))]
+    closest = _sq_dist(x, x_norm, centres[0]).masked_fill_(~mask[:, None, :], 0)  # (B, R, N)
+    for step in range(1, k):
+        u = uniforms[:, :, 1 + (step - 1) * trials: 1 + step * trials]
+        weights = closest.double()
+        total = weights.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, weights, valid)  # all on centres: uniform
+        candidates = _sample(weights, u)  # (B, R, T)
+        cand_points = torch.gather(x, 1, candidates.reshape(batch, runs * trials, 1).expand(-1, -1, dim))
+        dist = _sq_dist(x, x_norm, cand_points).view(batch, runs, trials, n)
+        dist = torch.minimum(dist, closest[:, :, None, :]).masked_fill_(~mask[:, None, None, :], 0)
+        best = dist.double().sum(-1).argmin(-1)  # (B, R)
+        closest = torch.gather(dist, 2, best[..., None, None].expand(batch, runs, 1, n))[:, :, 0]
+        chosen = torch.gather(cand_points.view(batch, runs, trials, dim), 2,
+                              best[..., None, None].expand(batch, runs, 1, dim))[:, :, 0]
+        centres.append(chosen)
+    return torch.stack(centres, 2)
+
+
+def _sample(weights, u):
+    """Indices drawn proportionally to weights (B, R, N) for uniforms u (B, R, T)."""
+    cum = weights.cumsum(-1)
+    target = u.to(cum.dtype) * cum[..., -1:]
+    index = torch.searchsorted(cum, target.contiguous(), right=True)
+    return index.clamp_(max=weights.shape[-1] - 1)
+
+
+def _sq_dist(x, x_norm, centres):
+    """Squared distances x (B, N, D) to centres (B, M, D) -> (B, M, N), clamped at 0."""
+    dist = torch.baddbmm(centres.square().sum(-1)[..., None], centres, x.transpose(1, 2), alpha=-2.0)
+    return dist.add_(x_norm[:, None, :]).clamp_(min=0)
+
+
+def _solve_group(x, mask, k, seeds, *, n_init, max_iter, tol, sample_size, chunk_size):
+    """The coarse-to-fine solve of one group of problems (all tensors on one device)."""
+    x = x.contiguous()
+    batch, n, dim = x.shape
+    device = x.device
+    n_valid = mask.sum(1)
+    trials = 2 + int(math.log(k)) if k > 1 else 0
+    x_norm = x.square().sum(-1)
+
+    # Per-problem randomness from per-problem generators: the sample and the uniforms.
+    counts_cpu = n_valid.tolist()
+    m = min(sample_size, max(counts_cpu))
+    use_sample = any(c > sample_size for c in counts_cpu)
+    uniforms = torch.empty(batch, n_init, 1 + (k - 1) * trials, dtype=torch.float64)
+    sample_index = torch.zeros(batch, m, dtype=torch.long)
+    sample_mask = torch.zeros(batch, m, dtype=torch.bool)
+    valid_index = [mask[b].nonzero().squeeze(1).cpu() for b in range(batch)] if use_sample else None
+    for b, problem_seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(problem_seed)
+        if use_sample:
+            count = counts_cpu[b]
+            if count > m:
+                pick = torch.randperm(count, generator=generator)[:m].sort().values
+                sample_index[b] = valid_index[b][pick]
+                sample_mask[b] = True
+            else:
+                sample_index[b, :count] = valid_index[b]
+                sample_mask[b, :count] = True
+        uniforms[b] = torch.rand(n_init, uniforms.shape[2], generator=generator, dtype=torch.float64)
+    uniforms = uniforms.to(device)
+
+    if use_sample:
+        sample_index, sample_mask = sample_index.to(device), sample_mask.to(device)
+        xs = torch.gather(x, 1, sample_index[..., None].expand(batch, m, dim))
+        xs_norm = torch.gather(x_norm, 1, sample_index)
+    else:
+        xs, xs_norm, sample_mask = x, x_norm, mask
+    tol_sample = tol * _mean_variance(xs, xs_norm, sample_mask)[:, None]
+    chunk = _chunk_for(batch, n_init * k, chunk_size)
+    init = _kmeans_plus_plus(xs, xs_norm, sample_mask, uniforms, k)
+    centroids, labels, min_dist, counts, n_iter = _lloyd(xs, xs_norm, sample_mask, init, max_iter, tol_sample, chunk)
+    best = min_dist.double().sum(-1).argmin(1)  # (B,) best run by (sample) inertia
+    pick = best[:, None, None, None]
+    centroids = torch.gather(centroids, 1, pick.expand(batch, 1, k, dim))
+    if use_sample:
+        tol_full = tol * _mean_variance(x, x_norm, mask)[:, None]
+        centroids, labels, min_dist, counts, n_iter = _lloyd(
+            x, x_norm, mask, centroids, max_iter, tol_full, _chunk_for(batch, k, chunk_size))
+    else:
+        labels = torch.gather(labels, 1, best[:, None, None].expand(batch, 1, n))
+        min_dist = torch.gather(min_dist, 1, best[:, None, None].expand(batch, 1, n))
+        counts = torch.gather(counts, 1, best[:, None, None].expand(batch, 1, k))
+        n_iter = torch.gather(n_iter, 1, best[:, None])
+    labels = labels[:, 0].masked_fill(~mask, -1)
+    inertia = min_dist[:, 0].double().sum(-1)
+    return KMeansResult(centroids[:, 0], labels, inertia, counts[:, 0], n_iter[:, 0])
+
+
+def _mean_variance(x, x_norm, mask):
+    """Mean over features of the per-feature variance of the valid points (B,)."""
+    count = mask.sum(1).clamp(min=1).double()
+    mean = torch.bmm(mask.to(x.dtype)[:, None, :], x)[:, 0].double() / count[:, None]
+    second = (x_norm.double() * mask).sum(1) / count
+    return ((second - mean.square().sum(-1)) / x.shape[-1]).clamp(min=0)

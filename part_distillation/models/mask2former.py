@@ -1,0 +1,366 @@
+"""Mask2Former (Swin backbone) on top of ``transformers``, shaped for the pipeline's stages.
+
+The network is ``transformers.Mask2FormerForUniversalSegmentation`` unchanged (pure PyTorch,
+no compiled ops), so the module names are the transformers ones and the official
+detectron2 checkpoints load through :mod:`part_distillation.models.checkpoint`.
+This wrapper adds what the stages need and the stock forward does not give:
+
+* backbone feature maps by detectron2 level name (``res2`` .. ``res5``) for pixel grouping;
+* predictions as the detectron2-style dict ``{"pred_logits", "pred_masks", "aux_outputs"}``
+  that the criterion consumes, with every decoder prediction (the one from the learnable
+  queries included) in ``aux_outputs``;
+* the layer-normed decoder query embeddings (``query_embeddings``) for part ranking;
+* a class head of any size (1 for class-agnostic part proposals, objects x K for the
+  object-conditioned head) and freezing of the backbone and the pixel-decoder encoder.
+
+Models compute only: no logging, no files, no config reading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+# Upstream (detectron2) input normalisation: RGB, values 0..255.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+SIZE_DIVISIBILITY = 32
+
+LEVEL_NAMES = ("res2", "res3", "res4", "res5")
+_SWIN_STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+@dataclass(frozen=True)
+class Mask2FormerSpec:
+    """Architecture of a Swin Mask2Former, in upstream terms.
+
+    ``decoder_layers`` is the number of transformer decoder layers that exist (9 for the
+    reference model). Upstream's ``DEC_LAYERS`` and transformers' ``decoder_layers`` both
+    count one more (the prediction from the learnable queries); :meth:`to_config` adds it.
+    """
+
+    # Swin backbone
+    embed_dim: int = 192
+    depths: tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: tuple[int, ...] = (6, 12, 24, 48)
+    window_size: int = 12
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.3
+    # pixel decoder (multi-scale deformable attention encoder + FPN level)
+    conv_dim: int = 256
+    mask_dim: int = 256
+    encoder_layers: int = 6
+    encoder_feedforward_dim: int = 1024
+    common_stride: int = 4
+    # transformer decoder
+    hidden_dim: int = 256
+    attention_heads: int = 8
+    decoder_feedforward_dim: int = 2048
+    decoder_layers: int = 9
+    num_queries: int = 200
+    pre_norm: bool = False
+    enforce_input_projection: bool = False
+    # class head: foreground classes; the head has num_classes + 1 outputs (last = no-object)
+    num_classes: int = 80
+
+    def with_num_classes(self, num_classes: int) -> "Mask2FormerSpec":
+        return dataclasses.replace(self, num_classes=int(num_classes))
+
+    def to_config(self) -> Mask2FormerConfig:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ValueError("a Swin backbone has 4 stages: depths and num_heads need 4 entries each")
+        if self.conv_dim % 32 or self.mask_dim % 32:
+            raise ValueError("conv_dim and mask_dim must be multiples of 32 (GroupNorm with 32 groups)")
+        backbone = SwinConfig(
+            embed_dim=self.embed_dim,
+            depths=list(self.depths),
+            num_heads=list(self.num_heads),
+            window_size=self.window_size,
+            patch_size=self.patch_size,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=True,
+            use_absolute_embeddings=False,
+            drop_path_rate=self.drop_path_rate,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            out_features=list(_SWIN_STAGES),
+        )
+        return Mask2FormerConfig(
+            backbone_config=backbone,
+            feature_size=self.conv_dim,
+            mask_feature_size=self.mask_dim,
+            hidden_dim=self.hidden_dim,
+            encoder_layers=self.encoder_layers,
+            encoder_feedforward_dim=self.encoder_feedforward_dim,
+            decoder_layers=self.decoder_layers + 1,
+            num_attention_heads=self.attention_heads,
+            dim_feedforward=self.decoder_feedforward_dim,
+            pre_norm=self.pre_norm,
+            enforce_input_projection=self.enforce_input_projection,
+            num_queries=self.num_queries,
+            num_labels=self.num_classes,
+            common_stride=self.common_stride,
+            dropout=0.0,
+        )
+
+    @classmethod
+    def from_detectron2_cfg(cls, cfg: Mapping[str, Any]) -> "Mask2FormerSpec":
+        """Spec from a (dict form of a) detectron2 Mask2Former config; refuses other variants."""
+        model = cfg["MODEL"]
+        swin, head, m2f = model["SWIN"], model["SEM_SEG_HEAD"], model["MASK_FORMER"]
+        expected = {
+            "MODEL.BACKBONE.NAME": (model["BACKBONE"]["NAME"], "D2SwinTransformer"),
+            "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME": (head["PIXEL_DECODER_NAME"], "MSDeformAttnPixelDecoder"),
+            "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME": (
+                m2f["TRANSFORMER_DECODER_NAME"], "MultiScaleMaskedTransformerDecoder"),
+            "MODEL.SWIN.APE": (swin["APE"], False),
+            "MODEL.SWIN.PATCH_NORM": (swin["PATCH_NORM"], True),
+            "MODEL.SWIN.QKV_BIAS": (swin["QKV_BIAS"], True),
+            "MODEL.SEM_SEG_HEAD.NORM": (head["NORM"], "GN"),
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": (list(head["IN_FEATURES"]), list(LEVEL_NAMES)),
+            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": (
+                list(head["DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES"]), ["res3", "res4", "res5"]),
+        }
+        for key, (value, want) in expected.items():
+            if value != want:
+                raise ValueError(f"unsupported detectron2 config: {key} = {value!r} (only {want!r} is supported)")
+        return cls(
+            embed_dim=int(swin["EMBED_DIM"]),
+            depths=tuple(int(d) for d in swin["DEPTHS"]),
+            num_heads=tuple(int(h) for h in swin["NUM_HEADS"]),
+            window_size=int(swin["WINDOW_SIZE"]),
+            patch_size=int(swin["PATCH_SIZE"]),
+            mlp_ratio=float(swin["MLP_RATIO"]),
+            drop_path_rate=float(swin["DROP_PATH_RATE"]),
+            conv_dim=int(head["CONVS_DIM"]),
+            mask_dim=int(head["MASK_DIM"]),
+            encoder_layers=int(head["TRANSFORMER_ENC_LAYERS"]),
+            encoder_feedforward_dim=1024,  # hard-coded upstream
+            common_stride=int(head["COMMON_STRIDE"]),
+            hidden_dim=int(m2f["HIDDEN_DIM"]),
+            attention_heads=int(m2f["NHEADS"]),  # upstream uses it for the pixel decoder too
+            decoder_feedforward_dim=int(m2f["DIM_FEEDFORWARD"]),
+            decoder_layers=int(m2f["DEC_LAYERS"]) - 1,
+            num_queries=int(m2f["NUM_OBJECT_QUERIES"]),
+            pre_norm=bool(m2f["PRE_NORM"]),
+            enforce_input_projection=bool(m2f["ENFORCE_INPUT_PROJ"]),
+            num_classes=int(head["NUM_CLASSES"]),
+        )
+
+
+# The reference model: COCO instance segmentation, Swin-L IN-21k 384, 200 queries
+# (maskformer2_swin_large_IN21k_384_bs16_100ep, weights model_final_e5f453.pkl).
+SWIN_L_COCO_INSTANCE = Mask2FormerSpec()
+
+# The tiny model of the upstream reference fixture (m2f_tiny.pkl / m2f_tiny_config.json).
+TINY_FIXTURE = Mask2FormerSpec(
+    embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7,
+    conv_dim=64, mask_dim=64, encoder_layers=2, encoder_feedforward_dim=1024,
+    hidden_dim=64, attention_heads=4, decoder_feedforward_dim=128, decoder_layers=4,
+    num_queries=20, num_classes=3,
+)
+
+# Small enough to train on a CPU in the demo; one class-agnostic "part" class.
+DEMO_CPU = Mask2FormerSpec(
+    embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.1,
+    conv_dim=64, mask_dim=64, encoder_layers=1, encoder_feedforward_dim=256,
+    hidden_dim=64, attention_heads=4, decoder_feedforward_dim=256, decoder_layers=3,
+    num_queries=20, num_classes=1,
+)
+
+SPECS: dict[str, Mask2FormerSpec] = {
+    "swin_l_coco_instance": SWIN_L_COCO_INSTANCE,
+    "tiny_fixture": TINY_FIXTURE,
+    "demo_cpu": DEMO_CPU,
+}
+
+
+def get_spec(name: str, num_classes: int | None = None) -> Mask2FormerSpec:
+    """A named spec, optionally with another class-head size."""
+    try:
+        spec = SPECS[name]
+    except KeyError:
+        raise KeyError(f"unknown Mask2Former spec {name!r}; known: {sorted(SPECS)}") from None
+    return spec if num_classes is None else spec.with_num_classes(num_classes)
+
+
+class Mask2Former(Mask2FormerForUniversalSegmentation):
+    """transformers' Mask2Former with the outputs and controls the pipeline needs.
+
+    Built with random weights (no download): ``Mask2Former.from_spec(spec)``. The stock
+    transformers loss module is removed; the project's criterion works on the dict
+    returned by :meth:`forward`.
+    """
+
+    # Hub checkpoints may carry the stock loss buffer, which this class does not have.
+    _keys_to_ignore_on_load_unexpected = [r"^criterion\."]
+
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__(config)
+        del self.criterion
+        self._frozen: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: Mask2FormerSpec) -> "Mask2Former":
+        return cls(spec.to_config())
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes; the class head has one more output (no-object, last)."""
+        return self.class_predictor.out_features - 1
+
+    # ----------------------------------------------------------------- forward passes
+    def backbone_features(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        """Swin feature maps (after the per-stage LayerNorm) by level name res2..res5."""
+        maps = self.model.pixel_level_module.encoder(pixel_values).feature_maps
+        return dict(zip(LEVEL_NAMES, maps))
+
+    def forward(self, pixel_values: Tensor, *, return_features: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        """Run the network on normalised, padded images (B, 3, H, W).
+
+        Returns ``pred_logits`` (B, Q, C+1), ``pred_masks`` (B, Q, H/4, W/4) (the last
+        decoder layer), ``aux_outputs`` (one ``{pred_logits, pred_masks}`` per earlier
+        prediction, index 0 = from the learnable queries) and ``query_embeddings``
+        (B, Q, D), the final decoder output after the decoder's LayerNorm. With
+        ``return_features`` also ``backbone_features`` (res2..res5), the pixel decoder's
+        ``multi_scale_features`` (index 0 = lowest resolution) and ``mask_features``.
+        """
+        features = self.backbone_features(pixel_values)
+        pixel_decoder = self.model.pixel_level_module.decoder(list(features.values()))
+        decoder = self.model.transformer_module(
+            multi_scale_features=pixel_decoder.multi_scale_features,
+            mask_features=pixel_decoder.mask_features,
+        )
+        # Each entry is (Q, B, D), already layer-normed by the decoder.
+        normed_queries = [h.transpose(0, 1) for h in decoder.intermediate_hidden_states]
+        logits = [self.class_predictor(h) for h in normed_queries]
+        masks = decoder.masks_queries_logits
+        out: dict[str, Any] = {
+            "pred_logits": logits[-1],
+            "pred_masks": masks[-1],
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])],
+            "query_embeddings": normed_queries[-1],
+        }
+        if return_features:
+            out["backbone_features"] = features
+            out["multi_scale_features"] = list(pixel_decoder.multi_scale_features)
+            out["mask_features"] = pixel_decoder.mask_features
+        return out
+
+    # ------------------------------------------------------------------ class head
+    def reset_class_head(self, num_classes: int | None = None) -> None:
+        """Replace the class head with a freshly initialised one of ``num_classes`` + 1 outputs.
+
+        Uses the default ``nn.Linear`` initialisation, as upstream's ``class_embed`` does.
+        """
+        old = self.class_predictor
+        num_classes = self.num_classes if num_classes is None else int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        device = old.weight.device if old.weight.device.type != "meta" else None
+        self.class_predictor = nn.Linear(old.in_features, num_classes + 1, device=device, dtype=old.weight.dtype)
+        self.config.num_labels = num_classes
+
+    # ------------------------------------------------------------------- freezing
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The parts that :meth:`freeze` can freeze, by name."""
+        return {
+            "backbone": self.model.pixel_level_module.encoder,
+            "pixel_decoder_encoder": self.model.pixel_level_module.decoder.encoder,
+        }
+
+    def freeze(self, backbone: bool = True, pixel_decoder_encoder: bool = True) -> None:
+        """Freeze (or unfreeze) the Swin backbone and the deformable-attention encoder.
+
+        Frozen parts get ``requires_grad=False`` and stay in eval mode through later
+        ``train()`` calls (no stochastic depth in a frozen backbone). The pixel decoder's
+        input projections, level embedding and FPN level stay trainable, as in the
+        reference (its freeze keys were "backbone" and "encoder").
+        """
+        wanted = {"backbone": backbone, "pixel_decoder_encoder": pixel_decoder_encoder}
+        for name, module in self.frozen_modules().items():
+            module.requires_grad_(not wanted[name])
+        self._frozen = tuple(name for name, flag in wanted.items() if flag)
+        self.train(self.training)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        return self._frozen
+
+    def train(self, mode: bool = True) -> "Mask2Former":
+        super().train(mode)
+        modules = self.frozen_modules()
+        for name in getattr(self, "_frozen", ()):
+            modules[name].eval()
+        return self
+
+
+@dataclass
+class ImageBatch:
+    """Model input: normalised, zero-padded images and each image's size before padding."""
+
+    pixel_values: Tensor  # (B, 3, Hp, Wp)
+    image_sizes: list[tuple[int, int]]  # (h, w) per image
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return int(self.pixel_values.shape[-2]), int(self.pixel_values.shape[-1])
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray | Tensor],
+    *,
+    size_divisibility: int = SIZE_DIVISIBILITY,
+    device: torch.device | str | None = None,
+) -> ImageBatch:
+    """Normalise RGB images (values 0..255) and zero-pad them bottom/right into one batch.
+
+    Accepts (H, W, 3) numpy arrays or (3, H, W) tensors. The padded size is the largest
+    height/width in the batch rounded up to ``size_divisibility``; padding happens after
+    normalisation (pad value 0), as detectron2's ``ImageList.from_tensors``.
+    """
+    if len(images) == 0:
+        raise ValueError("preprocess_images needs at least one image")
+    tensors = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        elif image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"tensor images must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        tensors.append(image.to(device=device, dtype=torch.float32))
+    mean = torch.tensor(PIXEL_MEAN, device=tensors[0].device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=tensors[0].device).view(3, 1, 1)
+    sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+    div = max(int(size_divisibility), 1)
+    height = -(-max(h for h, _ in sizes) // div) * div
+    width = -(-max(w for _, w in sizes) // div) * div
+    batch = tensors[0].new_zeros((len(tensors), 3, height, width))
+    for i, (t, (h, w)) in enumerate(zip(tensors, sizes)):
+        batch[i, :, :h, :w] = (t - mean) / std
+    return ImageBatch(pixel_values=batch, image_sizes=sizes)
+
+
+def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_classes: int | None = None) -> Mask2Former:
+    """A randomly initialised model (nothing is downloaded)."""
+    if isinstance(spec, str):
+        spec = get_spec(spec)
+    if num_classes is not None:
+        spec = spec.with_num_classes(num_classes)
+    return Mask2Former.from_spec(spec)
+
+
+__all__ = [
+    "DEMO_CPU", "ImageBatch", "LEVEL_NAMES", "Mask2Former", "Mask2FormerSpec", "PIXEL_MEAN", "PIXEL_STD",
+    "SIZE_DIVISIBILITY", "SPECS", "SWIN_L_COCO_INSTANCE", "TINY_FIXTURE", "build_mask2former", "get_spec",
+    "preprocess_images",
+]

@@ -1,0 +1,39 @@
+"""Stage ``index``: list every image of the tree and check that it decodes.
+
+The expensive stages then start from a checked list, and bad files (corrupt, truncated,
+empty, not images) are known and counted before GPU time is spent. One record per
+image: key, path, class, size and whether it decodes (with the reason when not).
+"""
+from __future__ import annotations
+
+import logging
+
+from part_distillation.config import RunConfig
+from part_distillation.data.images import probe_image
+from part_distillation.launch import JobContext
+from part_distillation.progress import StageSummary, progress
+from part_distillation.stages.common import list_shard_images, open_output
+
+log = logging.getLogger("part_distillation")
+
+
+def run(cfg: RunConfig, context: JobContext) -> StageSummary:
+    summary = StageSummary(cfg.stage.name)
+    tree, refs = list_shard_images(cfg)
+    with open_output(cfg) as out:
+        for ref in progress(refs, len(refs), f"index {cfg.shard.index}/{cfg.shard.count}",
+                            cfg.stage.progress_every):
+            summary.seen += 1
+            if out.has(ref.key):
+                summary.already_done += 1
+                continue
+            probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
+            if not probe.ok:
+                log.warning("bad image skipped: %s: %s", ref.path, probe.reason)
+                summary.skip("bad_image")
+            out.write({"key": ref.key, "path": ref.path, "wnid": ref.wnid, "class_index": ref.class_index,
+                       "class_name": tree.names[ref.class_index], "height": probe.height,
+                       "width": probe.width, "ok": probe.ok, "reason": probe.reason})
+            summary.written += 1
+    summary.extra["images_in_tree"] = len(tree)
+    return summary.finish()

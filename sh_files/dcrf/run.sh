@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Stage 3: dense-CRF refinement on CPU, one process per shard (set JOBS to the cores you have).
+# Output: pseudo_labels/part_labels/proposal_generation_dcrf/<data>/.
+source "$(dirname "$0")/../common.sh"
+pd_array dense_crf "${JOBS:-100}" launcher.gpus_per_node=0 launcher.cpus_per_task=1 \
+  launcher.timeout_min=4320 "$@"

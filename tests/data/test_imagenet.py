@@ -1,0 +1,173 @@
+"""ImageNet-style trees: both layouts, class names, and deterministic sharding."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import pytest
+
+from part_distillation.data.imagenet import (ImageRecordRef, assign_classes_to_shards, list_image_tree,
+                                             read_class_names, resolve_split_dir, shard)
+
+# class -> number of images (uneven on purpose)
+CLASSES = {"n01440764": 5, "n01443537": 3, "n01484850": 1, "n01491361": 4, "n01494475": 2}
+NAMES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark",
+         "n01491361": "tiger shark", "n01494475": "hammerhead"}
+
+
+def _make_tree(split_dir):
+    """Class folders with images (mixed-case extensions) and junk that must be ignored."""
+    for wnid, count in CLASSES.items():
+        folder = split_dir / wnid
+        folder.mkdir(parents=True)
+        for k in range(count):
+            ext = [".JPEG", ".jpg", ".png", ".Jpeg"][k % 4]
+            (folder / f"{wnid}_{k:04d}{ext}").write_bytes(b"x")  # listing never decodes
+        (folder / "notes.txt").write_text("not an image")
+        (folder / ".hidden.JPEG").write_bytes(b"x")
+        (folder / "._appledouble.JPEG").write_bytes(b"x")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "nested.JPEG").write_bytes(b"x")
+    (split_dir / ".cache").mkdir()
+    (split_dir / "README.txt").write_text("top-level file, not a class")
+
+
+def _words(path, tab=True):
+    sep = "\t" if tab else " "
+    path.write_text("".join(f"{w}{sep}{n}, other synonym\n" for w, n in NAMES.items()) + "n99999999\tunused\n")
+    return path
+
+
+def test_imagenet_1k_layout(tmp_path):
+    _make_tree(tmp_path / "train")
+    (tmp_path / "val").mkdir()
+    _words(tmp_path / "LOC_synset_mapping.txt", tab=False)
+    tree = list_image_tree(tmp_path, split="train")
+    assert tree.root == (tmp_path / "train").resolve()
+    assert tree.wnids == tuple(sorted(CLASSES))
+    assert tree.names == tuple(NAMES[w] for w in sorted(CLASSES))
+    assert len(tree) == sum(CLASSES.values())
+    assert tree.images_per_class() == CLASSES
+    keys = [ref.key for ref in tree.images]
+    assert keys == sorted(keys)
+    first = tree.images[0]
+    assert first == ImageRecordRef(key="n01440764/n01440764_0000.JPEG",
+                                   path=str((tmp_path / "train" / "n01440764" / "n01440764_0000.JPEG").resolve()),
+                                   wnid="n01440764", class_index=0)
+    assert all(tree.wnids[ref.class_index] == ref.wnid for ref in tree.images)
+    assert not any("nested" in k or "hidden" in k or "apple" in k or k.endswith(".txt") for k in keys)
+    assert tree.class_name("n01484850") == "great white shark"
+
+
+def test_split_folder_given_directly_has_the_same_keys(tmp_path):
+    _make_tree(tmp_path / "train")
+    _words(tmp_path / "words.txt")
+    from_root = list_image_tree(tmp_path, split="train")
+    from_split = list_image_tree(tmp_path / "train", split="train")
+    assert from_split == from_root
+
+
+def test_imagenet_21k_flat_layout(tmp_path):
+    _make_tree(tmp_path)
+    words = _words(tmp_path / "elsewhere.txt")
+    tree = list_image_tree(tmp_path, split="train", words_file=words)
+    assert tree.root == tmp_path.resolve()
+    assert tree.wnids == tuple(sorted(CLASSES))
+    assert tree.names[0] == "tench"
+    assert len(tree) == sum(CLASSES.values())
+
+
+def test_missing_split_among_others_is_an_error(tmp_path):
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="split 'test' not found"):
+        resolve_split_dir(tmp_path, "test")
+
+
+def test_unknown_names_fall_back_to_wnid_with_a_warning(tmp_path, caplog):
+    _make_tree(tmp_path / "train")
+    with caplog.at_level(logging.WARNING):
+        tree = list_image_tree(tmp_path)
+    assert tree.names == tree.wnids
+    assert "no name" in caplog.text
+
+
+def test_class_subset(tmp_path):
+    _make_tree(tmp_path / "train")
+    tree = list_image_tree(tmp_path, classes=["n01491361", "n01440764"])
+    assert tree.wnids == ("n01440764", "n01491361")
+    assert {ref.class_index for ref in tree.images} == {0, 1}
+    with pytest.raises(FileNotFoundError, match="n00000000"):
+        list_image_tree(tmp_path, classes=["n00000000"])
+
+
+def test_read_class_names_formats(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# comment\n\nn01440764\ttench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
+                     "n02084071\n n02085620\tChihuahua\n")
+    assert read_class_names(words) == {"n01440764": "tench", "n01443537": "goldfish", "n02084071": "n02084071",
+                                       "n02085620": "Chihuahua"}
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def _refs(sizes: dict[str, int]) -> list[ImageRecordRef]:
+    wnids = sorted(sizes)
+    return [ImageRecordRef(f"{w}/{w}_{k:04d}.JPEG", f"/d/{w}/{k}", w, wnids.index(w))
+            for w in wnids for k in range(sizes[w])]
+
+
+@pytest.mark.parametrize("by", ["class", "image"])
+@pytest.mark.parametrize("count", [1, 3, 7, 40])
+def test_shards_are_disjoint_covering_and_order_independent(by, count):
+    sizes = {f"n{10000000 + 37 * k:08d}": 1 + (k * 7919) % 23 for k in range(30)}
+    refs = _refs(sizes)
+    shards = [shard(refs, i, count, by=by) for i in range(count)]
+    keys = [ref.key for s in shards for ref in s]
+    assert sorted(keys) == sorted(ref.key for ref in refs)          # covering
+    assert len(keys) == len(set(keys))                              # disjoint
+    assert all([r.key for r in s] == sorted(r.key for r in s) for s in shards)
+    shuffled = list(reversed(refs[::2])) + refs[1::2]
+    assert [shard(shuffled, i, count, by=by) for i in range(count)] == shards  # input order does not matter
+
+
+def test_by_class_keeps_each_class_in_one_shard_and_balances():
+    sizes = {f"n{20000000 + k:08d}": 10 + (k * 37) % 50 for k in range(100)}
+    refs = _refs(sizes)
+    shards = [shard(refs, i, 8, by="class") for i in range(8)]
+    owner = {}
+    for index, s in enumerate(shards):
+        for ref in s:
+            assert owner.setdefault(ref.wnid, index) == index
+    loads = [len(s) for s in shards]
+    assert max(loads) - min(loads) <= max(sizes.values())  # greedy bound
+    assert max(loads) < 1.05 * sum(loads) / 8
+
+
+def test_by_image_is_round_robin_on_sorted_keys():
+    refs = _refs({"n00000002": 3, "n00000001": 4})
+    ordered = sorted(refs, key=lambda r: r.key)
+    assert shard(refs, 1, 3, by="image") == ordered[1::3]
+    counts = Counter(len(shard(refs, i, 3, by="image")) for i in range(3))
+    assert counts == Counter({3: 1, 2: 2})
+
+
+def test_more_shards_than_classes_leaves_some_empty():
+    refs = _refs({"n00000001": 2, "n00000002": 5})
+    shards = [shard(refs, i, 4) for i in range(4)]
+    assert sorted(len(s) for s in shards) == [0, 0, 2, 5]
+
+
+def test_assignment_is_stable():
+    assert assign_classes_to_shards({"a": 5, "b": 5, "c": 1, "d": 9}, 2) == {"d": 0, "a": 1, "b": 1, "c": 0}
+
+
+@pytest.mark.parametrize("index,count", [(-1, 3), (3, 3), (0, 0), (1.0, 3), (True, 3), (0, "2")])
+def test_bad_shard_arguments(index, count):
+    with pytest.raises(ValueError, match="shard"):
+        shard(_refs({"n00000001": 2}), index, count)
+
+
+def test_bad_shard_mode():
+    with pytest.raises(ValueError, match="'class' or 'image'"):
+        shard(_refs({"n00000001": 2}), 0, 2, by="wnid")

@@ -1,0 +1,132 @@
+"""CLIP vocabularies: Detic .npy files, the prompt, encoding with a tiny offline CLIP, the cache."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from part_distillation.models.vocabulary import (
+    cached_vocabulary,
+    class_names_for,
+    encode_class_names,
+    load_vocabulary,
+    prompts_for,
+    read_synset_names,
+    vocabulary_key,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A randomly initialised CLIP text tower (512-wide projection) and a tokenizer built offline."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    letters = list(string.ascii_lowercase)
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    vocab["ca"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[("c", "a")])
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, projection_dim=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPTextModelWithProjection(config).eval()
+    return model, tokenizer
+
+
+@pytest.mark.reference
+def test_load_detic_vocabulary(reference_models: Path):
+    vocab = load_vocabulary(reference_models / "detic_tiny_vocab.npy")
+    assert vocab.shape == (5, 512) and vocab.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vocab, axis=1), 1, atol=1e-3)
+
+
+def test_wrong_width_says_expected_width(tmp_path: Path):
+    np.save(tmp_path / "v.npy", np.zeros((4, 768), np.float16))
+    with pytest.raises(ValueError, match="width 768, expected 512"):
+        load_vocabulary(tmp_path / "v.npy")
+    np.save(tmp_path / "flat.npy", np.zeros(512))
+    with pytest.raises(ValueError, match="shape"):
+        load_vocabulary(tmp_path / "flat.npy")
+
+
+def test_prompt_is_upstream_a_name():
+    assert prompts_for(["tench", "great white shark"]) == ["a tench", "a great white shark"]
+
+
+def test_synset_file_first_synonym(tmp_path: Path):
+    path = tmp_path / "words.txt"
+    path.write_text("n01440764\ttench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n\nn02084071\tdog\n")
+    names = read_synset_names(path)
+    assert names == {"n01440764": "tench", "n01443537": "goldfish", "n02084071": "dog"}
+    assert class_names_for(["n02084071", "n01440764"], names) == ["dog", "tench"]
+    with pytest.raises(KeyError, match="n99999999"):
+        class_names_for(["n99999999"], names)
+    path.write_text("n01440764\n")
+    with pytest.raises(ValueError, match="words.txt:1"):
+        read_synset_names(path)
+
+
+def test_encode_uses_projected_eos_feature_of_prompt(tiny_clip):
+    model, tokenizer = tiny_clip
+    emb = encode_class_names(["cat", "dog", "bird"], model, tokenizer)
+    assert emb.shape == (3, 512) and emb.dtype == np.float32
+    with torch.no_grad():  # one sentence at a time, no padding: same numbers
+        ids = tokenizer(["a dog"], return_tensors="pt")
+        expected = model(**ids).text_embeds[0].numpy()
+    assert np.allclose(emb[1], expected, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])
+    assert np.allclose(encode_class_names(["dog"], model, tokenizer, batch_size=1)[0], emb[1], atol=1e-5)
+
+
+def test_model_without_projection_is_refused(tiny_clip):
+    from transformers import CLIPTextModel
+
+    _, tokenizer = tiny_clip
+    bare = CLIPTextModel(tiny_clip[0].config)
+    with pytest.raises(TypeError, match="projection"):
+        encode_class_names(["cat"], bare, tokenizer)
+
+
+def test_cache_computes_once_per_vocabulary(tmp_path: Path, tiny_clip):
+    model, tokenizer = tiny_clip
+    calls = []
+
+    class CountingEncoder:
+        """Stands in for CLIP: counts the sentences it encodes."""
+
+        text_projection = True
+
+        def __call__(self, input_ids, attention_mask):
+            calls.append(len(input_ids))
+            return type("Out", (), {"text_embeds": model(input_ids=input_ids, attention_mask=attention_mask).text_embeds})
+
+    cache = tmp_path / "cache"
+    names = ["cat", "dog"]
+    first = cached_vocabulary(names, cache, CountingEncoder(), tokenizer, model_id="tiny")
+    again = cached_vocabulary(names, cache, CountingEncoder(), tokenizer, model_id="tiny")
+    assert calls == [2] and np.array_equal(first, again)
+    assert [p.name for p in cache.iterdir()] == [f"clip_{vocabulary_key(names, 'tiny')}.npy"]
+    cached_vocabulary(names, cache, CountingEncoder(), tokenizer, model_id="other")  # other model: new entry
+    cached_vocabulary(["dog", "cat"], cache, CountingEncoder(), tokenizer, model_id="tiny")  # order matters
+    assert calls == [2, 2, 2] and len(list(cache.iterdir())) == 3
+    assert vocabulary_key(names, "tiny", "a photo of a {}") != vocabulary_key(names, "tiny")
+
+
+def test_cache_from_local_model_directory(tmp_path: Path, tiny_clip):
+    model, tokenizer = tiny_clip
+    model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    emb = cached_vocabulary(["cat"], tmp_path / "cache", tmp_path / "clip")
+    assert np.allclose(emb, encode_class_names(["cat"], model, tokenizer), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        encode_class_names(["cat"], tmp_path / "missing")
