@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -10,10 +11,21 @@ from typing import Callable
 def limit_threads(threads: int = 2) -> None:
     """Same thread budget for the project (torch) and its baselines (OpenMP/BLAS)."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, str(threads))
+        os.environ[name] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
+
+
+def threads_from_argv(default: int = 2) -> int:
+    """``--threads N`` read before torch/numpy load (thread pools are sized at import)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return default
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_times, limit_threads, median_time  # noqa: E402
+from _common import fmt_times, limit_threads, median_time, threads_from_argv  # noqa: E402
 
-limit_threads(2)
+limit_threads(threads_from_argv())
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,7 +55,9 @@ def inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="96 problems, more repeats")
-    parser.add_argument("--n-init", type=int, default=1)
+    parser.add_argument("--n-init", type=int, default=1, help="project's n_init")
+    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     args = parser.parse_args()
     num_problems, repeats = (96, 5) if args.full else (16, 3)
     rng = np.random.default_rng(0)
@@ -66,7 +68,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
 
     def run_project():
-        return kmeans_list(tensors, K, n_init=args.n_init, seed=0)
+        return kmeans_list(tensors, K, n_init=args.n_init, sample_size=args.sample_size, seed=0)
 
     def run_sklearn():
         return [KMeans(n_clusters=K, random_state=0).fit(p) for p in problems]

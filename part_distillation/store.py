@@ -222,14 +222,15 @@ def encode_payload(key: str, fields: Mapping[str, Any], skip_reason: str | None 
 def _decode_meta(buf: bytes, pos: int) -> tuple[dict, int]:
     """Meta header of the payload at ``pos``; returns it and the position after it."""
     (n,) = _U32.unpack_from(buf, pos)
-    return json.loads(buf[pos + 4:pos + 4 + n]), pos + 4 + n
+    return json.loads(buf[pos + 4:pos + 4 + n].decode()), pos + 4 + n
 
 
 def _decode_record(buf: bytes, pos: int, meta: dict, after_meta: int) -> dict:
     """The full record of a payload whose meta header was already parsed."""
     (m,) = _U32.unpack_from(buf, after_meta)
     values_end = after_meta + 4 + m
-    fields = json.loads(buf[after_meta + 4:values_end])
+    # str.decode first: json.loads(bytes) decodes with 'surrogatepass', twice as slow.
+    fields = json.loads(buf[after_meta + 4:values_end].decode())
     data_start = values_end + (-(values_end - pos) % 8)
     for path, kind, dtype, shape, offset, nbytes in meta.get("arrays", ()):
         start = data_start + offset

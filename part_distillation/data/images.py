@@ -105,7 +105,7 @@ def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     raise BadImageError(path, f"{img.size[0]}x{img.size[1]} image exceeds the limit of "
                                               f"{max_pixels} pixels (oversize='refuse')")
                 if img.format in ("JPEG", "MPO"):
-                    img.draft(None, target)  # decode at 1/2, 1/4 or 1/8 scale, never below target
+                    _draft_jpeg(img, target, max(max_decode_pixels, max_pixels))
                 to_decode = img.size[0] * img.size[1]
                 if to_decode > max(max_decode_pixels, max_pixels):
                     raise BadImageError(path, f"{img.size[0]}x{img.size[1]} {img.format} image would need "
@@ -154,11 +154,12 @@ def _allowed_formats() -> list[str]:
 
 @contextmanager
 def _open(path: str, max_pixels: int | None, oversize: Oversize) -> Iterator[Image.Image]:
-    """Open lazily (header only), with PIL's bomb check replaced by ours when we downscale.
+    """Open lazily (header only), with PIL's bomb check replaced by ours.
 
-    PIL raises ``DecompressionBombError`` from the header alone above ~179 Mpx. We have
-    our own bound, so in "downscale" mode such a file is reopened with PIL's limit lifted
-    (briefly, under a lock: it is a module global) and then downscaled or refused below.
+    PIL raises ``DecompressionBombError`` from the header alone above ~179 Mpx. When
+    ``max_pixels`` is set we have our own bound, checked before decoding, so such a file
+    is reopened with PIL's limit lifted (briefly, under a lock: it is a module global)
+    and then downscaled or refused by ``load_rgb``.
     """
     formats = _allowed_formats()
     with warnings.catch_warnings():
@@ -168,7 +169,7 @@ def _open(path: str, max_pixels: int | None, oversize: Oversize) -> Iterator[Ima
         try:
             img = Image.open(path, formats=formats)
         except Image.DecompressionBombError as exc:
-            if max_pixels is None or oversize == "refuse":
+            if max_pixels is None:
                 raise BadImageError(path, f"refused as a decompression bomb: {exc}") from exc
             with _bomb_limit_lock:
                 saved = Image.MAX_IMAGE_PIXELS
@@ -198,6 +199,22 @@ def _fit_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
         else:
             nh -= 1
     return (nw, nh)
+
+
+def _draft_jpeg(img: Image.Image, target: tuple[int, int], decode_budget: int) -> None:
+    """Have libjpeg decode at 1/2, 1/4 or 1/8 scale instead of in full.
+
+    The scale is the strongest reduction that keeps the image at least ``target`` in
+    size, or a stronger one where that would still decode more than ``decode_budget``
+    pixels (the result is then smaller than the limit allows, but never refused).
+    """
+    w, h = img.size
+    scales = (1, 2, 4, 8)
+    keep_target = max(s for s in scales if w // s >= target[0] and h // s >= target[1])
+    fits_budget = next((s for s in scales if -(-w // s) * -(-h // s) <= decode_budget), 8)
+    scale = max(keep_target, fits_budget)
+    if scale > 1:
+        img.draft(None, (max(1, w // scale), max(1, h // scale)))
 
 
 def _apply_exif_orientation(img: Image.Image, path: str) -> Image.Image:

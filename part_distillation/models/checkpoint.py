@@ -340,16 +340,18 @@ def _require_file(path: Path, kind: str) -> None:
     raise FileNotFoundError(f"{kind} not found at {path}. {hint}")
 
 
-def _fit(
+def check_fits(
     model: nn.Module,
-    state: dict[str, Tensor],
+    state: Mapping[str, Tensor],
     report: LoadReport,
     *,
-    strict: bool,
-    reinit_class_head: bool,
-    extra_unexpected: Iterable[str] = (),
-) -> LoadReport:
-    """Check names and shapes against the model, then copy; the shared core of the loaders."""
+    strict: bool = True,
+    reinit_class_head: bool = False,
+) -> dict[str, Tensor]:
+    """Compare a state dict with the model by name and shape, filling ``report``; copies nothing.
+
+    Works on a model built on the ``meta`` device. Returns the entries to load.
+    """
     if reinit_class_head:
         report.reinitialised = sorted(k for k in state if k.startswith(CLASS_HEAD_PREFIX))
         state = {k: v for k, v in state.items() if not k.startswith(CLASS_HEAD_PREFIX)}
@@ -360,26 +362,35 @@ def _fit(
     ]
     if mismatched:
         hint = ""
-        if any(m.startswith(CLASS_HEAD_PREFIX) for m in mismatched) and not reinit_class_head:
+        if all(m.startswith(CLASS_HEAD_PREFIX) for m in mismatched):
             hint = " (a different number of classes: pass reinit_class_head=True to start a new class head)"
         raise CheckpointMismatchError(
             f"{report.source} does not fit this model: {len(mismatched)} shape mismatches, first: "
             + "; ".join(mismatched[:5]) + hint
         )
-    skipped = CLASS_HEAD_PREFIX if reinit_class_head else None
-    report.unexpected = sorted([k for k in state if k not in target] + list(extra_unexpected))
-    missing = [k for k in target if k not in state and not (skipped and k.startswith(skipped))]
+    report.unexpected = sorted(k for k in state if k not in target)
+    missing = [k for k in target if k not in state and not (reinit_class_head and k.startswith(CLASS_HEAD_PREFIX))]
     report.unused = [k for k in missing if k in UNUSED_MODEL_KEYS]
     report.missing = [k for k in missing if k not in UNUSED_MODEL_KEYS]
     if strict and (report.missing or report.unexpected):
         raise CheckpointMismatchError(
-            f"{report.source} does not fit this model: missing {len(report.missing)} "
-            f"{report.missing[:5]}, unexpected {len(report.unexpected)} {report.unexpected[:5]}"
+            f"{report.source} does not fit this model: missing {len(report.missing)} entries "
+            f"{report.missing[:5]}, unexpected {len(report.unexpected)} entries {report.unexpected[:5]}"
         )
     usable = {k: v for k, v in state.items() if k in target}
-    model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
-    if reinit_class_head and isinstance(model, Mask2Former):
+    return usable
+
+
+def _fit(
+    model: nn.Module, state: Mapping[str, Tensor], report: LoadReport, *, strict: bool, reinit_class_head: bool
+) -> LoadReport:
+    """Check, copy, and start a new class head when asked: the shared end of the loaders."""
+    if reinit_class_head and not isinstance(model, Mask2Former):
+        raise TypeError("reinit_class_head needs a part_distillation Mask2Former")
+    usable = check_fits(model, state, report, strict=strict, reinit_class_head=reinit_class_head)
+    model.load_state_dict(usable, strict=False)
+    if reinit_class_head:
         model.reset_class_head()
     return report
 
@@ -490,6 +501,6 @@ def load_hub(
 __all__ = [
     "CheckpointMismatchError", "ConversionPlan", "DEFAULT_WEIGHTS_PATH", "DROPPED_BUFFERS", "KNOWN_WEIGHTS",
     "LoadReport", "Rename", "SWIN_L_COCO_INSTANCE_URL", "UNUSED_MODEL_KEYS", "UnsafePickleError",
-    "convert_detectron2_state_dict", "detectron2_model_state", "load_detectron2_pickle", "load_hub",
+    "check_fits", "convert_detectron2_state_dict", "detectron2_model_state", "load_detectron2_pickle", "load_hub",
     "load_project_checkpoint", "modernise_name", "plan_conversion", "read_detectron2_pickle",
 ]

@@ -15,9 +15,10 @@ How it stays fast without giving up quality:
   random sample of each problem (all of it when it is small), all runs sharing one
   matmul per pass; the best run by sample inertia is then refined by Lloyd iterations
   on all points. Huge problems thus need only a handful of passes over their data.
-- Lloyd stops on label stability or when the centre shift falls below ``tol`` times
-  the mean per-feature variance (sklearn's criterion); after the refinement's first
-  pass, cluster sums are updated only with the points that changed cluster.
+- Lloyd stops on label stability or when a pass lowers the inertia by no more than
+  ``tol`` times the inertia (the slow creep at the end of Lloyd changes nothing that
+  matters); after the refinement's first pass, cluster sums are updated only with the
+  points that changed cluster.
 - Passes are chunked over points (bounded temporaries for millions of points) and,
   on CPU, problems are processed in groups small enough to stay in cache.
 - Empty clusters are re-seeded with the points farthest from their centres; a cluster
@@ -310,15 +311,16 @@ def _reseed_empty(x, centroids, counts, labels, min_dist, mask):
     return torch.where(take[..., None], chosen, centroids)
 
 
-def _lloyd(x, x_norm, mask, centroids, max_iter, tol_abs, chunk):
+def _lloyd(x, x_norm, mask, centroids, max_iter, tol, chunk):
     """Lloyd iterations for R runs at once; returns centroids, labels, min_dist, counts, n_iter.
 
     The first pass assigns the given centres. Each further pass assigns the updated
     centres; a run stops when no label changed (its centres are then the exact means)
-    or when the centre shift was <= tol_abs (after the pass that assigns them).
+    or when the pass lowered the inertia by no more than ``tol`` times the inertia.
     """
     batch, runs, k, _ = centroids.shape
     labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
+    inertia = min_dist.double().sum(-1)
     sums, counts = _cluster_sums(x, labels, mask, k, chunk)
     done = torch.zeros(batch, runs, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(batch, runs, dtype=torch.long, device=x.device)
@@ -327,12 +329,13 @@ def _lloyd(x, x_norm, mask, centroids, max_iter, tol_abs, chunk):
         means = sums / counts.clamp(min=1)[..., None]
         updated = torch.where((counts == 0)[..., None], centroids, means)
         updated = _reseed_empty(x, updated, counts, labels, min_dist, mask)
-        shift = (updated - centroids).square().sum((-1, -2))
         centroids = torch.where(done[..., None, None], centroids, updated)
         new_labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
+        new_inertia = min_dist.double().sum(-1)
         n_iter += (~done).long()
         changed = (new_labels != labels) & mask[:, None, :] & ~done[..., None]
-        done = done | ~changed.any(-1) | (shift <= tol_abs)
+        done = done | ~changed.any(-1) | (inertia - new_inertia <= tol * new_inertia)
+        inertia = new_inertia
         if bool(done.all()):
             labels = new_labels
             break
@@ -450,17 +453,15 @@ def _solve_group(x, mask, k, seeds, *, n_init, max_iter, tol, sample_size, chunk
         xs_norm = torch.gather(x_norm, 1, sample_index)
     else:
         xs, xs_norm, sample_mask = x, x_norm, mask
-    tol_sample = tol * _mean_variance(xs, xs_norm, sample_mask)[:, None]
     chunk = _chunk_for(batch, n_init * k, chunk_size)
     init = _kmeans_plus_plus(xs, xs_norm, sample_mask, uniforms, k)
-    centroids, labels, min_dist, counts, n_iter = _lloyd(xs, xs_norm, sample_mask, init, max_iter, tol_sample, chunk)
+    centroids, labels, min_dist, counts, n_iter = _lloyd(xs, xs_norm, sample_mask, init, max_iter, tol, chunk)
     best = min_dist.double().sum(-1).argmin(1)  # (B,) best run by (sample) inertia
     pick = best[:, None, None, None]
     centroids = torch.gather(centroids, 1, pick.expand(batch, 1, k, dim))
     if use_sample:
-        tol_full = tol * _mean_variance(x, x_norm, mask)[:, None]
         centroids, labels, min_dist, counts, n_iter = _lloyd(
-            x, x_norm, mask, centroids, max_iter, tol_full, _chunk_for(batch, k, chunk_size))
+            x, x_norm, mask, centroids, max_iter, tol, _chunk_for(batch, k, chunk_size))
     else:
         labels = torch.gather(labels, 1, best[:, None, None].expand(batch, 1, n))
         min_dist = torch.gather(min_dist, 1, best[:, None, None].expand(batch, 1, n))
@@ -469,11 +470,3 @@ def _solve_group(x, mask, k, seeds, *, n_init, max_iter, tol, sample_size, chunk
     labels = labels[:, 0].masked_fill(~mask, -1)
     inertia = min_dist[:, 0].double().sum(-1)
     return KMeansResult(centroids[:, 0], labels, inertia, counts[:, 0], n_iter[:, 0])
-
-
-def _mean_variance(x, x_norm, mask):
-    """Mean over features of the per-feature variance of the valid points (B,)."""
-    count = mask.sum(1).clamp(min=1).double()
-    mean = torch.bmm(mask.to(x.dtype)[:, None, :], x)[:, 0].double() / count[:, None]
-    second = (x_norm.double() * mask).sum(1) / count
-    return ((second - mean.square().sum(-1)) / x.shape[-1]).clamp(min=0)

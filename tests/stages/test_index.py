@@ -1,0 +1,111 @@
+"""The `index` stage end to end, through the real entry point."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from part_distillation.data.synthetic import make_synthetic_dataset
+from part_distillation.store import RecordStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _entry(*overrides: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "part_distillation", *overrides], cwd=REPO,
+                          capture_output=True, text=True, check=check, **kw)
+
+
+def _index_overrides(data_root: Path, out_root: Path, *extra: str) -> list[str]:
+    return ["stage=index", f"data.root={data_root}", f"paths.root={out_root}",
+            f"hydra.run.dir={out_root}/run", *extra]
+
+
+def _records(out_root: Path) -> dict[str, dict]:
+    store = RecordStore(out_root / "pseudo_labels" / "index" / "synthetic_train")
+    return {r["key"]: {k: v for k, v in r.items()} for r in store.iter_records()}
+
+
+@pytest.fixture(scope="module")
+def tree_with_bad_files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    made = make_synthetic_dataset(root, num_classes=3, images_per_class=40, size=96, seed=3)
+    first_class = made.image_dir / made.wnids[0]
+    (first_class / "zero_bytes.JPEG").write_bytes(b"")
+    (first_class / "not_an_image.JPEG").write_text("this is text")
+    good = next(iter(sorted(first_class.glob("*.JPEG"))))
+    data = good.read_bytes()
+    (first_class / "truncated.JPEG").write_bytes(data[: len(data) // 2])
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(first_class / "gray.png")
+    return root
+
+
+@pytest.mark.integration
+def test_index_records_every_image_and_flags_bad_ones(tree_with_bad_files, tmp_path):
+    result = _entry(*_index_overrides(tree_with_bad_files, tmp_path))
+    records = _records(tmp_path)
+    assert len(records) == 3 * 40 + 4
+    bad = {k.split("/")[-1] for k, r in records.items() if not r["ok"]}
+    assert bad == {"zero_bytes.JPEG", "not_an_image.JPEG", "truncated.JPEG"}
+    gray = next(r for k, r in records.items() if k.endswith("gray.png"))
+    assert (gray["height"], gray["width"], gray["ok"]) == (20, 30, True)
+    assert all(r["reason"] for r in records.values() if not r["ok"])
+    assert {r["class_index"] for r in records.values()} == {0, 1, 2}
+    assert "skipped: bad_image: 3" in result.stderr + result.stdout
+
+
+@pytest.mark.integration
+def test_index_sharded_outputs_cover_the_tree_once(tree_with_bad_files, tmp_path):
+    for index in range(3):
+        _entry(*_index_overrides(tree_with_bad_files, tmp_path, "shard.count=3", f"shard.index={index}",
+                                 "shard.by=image"))
+    store = RecordStore(tmp_path / "pseudo_labels" / "index" / "synthetic_train")
+    keys = store.keys()
+    assert len(keys) == len(set(keys)) == 3 * 40 + 4
+    assert store.num_shards == 3 and len(store.shard_paths()) == 3
+
+
+@pytest.mark.integration
+def test_rerun_with_other_config_is_refused_and_output_kept(tree_with_bad_files, tmp_path):
+    _entry(*_index_overrides(tree_with_bad_files, tmp_path))
+    before = _records(tmp_path)
+    refused = _entry(*_index_overrides(tree_with_bad_files, tmp_path, "data.max_pixels=100"), check=False)
+    assert refused.returncode != 0
+    assert "data.max_pixels" in refused.stderr
+    assert _records(tmp_path) == before
+
+
+@pytest.mark.integration
+def test_kill_9_midway_then_rerun_equals_uninterrupted_run(tree_with_bad_files, tmp_path):
+    reference = tmp_path / "reference"
+    _entry(*_index_overrides(tree_with_bad_files, reference))
+    expected = _records(reference)
+
+    killed = tmp_path / "killed"
+    shard = killed / "pseudo_labels" / "index" / "synthetic_train" / "shards" / "00000-of-00001.rec"
+    proc = subprocess.Popen([sys.executable, "-m", "part_distillation",
+                             *_index_overrides(tree_with_bad_files, killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shard.exists() and shard.stat().st_size > 0:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = shard.stat().st_size if shard.exists() else 0
+
+    _entry(*_index_overrides(tree_with_bad_files, killed))
+    assert _records(killed).keys() == expected.keys()
+    for key, record in _records(killed).items():
+        want = dict(expected[key])
+        got = dict(record)
+        assert got == want, key
+    assert 0 < partial < shard.stat().st_size, "the kill did not land midway"
