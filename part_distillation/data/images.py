@@ -90,6 +90,8 @@ def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise ValueError(f"oversize must be 'downscale' or 'refuse', got {oversize!r}")
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if max_decode_pixels < 1:
+        raise ValueError(f"max_decode_pixels must be positive, got {max_decode_pixels}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
@@ -98,7 +100,7 @@ def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     if os.path.getsize(path) == 0:
         raise BadImageError(path, "empty file (0 bytes)")
     try:
-        with _open(path, max_pixels, oversize) as img:
+        with _open(path, max_pixels) as img:
             target = _fit_size(img.size, max_pixels)
             if target != img.size:
                 if oversize == "refuse":
@@ -117,16 +119,14 @@ def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             out_size = _fit_size(rgb.size, max_pixels)
             if out_size != rgb.size:
                 rgb = rgb.resize(out_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            array = np.asarray(rgb, dtype=np.uint8)
-    except BadImageError:
-        raise
-    except FileNotFoundError:
+            array = np.array(rgb, dtype=np.uint8)  # a writable copy, owned by the caller
+    except (BadImageError, FileNotFoundError, MemoryError):
         raise
     except Exception as exc:  # any decoder failure is a property of the file, not of our code
         raise BadImageError(path, _describe(exc)) from exc
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise BadImageError(path, f"decoded to an unexpected array shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return array
 
 
 def probe_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -153,7 +153,7 @@ def _allowed_formats() -> list[str]:
 
 
 @contextmanager
-def _open(path: str, max_pixels: int | None, oversize: Oversize) -> Iterator[Image.Image]:
+def _open(path: str, max_pixels: int | None) -> Iterator[Image.Image]:
     """Open lazily (header only), with PIL's bomb check replaced by ours.
 
     PIL raises ``DecompressionBombError`` from the header alone above ~179 Mpx. When

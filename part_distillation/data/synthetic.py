@@ -172,6 +172,9 @@ def make_synthetic_dataset(out: str | os.PathLike, num_classes: int = 4, images_
     """
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
+    width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(width, height) < 16:
+        raise ValueError(f"image size must be at least 16 pixels, got {width}x{height}")
     if image_format not in ("JPEG", "PNG"):
         raise ValueError(f"image_format must be 'JPEG' or 'PNG', got {image_format!r}")
     if not split or "/" in split or split.startswith("."):
@@ -190,7 +193,6 @@ def make_synthetic_dataset(out: str | os.PathLike, num_classes: int = 4, images_
     templates = class_templates(num_classes, parts_per_class, seed)
     extension = ".JPEG" if image_format == "JPEG" else ".png"
     split_code = zlib.crc32(split.encode("utf-8"))
-    width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     images, part_anns, object_anns = [], [], []
     part_categories, object_categories, category_of = [], [], {}

@@ -17,7 +17,7 @@ W, H = 40, 30
 def _check_rgb(array: np.ndarray, width: int = W, height: int = H) -> None:
     assert array.dtype == np.uint8
     assert array.shape == (height, width, 3)
-    assert array.flags.c_contiguous
+    assert array.flags.c_contiguous and array.flags.writeable
 
 
 def _noise(seed: int = 0, size=(H, W)) -> np.ndarray:

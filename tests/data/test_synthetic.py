@@ -152,7 +152,8 @@ def test_existing_split_needs_overwrite(tmp_path):
                                     dict(size=8), dict(image_format="GIF"), dict(split="../x")])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
-        make_synthetic_dataset(tmp_path, **{"num_classes": 1, "images_per_class": 1, **kwargs})
+        make_synthetic_dataset(tmp_path / "out", **{"num_classes": 1, "images_per_class": 1, **kwargs})
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_cli(tmp_path):
