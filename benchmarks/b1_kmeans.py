@@ -42,7 +42,7 @@ def make_problem(rng: np.random.Generator) -> np.ndarray:
     centres = base + rng.normal(size=(parts, DIM)) * rng.uniform(0.4, 1.0, size=(parts, 1))
     basis = rng.normal(size=(24, DIM)) / np.sqrt(24)
     spread = rng.uniform(0.5, 1.5, size=(parts, 1))
-    x = centres[labels] + spread[labels] * (rng.normal(size=(n, 24)) @ basis) * 2.0
+    x = centres[labels] + spread[labels] * (rng.normal(size=(n, 24)) @ basis) * 0.5
     x += rng.normal(size=(n, DIM)) * 0.6
     return np.maximum(x, -1.0).astype(np.float32)  # post-activation-like skew
 

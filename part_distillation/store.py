@@ -396,19 +396,14 @@ class _ShardScan:
         return zlib.crc32(_pread_exact(self.fd, length, offset + FRAME_HEADER_SIZE)) == crc
 
 
-def _iter_shard_meta(path: Path, *, on_corrupt: str = "raise", decode: bool = True,
-                     ) -> Iterator[tuple[int, int, dict, dict | None]]:
-    """``(offset, payload_len, meta, record or None)`` for every intact frame of one shard."""
+def _scan_file(path: Path, on_corrupt: str = "raise") -> Iterator[tuple[int, bytes, int, int]]:
+    """The intact frames of one shard file, read up to its size at open (none if absent)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
-        scan = _ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt)
-        for offset, buf, pos, length in scan:
-            meta, after = _decode_meta(buf, pos)
-            record = _decode_record(buf, pos, meta, after) if decode and "skip" not in meta else None
-            yield offset, length, meta, record
+        yield from _ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt)
     finally:
         os.close(fd)
 
@@ -830,6 +825,11 @@ def repair_shard(path: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- reader
 
+def _warn_duplicate(key: str, path: Path, offset: int) -> None:
+    logger.warning("duplicate key %r in %s at byte offset %d ignored (an earlier shard has it; first wins)",
+                   key, path, offset)
+
+
 class RecordStore:
     """Reads one stage output: all shards in index order, each record once.
 
@@ -872,33 +872,39 @@ class RecordStore:
             return self.shard_paths()
         return [self.shard_path(i) for i in sorted(set(shards)) if self.shard_path(i).exists()]
 
-    def _iter(self, shards, on_corrupt: str, decode: bool):
-        """All intact frames; a record key already yielded from an earlier shard is dropped."""
+    def _iter_meta(self, shards, on_corrupt: str = "raise") -> Iterator[tuple[Path, int, int, dict]]:
+        """``(path, offset, payload_len, meta)`` of every frame, records deduplicated (first wins)."""
         seen: set[str] = set()
         for path in self._paths(shards):
-            for offset, length, meta, record in _iter_shard_meta(path, on_corrupt=on_corrupt, decode=decode):
-                key = meta["key"]
-                if "skip" in meta:
-                    yield path, offset, length, meta, record
-                    continue
-                if key in seen:
-                    logger.warning("duplicate key %r in %s at byte offset %d ignored (first one wins)",
-                                   key, path, offset)
-                    continue
-                seen.add(key)
-                yield path, offset, length, meta, record
+            for offset, buf, pos, length in _scan_file(path, on_corrupt):
+                meta, _ = _decode_meta(buf, pos)
+                if "skip" not in meta:
+                    if meta["key"] in seen:
+                        _warn_duplicate(meta["key"], path, offset)
+                        continue
+                    seen.add(meta["key"])
+                yield path, offset, length, meta
 
     def iter_records(self, shards: Iterable[int] | None = None, *, on_corrupt: str = "raise") -> Iterator[dict]:
         """Every record (skip markers left out), shard by shard, in write order."""
-        for _, _, _, meta, record in self._iter(shards, on_corrupt, decode=True):
-            if "skip" not in meta:
-                yield record
+        seen: set[str] = set()
+        for path in self._paths(shards):
+            for offset, buf, pos, _ in _scan_file(path, on_corrupt):
+                meta, after = _decode_meta(buf, pos)
+                if "skip" in meta:
+                    continue
+                key = meta["key"]
+                if key in seen:
+                    _warn_duplicate(key, path, offset)
+                    continue
+                seen.add(key)
+                yield _decode_record(buf, pos, meta, after)
 
     __iter__ = iter_records
 
     def iter_keys(self, shards: Iterable[int] | None = None, *, on_corrupt: str = "raise") -> Iterator[str]:
         """Record keys without decoding values (cheap)."""
-        for _, _, _, meta, _ in self._iter(shards, on_corrupt, decode=False):
+        for _, _, _, meta in self._iter_meta(shards, on_corrupt):
             if "skip" not in meta:
                 yield meta["key"]
 
@@ -910,12 +916,11 @@ class RecordStore:
 
     def skipped(self, shards: Iterable[int] | None = None) -> dict[str, str]:
         """Keys that were skipped, with their reasons."""
-        return {meta["key"]: meta["skip"] for _, _, _, meta, _ in self._iter(shards, "raise", decode=False)
-                if "skip" in meta}
+        return {meta["key"]: meta["skip"] for _, _, _, meta in self._iter_meta(shards) if "skip" in meta}
 
     def _build_index(self) -> dict[str, tuple[Path, int, int]]:
         return {meta["key"]: (path, offset, length)
-                for path, offset, length, meta, _ in self._iter(None, "raise", decode=False)
+                for path, offset, length, meta in self._iter_meta(None)
                 if "skip" not in meta}
 
     def __contains__(self, key: object) -> bool:
@@ -987,6 +992,16 @@ def _category_table(categories) -> tuple[list[dict], dict[str, int]]:
         cats = [dict(c) if isinstance(c, Mapping) else {"id": i + 1, "name": str(c)}
                 for i, c in enumerate(categories)]
     return cats, {c["name"]: c["id"] for c in cats}
+
+
+def coco_results(annotations: Iterable[dict]) -> list[dict]:
+    """Annotations as a COCO *results* list (image_id, category_id, segmentation, score).
+
+    Give this to ``COCO.loadRes``: with a ``bbox`` present, loadRes takes the box branch
+    and sets each area to the box area, which puts masks in the wrong COCOeval area range.
+    """
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+             "score": a.get("score", 1.0)} for a in annotations]
 
 
 def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathLike | None = None, *,

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -69,10 +68,16 @@ def _codecs_encode(text, encoding="utf-8", errors="strict"):
     return text.encode("latin1", errors)
 
 
-def _numpy_scalar(dtype, data=None):
-    from numpy._core.multiarray import scalar
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as _scalar
 
-    return scalar(dtype, data) if data is not None else scalar(dtype)
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickleError(f"numpy scalar of dtype {dtype!r} refused (only plain numeric dtypes)")
+    return _scalar(dtype, data) if data is not None else _scalar(dtype)
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
@@ -112,7 +117,7 @@ def read_detectron2_pickle(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     _require_file(path, kind="detectron2 Mask2Former weights (.pkl)")
     with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(io.BufferedReader(f), str(path)).load()
+        obj = _RestrictedUnpickler(f, str(path)).load()
     if not isinstance(obj, dict):
         raise CheckpointMismatchError(f"{path}: expected a dict at the top of the pickle, got {type(obj).__name__}")
     return obj
@@ -480,7 +485,7 @@ def load_hub(
             f"(offline mode: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}"
             f"{', local_files_only=True' if local_files_only else ''}). Download it where there is network "
             f"(e.g. `hf download {model_id}`) or load the detectron2 weights with load_detectron2_pickle "
-            f"({SWIN_L_COCO_INSTANCE_URL} -> {DEFAULT_WEIGHTS_PATH})."
+            f"({SWIN_L_COCO_INSTANCE_URL} -> {DEFAULT_WEIGHTS_PATH}). Cause: {error}"
         ) from error
     report = LoadReport(source=f"hub:{model_id}")
     missing = sorted(info.get("missing_keys", ()))

@@ -247,100 +247,134 @@ def _chunk_for(batch: int, runs_k: int, chunk_size: int | None) -> int:
 
 
 def _assign(x, x_norm, mask, centroids, chunk):
-    """Nearest centre per point for R runs: centroids (B, R, K, D) -> labels, min dist (B, R, N)."""
+    """Nearest centre per point for R runs: centroids (B, R, K, D) -> labels, min dist (B, N, R).
+
+    ``mask`` None means all points are valid (saves the masking passes).
+    """
     batch, runs, k, dim = centroids.shape
     flat = centroids.reshape(batch, runs * k, dim)
     c_t = flat.transpose(1, 2)
     c_norm = flat.square().sum(-1)[:, None, :]
     n = x.shape[1]
-    labels = torch.empty(batch, runs, n, dtype=torch.long, device=x.device)
-    min_dist = torch.empty(batch, runs, n, dtype=x.dtype, device=x.device)
+    labels = torch.empty(batch, n, runs, dtype=torch.long, device=x.device)
+    min_dist = torch.empty(batch, n, runs, dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         dist = torch.baddbmm(c_norm, x[:, start:stop], c_t, alpha=-2.0)  # (B, c, R*K)
-        value, index = dist.view(batch, stop - start, runs, k).min(-1)
-        value = (value + x_norm[:, start:stop, None]).clamp_(min=0)
-        labels[:, :, start:stop] = index.transpose(1, 2)
-        min_dist[:, :, start:stop] = value.transpose(1, 2)
-    min_dist.masked_fill_(~mask[:, None, :], 0)
+        torch.min(dist.view(batch, stop - start, runs, k), -1,
+                  out=(min_dist[:, start:stop], labels[:, start:stop]))
+    min_dist.add_(x_norm[..., None]).clamp_(min=0)
+    if mask is not None:
+        min_dist.masked_fill_(~mask[..., None], 0)
     return labels, min_dist
 
 
 def _cluster_sums(x, labels, mask, k, chunk):
-    """Per-cluster sums and counts, labels (B, R, N) -> (B, R, K, D), (B, R, K)."""
-    batch, runs, n = labels.shape
+    """Per-cluster sums and counts: labels (B, N, R) -> (B, R, K, D), (B, R, K) int64."""
+    batch, n, runs = labels.shape
+    dim = x.shape[-1]
     if runs == 1:
         # Scatter-add of rows: one read of the points, no one-hot matrix.
-        offsets = torch.arange(batch, device=x.device)[:, None] * k
-        index = torch.where(mask, labels[:, 0] + offsets, batch * k).reshape(-1)
-        sums = x.new_zeros(batch * k + 1, x.shape[-1])
-        sums.index_add_(0, index, x.reshape(batch * n, -1))
+        index = labels[..., 0] + torch.arange(batch, device=x.device)[:, None] * k
+        if mask is not None:
+            index = index.masked_fill(~mask, batch * k)
+        index = index.reshape(-1)
+        sums = x.new_zeros(batch * k + 1, dim)
+        sums.index_add_(0, index, x.reshape(batch * n, dim))
         counts = torch.bincount(index, minlength=batch * k + 1)
-        return sums[:-1].view(batch, 1, k, -1), counts[:-1].view(batch, 1, k)
-    sums = x.new_zeros(batch, runs * k, x.shape[-1])
+        return sums[:-1].view(batch, 1, k, dim), counts[:-1].view(batch, 1, k)
+    sums = x.new_zeros(batch, runs * k, dim)
     counts = torch.zeros(batch, runs * k, dtype=torch.long, device=x.device)
     ids = torch.arange(k, device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        onehot = (labels[:, :, None, start:stop] == ids[:, None]) & mask[:, None, None, start:stop]
-        onehot = onehot.view(batch, runs * k, stop - start)
-        counts += onehot.sum(-1)
-        sums.baddbmm_(onehot.to(x.dtype), x[:, start:stop])
-    return sums.view(batch, runs, k, -1), counts.view(batch, runs, k)
+        onehot = labels[:, start:stop, :, None] == ids  # (B, c, R, K)
+        if mask is not None:
+            onehot &= mask[:, start:stop, None, None]
+        onehot = onehot.view(batch, stop - start, runs * k)
+        counts += onehot.sum(1)
+        sums.baddbmm_(onehot.transpose(1, 2).to(x.dtype), x[:, start:stop])
+    return sums.view(batch, runs, k, dim), counts.view(batch, runs, k)
+
+
+def _update_sums(x, sums, counts, old, new, changed, k):
+    """Single run: move only the points that changed cluster between the sums."""
+    batch, n, _ = old.shape
+    where = changed.reshape(-1).nonzero().squeeze(1)
+    if where.numel() == 0:
+        return sums, counts
+    rows = x.reshape(batch * n, -1).index_select(0, where)
+    problem = torch.div(where, n, rounding_mode="floor") * k
+    old_index = problem + old.reshape(-1)[where]
+    new_index = problem + new.reshape(-1)[where]
+    flat_sums = sums.reshape(batch * k, -1).clone()
+    flat_sums.index_add_(0, new_index, rows)
+    flat_sums.index_add_(0, old_index, rows, alpha=-1)
+    flat_counts = counts.reshape(batch * k).clone()
+    ones = torch.ones_like(new_index)
+    flat_counts.index_add_(0, new_index, ones)
+    flat_counts.index_add_(0, old_index, ones, alpha=-1)
+    return flat_sums.view_as(sums), flat_counts.view_as(counts)
 
 
 def _reseed_empty(x, centroids, counts, labels, min_dist, mask):
     """Move each empty centre onto one of the points farthest from their centre."""
-    empty = counts == 0
+    empty = counts == 0  # (B, R, K)
     if not bool(empty.any()):
         return centroids
     batch, runs, k, dim = centroids.shape
     n = x.shape[1]
     top = min(k, n)
-    far_dist, far_index = min_dist.masked_fill(~mask[:, None, :], -1).topk(top, dim=-1)  # (B, R, top)
-    # Exact distance of the candidates (the expanded form is not exact near zero).
+    dist = min_dist if mask is None else min_dist.masked_fill(~mask[..., None], -1)
+    far_dist, far_index = dist.transpose(1, 2).topk(top, dim=-1)  # (B, R, top)
     far_points = torch.gather(x[:, None].expand(batch, runs, n, dim), 2,
                               far_index[..., None].expand(batch, runs, top, dim))
-    own = torch.gather(labels, 2, far_index)
+    own = torch.gather(labels.transpose(1, 2), 2, far_index)
     own_centre = torch.gather(centroids, 2, own[..., None].expand(batch, runs, top, dim))
-    exact = (far_points - own_centre).square().sum(-1)
-    usable = (far_dist >= 0) & (exact > 0)
-    rank = (empty.long().cumsum(-1) - 1).clamp(min=0, max=top - 1)  # j-th empty cluster -> j-th point
-    take = empty & torch.gather(usable, 2, rank) & (empty.long().cumsum(-1) <= top)
+    # Exact distances: the expanded form is not exact near zero, and a point already on
+    # its centre (fewer distinct points than K) must not be moved.
+    usable = (far_dist >= 0) & ((far_points - own_centre).square().sum(-1) > 0)
+    order = empty.long().cumsum(-1)  # the j-th empty cluster takes the j-th farthest point
+    rank = (order - 1).clamp(min=0, max=top - 1)
+    take = empty & (order <= top) & torch.gather(usable, 2, rank)
     chosen = torch.gather(far_points, 2, rank[..., None].expand(batch, runs, k, dim))
     return torch.where(take[..., None], chosen, centroids)
 
 
 def _lloyd(x, x_norm, mask, centroids, max_iter, tol, chunk):
-    """Lloyd iterations for R runs at once; returns centroids, labels, min_dist, counts, n_iter.
+    """Lloyd iterations for R runs at once: centroids (B, R, K, D).
 
+    Returns centroids, labels and min_dist (B, N, R), counts (B, R, K), n_iter (B, R).
     The first pass assigns the given centres. Each further pass assigns the updated
     centres; a run stops when no label changed (its centres are then the exact means)
     or when the pass lowered the inertia by no more than ``tol`` times the inertia.
+    A stopped run keeps its centres, so its labels no longer change either.
     """
     batch, runs, k, _ = centroids.shape
     labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
-    inertia = min_dist.double().sum(-1)
+    inertia = min_dist.sum(1, dtype=torch.float64)
     sums, counts = _cluster_sums(x, labels, mask, k, chunk)
     done = torch.zeros(batch, runs, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(batch, runs, dtype=torch.long, device=x.device)
-    valid_points = max(1, int(mask.sum()))
+    valid_points = x.shape[0] * x.shape[1] if mask is None else max(1, int(mask.sum()))
     for _ in range(max_iter):
         means = sums / counts.clamp(min=1)[..., None]
         updated = torch.where((counts == 0)[..., None], centroids, means)
         updated = _reseed_empty(x, updated, counts, labels, min_dist, mask)
         centroids = torch.where(done[..., None, None], centroids, updated)
         new_labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
-        new_inertia = min_dist.double().sum(-1)
+        new_inertia = min_dist.sum(1, dtype=torch.float64)
         n_iter += (~done).long()
-        changed = (new_labels != labels) & mask[:, None, :] & ~done[..., None]
-        done = done | ~changed.any(-1) | (inertia - new_inertia <= tol * new_inertia)
+        changed = new_labels != labels
+        if mask is not None:
+            changed &= mask[..., None]
+        n_changed = changed.sum(1)  # (B, R)
+        done |= (n_changed == 0) | (inertia - new_inertia <= tol * new_inertia)
         inertia = new_inertia
         if bool(done.all()):
             labels = new_labels
             break
-        n_changed = int(changed.sum())
-        if runs == 1 and n_changed <= _INCREMENTAL_FRACTION * valid_points:
+        if runs == 1 and int(n_changed.sum()) <= _INCREMENTAL_FRACTION * valid_points:
             sums, counts = _update_sums(x, sums, counts, labels, new_labels, changed, k)
         else:
             sums, counts = _cluster_sums(x, new_labels, mask, k, chunk)
@@ -350,51 +384,37 @@ def _lloyd(x, x_norm, mask, centroids, max_iter, tol, chunk):
 
 
 def _count(labels, mask, k):
+    """Cluster sizes of a single run: labels (B, N, 1) -> (B, 1, K)."""
     batch = labels.shape[0]
-    offsets = torch.arange(batch, device=labels.device)[:, None] * k
-    index = torch.where(mask, labels[:, 0] + offsets, batch * k).reshape(-1)
-    return torch.bincount(index, minlength=batch * k + 1)[:-1].view(batch, 1, k)
-
-
-def _update_sums(x, sums, counts, old, new, changed, k):
-    """Move only the points that changed cluster (single run)."""
-    batch, _, n = old.shape
-    where = changed[:, 0].reshape(-1).nonzero().squeeze(1)
-    if where.numel() == 0:
-        return sums, counts
-    rows = x.reshape(batch * n, -1).index_select(0, where)
-    problem = where // n
-    flat_sums = sums.reshape(batch * k, -1).clone()
-    flat_counts = counts.reshape(batch * k).clone()
-    old_index = problem * k + old[:, 0].reshape(-1)[where]
-    new_index = problem * k + new[:, 0].reshape(-1)[where]
-    flat_sums.index_add_(0, new_index, rows)
-    flat_sums.index_add_(0, old_index, rows, alpha=-1)
-    ones = torch.ones_like(new_index)
-    flat_counts.index_add_(0, new_index, ones)
-    flat_counts.index_add_(0, old_index, -ones)
-    return flat_sums.view_as(sums), flat_counts.view_as(counts)
+    index = labels[..., 0] + torch.arange(batch, device=labels.device)[:, None] * k
+    if mask is not None:
+        index = index.masked_fill(~mask, batch * k)
+    return torch.bincount(index.reshape(-1), minlength=batch * k + 1)[:-1].view(batch, 1, k)
 
 
 def _kmeans_plus_plus(x, x_norm, mask, uniforms, k):
     """Greedy k-means++ for R runs per problem: uniforms (B, R, 1 + (K-1)*T) -> (B, R, K, D)."""
     batch, n, dim = x.shape
     runs = uniforms.shape[1]
-    trials = (uniforms.shape[2] - 1) // max(1, k - 1) if k > 1 else 0
-    valid = mask[:, None, :].expand(batch, runs, n).double()
-    first = _sample(valid, uniforms[:, :, :1])[..., 0]  # (B, R)
+    trials = (uniforms.shape[2] - 1) // (k - 1) if k > 1 else 0
+    valid = (torch.ones(batch, n, dtype=torch.float64, device=x.device) if mask is None
+             else mask.double())[:, None, :].expand(batch, runs, n)
+    first = _sample(valid, uniforms[:, :, :1])  # (B, R, 1)
     centres = [torch.gather(x, 1, first.reshape(batch, runs, 1).expand(batch, runs, dim))]
-    closest = _sq_dist(x, x_norm, centres[0]).masked_fill_(~mask[:, None, :], 0)  # (B, R, N)
+    closest = _sq_dist(x, x_norm, centres[0])  # (B, R, N)
+    if mask is not None:
+        closest.masked_fill_(~mask[:, None, :], 0)
     for step in range(1, k):
         u = uniforms[:, :, 1 + (step - 1) * trials: 1 + step * trials]
         weights = closest.double()
-        total = weights.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, weights, valid)  # all on centres: uniform
+        weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, valid)  # all on centres: uniform
         candidates = _sample(weights, u)  # (B, R, T)
         cand_points = torch.gather(x, 1, candidates.reshape(batch, runs * trials, 1).expand(-1, -1, dim))
         dist = _sq_dist(x, x_norm, cand_points).view(batch, runs, trials, n)
-        dist = torch.minimum(dist, closest[:, :, None, :]).masked_fill_(~mask[:, None, None, :], 0)
-        best = dist.double().sum(-1).argmin(-1)  # (B, R)
+        dist = torch.minimum(dist, closest[:, :, None, :])
+        if mask is not None:
+            dist.masked_fill_(~mask[:, None, None, :], 0)
+        best = dist.sum(-1, dtype=torch.float64).argmin(-1)  # (B, R): lowest potential
         closest = torch.gather(dist, 2, best[..., None, None].expand(batch, runs, 1, n))[:, :, 0]
         chosen = torch.gather(cand_points.view(batch, runs, trials, dim), 2,
                               best[..., None, None].expand(batch, runs, 1, dim))[:, :, 0]
@@ -421,52 +441,53 @@ def _solve_group(x, mask, k, seeds, *, n_init, max_iter, tol, sample_size, chunk
     x = x.contiguous()
     batch, n, dim = x.shape
     device = x.device
-    n_valid = mask.sum(1)
+    counts_cpu = mask.sum(1).tolist()
+    full_mask = None if min(counts_cpu) == n else mask  # None: every point valid
     trials = 2 + int(math.log(k)) if k > 1 else 0
-    x_norm = x.square().sum(-1)
+    x_norm = torch.linalg.vector_norm(x, dim=-1).square_()
 
     # Per-problem randomness from per-problem generators: the sample and the uniforms.
-    counts_cpu = n_valid.tolist()
     m = min(sample_size, max(counts_cpu))
-    use_sample = any(c > sample_size for c in counts_cpu)
+    use_sample = max(counts_cpu) > sample_size
     uniforms = torch.empty(batch, n_init, 1 + (k - 1) * trials, dtype=torch.float64)
     sample_index = torch.zeros(batch, m, dtype=torch.long)
     sample_mask = torch.zeros(batch, m, dtype=torch.bool)
-    valid_index = [mask[b].nonzero().squeeze(1).cpu() for b in range(batch)] if use_sample else None
     for b, problem_seed in enumerate(seeds):
         generator = torch.Generator().manual_seed(problem_seed)
         if use_sample:
             count = counts_cpu[b]
+            valid_index = torch.arange(n) if full_mask is None else mask[b].nonzero().squeeze(1).cpu()
             if count > m:
-                pick = torch.randperm(count, generator=generator)[:m].sort().values
-                sample_index[b] = valid_index[b][pick]
+                sample_index[b] = valid_index[torch.randperm(count, generator=generator)[:m].sort().values]
                 sample_mask[b] = True
             else:
-                sample_index[b, :count] = valid_index[b]
+                sample_index[b, :count] = valid_index
                 sample_mask[b, :count] = True
         uniforms[b] = torch.rand(n_init, uniforms.shape[2], generator=generator, dtype=torch.float64)
     uniforms = uniforms.to(device)
 
     if use_sample:
-        sample_index, sample_mask = sample_index.to(device), sample_mask.to(device)
+        sample_index = sample_index.to(device)
+        sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
         xs = torch.gather(x, 1, sample_index[..., None].expand(batch, m, dim))
         xs_norm = torch.gather(x_norm, 1, sample_index)
     else:
-        xs, xs_norm, sample_mask = x, x_norm, mask
-    chunk = _chunk_for(batch, n_init * k, chunk_size)
+        xs, xs_norm, sample_mask = x, x_norm, full_mask
     init = _kmeans_plus_plus(xs, xs_norm, sample_mask, uniforms, k)
-    centroids, labels, min_dist, counts, n_iter = _lloyd(xs, xs_norm, sample_mask, init, max_iter, tol, chunk)
-    best = min_dist.double().sum(-1).argmin(1)  # (B,) best run by (sample) inertia
-    pick = best[:, None, None, None]
-    centroids = torch.gather(centroids, 1, pick.expand(batch, 1, k, dim))
+    centroids, labels, min_dist, counts, n_iter = _lloyd(
+        xs, xs_norm, sample_mask, init, max_iter, tol, _chunk_for(batch, n_init * k, chunk_size))
+    best = min_dist.sum(1, dtype=torch.float64).argmin(1)  # (B,) best run by (sample) inertia
+    centroids = torch.gather(centroids, 1, best[:, None, None, None].expand(batch, 1, k, dim))
     if use_sample:
         centroids, labels, min_dist, counts, n_iter = _lloyd(
-            x, x_norm, mask, centroids, max_iter, tol, _chunk_for(batch, k, chunk_size))
+            x, x_norm, full_mask, centroids, max_iter, tol, _chunk_for(batch, k, chunk_size))
     else:
-        labels = torch.gather(labels, 1, best[:, None, None].expand(batch, 1, n))
-        min_dist = torch.gather(min_dist, 1, best[:, None, None].expand(batch, 1, n))
+        labels = torch.gather(labels, 2, best[:, None, None].expand(batch, n, 1))
+        min_dist = torch.gather(min_dist, 2, best[:, None, None].expand(batch, n, 1))
         counts = torch.gather(counts, 1, best[:, None, None].expand(batch, 1, k))
         n_iter = torch.gather(n_iter, 1, best[:, None])
-    labels = labels[:, 0].masked_fill(~mask, -1)
-    inertia = min_dist[:, 0].double().sum(-1)
+    labels = labels[..., 0]
+    if full_mask is not None:
+        labels = labels.masked_fill(~full_mask, -1)
+    inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
     return KMeansResult(centroids[:, 0], labels, inertia, counts[:, 0], n_iter[:, 0])

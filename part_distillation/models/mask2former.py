@@ -265,8 +265,8 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         num_classes = self.num_classes if num_classes is None else int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        device = old.weight.device if old.weight.device.type != "meta" else None
-        self.class_predictor = nn.Linear(old.in_features, num_classes + 1, device=device, dtype=old.weight.dtype)
+        self.class_predictor = nn.Linear(
+            old.in_features, num_classes + 1, device=old.weight.device, dtype=old.weight.dtype)
         self.config.num_labels = num_classes
 
     # ------------------------------------------------------------------- freezing

@@ -53,6 +53,17 @@ def _cases(image):
     return [("", image), ("pad_", image[:117, :150])]
 
 
+@pytest.fixture(scope="module")
+def runs(tiny, image):
+    """One forward pass per fixture case (main image, padded crop), shared by the tests."""
+    results = {}
+    for prefix, img in _cases(image):
+        batch = preprocess_images([img])
+        with torch.no_grad():
+            results[prefix] = (batch, tiny(batch.pixel_values, return_features=True))
+    return results
+
+
 # ------------------------------------------------------------------------------ specs
 def test_swin_l_spec_matches_the_reference_layout(reference_models):
     layout = json.loads((reference_models / "mask2former_swinL_coco_instance_keys.json").read_text())
@@ -128,11 +139,8 @@ def test_preprocess_batches_images_of_different_sizes(image):
 
 # ------------------------------------------------------------------- fixture reproduction
 @pytest.mark.parametrize("prefix", ["", "pad_"])
-def test_tiny_reproduces_the_upstream_tensors(tiny, reference, image, prefix):
-    img = dict(_cases(image))[prefix]
-    batch = preprocess_images([img])
-    with torch.no_grad():
-        out = tiny(batch.pixel_values, return_features=True)
+def test_tiny_reproduces_the_upstream_tensors(runs, reference, prefix):
+    _, out = runs[prefix]
     ours = {f"backbone_{k}": v for k, v in out["backbone_features"].items()}
     ours.update({f"pixdec_multi_scale_{i}": v for i, v in enumerate(out["multi_scale_features"])})
     ours["pixdec_mask_features"] = out["mask_features"]
@@ -148,11 +156,8 @@ def test_tiny_reproduces_the_upstream_tensors(tiny, reference, image, prefix):
 
 
 @pytest.mark.parametrize("prefix", ["", "pad_"])
-def test_tiny_final_instances_match_upstream(tiny, reference, image, prefix):
-    img = dict(_cases(image))[prefix]
-    batch = preprocess_images([img])
-    with torch.no_grad():
-        out = tiny(batch.pixel_values)
+def test_tiny_final_instances_match_upstream(runs, reference, prefix):
+    batch, out = runs[prefix]
     inst = instance_inference(out["pred_logits"][0], out["pred_masks"][0], padded_size=batch.padded_size,
                               image_size=batch.image_sizes[0], topk=10).sorted_by_score()
     order = np.argsort(-reference[prefix + "inst_scores"], kind="stable")
@@ -168,12 +173,15 @@ def test_tiny_final_instances_match_upstream(tiny, reference, image, prefix):
 
 # ----------------------------------------------------------------------- outputs, heads
 def test_forward_dict_has_every_decoder_prediction_and_the_query_embeddings(tiny, image):
-    batch = preprocess_images([image, image[:100, :120]])
+    batch = preprocess_images([image, image[:60, :90]])
     with torch.no_grad():
         out = tiny(batch.pixel_values)
+        alone = tiny(preprocess_images([image]).pixel_values)
     q, d = TINY_FIXTURE.num_queries, TINY_FIXTURE.hidden_dim
     assert out["pred_logits"].shape == (2, q, TINY_FIXTURE.num_classes + 1)
     assert out["pred_masks"].shape == (2, q, 32, 40)
+    # batching does not mix images
+    torch.testing.assert_close(out["pred_masks"][:1], alone["pred_masks"], rtol=0, atol=1e-4)
     assert len(out["aux_outputs"]) == TINY_FIXTURE.decoder_layers  # learnable queries + layers 1..L-1
     assert out["query_embeddings"].shape == (2, q, d)
     # the class head reads the layer-normed embeddings: they are the ones that made pred_logits

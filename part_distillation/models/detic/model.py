@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -118,40 +118,67 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
 
 
+#: Upper bound on the float buffer of one chunk of masks pasted together on a GPU (as detectron2).
+GPU_PASTE_BYTES = 1 << 30
+
+
+def _paste_region(masks: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    """Bilinear samples (align_corners=False) of (N, 1, M, M) masks at the pixel centres of a region."""
+    bx0, by0, bx1, by1 = torch.split(boxes.float(), 1, dim=1)
+    ys = (torch.arange(y0, y1, device=boxes.device, dtype=torch.float32) + 0.5 - by0) / (by1 - by0) * 2 - 1
+    xs = (torch.arange(x0, x1, device=boxes.device, dtype=torch.float32) + 0.5 - bx0) / (bx1 - bx0) * 2 - 1
+    n, h, w = len(masks), ys.shape[1], xs.shape[1]
+    grid = torch.stack([xs[:, None, :].expand(n, h, w), ys[:, :, None].expand(n, h, w)], dim=3)
+    return F.grid_sample(masks.float(), grid, align_corners=False)[:, 0]
+
+
 def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float | None = 0.5) -> torch.Tensor:
     """detectron2's paste_masks_in_image: (N, M, M) box-relative probabilities -> (N, H, W) bool masks.
 
-    Each mask is bilinearly resampled (align_corners=False) over the pixels near its box only, as
-    detectron2 does on CPU, so memory stays proportional to the box area. ``threshold=None`` returns
-    the pasted probabilities instead of binary masks.
+    As upstream: on CPU each mask is resampled only over the pixels near its box; on a GPU masks
+    are pasted over the whole image in chunks (same values: outside its box a mask is < 0.5).
+    ``threshold=None`` returns the pasted probabilities instead of binary masks.
     """
-    img_h, img_w = size
+    img_h, img_w = int(size[0]), int(size[1])
     dtype = torch.float32 if threshold is None else torch.bool
     out = torch.zeros((len(mask_probs), img_h, img_w), dtype=dtype, device=mask_probs.device)
-    for i in range(len(mask_probs)):
-        box = boxes[i : i + 1].float()
-        x0_int, y0_int = torch.clamp(box.min(dim=0).values.floor()[:2] - 1, min=0).to(torch.int32).tolist()
-        x1_int = int(torch.clamp(box[:, 2].max().ceil() + 1, max=img_w))
-        y1_int = int(torch.clamp(box[:, 3].max().ceil() + 1, max=img_h))
-        x0, y0, x1, y1 = torch.split(box, 1, dim=1)
-        ys = torch.arange(y0_int, y1_int, device=box.device, dtype=torch.float32) + 0.5
-        xs = torch.arange(x0_int, x1_int, device=box.device, dtype=torch.float32) + 0.5
-        ys = (ys - y0) / (y1 - y0) * 2 - 1
-        xs = (xs - x0) / (x1 - x0) * 2 - 1
-        grid = torch.stack([xs[:, None, :].expand(1, ys.shape[1], xs.shape[1]), ys[:, :, None].expand(1, ys.shape[1], xs.shape[1])], dim=3)
-        pasted = F.grid_sample(mask_probs[i : i + 1, None].float(), grid, align_corners=False)[0, 0]
-        out[i, y0_int:y1_int, x0_int:x1_int] = pasted if threshold is None else pasted >= threshold
+    if len(mask_probs) == 0:
+        return out
+    masks = mask_probs[:, None]
+    if mask_probs.device.type == "cpu":
+        for i in range(len(masks)):
+            box = boxes[i : i + 1].float()
+            x0, y0 = torch.clamp(box[0, :2].floor() - 1, min=0).to(torch.int32).tolist()
+            x1 = int(torch.clamp(box[0, 2].ceil() + 1, max=img_w))
+            y1 = int(torch.clamp(box[0, 3].ceil() + 1, max=img_h))
+            pasted = _paste_region(masks[i : i + 1], box, y0, y1, x0, x1)[0]
+            out[i, y0:y1, x0:x1] = pasted if threshold is None else pasted >= threshold
+        return out
+    per_chunk = max(1, GPU_PASTE_BYTES // (4 * img_h * img_w))
+    for start in range(0, len(masks), per_chunk):
+        pasted = _paste_region(masks[start : start + per_chunk], boxes[start : start + per_chunk], 0, img_h, 0, img_w)
+        out[start : start + per_chunk] = pasted if threshold is None else pasted >= threshold
     return out
+
+
+def rescale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
+    """Boxes scaled from one (h, w) frame to another and clipped to it."""
+    boxes = boxes.clone()
+    boxes[:, 0::2] *= to_size[1] / from_size[1]
+    boxes[:, 1::2] *= to_size[0] / from_size[0]
+    return clip_boxes(boxes, to_size)
+
+
+def nonempty_in(raw: RawDetections, output_size: tuple[int, int]) -> torch.Tensor:
+    """Which detections keep a non-empty box once mapped to ``output_size`` (the others are dropped)."""
+    boxes = rescale_boxes(raw.boxes, raw.image_size, output_size)
+    return ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
 
 
 def detector_postprocess(raw: RawDetections, output_size: tuple[int, int], mask_threshold: float = 0.5) -> Detections:
     """Map detections from the network frame to ``output_size``: scale, clip, drop empty boxes, paste masks."""
     out_h, out_w = output_size
-    scale_x, scale_y = out_w / raw.image_size[1], out_h / raw.image_size[0]
-    boxes = raw.boxes.clone()
-    boxes[:, 0::2] *= scale_x
-    boxes[:, 1::2] *= scale_y
-    boxes = clip_boxes(boxes, (out_h, out_w))
+    boxes = rescale_boxes(raw.boxes, raw.image_size, (out_h, out_w))
     keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
     boxes = boxes[keep]
     if raw.mask_probs is None:
@@ -246,15 +273,30 @@ class Detic(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: np.ndarray | Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+        select: Callable[[int, RawDetections], torch.Tensor] | None = None,
     ) -> list[Detections]:
-        """RGB uint8 (H, W, 3) image(s) -> detections at the original size (or ``output_sizes``)."""
+        """RGB uint8 (H, W, 3) image(s) -> detections at the original size (or ``output_sizes``).
+
+        ``select(image_index, detections)`` may pick a subset (an index tensor into the detections,
+        which are by descending score and already free of boxes that would become empty) before
+        the mask head and the paste run: with 1000 detections per image, the mask head dominates
+        the cost, and a caller keeping the top few per image only pays for those.
+        """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = [images]
-        batch, sizes = self.preprocess(images)
-        raws = self(batch, sizes)
         if output_sizes is None:
             output_sizes = [tuple(im.shape[:2]) for im in images]
+        batch, sizes = self.preprocess(images)
+        features = self.backbone(batch)
+        proposals = self.proposal_generator(features)
+        raws = self.roi_heads(features, [p.boxes for p in proposals], [p.scores for p in proposals], sizes, with_masks=False)
+        raws = [r.select(torch.nonzero(nonempty_in(r, s)).squeeze(1)) for r, s in zip(raws, output_sizes)]
+        if select is not None:
+            raws = [r.select(torch.as_tensor(select(i, r), dtype=torch.int64, device=r.boxes.device)) for i, r in enumerate(raws)]
+        raws = self.roi_heads.predict_masks(features, raws)
         return [detector_postprocess(r, s, self.config.mask_threshold) for r, s in zip(raws, output_sizes)]
 
 

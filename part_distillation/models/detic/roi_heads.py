@@ -249,7 +249,9 @@ class CascadeROIHeads(nn.Module):
         proposal_boxes: Sequence[torch.Tensor],
         proposal_scores: Sequence[torch.Tensor],
         image_sizes: Sequence[tuple[int, int]],
+        with_masks: bool = True,
     ) -> list[RawDetections]:
+        """Scores averaged over the stages, times the proposal score (sqrt), boxes from the last stage."""
         stages = self.run_cascade(features, proposal_boxes, image_sizes)
         counts = [len(b) for b in proposal_boxes]
         probs = sum(s.cls_logits.sigmoid() for s in stages) * (1.0 / len(stages))
@@ -263,7 +265,7 @@ class CascadeROIHeads(nn.Module):
                 best = img_probs[:, :-1].max(dim=1).values
                 img_probs = img_probs * (img_probs == best[:, None]).float()
             results.append(self._select(img_boxes, img_probs, image_sizes[i]))
-        return self.predict_masks(features, results)
+        return self.predict_masks(features, results) if with_masks else results
 
     def _select(self, boxes: torch.Tensor, probs: torch.Tensor, size: tuple[int, int]) -> RawDetections:
         """detectron2's fast_rcnn_inference for class-agnostic boxes."""
@@ -279,6 +281,7 @@ class CascadeROIHeads(nn.Module):
         return RawDetections(boxes[keep], scores[keep], classes[keep], tuple(size))
 
     def predict_masks(self, features: dict[str, torch.Tensor], detections: list[RawDetections]) -> list[RawDetections]:
+        """Fill ``mask_probs`` (sigmoid of the mask head on each final box), in place."""
         feats = [features[f] for f in self.in_features]
         pooled = self.mask_pooler(feats, [d.boxes for d in detections])
         probs = self.mask_head(pooled).sigmoid() if len(pooled) else pooled.new_zeros((0, 1, 2 * pooled.shape[-1], 2 * pooled.shape[-1]))
