@@ -29,18 +29,34 @@ Crash safety
     Each record is written with one ``writev`` straight to the kernel (no user-space
     buffer), so a killed process leaves at most one torn frame at the end of the file;
     ``fsync`` runs every ``fsync_every`` records and at close. A reader stops at a torn
-    or CRC-failing *last* frame (a warning names the file and byte offset); a writer
-    reopening the shard truncates it there. A bad frame followed by valid frames is
-    corruption in the middle: it raises :class:`CorruptShardError` (or, with
-    ``on_corrupt="skip"``, is skipped with a warning); nothing is ever truncated
-    then. One writer per shard is enforced with an exclusive ``fcntl.flock`` on the
-    shard file itself.
+    or CRC-failing *last* frame (a warning names the file and byte offset; only DEBUG
+    while a writer holds the shard, where it is a record being written); a writer
+    reopening the shard truncates it there. A bad frame followed by an intact one is
+    corruption in the middle (found by scanning for the next valid frame, which also
+    catches a damaged length field): it raises :class:`CorruptShardError`, or with
+    ``on_corrupt="skip"`` is skipped with a warning; nothing is truncated then, and
+    :func:`repair_shard` rewrites the shard without it. One writer per shard is enforced
+    with an exclusive ``fcntl.flock`` on the shard file itself (no separate lock file to
+    go stale; on Lustre mount with ``-o flock``).
+
+Resume
+    ``writer.has(key)`` / ``writer.done_keys`` are the keys complete in the shard:
+    records and skip markers (``writer.skip(key, reason)`` for images that give no
+    record, so a rerun does not retry them; readers never yield skip markers).
 
 Duplicate keys
     A writer refuses a key already in its shard (:class:`DuplicateKeyError`; check
     ``writer.has(key)`` first), so a shard never holds a key twice. If two shards hold
     the same key (jobs given overlapping slices), readers yield the first one in shard
     order and warn.
+
+Manifest
+    The first writer creates ``manifest.json`` (stage, resolved config, fingerprint,
+    code version, shard count, time) atomically; later writers compare. A different
+    config is refused naming the differing dotted keys unless ``overwrite_config=True``;
+    keys matching ``DEFAULT_IGNORE_KEYS`` or the caller's ``ignore_keys`` do not count.
+    A different shard count is always refused. Writers never touch the manifest after
+    that: each writes its own ``.summary.json`` at close.
 """
 from __future__ import annotations
 
@@ -155,7 +171,7 @@ _LEAF_TYPES = frozenset((str, int, float, bool, type(None)))
 
 
 def _strip_arrays(obj: Any, path: list, arrays: list) -> Any:
-    """Copy of ``obj`` with arrays replaced by None; their (path, kind, array) go to ``arrays``.
+    """Copy of ``obj`` with arrays replaced by None; their ``(path, kind, array)`` go to ``arrays``.
 
     Leaves are checked inline (no call per leaf): this walk is most of the write cost.
     """
@@ -187,7 +203,7 @@ def _strip_arrays(obj: Any, path: list, arrays: list) -> Any:
         kind = "a"
     elif isinstance(obj, np.generic):
         kind, obj = "s", np.asarray(obj)
-    elif isinstance(obj, (str, int, float)) or obj is None:  # bool is an int; str/int subclasses
+    elif isinstance(obj, (str, int, float)) or obj is None:  # bool is an int; str/int/float subclasses
         return obj
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         kind, obj = "b", np.frombuffer(bytes(obj), dtype=np.uint8)
@@ -323,24 +339,24 @@ class _ShardScan:
         self.corrupt: list[tuple[int, str]] = []
 
     def __iter__(self) -> Iterator[tuple[int, bytes, int, int]]:
-        buf, base, off, size = b"", 0, 0, self.size
+        self._buf, self._base = b"", 0
+        off, size = 0, self.size
         while off < size:
-            reason = None
             if size - off < FRAME_HEADER_SIZE:
                 reason = "incomplete frame header"
+            elif off + FRAME_HEADER_SIZE > self._base + len(self._buf) and not self._fill(off, FRAME_HEADER_SIZE):
+                reason = "file shrank while being read"
             else:
-                if off + FRAME_HEADER_SIZE > base + len(buf):
-                    buf, base = self._read(off, FRAME_HEADER_SIZE), off
-                magic, length, crc = _FRAME.unpack_from(buf, off - base)
+                magic, length, crc = _FRAME.unpack_from(self._buf, off - self._base)
                 end = off + FRAME_HEADER_SIZE + length
                 if magic != MAGIC:
                     reason = "bad magic"
                 elif end > size:
                     reason = f"frame of {length} bytes runs past the end of the file ({size} bytes)"
+                elif end > self._base + len(self._buf) and not self._fill(off, end - off):
+                    reason = "file shrank while being read"
                 else:
-                    if end > base + len(buf):
-                        buf, base = self._read(off, end - off), off
-                    pos = off - base + FRAME_HEADER_SIZE
+                    buf, pos = self._buf, off - self._base + FRAME_HEADER_SIZE
                     if zlib.crc32(memoryview(buf)[pos:pos + length]) == crc:
                         yield off, buf, pos, length
                         self.valid_end = off = end
@@ -354,14 +370,15 @@ class _ShardScan:
                 raise CorruptShardError(self.path, off, reason)
             logger.warning("skipping corrupt bytes %d..%d in %s (%s)", off, resume_at, self.path, reason)
             self.corrupt.append((off, reason))
-            buf, base, off = b"", 0, resume_at
+            off = resume_at
         self.valid_end = off
 
-    def _read(self, offset: int, need: int) -> bytes:
-        data = _pread_exact(self.fd, min(max(need, _READ_CHUNK), self.size - offset), offset)
-        if len(data) < need:
-            raise StoreError(f"{self.path} shrank while being read (at byte offset {offset})")
-        return data
+    def _fill(self, offset: int, need: int) -> bool:
+        """Buffer at least ``need`` bytes from ``offset`` (one large read); False if the file
+        shrank under us (a writer truncating a torn tail we also saw)."""
+        self._buf = _pread_exact(self.fd, min(max(need, _READ_CHUNK), self.size - offset), offset)
+        self._base = offset
+        return len(self._buf) >= need
 
     def _report_tail(self, offset: int, reason: str) -> None:
         self.tail = (offset, reason)
@@ -533,11 +550,19 @@ def ensure_manifest(output_dir: str | os.PathLike, *, stage: str, config: Mappin
     try:
         try:
             os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as e:  # no hard links on this file system: replace unless present
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            created = not path.exists()
+            if created:
+                os.replace(tmp, path)
+        if created:
             _fsync_dir(output_dir)
             logger.info("created %s (stage %s, %d shards)", path, stage, num_shards)
             return manifest
-        except FileExistsError:
-            pass
         existing = read_manifest(output_dir)
         if existing.get("num_shards") != num_shards:
             raise ShardCountMismatchError(
@@ -605,6 +630,8 @@ class ShardWriter:
                  stage: str, config: Mapping[str, Any], code_version: str | None = None,
                  ignore_keys: Iterable[str] = (), overwrite_config: bool = False,
                  fsync_every: int = 256, on_corrupt: str = "raise"):
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
         if fsync_every < 1:
@@ -654,9 +681,9 @@ class ShardWriter:
                 break
             time.sleep(0.02)
         raise ShardLockedError(
-                f"shard {self.path} is locked by another process that is writing it; two jobs must not "
-                f"write the same shard (check shard_index={self.shard_index} and num_shards="
-                f"{self.num_shards}, or wait for the other job to finish)")
+            f"shard {self.path} is locked by another process that is writing it; two jobs must not "
+            f"write the same shard (check shard_index={self.shard_index} and num_shards="
+            f"{self.num_shards}, or wait for the other job to finish)")
 
     def _recover(self, on_corrupt: str) -> int:
         """Read the done keys; truncate a torn tail. Returns the append offset."""

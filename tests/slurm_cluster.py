@@ -44,7 +44,8 @@ def probe_cluster() -> tuple[Optional[ClusterInfo], str]:
     try:
         ping = _run("scontrol", "ping")
         if ping.returncode != 0 or "UP" not in ping.stdout:
-            return None, f"no SLURM controller answers `scontrol ping` ({(ping.stdout + ping.stderr).strip()}); {START_HINT}"
+            said = ((ping.stdout + ping.stderr).strip().splitlines() or ["no output"])[0]
+            return None, f"no SLURM controller answers `scontrol ping` ({said}); {START_HINT}"
         sinfo = _run("sinfo", "-h", "-N", "-o", "%N %T %c")
         nodes, cpus = [], 0
         for line in sinfo.stdout.splitlines():

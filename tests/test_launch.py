@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import submitit
 from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
@@ -57,8 +58,6 @@ def test_index_array_job_through_hydra_writes_every_shard(slurm_cluster, tmp_pat
     array_tasks = [j for j in ids if "_" in j]
     assert len(array_tasks) == 2 and len({j.split("_")[0] for j in array_tasks}) == 1, ids
     assert sorted(j.split("_")[1] for j in array_tasks) == ["0", "1"]
-    import submitit
-
     for job_id in array_tasks:
         job = submitit.SlurmJob(folder=sweep / ".submitit" / "%j", job_id=job_id)
         assert final_state(job) == "COMPLETED"
@@ -82,8 +81,6 @@ def test_index_array_job_through_hydra_writes_every_shard(slurm_cluster, tmp_pat
 
 
 def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
-    import submitit
-
     if slurm_cluster.cpus < 2:
         pytest.skip(f"a 2-task job needs 2 CPUs on one node, the cluster has {slurm_cluster.cpus}")
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
@@ -122,19 +119,29 @@ def _slow_tree(root: Path, per_class: int) -> Path:
 
 
 def test_preempted_index_job_is_requeued_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
-    data = _slow_tree(tmp_path / "data", per_class=120)
+    data = _slow_tree(tmp_path / "data", per_class=60)
     sweep = tmp_path / "sweep"
     out = tmp_path / "slurm"
     shard = out / INDEX_OUTPUT / "shards" / "00000-of-00001.rec"
-    # timeout_min well above 10: submitit calls a signal before 80 % of the time limit a
-    # preemption (requeue without using up a time-out); with less it would count a time-out.
+    # submitit treats the signal as a preemption only before min(0.8 * limit, limit - 10 min)
+    # of run time, so the limit is 60 min here; with 5 min every signal counts as a time-out.
     cmd = [sys.executable, "-m", "part_distillation",
            *_slurm_sweep(data, out, sweep, "launcher.timeout_min=60", "launcher.max_num_timeout=1")]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def launcher_alive():
+        if launcher.poll() is not None:
+            pytest.fail(f"the launcher exited early ({launcher.returncode}):\n{launcher.stdout.read()[-3000:]}"
+                        f"\n{job_logs(sweep / '.submitit')}")
+        return True
+
+    def submitted_job():  # one job is submitted as a plain job, several as an array (ids 12_0, ...)
+        ids = submitit_job_ids(sweep / ".submitit")
+        return launcher_alive() and next((j for j in ids if "_" in j), ids[0] if ids else None)
+
     try:
-        job_id = wait_for(lambda: next((j for j in submitit_job_ids(sweep / ".submitit") if "_" in j), None), 60,
-                          what="the job to be submitted")
-        wait_for(lambda: shard.exists() and shard.stat().st_size > 0, 60, 0.01,
+        job_id = wait_for(submitted_job, 60, what="the job to be submitted")
+        wait_for(lambda: launcher_alive() and shard.exists() and shard.stat().st_size > 0, 60, 0.01,
                  what=f"job {job_id} to write its first record")
         # what a preempting scheduler does (and submitit's own Job._interrupt): TERM, then USR2
         for sig in ("TERM", "USR2"):
@@ -151,10 +158,8 @@ def test_preempted_index_job_is_requeued_and_matches_an_uninterrupted_run(slurm_
     assert "this job is preempted" in logs, logs
     assert f"Requeued job {job_id}" in logs, logs
     assert job_state(job_id).get("Restarts") == "1", job_state(job_id)
-    import submitit
-
     assert final_state(submitit.SlurmJob(folder=sweep / ".submitit" / "%j", job_id=job_id)) == "COMPLETED"
-    total = 2 * 2 + 2 * 120
+    total = 2 * 2 + 2 * 60
     summary = RecordStore(out / INDEX_OUTPUT).summary()
     assert summary["records"] == total and summary["status"] == {"closed": 1}, summary
     shard_summary = json.loads(shard.with_name("00000-of-00001.summary.json").read_text())

@@ -2,28 +2,29 @@
 
 Many independent problems are solved at once: ``points`` (B, N, D) with a validity
 ``mask`` (B, N) for problems of different sizes (or a list, see :func:`kmeans_list`).
-Everything runs on the device of the inputs.
+Everything runs on the device of the inputs; results are Lloyd local optima in the full
+feature space, of the same quality as sklearn's ``KMeans`` (benchmarks B1, B5).
 
-How it stays fast without giving up quality:
+Why it is fast (the cost of k-means is passes over the points, not arithmetic):
 
-- Distances use ||x||^2 - 2 x.c + ||c||^2 with one batched matmul per pass, in float32.
-- Initialisation is greedy k-means++ (sklearn's variant: ``2 + log K`` candidate
-  centres per step, keep the one that lowers the potential most) seeded per problem by
-  a ``torch.Generator``, so a problem's answer does not depend on what it is batched
-  with.
-- Coarse to fine: the ``n_init`` initialisations and their Lloyd iterations run on a
-  random sample of each problem (all of it when it is small), all runs sharing one
-  matmul per pass; the best run by sample inertia is then refined by Lloyd iterations
-  on all points. Huge problems thus need only a handful of passes over their data.
-- Lloyd stops on label stability or when a pass lowers the inertia by no more than
-  ``tol`` times the inertia (the slow creep at the end of Lloyd changes nothing that
-  matters); after the refinement's first pass, cluster sums are updated only with the
-  points that changed cluster.
-- Passes are chunked over points (bounded temporaries for millions of points) and,
-  on CPU, problems are processed in groups small enough to stay in cache.
-- Empty clusters are re-seeded with the points farthest from their centres; a cluster
-  stays empty only when every point already sits on a centre (fewer distinct points
-  than K), and its centroid is then a duplicate.
+1. Coarse stage, cheap: each problem is reduced to at most ``sample_size`` random
+   points projected on ``coarse_dims`` principal directions (one step of subspace
+   iteration on 256 of its points). There, greedy k-means++ (sklearn's variant:
+   ``2 + log K`` candidates per step, keep the one that lowers the potential most) and
+   Lloyd run ``n_init`` times, all runs and all problems sharing each batched matmul.
+   The run with the lowest (coarse) inertia wins.
+2. Lift: full-dimensional centroids are the means of the coarse clusters.
+3. Refinement: Lloyd on all points in all dimensions, typically one or two passes,
+   until no label changes or a pass lowers the inertia by at most ``tol`` of it.
+   Cluster sums are then updated only with the points that changed cluster.
+
+Distances use ||x||^2 - 2 x.c + ||c||^2 (one batched matmul per pass) in float32. Each
+problem draws its randomness from its own ``torch.Generator``, so its answer does not
+depend on what it is batched with. Passes are chunked over points (bounded temporaries
+for millions of points) and, on CPU, problems go in cache-sized groups. Empty clusters
+are re-seeded with the points farthest from their centres; a cluster stays empty (a
+duplicate centroid, count 0) only when every point already sits on a centre, i.e. there
+are fewer distinct points than K.
 """
 from __future__ import annotations
 
@@ -33,14 +34,18 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["KMeansResult", "batched_kmeans", "kmeans", "kmeans_list", "assign_to_centroids"]
+__all__ = [
+    "KMeansResult", "batched_kmeans", "kmeans", "kmeans_list", "assign_to_centroids",
+    "default_sample_size", "default_coarse_dims",
+]
 
-# Temporaries per chunk (elements of the (B, chunk, R*K) distance block) and, on CPU,
-# the data size of one group of problems (kept well inside L2/L3 cache).
-_CHUNK_ELEMENTS = 1 << 21
-_CPU_GROUP_BYTES = 24 << 20
-# Refinement re-sums all points when more than this fraction changed cluster.
-_INCREMENTAL_FRACTION = 0.125
+_CHUNK_ELEMENTS = 1 << 21          # elements of one (B, chunk, R*K) distance block
+_CPU_GROUP_BYTES = 24 << 20        # full-dim data per group of problems on CPU (cache)
+_GPU_GROUP_BYTES = 1 << 31
+_COARSE_BYTES = 64 << 20           # coarse data solved together
+_INCREMENTAL_FRACTION = 0.125      # above it, cluster sums are recomputed from scratch
+_PCA_POINTS = 256                  # points per problem that estimate the coarse directions
+_PROJECTION_SEED = 20230601        # fixed: the directions must not depend on batching
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class KMeansResult:
     centroids (B, K, D) float32; labels (B, N) int64, -1 where the point is masked out;
     inertia (B,) float64, sum of squared distances to the assigned centroid; counts
     (B, K) int64 cluster sizes (0 only when there were fewer distinct points than K);
-    n_iter (B,) Lloyd iterations of the final run over all points.
+    n_iter (B,) assignment passes over all points in the refinement.
     """
 
     centroids: torch.Tensor
@@ -61,8 +66,13 @@ class KMeansResult:
 
 
 def default_sample_size(n_clusters: int) -> int:
-    """Points per problem used for the initialisations (the refinement uses all)."""
-    return max(2048, 256 * n_clusters)
+    """Points per problem in the coarse stage (problems up to this size use all)."""
+    return max(4096, 256 * n_clusters)
+
+
+def default_coarse_dims(n_clusters: int) -> int:
+    """Principal directions of the coarse stage (K clusters span K - 1 of them)."""
+    return max(16, 2 * n_clusters)
 
 
 def batched_kmeans(
@@ -75,69 +85,69 @@ def batched_kmeans(
     tol: float = 1e-4,
     seed: int | Sequence[int] = 0,
     sample_size: int | None = None,
+    coarse_dims: int | None = None,
     chunk_size: int | None = None,
     group_bytes: int | None = None,
 ) -> KMeansResult:
     """K-means on B independent problems: points (B, N, D), mask (B, N) of valid points.
 
-    ``seed``: an int (problem b uses ``seed + b``) or one seed per problem; the result
-    of a problem depends only on its points and its seed. ``n_init`` initialisations
-    are compared on the sample (``sample_size`` points, default
-    :func:`default_sample_size`) and the best is refined on all points. ``chunk_size``
-    bounds the points per pass step; ``group_bytes`` the data per group of problems
-    (default: all at once on GPU, cache-sized groups on CPU).
+    ``seed``: an int (problem b uses ``seed + b``) or one seed per problem; a problem's
+    result depends only on its points and its seed. ``n_init`` k-means++ runs are
+    compared in the coarse stage. ``max_iter`` bounds the Lloyd passes of each stage;
+    ``tol`` is the relative inertia decrease below which a stage stops.
+    ``sample_size``/``coarse_dims`` shape the coarse stage (defaults
+    :func:`default_sample_size`, :func:`default_coarse_dims`; ``coarse_dims=0`` keeps
+    all dimensions). ``chunk_size`` bounds the points per pass step; ``group_bytes``
+    the full-dimensional data handled together (default: cache-sized on CPU).
     """
     if points.dim() != 3:
         raise ValueError(f"points must be (B, N, D), got shape {tuple(points.shape)}")
-    if n_clusters < 1:
-        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-    if n_init < 1 or max_iter < 0 or tol < 0:
-        raise ValueError(f"need n_init >= 1, max_iter >= 0, tol >= 0; got {n_init}, {max_iter}, {tol}")
+    _check_options(n_clusters, n_init, max_iter, tol)
+    if not points.is_floating_point():
+        raise TypeError(f"points must be floating point, got {points.dtype}")
     batch, num_points, dim = points.shape
     device = points.device
     if mask is None:
         mask = torch.ones(batch, num_points, dtype=torch.bool, device=device)
-    mask = mask.to(device=device, dtype=torch.bool)
     if mask.shape != (batch, num_points):
         raise ValueError(f"mask must be {(batch, num_points)}, got {tuple(mask.shape)}")
+    mask = mask.to(device=device, dtype=torch.bool)
     seeds = _problem_seeds(seed, batch)
-    points = points if points.dtype == torch.float32 else points.float()
+    points = points.float()
     sample_size = default_sample_size(n_clusters) if sample_size is None else int(sample_size)
-    if sample_size < 1:
-        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
+    coarse_dims = default_coarse_dims(n_clusters) if coarse_dims is None else int(coarse_dims)
+    if sample_size < 1 or coarse_dims < 0:
+        raise ValueError(f"need sample_size >= 1 and coarse_dims >= 0; got {sample_size}, {coarse_dims}")
     if group_bytes is None:
-        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else 1 << 62
+        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else _GPU_GROUP_BYTES
+    options = dict(k=n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, sample_size=sample_size,
+                   coarse_dims=coarse_dims, chunk_size=chunk_size)
+
+    def groups():
+        per_group = max(1, group_bytes // max(1, num_points * dim * 4))
+        for start in range(0, batch, per_group):
+            stop = min(batch, start + per_group)
+            length = _used_length(mask[start:stop])
+            if length:  # a group without valid points keeps zeros and labels -1
+                yield start, points[start:stop, :length], mask[start:stop, :length], seeds[start:stop]
 
     centroids = points.new_zeros(batch, n_clusters, dim)
     labels = torch.full((batch, num_points), -1, dtype=torch.long, device=device)
     inertia = torch.zeros(batch, dtype=torch.float64, device=device)
     counts = torch.zeros(batch, n_clusters, dtype=torch.long, device=device)
     n_iter = torch.zeros(batch, dtype=torch.long, device=device)
-    bytes_per_problem = max(1, num_points * dim * 4)
-    per_group = max(1, group_bytes // bytes_per_problem)
-    for start in range(0, batch, per_group):
-        stop = min(batch, start + per_group)
-        group_mask = mask[start:stop]
-        length = _used_length(group_mask)
-        if length == 0:
-            continue
-        result = _solve_group(
-            points[start:stop, :length], group_mask[:, :length], n_clusters, seeds[start:stop],
-            n_init=n_init, max_iter=max_iter, tol=tol, sample_size=sample_size, chunk_size=chunk_size,
-        )
-        centroids[start:stop] = result.centroids
-        labels[start:stop, :length] = result.labels
-        inertia[start:stop] = result.inertia
-        counts[start:stop] = result.counts
-        n_iter[start:stop] = result.n_iter
+    for start, result in _solve_groups(groups(), **options):
+        rows = slice(start, start + result.labels.shape[0])
+        centroids[rows] = result.centroids
+        labels[rows, : result.labels.shape[1]] = result.labels
+        inertia[rows], counts[rows], n_iter[rows] = result.inertia, result.counts, result.n_iter
     return KMeansResult(centroids, labels, inertia, counts, n_iter)
 
 
 def kmeans(points: torch.Tensor, n_clusters: int, **kwargs) -> KMeansResult:
     """K-means on one problem, points (N, D); same options as :func:`batched_kmeans`.
 
-    Returns centroids (K, D), labels (N,), inertia, counts (K,) and n_iter as 0-d/1-d
-    tensors (the batch dimension removed).
+    Returns centroids (K, D), labels (N,), inertia (0-d), counts (K,) and n_iter (0-d).
     """
     if points.dim() != 2:
         raise ValueError(f"points must be (N, D), got shape {tuple(points.shape)}")
@@ -146,61 +156,93 @@ def kmeans(points: torch.Tensor, n_clusters: int, **kwargs) -> KMeansResult:
     return KMeansResult(*(field[0] for field in _fields(result)))
 
 
-def kmeans_list(problems: Sequence[torch.Tensor], n_clusters: int, **kwargs) -> list[KMeansResult]:
-    """K-means on problems of different sizes, each (N_i, D); packs them into groups.
+def kmeans_list(
+    problems: Sequence[torch.Tensor],
+    n_clusters: int,
+    *,
+    n_init: int = 1,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int | Sequence[int] = 0,
+    sample_size: int | None = None,
+    coarse_dims: int | None = None,
+    chunk_size: int | None = None,
+    group_bytes: int | None = None,
+) -> list[KMeansResult]:
+    """K-means on problems of different sizes, each (N_i, D), without a padded copy on CPU.
 
-    Problem i uses seed ``seed + i`` (or ``seed[i]``), exactly as in
-    :func:`batched_kmeans`, so its answer equals ``kmeans(problems[i], seed=...)``.
+    Problem i uses seed ``seed + i`` (or ``seed[i]``), as in :func:`batched_kmeans`, so
+    its answer equals ``kmeans(problems[i], seed=...)``; the options are the same.
+    Results come back in the input order, shaped as :func:`kmeans` returns them. On CPU
+    each problem is refined in place (no copy); on GPU similar sizes are packed into
+    padded groups of at most ``group_bytes``. The coarse stage is shared either way.
     """
-    if not problems:
+    if len(problems) == 0:
         return []
-    dims = {p.shape[-1] for p in problems}
-    if any(p.dim() != 2 for p in problems) or len(dims) != 1:
+    if any(p.dim() != 2 for p in problems) or len({p.shape[1] for p in problems}) != 1:
         raise ValueError("problems must all be (N_i, D) with the same D")
-    seeds = _problem_seeds(kwargs.pop("seed", 0), len(problems))
-    group_bytes = kwargs.pop("group_bytes", None)
-    device = problems[0].device
+    if any(not p.is_floating_point() for p in problems):
+        raise TypeError("problems must be floating point")
+    seeds = _problem_seeds(seed, len(problems))
+    device, dim = problems[0].device, problems[0].shape[1]
     if group_bytes is None:
-        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else 1 << 30
-    dim = dims.pop()
-    # Similar sizes together keep the padding small.
-    order = sorted(range(len(problems)), key=lambda i: problems[i].shape[0])
+        group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else _GPU_GROUP_BYTES
+    _check_options(n_clusters, n_init, max_iter, tol)
+    options = dict(
+        k=n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+        sample_size=default_sample_size(n_clusters) if sample_size is None else int(sample_size),
+        coarse_dims=default_coarse_dims(n_clusters) if coarse_dims is None else int(coarse_dims),
+    )
+    nonempty = [i for i in range(len(problems)) if problems[i].shape[0] > 0]
+
+    def groups():
+        if device.type == "cpu":
+            for i in nonempty:
+                x = problems[i].to(torch.float32).contiguous()[None]
+                yield [i], x, torch.ones(x.shape[:2], dtype=torch.bool), [seeds[i]]
+            return
+        order = sorted(nonempty, key=lambda i: problems[i].shape[0])  # similar sizes together
+        batch: list[int] = []
+        for i in order + [None]:
+            if batch and (i is None or (len(batch) + 1) * problems[i].shape[0] * dim * 4 > group_bytes):
+                length = problems[batch[-1]].shape[0]
+                x = torch.zeros(len(batch), length, dim, device=device)
+                mask = torch.zeros(len(batch), length, dtype=torch.bool, device=device)
+                for row, j in enumerate(batch):
+                    x[row, : problems[j].shape[0]] = problems[j]
+                    mask[row, : problems[j].shape[0]] = True
+                yield batch, x, mask, [seeds[j] for j in batch]
+                batch = []
+            if i is not None:
+                batch.append(i)
+
     results: list[KMeansResult | None] = [None] * len(problems)
-    group: list[int] = []
-
-    def flush() -> None:
-        length = max(1, max(problems[i].shape[0] for i in group))
-        packed = problems[group[0]].new_zeros(len(group), length, dim, dtype=torch.float32)
-        mask = torch.zeros(len(group), length, dtype=torch.bool, device=device)
-        for row, i in enumerate(group):
-            packed[row, : problems[i].shape[0]] = problems[i]
-            mask[row, : problems[i].shape[0]] = True
-        out = batched_kmeans(packed, n_clusters, mask, seed=[seeds[i] for i in group],
-                             group_bytes=1 << 62, **kwargs)
-        for row, i in enumerate(group):
+    for i in range(len(problems)):
+        if problems[i].shape[0] == 0:
+            results[i] = KMeansResult(
+                torch.zeros(n_clusters, dim, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                torch.zeros((), dtype=torch.float64, device=device),
+                torch.zeros(n_clusters, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device))
+    for indices, result in _solve_groups(groups(), **options):
+        for row, i in enumerate(indices):
             n = problems[i].shape[0]
-            results[i] = KMeansResult(out.centroids[row], out.labels[row, :n], out.inertia[row],
-                                      out.counts[row], out.n_iter[row])
-
-    for i in order:
-        length = max(problems[j].shape[0] for j in group + [i])
-        if group and (len(group) + 1) * length * dim * 4 > group_bytes:
-            flush()
-            group = []
-        group.append(i)
-    flush()
+            results[i] = KMeansResult(result.centroids[row], result.labels[row, :n], result.inertia[row],
+                                      result.counts[row], result.n_iter[row])
     return results  # type: ignore[return-value]
 
 
 def assign_to_centroids(
     points: torch.Tensor, centroids: torch.Tensor, metric: str = "l2", chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Index of the nearest centroid for each point: points (..., N, D), centroids (..., K, D).
+    """Index of the nearest centroid per point: points (N, D) or (B, N, D), centroids (K, D) or (B, K, D).
 
     ``metric`` "l2" (smallest squared distance) or "dot" (largest dot product).
     """
     if metric not in ("l2", "dot"):
         raise ValueError(f"metric must be 'l2' or 'dot', got {metric!r}")
+    if points.dim() != centroids.dim() or points.dim() not in (2, 3):
+        raise ValueError(f"points {tuple(points.shape)} and centroids {tuple(centroids.shape)} "
+                         "must both be 2-D or both 3-D")
     batched = points.dim() == 3
     x = points if batched else points[None]
     c = (centroids if batched else centroids[None]).to(x.dtype)
@@ -219,12 +261,37 @@ def assign_to_centroids(
 # --------------------------------------------------------------------------- internals
 
 
+@dataclass
+class _Group:
+    """One group of problems between the stages (all tensors on the points' device)."""
+
+    key: object                       # the caller's name for the group
+    x: torch.Tensor                   # (G, n, D) contiguous points
+    mask: torch.Tensor | None         # (G, n), None when every point is valid
+    x_norm: torch.Tensor              # (G, n) squared norms
+    sample_index: torch.Tensor | None  # (G, m) rows of the coarse points, None: all rows
+    sample_mask: torch.Tensor | None  # (G, m), None when every coarse point is valid
+    z: torch.Tensor                   # (G, m, d) coarse points
+    uniforms: torch.Tensor            # (G, n_init, draws) k-means++ draws
+
+    @property
+    def coarse_bytes(self) -> int:
+        return self.z.numel() * 4 * 4  # the coarse data and its temporaries
+
+
+def _check_options(n_clusters, n_init, max_iter, tol) -> None:
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+    if n_init < 1 or max_iter < 1 or tol < 0:
+        raise ValueError(f"need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
+
+
 def _fields(result: KMeansResult):
     return (result.centroids, result.labels, result.inertia, result.counts, result.n_iter)
 
 
-def _problem_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
-    if isinstance(seed, (int,)) or (torch.is_tensor(seed) and seed.dim() == 0):
+def _problem_seeds(seed, batch: int) -> list[int]:
+    if isinstance(seed, int) or (torch.is_tensor(seed) and seed.dim() == 0):
         return [int(seed) + b for b in range(batch)]
     seeds = [int(s) for s in seed]
     if len(seeds) != batch:
@@ -238,6 +305,165 @@ def _used_length(mask: torch.Tensor) -> int:
     if not bool(any_valid.any()):
         return 0
     return int(any_valid.nonzero()[-1]) + 1
+
+
+def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Group:
+    """Norms, the per-problem random draws and the coarse points of one group."""
+    x = x.contiguous()
+    batch, n, dim = x.shape
+    counts = mask.sum(1).tolist()
+    full_mask = None if min(counts) == n else mask
+    x_norm = torch.linalg.vector_norm(x, dim=-1).square_()
+    m = min(sample_size, max(counts))
+    use_sample = max(counts) > sample_size
+    project = 0 < coarse_dims < dim
+    pca_points = min(_PCA_POINTS, m)
+    trials = 2 + int(math.log(k)) if k > 1 else 0
+
+    uniforms = torch.empty(batch, n_init, 1 + (k - 1) * trials, dtype=torch.float64)
+    sample_index = torch.zeros(batch, m, dtype=torch.long)
+    sample_mask = torch.zeros(batch, m, dtype=torch.bool)
+    pca_index = torch.zeros(batch, pca_points, dtype=torch.long)
+    pca_mask = torch.zeros(batch, pca_points, dtype=torch.bool)
+    valid_rows = mask.cpu() if full_mask is not None else None
+    for b, problem_seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(problem_seed)
+        uniforms[b] = torch.rand(n_init, uniforms.shape[2], generator=generator, dtype=torch.float64)
+        count = counts[b]
+        if use_sample or project:
+            order = torch.randperm(count, generator=generator)
+            rows = torch.arange(n) if valid_rows is None else valid_rows[b].nonzero().squeeze(1)
+            if use_sample:
+                chosen = rows[order[:m]] if count > m else rows
+                sample_index[b, : len(chosen)] = chosen
+                sample_mask[b, : len(chosen)] = True
+            pca = rows[order[:pca_points]]
+            pca_index[b, : len(pca)] = pca
+            pca_mask[b, : len(pca)] = True
+
+    device = x.device
+    if use_sample:
+        sample_index = sample_index.to(device)
+        sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
+        coarse_x = _gather_rows(x, sample_index)
+    else:
+        sample_index, sample_mask, coarse_x = None, full_mask, x
+    z = _project(x, coarse_x, pca_index.to(device), pca_mask.to(device), coarse_dims) if project else coarse_x
+    return _Group(key, x, full_mask, x_norm, sample_index, sample_mask, z, uniforms.to(device))
+
+
+def _gather_rows(x, index):
+    return torch.gather(x, 1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def _project(x, coarse_x, pca_index, pca_mask, dims):
+    """Coarse points on each problem's leading principal directions (B, m, dims).
+
+    One step of subspace iteration (W = S^T S Omega) on a few centred points per
+    problem: it needs no SVD and tilts a random basis toward the high-variance
+    directions, where clusters separate. Omega is fixed, so batching changes nothing.
+    """
+    weights = pca_mask.to(x.dtype)[..., None]
+    pts = _gather_rows(x, pca_index)
+    mean = (pts * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+    centred = (pts - mean) * weights
+    generator = torch.Generator().manual_seed(_PROJECTION_SEED)
+    omega = torch.randn(x.shape[-1], dims, generator=generator).to(x.device)
+    basis = torch.linalg.qr(torch.bmm(centred.transpose(1, 2), centred @ omega)).Q  # (B, D, dims)
+    return torch.baddbmm(-(mean @ basis), coarse_x, basis)
+
+
+def _solve_groups(inputs, *, k, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size):
+    """(key, points, mask, seeds) per group -> (key, KMeansResult of the group), lazily.
+
+    Groups are planned one by one (full-dimensional reads), their coarse problems solved
+    together once they fill ``_COARSE_BYTES``, then each group is refined.
+    """
+    pending: list[_Group] = []
+    for key, x, mask, seeds in inputs:
+        pending.append(_plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init))
+        if sum(g.coarse_bytes for g in pending) >= _COARSE_BYTES:
+            yield from _solve(pending, k, n_init, max_iter, tol, chunk_size)
+            pending = []
+    if pending:
+        yield from _solve(pending, k, n_init, max_iter, tol, chunk_size)
+
+
+def _solve(groups: list[_Group], k, n_init, max_iter, tol, chunk_size):
+    """Coarse stage of all the groups at once, then lift and refine group by group."""
+    m = max(g.z.shape[1] for g in groups)
+    z = torch.cat([_pad_rows(g.z, m) for g in groups])
+    any_mask = any(g.sample_mask is not None or g.z.shape[1] < m for g in groups)
+    z_mask = torch.cat([
+        _pad_rows(g.sample_mask if g.sample_mask is not None
+                  else torch.ones(g.z.shape[:2], dtype=torch.bool, device=z.device), m)
+        for g in groups]) if any_mask else None
+    uniforms = torch.cat([g.uniforms for g in groups])
+    z_norm = z.square().sum(-1)
+    batch = z.shape[0]
+    init = _kmeans_plus_plus(z, z_norm, z_mask, uniforms, k)
+    _, labels, min_dist, _, _ = _lloyd(z, z_norm, z_mask, init, max_iter, tol,
+                                       _chunk_for(batch, n_init * k, chunk_size))
+    best = min_dist.sum(1, dtype=torch.float64).argmin(1)  # (B,): lowest coarse inertia
+    labels = torch.gather(labels, 2, best[:, None, None].expand(batch, m, 1))[..., 0]
+    row = 0
+    for g in groups:
+        size = g.x.shape[0]
+        yield g.key, _refine(g, labels[row:row + size, : g.z.shape[1]], k, max_iter, tol, chunk_size)
+        row += size
+
+
+def _pad_rows(t, m):
+    if t.shape[1] == m:
+        return t
+    pad = t.new_zeros(t.shape[0], m - t.shape[1], *t.shape[2:])
+    return torch.cat([t, pad], 1)
+
+
+def _refine(g: _Group, coarse_labels, k, max_iter, tol, chunk_size) -> KMeansResult:
+    """Lift the coarse clusters to full-dimensional means and run Lloyd on all points.
+
+    A problem whose coarse points are all its points keeps its coarse labels; a sampled
+    one gets its labels from one assignment pass to the means of its sample's clusters.
+    Either way the refinement starts from labels and their exact means, and each
+    problem takes the same path whatever it is batched with.
+    """
+    x, batch, n = g.x, g.x.shape[0], g.x.shape[1]
+    chunk = _chunk_for(batch, k, chunk_size)
+    if g.sample_index is None:
+        labels = coarse_labels
+    else:
+        sample_sums, sample_counts = _cluster_sums(_gather_rows(x, g.sample_index), coarse_labels[..., None],
+                                                   g.sample_mask, k, chunk)
+        lifted = _fill_empty(x, g.mask, sample_sums / sample_counts.clamp(min=1)[..., None], sample_counts)
+        labels = _assign(x, g.x_norm, g.mask, lifted, chunk)[0][..., 0]
+        complete = (g.mask.sum(1) if g.mask is not None else torch.full((batch,), n, device=x.device)) \
+            <= g.sample_index.shape[1]
+        if bool(complete.any()):  # sample == all points: the coarse labels themselves
+            slots = g.sample_index if g.sample_mask is None else g.sample_index.masked_fill(~g.sample_mask, n)
+            scattered = labels.new_zeros(batch, n + 1).scatter_(1, slots, coarse_labels)[:, :n]
+            labels = torch.where(complete[:, None], scattered, labels)
+    labels = labels[..., None]
+    sums, counts = _cluster_sums(x, labels, g.mask, k, chunk)
+    centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
+    centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
+                                                         start=(labels, sums, counts))
+    labels = labels[..., 0]
+    if g.mask is not None:
+        labels = labels.masked_fill(~g.mask, -1)
+    return KMeansResult(centroids[:, 0], labels, min_dist[..., 0].sum(1, dtype=torch.float64),
+                        counts[:, 0], n_iter[:, 0])
+
+
+def _fill_empty(x, mask, centroids, counts):
+    """Put the centre of an empty cluster on the problem's first valid point.
+
+    (The refinement moves it to a far point if there is one not already on a centre.)
+    """
+    batch = x.shape[0]
+    first = torch.zeros(batch, dtype=torch.long, device=x.device) if mask is None else mask.long().argmax(1)
+    point = x[torch.arange(batch, device=x.device), first]
+    return torch.where((counts == 0)[..., None], point[:, None, None, :], centroids)
 
 
 def _chunk_for(batch: int, runs_k: int, chunk_size: int | None) -> int:
@@ -341,27 +567,34 @@ def _reseed_empty(x, centroids, counts, labels, min_dist, mask):
     return torch.where(take[..., None], chosen, centroids)
 
 
-def _lloyd(x, x_norm, mask, centroids, max_iter, tol, chunk):
+def _lloyd(x, x_norm, mask, centroids, max_iter, tol, chunk, start=None):
     """Lloyd iterations for R runs at once: centroids (B, R, K, D).
 
-    Returns centroids, labels and min_dist (B, N, R), counts (B, R, K), n_iter (B, R).
-    The first pass assigns the given centres. Each further pass assigns the updated
-    centres; a run stops when no label changed (its centres are then the exact means)
-    or when the pass lowered the inertia by no more than ``tol`` times the inertia.
-    A stopped run keeps its centres, so its labels no longer change either.
+    Returns centroids, labels and min_dist (B, N, R), counts (B, R, K) and n_iter
+    (B, R), the assignment passes made. ``start`` = (labels, sums, counts) whose means
+    are ``centroids`` skips the first pass. A run stops when no label changed (its
+    centres are then the exact means) or when a pass lowered the inertia by at most
+    ``tol`` of it; a stopped run keeps its centres, so its labels stop changing too.
     """
     batch, runs, k, _ = centroids.shape
-    labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
-    inertia = min_dist.sum(1, dtype=torch.float64)
-    sums, counts = _cluster_sums(x, labels, mask, k, chunk)
-    done = torch.zeros(batch, runs, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(batch, runs, dtype=torch.long, device=x.device)
+    if start is None:
+        labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
+        n_iter += 1
+        inertia = min_dist.sum(1, dtype=torch.float64)
+        sums, counts = _cluster_sums(x, labels, mask, k, chunk)
+    else:
+        labels, sums, counts = start
+        min_dist = None
+        inertia = torch.full((batch, runs), math.inf, dtype=torch.float64, device=x.device)
+    done = torch.zeros(batch, runs, dtype=torch.bool, device=x.device)
     valid_points = x.shape[0] * x.shape[1] if mask is None else max(1, int(mask.sum()))
     for _ in range(max_iter):
-        means = sums / counts.clamp(min=1)[..., None]
-        updated = torch.where((counts == 0)[..., None], centroids, means)
-        updated = _reseed_empty(x, updated, counts, labels, min_dist, mask)
-        centroids = torch.where(done[..., None, None], centroids, updated)
+        if min_dist is not None:
+            means = sums / counts.clamp(min=1)[..., None]
+            updated = torch.where((counts == 0)[..., None], centroids, means)
+            updated = _reseed_empty(x, updated, counts, labels, min_dist, mask)
+            centroids = torch.where(done[..., None, None], centroids, updated)
         new_labels, min_dist = _assign(x, x_norm, mask, centroids, chunk)
         new_inertia = min_dist.sum(1, dtype=torch.float64)
         n_iter += (~done).long()
@@ -436,58 +669,3 @@ def _sq_dist(x, x_norm, centres):
     return dist.add_(x_norm[:, None, :]).clamp_(min=0)
 
 
-def _solve_group(x, mask, k, seeds, *, n_init, max_iter, tol, sample_size, chunk_size):
-    """The coarse-to-fine solve of one group of problems (all tensors on one device)."""
-    x = x.contiguous()
-    batch, n, dim = x.shape
-    device = x.device
-    counts_cpu = mask.sum(1).tolist()
-    full_mask = None if min(counts_cpu) == n else mask  # None: every point valid
-    trials = 2 + int(math.log(k)) if k > 1 else 0
-    x_norm = torch.linalg.vector_norm(x, dim=-1).square_()
-
-    # Per-problem randomness from per-problem generators: the sample and the uniforms.
-    m = min(sample_size, max(counts_cpu))
-    use_sample = max(counts_cpu) > sample_size
-    uniforms = torch.empty(batch, n_init, 1 + (k - 1) * trials, dtype=torch.float64)
-    sample_index = torch.zeros(batch, m, dtype=torch.long)
-    sample_mask = torch.zeros(batch, m, dtype=torch.bool)
-    for b, problem_seed in enumerate(seeds):
-        generator = torch.Generator().manual_seed(problem_seed)
-        if use_sample:
-            count = counts_cpu[b]
-            valid_index = torch.arange(n) if full_mask is None else mask[b].nonzero().squeeze(1).cpu()
-            if count > m:
-                sample_index[b] = valid_index[torch.randperm(count, generator=generator)[:m].sort().values]
-                sample_mask[b] = True
-            else:
-                sample_index[b, :count] = valid_index
-                sample_mask[b, :count] = True
-        uniforms[b] = torch.rand(n_init, uniforms.shape[2], generator=generator, dtype=torch.float64)
-    uniforms = uniforms.to(device)
-
-    if use_sample:
-        sample_index = sample_index.to(device)
-        sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
-        xs = torch.gather(x, 1, sample_index[..., None].expand(batch, m, dim))
-        xs_norm = torch.gather(x_norm, 1, sample_index)
-    else:
-        xs, xs_norm, sample_mask = x, x_norm, full_mask
-    init = _kmeans_plus_plus(xs, xs_norm, sample_mask, uniforms, k)
-    centroids, labels, min_dist, counts, n_iter = _lloyd(
-        xs, xs_norm, sample_mask, init, max_iter, tol, _chunk_for(batch, n_init * k, chunk_size))
-    best = min_dist.sum(1, dtype=torch.float64).argmin(1)  # (B,) best run by (sample) inertia
-    centroids = torch.gather(centroids, 1, best[:, None, None, None].expand(batch, 1, k, dim))
-    if use_sample:
-        centroids, labels, min_dist, counts, n_iter = _lloyd(
-            x, x_norm, full_mask, centroids, max_iter, tol, _chunk_for(batch, k, chunk_size))
-    else:
-        labels = torch.gather(labels, 2, best[:, None, None].expand(batch, n, 1))
-        min_dist = torch.gather(min_dist, 2, best[:, None, None].expand(batch, n, 1))
-        counts = torch.gather(counts, 1, best[:, None, None].expand(batch, 1, k))
-        n_iter = torch.gather(n_iter, 1, best[:, None])
-    labels = labels[..., 0]
-    if full_mask is not None:
-        labels = labels.masked_fill(~full_mask, -1)
-    inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
-    return KMeansResult(centroids[:, 0], labels, inertia, counts[:, 0], n_iter[:, 0])

@@ -18,6 +18,7 @@ from part_distillation.models.detic import (
     load_state_dict,
     paste_masks,
     read_checkpoint,
+    resize_image,
     resized_shape,
 )
 
@@ -86,6 +87,26 @@ def test_paste_masks_fills_box_region():
     assert torch.equal(pasted[0], expected)
 
 
+@pytest.mark.parametrize("num_classes,thresh", [(1, 0.0), (7, 0.5), (300, 0.0)])
+def test_per_class_nms_equals_torchvision_batched_nms(num_classes, thresh):
+    from torchvision.ops import batched_nms
+
+    from part_distillation.models.detic.roi_heads import class_agnostic_box_nms
+
+    gen = torch.Generator().manual_seed(num_classes)
+    xy = torch.rand(96, 2, generator=gen) * 100
+    boxes = torch.cat([xy, xy + torch.rand(96, 2, generator=gen) * 60 + 1], 1)
+    scores = torch.rand(96, num_classes, generator=gen)
+    candidates = scores > thresh
+    rows, classes = torch.nonzero(candidates, as_tuple=True)
+    kept = batched_nms(boxes[rows], scores[rows, classes], classes, 0.5)
+    expected = torch.zeros_like(candidates)
+    expected[rows[kept], classes[kept]] = True
+    got = class_agnostic_box_nms(boxes, scores, candidates, 0.5)
+    assert torch.equal(got, expected)
+    assert 0 < got.sum() < candidates.sum()  # some suppression happened
+
+
 # --------------------------------------------------------------------------- weights
 
 
@@ -126,7 +147,7 @@ def test_missing_and_unexpected_keys_are_named(tiny_state):
 @pytest.mark.reference
 def test_weights_load_exactly_and_vocabulary_is_adopted(tiny_state):
     model = Detic(DeticConfig(**{**TINY.__dict__, "num_classes": 11}))
-    load_state_dict(model, tiny_state)
+    load_state_dict(model, {**tiny_state, "pixel_mean": torch.zeros(3, 1, 1)})  # older detectron2 saved it
     assert model.num_classes == 5
     for name, value in model.state_dict().items():
         assert torch.equal(value, tiny_state[name]), name
@@ -177,8 +198,6 @@ def run(reference_models: Path):
 @pytest.mark.reference
 def test_preprocessing_matches(run):
     model, image, ref, out = run
-    from part_distillation.models.detic import resize_image
-
     assert np.array_equal(resize_image(image, (160, 200)), ref["resized_image_u8"])
     assert out["sizes"] == [tuple(ref["resized_hw"])]
     assert max_diff(out["input_padded"], ref["input_padded"]) < 1e-5
@@ -277,3 +296,10 @@ def test_gpu_style_full_image_paste_equals_cpu_paste(run):
     whole = _paste_region(raw.mask_probs, raw.boxes, 0, h, 0, w) >= 0.5
     assert torch.equal(whole, paste_masks(raw.mask_probs[:, 0], raw.boxes, (h, w)))
     assert whole.sum() > 1000  # a real comparison, not of empty masks
+
+
+@pytest.mark.reference
+def test_no_detections_gives_empty_outputs(run):
+    model, image, _, _ = run
+    empty = model.predict(image, select=lambda i, r: torch.zeros(0, dtype=torch.int64))[0]
+    assert len(empty) == 0 and empty.masks.shape == (0, *image.shape[:2]) and empty.boxes.shape == (0, 4)

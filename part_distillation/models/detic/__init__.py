@@ -11,8 +11,10 @@ from .model import (
     build_detic,
     detector_postprocess,
     load_state_dict,
+    nonempty_in,
     paste_masks,
     read_checkpoint,
+    rescale_boxes,
     resize_image,
     resized_shape,
 )
@@ -36,8 +38,10 @@ __all__ = [
     "build_detic",
     "detector_postprocess",
     "load_state_dict",
+    "nonempty_in",
     "paste_masks",
     "read_checkpoint",
+    "rescale_boxes",
     "resize_image",
     "resized_shape",
 ]

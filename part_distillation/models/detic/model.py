@@ -238,7 +238,8 @@ class Detic(nn.Module):
 
     def set_vocabulary(self, embeddings: torch.Tensor | np.ndarray) -> None:
         """Classify against (C, D) text embeddings (e.g. CLIP "a {name}"), replacing the stored vocabulary."""
-        embeddings = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
+        if not isinstance(embeddings, torch.Tensor):
+            embeddings = torch.from_numpy(np.asarray(embeddings))
         if embeddings.ndim != 2:
             raise ValueError(f"vocabulary embeddings must be (C, D), got shape {tuple(embeddings.shape)}")
         self.roi_heads.set_vocabulary(embeddings)
@@ -323,34 +324,44 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+#: Entries some detectron2 versions saved that carry no weights here (the config holds them).
+IGNORED_CHECKPOINT_KEYS = ("pixel_mean", "pixel_std")
+
+
 def load_state_dict(model: Detic, state: Mapping[str, torch.Tensor], max_listed: int = 10) -> None:
     """Strict load with readable errors. The stored vocabulary (``zs_weight``) is adopted whatever its size.
 
-    ``relative_position_index`` buffers may be absent (they are recomputed identically).
+    ``relative_position_index`` buffers may be absent (they are recomputed identically), and the
+    ``pixel_mean``/``pixel_std`` entries of older detectron2 checkpoints are ignored.
     """
+    state = {k: v for k, v in state.items() if k not in IGNORED_CHECKPOINT_KEYS}
     own = model.state_dict()
+    zs_keys = {f"roi_heads.box_predictor.{k}.cls_score.zs_weight" for k in range(len(model.roi_heads.box_predictor))}
     missing = [k for k in own if k not in state and not k.endswith("relative_position_index")]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         (k, tuple(state[k].shape), tuple(own[k].shape))
         for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-        and not (k.endswith("cls_score.zs_weight") and state[k].ndim == 2 and state[k].shape[0] == own[k].shape[0])
+        if k in state
+        and tuple(state[k].shape) != tuple(own[k].shape)
+        and not (k in zs_keys and state[k].ndim == 2 and state[k].shape[0] == own[k].shape[0])
     ]
     if missing or unexpected or mismatched:
         lines = []
         if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatches (checkpoint vs model), first: " + "; ".join(f"{k}: {a} vs {b}" for k, a, b in mismatched[:max_listed]))
+            lines.append(
+                f"{len(mismatched)} shape mismatches (checkpoint vs model), first: "
+                + "; ".join(f"{k}: {a} vs {b}" for k, a, b in mismatched[:max_listed])
+            )
         if missing:
             lines.append(f"{len(missing)} missing keys, first: " + ", ".join(missing[:max_listed]))
         if unexpected:
             lines.append(f"{len(unexpected)} unexpected keys, first: " + ", ".join(unexpected[:max_listed]))
         raise CheckpointMismatchError("Detic checkpoint does not match the model:\n  " + "\n  ".join(lines))
-    for predictor in model.roi_heads.box_predictor:
-        cls = predictor.cls_score
-        key = [k for k, m in model.named_modules() if m is cls][0] + ".zs_weight"
-        cls.zs_weight = torch.empty_like(state[key], dtype=cls.zs_weight.dtype, device=cls.zs_weight.device)
-    model.load_state_dict(dict(state), strict=False)
+    for k, predictor in enumerate(model.roi_heads.box_predictor):
+        old = predictor.cls_score.zs_weight  # resized to the stored vocabulary before copying
+        predictor.cls_score.zs_weight = old.new_empty(state[f"roi_heads.box_predictor.{k}.cls_score.zs_weight"].shape)
+    model.load_state_dict(state, strict=False)
 
 
 def build_detic(

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import box_iou, roi_align
 
 #: dw/dh clamp of detectron2's Box2BoxTransform: log(1000 / 16).
 SCALE_CLAMP = math.log(1000.0 / 16)
@@ -75,6 +75,41 @@ def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical
     sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + 1e-8))
     return torch.clamp(levels, min=min_level, max=max_level).to(torch.int64) - min_level
+
+
+def class_agnostic_box_nms(boxes: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor, iou_thresh: float, chunk: int = 512) -> torch.Tensor:
+    """Greedy NMS run separately for every class when all classes share one box per row.
+
+    Same decisions as torchvision's ``batched_nms`` over the (row, class) candidates (a candidate
+    is dropped when a kept, higher-scored candidate of its class overlaps it by IoU > ``iou_thresh``),
+    but vectorised over classes: the (R, R) IoU matrix is computed once and the greedy sweep runs
+    over score ranks, not one NMS call per class (Detic scores every proposal for every class of a
+    vocabulary that can hold 20k classes). Returns the (R, K) mask of kept candidates.
+    """
+    rows, num_classes = scores.shape
+    keep = torch.zeros_like(candidates)
+    if rows == 0 or not bool(candidates.any()):
+        return keep
+    overlaps = box_iou(boxes.float(), boxes.float()) > iou_thresh
+    for k0 in range(0, num_classes, chunk):
+        valid = candidates[:, k0 : k0 + chunk].t()  # (k, R)
+        ranked = torch.where(valid, scores[:, k0 : k0 + chunk].t().float(), float("-inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+        valid_sorted = valid.gather(1, order)
+        depth = int(valid_sorted.sum(1).max())
+        if depth == 0:
+            continue
+        order, valid_sorted = order[:, :depth], valid_sorted[:, :depth]
+        suppresses = overlaps[order[:, :, None], order[:, None, :]]  # (k, depth, depth)
+        kept = torch.zeros_like(valid_sorted)
+        kept[:, 0] = valid_sorted[:, 0]
+        for rank in range(1, depth):
+            hit = (kept[:, :rank] & suppresses[:, rank, :rank]).any(dim=1)
+            kept[:, rank] = valid_sorted[:, rank] & ~hit
+        block = torch.zeros_like(valid)
+        block.scatter_(1, order, kept)
+        keep[:, k0 : k0 + chunk] = block.t()
+    return keep
 
 
 class MultiScaleROIAlign(nn.Module):
@@ -179,6 +214,8 @@ class MaskHead(nn.Module):
 
 
 class CascadeROIHeads(nn.Module):
+    """Three box stages (each its own head, classifier and regression weights) and one mask head."""
+
     def __init__(
         self,
         channels: int,
@@ -233,7 +270,7 @@ class CascadeROIHeads(nn.Module):
         counts = [len(b) for b in proposal_boxes]
         boxes = list(proposal_boxes)
         outputs = []
-        for k, weights in enumerate(self.cascade_weights):
+        for k in range(len(self.cascade_weights)):
             if k > 0:
                 prev = outputs[-1]
                 decoded = apply_deltas(prev.box_deltas, torch.cat(prev.boxes_in), self.cascade_weights[k - 1])
@@ -268,17 +305,18 @@ class CascadeROIHeads(nn.Module):
         return self.predict_masks(features, results) if with_masks else results
 
     def _select(self, boxes: torch.Tensor, probs: torch.Tensor, size: tuple[int, int]) -> RawDetections:
-        """detectron2's fast_rcnn_inference for class-agnostic boxes."""
+        """detectron2's fast_rcnn_inference for class-agnostic boxes: threshold, per-class NMS, top-k."""
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
         boxes, probs = boxes[valid], probs[valid]
         boxes = clip_boxes(boxes, size)
-        candidates = torch.nonzero(probs[:, :-1] > self.score_thresh)
-        rows, classes = candidates[:, 0], candidates[:, 1]
-        boxes, scores = boxes[rows], probs[rows, classes]
-        keep = batched_nms(boxes.float(), scores, classes, self.nms_thresh)
+        probs = probs[:, :-1]
+        keep = class_agnostic_box_nms(boxes, probs, probs > self.score_thresh, self.nms_thresh)
+        rows, classes = torch.nonzero(keep, as_tuple=True)
+        scores = probs[rows, classes]
+        order = torch.sort(scores, descending=True, stable=True).indices
         if self.detections_per_image >= 0:
-            keep = keep[: self.detections_per_image]
-        return RawDetections(boxes[keep], scores[keep], classes[keep], tuple(size))
+            order = order[: self.detections_per_image]
+        return RawDetections(boxes[rows[order]], scores[order], classes[order], tuple(size))
 
     def predict_masks(self, features: dict[str, torch.Tensor], detections: list[RawDetections]) -> list[RawDetections]:
         """Fill ``mask_probs`` (sigmoid of the mask head on each final box), in place."""
