@@ -770,6 +770,7 @@ class ShardWriter:
             self._unsynced = 0
 
     def summary(self, status: str = "closed") -> dict:
+        """What this shard holds now and what this run added (written at close)."""
         return {
             "shard_index": self.shard_index,
             "num_shards": self.num_shards,
@@ -897,7 +898,11 @@ class RecordStore:
     def _paths(self, shards: Iterable[int] | None) -> list[Path]:
         if shards is None:
             return self.shard_paths()
-        return [self.shard_path(i) for i in sorted(set(shards)) if self.shard_path(i).exists()]
+        shards = sorted(set(shards))
+        bad = [i for i in shards if not 0 <= i < self.num_shards]
+        if bad:
+            raise ValueError(f"shard indices {bad} out of range: {self.path} has {self.num_shards} shards")
+        return [self.shard_path(i) for i in shards if self.shard_path(i).exists()]
 
     def _iter_meta(self, shards, on_corrupt: str = "raise") -> Iterator[tuple[Path, int, int, dict]]:
         """``(path, offset, payload_len, meta)`` of every frame, records deduplicated (first wins)."""

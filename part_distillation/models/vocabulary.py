@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -38,24 +38,6 @@ def load_vocabulary(path: str | Path, expected_dim: int = CLIP_EMBED_DIM) -> np.
 def prompts_for(names: Sequence[str], template: str = DEFAULT_PROMPT) -> list[str]:
     """Upstream Detic's sentences: ``"a " + name`` by default."""
     return [template.format(name) for name in names]
-
-
-def read_synset_names(path: str | Path) -> dict[str, str]:
-    """WordNet id -> class name from an ImageNet ``words.txt`` / synset list, keeping the first synonym.
-
-    Lines look like ``n01440764<TAB>tench, Tinca tinca`` (a space instead of the tab also works).
-    """
-    names: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{number}: expected '<wnid> <names>', got {line!r}")
-        wnid, synonyms = parts
-        names[wnid] = synonyms.split(",")[0].strip()
-    return names
 
 
 def _model_id(model: Any) -> str:
@@ -172,12 +154,3 @@ def cached_vocabulary(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return array
-
-
-def class_names_for(wnids: Iterable[str], synsets: dict[str, str]) -> list[str]:
-    """Names for folder wnids, in order; unknown wnids are an error that names them."""
-    wnids = list(wnids)
-    unknown = [w for w in wnids if w not in synsets]
-    if unknown:
-        raise KeyError(f"{len(unknown)} class folders are not in the synset list, first: {unknown[:5]}")
-    return [synsets[w] for w in wnids]

@@ -10,11 +10,9 @@ import torch
 
 from part_distillation.models.vocabulary import (
     cached_vocabulary,
-    class_names_for,
     encode_class_names,
     load_vocabulary,
     prompts_for,
-    read_synset_names,
     vocabulary_key,
 )
 
@@ -61,19 +59,6 @@ def test_wrong_width_says_expected_width(tmp_path: Path):
 
 def test_prompt_is_upstream_a_name():
     assert prompts_for(["tench", "great white shark"]) == ["a tench", "a great white shark"]
-
-
-def test_synset_file_first_synonym(tmp_path: Path):
-    path = tmp_path / "words.txt"
-    path.write_text("n01440764\ttench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n\nn02084071\tdog\n")
-    names = read_synset_names(path)
-    assert names == {"n01440764": "tench", "n01443537": "goldfish", "n02084071": "dog"}
-    assert class_names_for(["n02084071", "n01440764"], names) == ["dog", "tench"]
-    with pytest.raises(KeyError, match="n99999999"):
-        class_names_for(["n99999999"], names)
-    path.write_text("n01440764\n")
-    with pytest.raises(ValueError, match="words.txt:1"):
-        read_synset_names(path)
 
 
 def test_encode_uses_projected_eos_feature_of_prompt(tiny_clip):
