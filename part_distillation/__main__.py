@@ -39,15 +39,28 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
+    """Check the whole configuration (every job of a sweep) first, then hand over to Hydra.
+
+    A bad value is reported in one line, naming the key, before anything runs or is
+    submitted. Runs with other Hydra flags (``--cfg``, ``--help``, ``-cn``) skip the check.
+    """
     args = sys.argv[1:]
-    if "-m" in args or "--multirun" in args:
+    flags = {a for a in args if a.startswith("-")}
+    if flags <= {"-m", "--multirun"}:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         from part_distillation.launch import preflight_sweep
         from part_distillation.stages import StageNotAvailable
 
         try:
-            preflight_sweep(config_dir(), [a for a in args if not a.startswith("-")])
-        except (ConfigError, StageNotAvailable, KeyError) as err:
-            print(f"part_distillation: nothing submitted: {err}", file=sys.stderr)
+            preflight_sweep(config_dir(), [a for a in args if a not in flags])
+        except (ConfigError, StageNotAvailable, KeyError, HydraException, OmegaConfBaseException) as err:
+            message = str(err).strip()
+            if err.__cause__ is not None and str(err.__cause__) not in message:
+                message += f"\n{err.__cause__}"
+            message = message.replace("\n", "\n  ")
+            print(f"part_distillation: nothing {'submitted' if flags else 'run'}: {message}", file=sys.stderr)
             sys.exit(2)
     _hydra_main()
 

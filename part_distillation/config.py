@@ -294,6 +294,22 @@ def _check_node(obj: Any, prefix: str) -> None:
             _check_node(value, key + ".")
 
 
+def _unknown_keys(tree: Any, obj: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``tree`` that the typed ``obj`` has no field for."""
+    if not isinstance(tree, dict) or not is_dataclass(obj):
+        return []
+    known = {f.name for f in fields(obj)}
+    found: list[str] = []
+    for key, sub in tree.items():
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            found.append(f"{prefix}{key}")
+        else:
+            found += _unknown_keys(sub, getattr(obj, key), f"{prefix}{key}.")
+    return found
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """Check ranges and cross-field rules; return the typed config.
 
@@ -306,6 +322,9 @@ def validate(cfg: DictConfig) -> RunConfig:
             run = RunConfig(**{f.name: run[f.name] for f in fields(RunConfig) if f.name in run})
     except Exception as err:  # omegaconf errors already name the key
         raise ConfigError(f"invalid configuration: {err}") from err
+    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), run)
+    if unknown:  # only keys added with '+' get past the schema
+        raise ConfigError(f"config key '{unknown[0]}' is unknown: no schema has it (a typo?)")
     _check_node(run, "")
     if run.shard.index >= run.shard.count:
         raise ConfigError(f"config key 'shard.index' = {run.shard.index} is invalid: "

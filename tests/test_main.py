@@ -120,12 +120,19 @@ def test_unknown_stage_is_refused_listing_the_stages():
     assert "pixel_grouping" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a key added with '+' that no schema declares is kept and never "
-                   "checked, so `+stage.num_part=8` (typo) silently does nothing; validate() should refuse it")
-def test_keys_added_with_plus_that_no_schema_knows_are_refused():
-    cfg = _compose("stage=pixel_grouping", "+stage.num_part=8")
-    with pytest.raises(ConfigError, match="stage.num_part"):
+@pytest.mark.parametrize("typo, key", [("+stage.num_part=8", "stage.num_part"), ("+foo=1", "foo"),
+                                      ("+data.bar.baz=2", "data.bar")])
+def test_keys_added_with_plus_that_no_schema_knows_are_refused(typo, key):
+    cfg = _compose("stage=pixel_grouping", typo)
+    with pytest.raises(ConfigError, match=f"'{key}' is unknown"):
         validate(cfg)
+
+
+def test_out_of_range_value_is_one_line_without_traceback(tmp_path):
+    result = _entry(tmp_path, "shard.count=0", f"paths.root={tmp_path}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "nothing run: config key 'shard.count' = 0 is invalid" in result.stderr
 
 
 def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):

@@ -353,7 +353,10 @@ def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Gr
 
 
 def _gather_rows(x, index):
-    return torch.gather(x, 1, index[..., None].expand(*index.shape, x.shape[-1]))
+    """Rows of each problem: x (B, n, D), index (B, m) -> (B, m, D)."""
+    batch, n, dim = x.shape
+    offsets = torch.arange(batch, device=x.device)[:, None] * n
+    return x.reshape(batch * n, dim).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, dim)
 
 
 def _project(x, coarse_x, pca_index, pca_mask, dims):
@@ -369,7 +372,8 @@ def _project(x, coarse_x, pca_index, pca_mask, dims):
     centred = (pts - mean) * weights
     generator = torch.Generator().manual_seed(_PROJECTION_SEED)
     omega = torch.randn(x.shape[-1], dims, generator=generator).to(x.device)
-    basis = torch.linalg.qr(torch.bmm(centred.transpose(1, 2), centred @ omega)).Q  # (B, D, dims)
+    spread = torch.bmm((centred @ omega).transpose(1, 2), centred)  # (B, dims, D) = (S^T S Omega)^T
+    basis = torch.linalg.qr(spread.transpose(1, 2)).Q  # (B, D, dims)
     return torch.baddbmm(-(mean @ basis), coarse_x, basis)
 
 
