@@ -26,10 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-# Upstream (detectron2) input normalisation: RGB, values 0..255.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-SIZE_DIVISIBILITY = 32
+from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, pad_batch
 
 LEVEL_NAMES = ("res2", "res3", "res4", "res5")
 _SWIN_STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -341,12 +338,7 @@ def preprocess_images(
     mean = torch.tensor(PIXEL_MEAN, device=tensors[0].device).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=tensors[0].device).view(3, 1, 1)
     sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
-    div = max(int(size_divisibility), 1)
-    height = -(-max(h for h, _ in sizes) // div) * div
-    width = -(-max(w for _, w in sizes) // div) * div
-    batch = tensors[0].new_zeros((len(tensors), 3, height, width))
-    for i, (t, (h, w)) in enumerate(zip(tensors, sizes)):
-        batch[i, :, :h, :w] = (t - mean) / std
+    batch = pad_batch([(t - mean) / std for t in tensors], size_divisibility)
     return ImageBatch(pixel_values=batch, image_sizes=sizes)
 
 

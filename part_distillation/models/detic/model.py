@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..batching import PIXEL_MEAN, PIXEL_STD, pad_batch
 from .centernet import CenterNet, Proposals
 from .fpn import FPN
 from .roi_heads import CascadeROIHeads, RawDetections, clip_boxes
@@ -61,8 +62,8 @@ class DeticConfig:
     resize: str = "shortest_edge"  # or "fit": scale to fit a size x size square (PartDistillation's mapper)
     min_size_test: int = 800
     max_size_test: int = 1333
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
     size_divisibility: int = 32
     mask_threshold: float = 0.5
 
@@ -257,14 +258,7 @@ class Detic(nn.Module):
         return self.pad(tensors), sizes
 
     def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        div = self.config.size_divisibility
-        h = max(t.shape[-2] for t in tensors)
-        w = max(t.shape[-1] for t in tensors)
-        h, w = -(-h // div) * div, -(-w // div) * div
-        batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], h, w))
-        for i, t in enumerate(tensors):
-            batch[i, :, : t.shape[-2], : t.shape[-1]] = t
-        return batch
+        return pad_batch(tensors, self.config.size_divisibility)
 
     def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[RawDetections]:
         """Normalised, padded (B, 3, H, W) batch -> detections in the frame of each unpadded image."""
