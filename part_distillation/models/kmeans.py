@@ -66,8 +66,8 @@ class KMeansResult:
 
 
 def default_sample_size(n_clusters: int) -> int:
-    """Points per problem in the coarse stage (problems up to this size use all)."""
-    return max(4096, 256 * n_clusters)
+    """Points per problem that fit the coarse clustering (fewer: all of them)."""
+    return max(1024, 128 * n_clusters)
 
 
 def default_coarse_dims(n_clusters: int) -> int:
@@ -269,14 +269,18 @@ class _Group:
     x: torch.Tensor                   # (G, n, D) contiguous points
     mask: torch.Tensor | None         # (G, n), None when every point is valid
     x_norm: torch.Tensor              # (G, n) squared norms
-    sample_index: torch.Tensor | None  # (G, m) rows of the coarse points, None: all rows
-    sample_mask: torch.Tensor | None  # (G, m), None when every coarse point is valid
-    z: torch.Tensor                   # (G, m, d) coarse points
+    z: torch.Tensor                   # (G, n, d) coarse coordinates of every point
+    basis: torch.Tensor | None        # (G, D, d) orthonormal coarse directions (None: z is x)
+    mean: torch.Tensor | None         # (G, 1, D) centre of the coarse coordinates
+    centred_norm: torch.Tensor | None  # (G, n) |x - mean|^2
+    residual: torch.Tensor | None     # (G, n) upper bound of |x - mean - basis z|
+    sample_index: torch.Tensor        # (G, m) rows that fit the coarse clustering
+    sample_mask: torch.Tensor | None  # (G, m), None when every sample slot is used
     uniforms: torch.Tensor            # (G, n_init, draws) k-means++ draws
 
     @property
     def coarse_bytes(self) -> int:
-        return self.z.numel() * 4 * 4  # the coarse data and its temporaries
+        return self.sample_index.numel() * self.z.shape[-1] * 4 * 4  # sample and temporaries
 
 
 def _check_options(n_clusters, n_init, max_iter, tol) -> None:
@@ -308,16 +312,21 @@ def _used_length(mask: torch.Tensor) -> int:
 
 
 def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Group:
-    """Norms, the per-problem random draws and the coarse points of one group."""
+    """Norms, coarse coordinates and the per-problem random draws of one group.
+
+    Problem b's generator gives, in this order: its k-means++ uniforms, then (when it
+    has more points than ``sample_size`` or needs principal directions) one random
+    permutation of its points; the sample is its first ``sample_size`` entries (all
+    points in order when there are fewer), the directions come from the first 256.
+    """
     x = x.contiguous()
     batch, n, dim = x.shape
     counts = mask.sum(1).tolist()
     full_mask = None if min(counts) == n else mask
     x_norm = torch.linalg.vector_norm(x, dim=-1).square_()
-    m = min(sample_size, max(counts))
-    use_sample = max(counts) > sample_size
     project = 0 < coarse_dims < dim
-    pca_points = min(_PCA_POINTS, m)
+    m = min(sample_size, max(counts))
+    pca_points = min(_PCA_POINTS, max(counts))
     trials = 2 + int(math.log(k)) if k > 1 else 0
 
     uniforms = torch.empty(batch, n_init, 1 + (k - 1) * trials, dtype=torch.float64)
@@ -330,26 +339,22 @@ def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Gr
         generator = torch.Generator().manual_seed(problem_seed)
         uniforms[b] = torch.rand(n_init, uniforms.shape[2], generator=generator, dtype=torch.float64)
         count = counts[b]
-        if use_sample or project:
-            order = torch.randperm(count, generator=generator)
-            rows = torch.arange(n) if valid_rows is None else valid_rows[b].nonzero().squeeze(1)
-            if use_sample:
-                chosen = rows[order[:m]] if count > m else rows
-                sample_index[b, : len(chosen)] = chosen
-                sample_mask[b, : len(chosen)] = True
+        rows = torch.arange(n) if valid_rows is None else valid_rows[b].nonzero().squeeze(1)
+        order = torch.randperm(count, generator=generator) if count > sample_size or project else None
+        chosen = rows[order[:sample_size]] if count > sample_size else rows
+        sample_index[b, : len(chosen)] = chosen
+        sample_mask[b, : len(chosen)] = True
+        if project:
             pca = rows[order[:pca_points]]
             pca_index[b, : len(pca)] = pca
             pca_mask[b, : len(pca)] = True
 
     device = x.device
-    if use_sample:
-        sample_index = sample_index.to(device)
-        sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
-        coarse_x = _gather_rows(x, sample_index)
-    else:
-        sample_index, sample_mask, coarse_x = None, full_mask, x
-    z = _project(x, coarse_x, pca_index.to(device), pca_mask.to(device), coarse_dims) if project else coarse_x
-    return _Group(key, x, full_mask, x_norm, sample_index, sample_mask, z, uniforms.to(device))
+    sample_index = sample_index.to(device)
+    sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
+    coarse = _project(x, x_norm, pca_index.to(device), pca_mask.to(device), coarse_dims) if project \
+        else (x, None, None, None, None)
+    return _Group(key, x, full_mask, x_norm, *coarse, sample_index, sample_mask, uniforms.to(device))
 
 
 def _gather_rows(x, index):
@@ -359,12 +364,15 @@ def _gather_rows(x, index):
     return x.reshape(batch * n, dim).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, dim)
 
 
-def _project(x, coarse_x, pca_index, pca_mask, dims):
-    """Coarse points on each problem's leading principal directions (B, m, dims).
+def _project(x, x_norm, pca_index, pca_mask, dims):
+    """Coarse coordinates of every point on its problem's leading principal directions.
 
     One step of subspace iteration (W = S^T S Omega) on a few centred points per
-    problem: it needs no SVD and tilts a random basis toward the high-variance
-    directions, where clusters separate. Omega is fixed, so batching changes nothing.
+    problem: no SVD, and it tilts a random basis toward the high-variance directions,
+    where clusters separate. Omega is fixed, so batching changes nothing. The same
+    matmul gives x.mean, hence |x - mean|^2 and a bound on each point's distance to the
+    subspace, which the refinement uses to skip exact distances.
+    Returns z (B, n, dims), basis (B, D, dims), mean (B, 1, D), |x - mean|^2, residual bound.
     """
     weights = pca_mask.to(x.dtype)[..., None]
     pts = _gather_rows(x, pca_index)
@@ -374,7 +382,14 @@ def _project(x, coarse_x, pca_index, pca_mask, dims):
     omega = torch.randn(x.shape[-1], dims, generator=generator).to(x.device)
     spread = torch.bmm((centred @ omega).transpose(1, 2), centred)  # (B, dims, D) = (S^T S Omega)^T
     basis = torch.linalg.qr(spread.transpose(1, 2)).Q  # (B, D, dims)
-    return torch.baddbmm(-(mean @ basis), coarse_x, basis)
+    both = torch.bmm(x, torch.cat([basis, mean.transpose(1, 2)], 2))  # one pass: x.basis and x.mean
+    z = both[..., :dims] - mean @ basis
+    mean_norm = mean.square().sum(-1)  # (B, 1)
+    centred_norm = (x_norm - 2 * both[..., dims] + mean_norm).clamp_(min=0)
+    residual_sq = (centred_norm - z.square().sum(-1)).clamp_(min=0)
+    # Slack for float32 rounding of the expanded norms (relative 1e-6 of the magnitudes).
+    residual = (residual_sq + 1e-6 * (x_norm + mean_norm)).sqrt_()
+    return z, basis, mean, centred_norm, residual
 
 
 def _solve_groups(inputs, *, k, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size):
@@ -394,69 +409,175 @@ def _solve_groups(inputs, *, k, n_init, max_iter, tol, sample_size, coarse_dims,
 
 
 def _solve(groups: list[_Group], k, n_init, max_iter, tol, chunk_size):
-    """Coarse stage of all the groups at once, then lift and refine group by group."""
-    m = max(g.z.shape[1] for g in groups)
-    z = torch.cat([_pad_rows(g.z, m) for g in groups])
-    any_mask = any(g.sample_mask is not None or g.z.shape[1] < m for g in groups)
+    """Coarse fit of all the groups' samples at once, then lift and refine each group."""
+    samples = [_gather_rows(g.z, g.sample_index) for g in groups]
+    m = max(z.shape[1] for z in samples)
+    any_mask = any(g.sample_mask is not None or z.shape[1] < m for g, z in zip(groups, samples))
+    z = torch.cat([_pad_rows(z, m) for z in samples])
     z_mask = torch.cat([
         _pad_rows(g.sample_mask if g.sample_mask is not None
-                  else torch.ones(g.z.shape[:2], dtype=torch.bool, device=z.device), m)
+                  else torch.ones(g.sample_index.shape, dtype=torch.bool, device=z.device), m)
         for g in groups]) if any_mask else None
     uniforms = torch.cat([g.uniforms for g in groups])
     z_norm = z.square().sum(-1)
     batch = z.shape[0]
     init = _kmeans_plus_plus(z, z_norm, z_mask, uniforms, k)
-    _, labels, min_dist, _, _ = _lloyd(z, z_norm, z_mask, init, max_iter, tol,
-                                       _chunk_for(batch, n_init * k, chunk_size))
+    centroids, _, min_dist, _, _ = _lloyd(z, z_norm, z_mask, init, max_iter, tol,
+                                          _chunk_for(batch, n_init * k, chunk_size))
     best = min_dist.sum(1, dtype=torch.float64).argmin(1)  # (B,): lowest coarse inertia
-    labels = torch.gather(labels, 2, best[:, None, None].expand(batch, m, 1))[..., 0]
+    centroids = torch.gather(centroids, 1, best[:, None, None, None].expand(batch, 1, k, z.shape[-1]))
     row = 0
     for g in groups:
         size = g.x.shape[0]
-        yield g.key, _refine(g, labels[row:row + size, : g.z.shape[1]], k, max_iter, tol, chunk_size)
+        yield g.key, _refine(g, centroids[row:row + size], k, max_iter, tol, chunk_size)
         row += size
 
 
 def _pad_rows(t, m):
     if t.shape[1] == m:
         return t
-    pad = t.new_zeros(t.shape[0], m - t.shape[1], *t.shape[2:])
-    return torch.cat([t, pad], 1)
+    return torch.cat([t, t.new_zeros(t.shape[0], m - t.shape[1], *t.shape[2:])], 1)
 
 
-def _refine(g: _Group, coarse_labels, k, max_iter, tol, chunk_size) -> KMeansResult:
-    """Lift the coarse clusters to full-dimensional means and run Lloyd on all points.
+def _refine(g: _Group, coarse_centroids, k, max_iter, tol, chunk_size) -> KMeansResult:
+    """Label every point by the coarse centroids, lift to full-dimensional means, run Lloyd.
 
-    A problem whose coarse points are all its points keeps its coarse labels; a sampled
-    one gets its labels from one assignment pass to the means of its sample's clusters.
-    Either way the refinement starts from labels and their exact means, and each
-    problem takes the same path whatever it is batched with.
+    The refinement starts from labels and their exact means: one pass over the points
+    (the sums) after the coarse stage. With coarse directions, Lloyd's assignments then
+    need exact distances only for the points the bound cannot decide.
     """
     x, batch, n = g.x, g.x.shape[0], g.x.shape[1]
     chunk = _chunk_for(batch, k, chunk_size)
-    if g.sample_index is None:
-        labels = coarse_labels
-    else:
-        sample_sums, sample_counts = _cluster_sums(_gather_rows(x, g.sample_index), coarse_labels[..., None],
-                                                   g.sample_mask, k, chunk)
-        lifted = _fill_empty(x, g.mask, sample_sums / sample_counts.clamp(min=1)[..., None], sample_counts)
-        labels = _assign(x, g.x_norm, g.mask, lifted, chunk)[0][..., 0]
-        complete = (g.mask.sum(1) if g.mask is not None else torch.full((batch,), n, device=x.device)) \
-            <= g.sample_index.shape[1]
-        if bool(complete.any()):  # sample == all points: the coarse labels themselves
-            slots = g.sample_index if g.sample_mask is None else g.sample_index.masked_fill(~g.sample_mask, n)
-            scattered = labels.new_zeros(batch, n + 1).scatter_(1, slots, coarse_labels)[:, :n]
-            labels = torch.where(complete[:, None], scattered, labels)
-    labels = labels[..., None]
+    z_norm = g.z.square().sum(-1)
+    labels = _assign(g.z, z_norm, g.mask, coarse_centroids, chunk)[0]
     sums, counts = _cluster_sums(x, labels, g.mask, k, chunk)
-    centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
-    centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
-                                                         start=(labels, sums, counts))
-    labels = labels[..., 0]
+    if g.basis is not None:
+        centroids, labels, inertia, counts, n_iter = _bounded_lloyd(g, labels[..., 0], sums[:, 0], counts[:, 0],
+                                                                    max_iter, tol, chunk)
+    else:
+        centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
+        centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
+                                                             start=(labels, sums, counts))
+        centroids, labels, counts, n_iter = centroids[:, 0], labels[..., 0], counts[:, 0], n_iter[:, 0]
+        inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
     if g.mask is not None:
         labels = labels.masked_fill(~g.mask, -1)
-    return KMeansResult(centroids[:, 0], labels, min_dist[..., 0].sum(1, dtype=torch.float64),
-                        counts[:, 0], n_iter[:, 0])
+    return KMeansResult(centroids, labels, inertia, counts, n_iter)
+
+
+def _bounded_lloyd(g: _Group, labels, sums, counts, max_iter, tol, chunk):
+    """Single-run Lloyd on all points whose assignment step is mostly low-dimensional.
+
+    labels (B, n) with their sums (B, K, D) and counts (B, K). Each step: centroids are
+    the means; the inertia comes from sum |x|^2 - sum_k n_k |c_k|^2 (exact for means);
+    stop when it fell by at most ``tol`` of itself, or when no label changes (a Lloyd
+    fixed point). Labels come from :func:`_bounded_assign`.
+    Returns centroids (B, K, D), labels (B, n), inertia (B,), counts (B, K), n_iter (B,).
+    """
+    x, mask = g.x, g.mask
+    batch, n, _ = x.shape
+    k = sums.shape[1]
+    norms = g.x_norm if mask is None else g.x_norm.masked_fill(~mask, 0)
+    total = norms.sum(1, dtype=torch.float64)
+    valid_points = batch * n if mask is None else max(1, int(mask.sum()))
+    centroids = _fill_empty(x, mask, sums[:, None] / counts[:, None].clamp(min=1)[..., None], counts[:, None])[:, 0]
+    previous = None
+    done = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros(batch, dtype=torch.long, device=x.device)
+    for _ in range(max_iter):
+        means = sums / counts.clamp(min=1)[..., None]
+        centroids = torch.where(done[:, None, None] | (counts == 0)[..., None], centroids, means)
+        inertia = (total - (counts.double() * centroids.double().square().sum(-1)).sum(-1)).clamp_(min=0)
+        if previous is not None:
+            done |= previous - inertia <= tol * inertia
+        previous = inertia
+        if bool(done.all()):
+            break
+        if bool((counts == 0).any()):  # rare: exact distances find the farthest points
+            exact_labels, min_dist = _assign(x, g.x_norm, mask, centroids[:, None], chunk)
+            reseeded = _reseed_empty(x, centroids[:, None], counts[:, None], exact_labels, min_dist, mask)[:, 0]
+            centroids = torch.where(done[:, None, None], centroids, reseeded)
+        new_labels = _bounded_assign(g, centroids, chunk)
+        n_iter += (~done).long()
+        changed = (new_labels != labels) & ~done[:, None]
+        if mask is not None:
+            changed &= mask
+        n_changed = changed.sum(1)
+        done |= n_changed == 0
+        if bool(done.all()):
+            break
+        if int(n_changed.sum()) <= _INCREMENTAL_FRACTION * valid_points:
+            s3, c3 = _update_sums(x, sums[:, None], counts[:, None], labels[..., None], new_labels[..., None],
+                                  changed[..., None], k)
+        else:
+            labels_now = torch.where(changed, new_labels, labels)
+            s3, c3 = _cluster_sums(x, labels_now[..., None], mask, k, chunk)
+        sums, counts = s3[:, 0], c3[:, 0]
+        labels = torch.where(changed, new_labels, labels)
+    means = sums / counts.clamp(min=1)[..., None]
+    centroids = torch.where((counts == 0)[..., None], centroids, means)
+    inertia = (total - (counts.double() * centroids.double().square().sum(-1)).sum(-1)).clamp_(min=0)
+    return centroids, labels, inertia, counts, n_iter
+
+
+def _bounded_assign(g: _Group, centroids, chunk):
+    """Nearest centroid of every point, exact distances only where the bound cannot tell.
+
+    With x - mean = basis z + r and c - mean = basis w + s (r, s orthogonal to the
+    basis): |x - c|^2 = |z - w|^2 + |r|^2 + |s|^2 - 2 r.s. So |x - c_j|^2 - |x - c_l|^2
+    >= e_j - e_l - 2 |r| |s_j - s_l| with e = |z - w|^2 + |s|^2, all low-dimensional
+    or per-centroid. A point whose best estimate l beats every other j by more than
+    that (plus a float32 slack) has label l for certain; the others are computed exactly.
+    """
+    x, mask, basis = g.x, g.mask, g.basis
+    batch, n, dim = x.shape
+    k = centroids.shape[1]
+    centred = centroids - g.mean  # (B, K, D)
+    w = torch.bmm(centred, basis)  # (B, K, d)
+    s = centred - torch.bmm(w, basis.transpose(1, 2))
+    const = w.square().sum(-1) + s.square().sum(-1)  # (B, K)
+    s_gap = torch.cdist(s, s)  # (B, K, K): |s_j - s_l|
+    centre_scale = centred.square().sum(-1).amax(-1, keepdim=True)  # (B, 1)
+    w_t = w.transpose(1, 2)
+    labels = torch.empty(batch, n, dtype=torch.long, device=x.device)
+    unsure = torch.empty(batch, n, dtype=torch.bool, device=x.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        estimate = torch.baddbmm(const[:, None, :], g.z[:, start:stop], w_t, alpha=-2.0)  # (B, c, K)
+        best_value, best = estimate.min(-1)
+        gap = estimate - best_value[..., None]
+        margin = torch.gather(s_gap, 1, best[..., None].expand(-1, -1, k))  # |s_j - s_best|
+        margin = margin * (2 * g.residual[:, start:stop, None])
+        margin += 1e-5 * (g.centred_norm[:, start:stop] + centre_scale)[..., None]
+        unsure[:, start:stop] = (gap <= margin).sum(-1) > 1  # the best itself always counts once
+        labels[:, start:stop] = best
+    if mask is not None:
+        unsure &= mask
+    where = unsure.reshape(-1).nonzero().squeeze(1)
+    if where.numel():
+        labels.view(-1)[where] = _exact_labels(x, centroids, where)
+    return labels
+
+
+def _exact_labels(x, centroids, where):
+    """Nearest centroid (exact expanded distances) of the points at flat indices ``where``."""
+    batch, n, dim = x.shape
+    k = centroids.shape[1]
+    rows = x.reshape(batch * n, dim)
+    c_norm = centroids.square().sum(-1)  # (B, K)
+    out = torch.empty_like(where)
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * dim))
+    for start in range(0, where.numel(), step):
+        index = where[start:start + step]
+        pts = rows.index_select(0, index)
+        if batch == 1:
+            dist = torch.addmm(c_norm, pts, centroids[0].t(), alpha=-2.0)
+        else:
+            problem = torch.div(index, n, rounding_mode="floor")
+            dist = torch.baddbmm(c_norm[problem][:, None, :], pts[:, None, :],
+                                 centroids[problem].transpose(1, 2), alpha=-2.0)[:, 0]
+        out[start:start + step] = dist.argmin(-1)
+    return out
 
 
 def _fill_empty(x, mask, centroids, counts):
