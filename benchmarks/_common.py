@@ -1,8 +1,7 @@
-"""Timing helpers shared by the benchmarks (median of repeats: the machine is shared)."""
+"""Helpers shared by the benchmarks: one thread budget for both sides, wall-clock timing."""
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from typing import Callable
@@ -33,18 +32,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float], object]:
-    """Median wall seconds over ``repeats`` calls (after ``warmup``), all times, last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        seconds, out = timed(fn)
-        times.append(seconds)
-    return statistics.median(times), times, out
 
 
 def fmt_times(times: list[float], scale: float = 1e3, unit: str = "ms") -> str:

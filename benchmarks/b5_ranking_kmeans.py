@@ -7,7 +7,8 @@ sample its prototype plus noise of varying spread, normalised (as the pipeline d
 Peak memory: the rise of the process's resident memory during the call over its value
 before, polled from /proc/self/statm every millisecond (covers torch's and numpy's
 allocations alike; the input data is not counted). Both sides use the same thread
-count and float32 input; inertia of both is re-evaluated the same way (float64).
+count (``--threads``, 2) and float32 input; sklearn is also timed limited to 1 thread,
+for reference. Inertia of both is re-evaluated the same way (float64).
 
     .venv/bin/python benchmarks/b5_ranking_kmeans.py          # quick: 2 classes
     .venv/bin/python benchmarks/b5_ranking_kmeans.py --full   # 5 classes, more repeats
@@ -30,6 +31,7 @@ limit_threads(threads_from_argv())
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from part_distillation.models.kmeans import kmeans  # noqa: E402
 
@@ -57,7 +59,11 @@ def rss_bytes() -> int:
 
 
 def with_peak_rss(fn):
-    """Run fn; return (seconds, result, peak rise of resident memory in MB)."""
+    """Run fn; return (seconds, result, peak rise of resident memory in MB).
+
+    Waits first so the other side's spinning OpenMP/BLAS threads are idle.
+    """
+    time.sleep(0.5)
     base = rss_bytes()
     peak = [base]
     stop = threading.Event()
@@ -87,36 +93,41 @@ def inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="5 classes, 3 timed runs each")
-    parser.add_argument("--n-init", type=int, default=1, help="project's n_init")
-    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size")
+    parser.add_argument("--n-init", type=int, default=None, help="project's n_init (default: the library's)")
+    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size (default: the library's)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     args = parser.parse_args()
+    options = {name: value for name, value in (("n_init", args.n_init), ("sample_size", args.sample_size))
+               if value is not None}
     classes, repeats = (5, 3) if args.full else (2, 2)
     print(f"B5 part-ranking k-means: {classes} classes of {N} x {DIM}, K={K}, threads {torch.get_num_threads()}")
     rng = np.random.default_rng(0)
-    ours_times, sk_times, ratios, ours_peaks, sk_peaks = [], [], [], [], []
+    ours_times, sk_times, sk1_times, ratios, ours_peaks, sk_peaks = [], [], [], [], [], []
     for c in range(classes):
         x = make_class(rng)
         xt = torch.from_numpy(x)
         kmeans(xt[:5000], K)  # warm-up (first-call costs)
         for r in range(repeats):  # interleaved: noise from other users hits both sides
-            seconds, mine, peak = with_peak_rss(lambda: kmeans(xt, K, n_init=args.n_init,
-                                                               sample_size=args.sample_size, seed=r))
+            seconds, mine, peak = with_peak_rss(lambda: kmeans(xt, K, seed=r, **options))
             ours_times.append(seconds)
             ours_peaks.append(peak)
             if r == 0:
                 sk_s, theirs, sk_peak = with_peak_rss(lambda: KMeans(n_clusters=K, random_state=0).fit(x))
                 sk_times.append(sk_s)
                 sk_peaks.append(sk_peak)
+                with threadpool_limits(1):
+                    sk1_times.append(with_peak_rss(lambda: KMeans(n_clusters=K, random_state=0).fit(x))[0])
                 b = inertia(x, theirs.cluster_centers_, theirs.labels_)
             ratios.append(inertia(x, mine.centroids.numpy(), mine.labels.numpy()) / b)
         print(f"class {c}: project {statistics.median(ours_times[-repeats:]):.3f} s "
-              f"(full-data iterations {int(mine.n_iter)}), sklearn {sk_s:.3f} s ({theirs.n_iter_} iterations), "
+              f"(assignment passes {int(mine.n_iter)}), sklearn {sk_s:.3f} s ({theirs.n_iter_} iterations), "
               f"inertia ratios {', '.join(f'{q:.5f}' for q in ratios[-repeats:])}")
     ours_s, sk_s = statistics.median(ours_times), statistics.median(sk_times)
     print(f"project: median {ours_s:.3f} s per class, peak RSS rise median {statistics.median(ours_peaks):.0f} MB "
           f"(max {max(ours_peaks):.0f})")
-    print(f"sklearn: median {sk_s:.3f} s per class, peak RSS rise median {statistics.median(sk_peaks):.0f} MB")
+    print(f"sklearn: median {sk_s:.3f} s per class, peak RSS rise median {statistics.median(sk_peaks):.0f} MB; "
+          f"limited to 1 thread {statistics.median(sk1_times):.3f} s (project speedup over it "
+          f"{statistics.median(sk1_times) / ours_s:.1f}x)")
     print(f"inertia ratio project/sklearn: median {statistics.median(ratios):.5f}, "
           f"min {min(ratios):.5f}, max {max(ratios):.5f}")
     print(f"B5 speedup={sk_s / ours_s:.1f}x inertia_ratio={statistics.median(ratios):.4f} "

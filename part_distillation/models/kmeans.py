@@ -1,33 +1,34 @@
 """One batched k-means for the whole pipeline (pixel grouping and part ranking).
 
 Many independent problems are solved at once: ``points`` (B, N, D) with a validity
-``mask`` (B, N) for problems of different sizes (or a list, see :func:`kmeans_list`).
-Everything runs on the device of the inputs; results are Lloyd local optima in the full
-feature space, of the same quality as sklearn's ``KMeans`` (benchmarks B1, B5).
+``mask`` (B, N) for problems of different sizes, or a list (:func:`kmeans_list`).
+Everything runs on the device of the inputs. The results are Lloyd local optima in the
+full feature space, of sklearn ``KMeans``'s quality (benchmarks B1, B5); the speed comes
+from needing few passes over the points, which is what k-means costs:
 
-Why it is fast (the cost of k-means is passes over the points, not arithmetic):
+1. Coarse coordinates: every point projected on ``coarse_dims`` principal directions
+   of its problem (one step of subspace iteration on 256 of its points; one matmul).
+2. Coarse fit, in those few dimensions, on up to ``sample_size`` random points per
+   problem: greedy k-means++ (sklearn's variant: ``2 + log K`` candidates per step, the
+   one that lowers the potential most) and Lloyd, ``n_init`` runs, all runs and all
+   problems sharing each batched matmul; the run with the lowest inertia wins.
+3. Lift: every point takes its nearest coarse centroid; full-dimensional centroids are
+   the means of these clusters (one pass).
+4. Refinement: Lloyd on all points in all dimensions from those labels, usually one or
+   two assignment passes, until no label changes or a pass lowers the inertia by at
+   most ``tol`` of it; cluster sums are then updated with the changed points only.
 
-1. Coarse stage, cheap: each problem is reduced to at most ``sample_size`` random
-   points projected on ``coarse_dims`` principal directions (one step of subspace
-   iteration on 256 of its points). There, greedy k-means++ (sklearn's variant:
-   ``2 + log K`` candidates per step, keep the one that lowers the potential most) and
-   Lloyd run ``n_init`` times, all runs and all problems sharing each batched matmul.
-   The run with the lowest (coarse) inertia wins.
-2. Lift: full-dimensional centroids are the means of the coarse clusters.
-3. Refinement: Lloyd on all points in all dimensions, typically one or two passes,
-   until no label changes or a pass lowers the inertia by at most ``tol`` of it.
-   Cluster sums are then updated only with the points that changed cluster.
-
-Distances use ||x||^2 - 2 x.c + ||c||^2 (one batched matmul per pass) in float32. Each
-problem draws its randomness from its own ``torch.Generator``, so its answer does not
-depend on what it is batched with. Passes are chunked over points (bounded temporaries
-for millions of points) and, on CPU, problems go in cache-sized groups. Empty clusters
-are re-seeded with the points farthest from their centres; a cluster stays empty (a
-duplicate centroid, count 0) only when every point already sits on a centre, i.e. there
-are fewer distinct points than K.
+Distances use ||x||^2 - 2 x.c + ||c||^2 (batched matmuls) in float32. Each problem
+draws its randomness from its own ``torch.Generator``, so its answer does not depend on
+what it is batched with. Passes are chunked over points (bounded temporaries for
+millions of points); on CPU, problems go in cache-sized groups. Empty clusters are
+re-seeded with the points farthest from their centres; a cluster stays empty (count 0,
+a duplicate centroid) only when every point already sits on a centre, i.e. there are
+fewer distinct points than K.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -67,7 +68,7 @@ class KMeansResult:
 
 def default_sample_size(n_clusters: int) -> int:
     """Points per problem that fit the coarse clustering (fewer: all of them)."""
-    return max(1024, 128 * n_clusters)
+    return max(512, 128 * n_clusters)
 
 
 def default_coarse_dims(n_clusters: int) -> int:
@@ -80,9 +81,9 @@ def batched_kmeans(
     n_clusters: int,
     mask: torch.Tensor | None = None,
     *,
-    n_init: int = 1,
+    n_init: int = 3,
     max_iter: int = 300,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     seed: int | Sequence[int] = 0,
     sample_size: int | None = None,
     coarse_dims: int | None = None,
@@ -93,8 +94,9 @@ def batched_kmeans(
 
     ``seed``: an int (problem b uses ``seed + b``) or one seed per problem; a problem's
     result depends only on its points and its seed. ``n_init`` k-means++ runs are
-    compared in the coarse stage. ``max_iter`` bounds the Lloyd passes of each stage;
-    ``tol`` is the relative inertia decrease below which a stage stops.
+    compared in the coarse stage (they cost little there). ``max_iter`` bounds the Lloyd
+    passes of each stage; a stage stops when a pass lowers the inertia by at most
+    ``tol`` times the inertia, or changes no label.
     ``sample_size``/``coarse_dims`` shape the coarse stage (defaults
     :func:`default_sample_size`, :func:`default_coarse_dims`; ``coarse_dims=0`` keeps
     all dimensions). ``chunk_size`` bounds the points per pass step; ``group_bytes``
@@ -102,7 +104,6 @@ def batched_kmeans(
     """
     if points.dim() != 3:
         raise ValueError(f"points must be (B, N, D), got shape {tuple(points.shape)}")
-    _check_options(n_clusters, n_init, max_iter, tol)
     if not points.is_floating_point():
         raise TypeError(f"points must be floating point, got {points.dtype}")
     batch, num_points, dim = points.shape
@@ -114,14 +115,9 @@ def batched_kmeans(
     mask = mask.to(device=device, dtype=torch.bool)
     seeds = _problem_seeds(seed, batch)
     points = points.float()
-    sample_size = default_sample_size(n_clusters) if sample_size is None else int(sample_size)
-    coarse_dims = default_coarse_dims(n_clusters) if coarse_dims is None else int(coarse_dims)
-    if sample_size < 1 or coarse_dims < 0:
-        raise ValueError(f"need sample_size >= 1 and coarse_dims >= 0; got {sample_size}, {coarse_dims}")
     if group_bytes is None:
         group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else _GPU_GROUP_BYTES
-    options = dict(k=n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, sample_size=sample_size,
-                   coarse_dims=coarse_dims, chunk_size=chunk_size)
+    options = _options(n_clusters, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size)
 
     def groups():
         per_group = max(1, group_bytes // max(1, num_points * dim * 4))
@@ -160,9 +156,9 @@ def kmeans_list(
     problems: Sequence[torch.Tensor],
     n_clusters: int,
     *,
-    n_init: int = 1,
+    n_init: int = 3,
     max_iter: int = 300,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     seed: int | Sequence[int] = 0,
     sample_size: int | None = None,
     coarse_dims: int | None = None,
@@ -187,12 +183,7 @@ def kmeans_list(
     device, dim = problems[0].device, problems[0].shape[1]
     if group_bytes is None:
         group_bytes = _CPU_GROUP_BYTES if device.type == "cpu" else _GPU_GROUP_BYTES
-    _check_options(n_clusters, n_init, max_iter, tol)
-    options = dict(
-        k=n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
-        sample_size=default_sample_size(n_clusters) if sample_size is None else int(sample_size),
-        coarse_dims=default_coarse_dims(n_clusters) if coarse_dims is None else int(coarse_dims),
-    )
+    options = _options(n_clusters, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size)
     nonempty = [i for i in range(len(problems)) if problems[i].shape[0] > 0]
 
     def groups():
@@ -270,10 +261,6 @@ class _Group:
     mask: torch.Tensor | None         # (G, n), None when every point is valid
     x_norm: torch.Tensor              # (G, n) squared norms
     z: torch.Tensor                   # (G, n, d) coarse coordinates of every point
-    basis: torch.Tensor | None        # (G, D, d) orthonormal coarse directions (None: z is x)
-    mean: torch.Tensor | None         # (G, 1, D) centre of the coarse coordinates
-    centred_norm: torch.Tensor | None  # (G, n) |x - mean|^2
-    residual: torch.Tensor | None     # (G, n) upper bound of |x - mean - basis z|
     sample_index: torch.Tensor        # (G, m) rows that fit the coarse clustering
     sample_mask: torch.Tensor | None  # (G, m), None when every sample slot is used
     uniforms: torch.Tensor            # (G, n_init, draws) k-means++ draws
@@ -283,11 +270,17 @@ class _Group:
         return self.sample_index.numel() * self.z.shape[-1] * 4 * 4  # sample and temporaries
 
 
-def _check_options(n_clusters, n_init, max_iter, tol) -> None:
+def _options(n_clusters, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size) -> dict:
+    """The checked options of a solve, defaults filled in."""
+    sample_size = default_sample_size(n_clusters) if sample_size is None else int(sample_size)
+    coarse_dims = default_coarse_dims(n_clusters) if coarse_dims is None else int(coarse_dims)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-    if n_init < 1 or max_iter < 1 or tol < 0:
-        raise ValueError(f"need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
+    if n_init < 1 or max_iter < 1 or tol < 0 or sample_size < 1 or coarse_dims < 0:
+        raise ValueError("need n_init >= 1, max_iter >= 1, tol >= 0, sample_size >= 1, coarse_dims >= 0; got "
+                         f"{n_init}, {max_iter}, {tol}, {sample_size}, {coarse_dims}")
+    return dict(k=n_clusters, n_init=n_init, max_iter=max_iter, tol=tol, sample_size=sample_size,
+                coarse_dims=coarse_dims, chunk_size=chunk_size)
 
 
 def _fields(result: KMeansResult):
@@ -352,9 +345,8 @@ def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Gr
     device = x.device
     sample_index = sample_index.to(device)
     sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
-    coarse = _project(x, x_norm, pca_index.to(device), pca_mask.to(device), coarse_dims) if project \
-        else (x, None, None, None, None)
-    return _Group(key, x, full_mask, x_norm, *coarse, sample_index, sample_mask, uniforms.to(device))
+    z = _project(x, pca_index.to(device), pca_mask.to(device), coarse_dims) if project else x
+    return _Group(key, x, full_mask, x_norm, z, sample_index, sample_mask, uniforms.to(device))
 
 
 def _gather_rows(x, index):
@@ -364,32 +356,28 @@ def _gather_rows(x, index):
     return x.reshape(batch * n, dim).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, dim)
 
 
-def _project(x, x_norm, pca_index, pca_mask, dims):
-    """Coarse coordinates of every point on its problem's leading principal directions.
+def _project(x, pca_index, pca_mask, dims):
+    """Every point on its problem's leading principal directions: (B, n, dims).
 
     One step of subspace iteration (W = S^T S Omega) on a few centred points per
     problem: no SVD, and it tilts a random basis toward the high-variance directions,
-    where clusters separate. Omega is fixed, so batching changes nothing. The same
-    matmul gives x.mean, hence |x - mean|^2 and a bound on each point's distance to the
-    subspace, which the refinement uses to skip exact distances.
-    Returns z (B, n, dims), basis (B, D, dims), mean (B, 1, D), |x - mean|^2, residual bound.
+    where clusters separate. Omega is fixed, so batching changes nothing.
     """
     weights = pca_mask.to(x.dtype)[..., None]
     pts = _gather_rows(x, pca_index)
     mean = (pts * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
     centred = (pts - mean) * weights
-    generator = torch.Generator().manual_seed(_PROJECTION_SEED)
-    omega = torch.randn(x.shape[-1], dims, generator=generator).to(x.device)
+    omega = _test_matrix(x.shape[-1], dims, x.device)
     spread = torch.bmm((centred @ omega).transpose(1, 2), centred)  # (B, dims, D) = (S^T S Omega)^T
     basis = torch.linalg.qr(spread.transpose(1, 2)).Q  # (B, D, dims)
-    both = torch.bmm(x, torch.cat([basis, mean.transpose(1, 2)], 2))  # one pass: x.basis and x.mean
-    z = both[..., :dims] - mean @ basis
-    mean_norm = mean.square().sum(-1)  # (B, 1)
-    centred_norm = (x_norm - 2 * both[..., dims] + mean_norm).clamp_(min=0)
-    residual_sq = (centred_norm - z.square().sum(-1)).clamp_(min=0)
-    # Slack for float32 rounding of the expanded norms (relative 1e-6 of the magnitudes).
-    residual = (residual_sq + 1e-6 * (x_norm + mean_norm)).sqrt_()
-    return z, basis, mean, centred_norm, residual
+    return torch.baddbmm(-(mean @ basis), x, basis)
+
+
+@functools.lru_cache(maxsize=16)
+def _test_matrix(dim: int, dims: int, device: torch.device) -> torch.Tensor:
+    """The fixed random start of the subspace iteration (cached: it is the same every call)."""
+    generator = torch.Generator().manual_seed(_PROJECTION_SEED)
+    return torch.randn(dim, dims, generator=generator).to(device)
 
 
 def _solve_groups(inputs, *, k, n_init, max_iter, tol, sample_size, coarse_dims, chunk_size):
@@ -443,141 +431,22 @@ def _refine(g: _Group, coarse_centroids, k, max_iter, tol, chunk_size) -> KMeans
     """Label every point by the coarse centroids, lift to full-dimensional means, run Lloyd.
 
     The refinement starts from labels and their exact means: one pass over the points
-    (the sums) after the coarse stage. With coarse directions, Lloyd's assignments then
-    need exact distances only for the points the bound cannot decide.
+    (the sums) after the coarse stage, then typically one or two assignment passes.
     """
-    x, batch, n = g.x, g.x.shape[0], g.x.shape[1]
+    x, batch = g.x, g.x.shape[0]
     chunk = _chunk_for(batch, k, chunk_size)
     z_norm = g.z.square().sum(-1)
     labels = _assign(g.z, z_norm, g.mask, coarse_centroids, chunk)[0]
     sums, counts = _cluster_sums(x, labels, g.mask, k, chunk)
-    if g.basis is not None:
-        centroids, labels, inertia, counts, n_iter = _bounded_lloyd(g, labels[..., 0], sums[:, 0], counts[:, 0],
-                                                                    max_iter, tol, chunk)
-    else:
-        centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
-        centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
-                                                             start=(labels, sums, counts))
-        centroids, labels, counts, n_iter = centroids[:, 0], labels[..., 0], counts[:, 0], n_iter[:, 0]
-        inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
+    centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
+    centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
+                                                         start=(labels, sums, counts))
+    centroids, labels, counts, n_iter = centroids[:, 0], labels[..., 0], counts[:, 0], n_iter[:, 0]
+    inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
     if g.mask is not None:
         labels = labels.masked_fill(~g.mask, -1)
+        centroids = centroids.masked_fill(~g.mask.any(1)[:, None, None], 0)  # problems without points
     return KMeansResult(centroids, labels, inertia, counts, n_iter)
-
-
-def _bounded_lloyd(g: _Group, labels, sums, counts, max_iter, tol, chunk):
-    """Single-run Lloyd on all points whose assignment step is mostly low-dimensional.
-
-    labels (B, n) with their sums (B, K, D) and counts (B, K). Each step: centroids are
-    the means; the inertia comes from sum |x|^2 - sum_k n_k |c_k|^2 (exact for means);
-    stop when it fell by at most ``tol`` of itself, or when no label changes (a Lloyd
-    fixed point). Labels come from :func:`_bounded_assign`.
-    Returns centroids (B, K, D), labels (B, n), inertia (B,), counts (B, K), n_iter (B,).
-    """
-    x, mask = g.x, g.mask
-    batch, n, _ = x.shape
-    k = sums.shape[1]
-    norms = g.x_norm if mask is None else g.x_norm.masked_fill(~mask, 0)
-    total = norms.sum(1, dtype=torch.float64)
-    valid_points = batch * n if mask is None else max(1, int(mask.sum()))
-    centroids = _fill_empty(x, mask, sums[:, None] / counts[:, None].clamp(min=1)[..., None], counts[:, None])[:, 0]
-    previous = None
-    done = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    n_iter = torch.zeros(batch, dtype=torch.long, device=x.device)
-    for _ in range(max_iter):
-        means = sums / counts.clamp(min=1)[..., None]
-        centroids = torch.where(done[:, None, None] | (counts == 0)[..., None], centroids, means)
-        inertia = (total - (counts.double() * centroids.double().square().sum(-1)).sum(-1)).clamp_(min=0)
-        if previous is not None:
-            done |= previous - inertia <= tol * inertia
-        previous = inertia
-        if bool(done.all()):
-            break
-        if bool((counts == 0).any()):  # rare: exact distances find the farthest points
-            exact_labels, min_dist = _assign(x, g.x_norm, mask, centroids[:, None], chunk)
-            reseeded = _reseed_empty(x, centroids[:, None], counts[:, None], exact_labels, min_dist, mask)[:, 0]
-            centroids = torch.where(done[:, None, None], centroids, reseeded)
-        new_labels = _bounded_assign(g, centroids, chunk)
-        n_iter += (~done).long()
-        changed = (new_labels != labels) & ~done[:, None]
-        if mask is not None:
-            changed &= mask
-        n_changed = changed.sum(1)
-        done |= n_changed == 0
-        if bool(done.all()):
-            break
-        if int(n_changed.sum()) <= _INCREMENTAL_FRACTION * valid_points:
-            s3, c3 = _update_sums(x, sums[:, None], counts[:, None], labels[..., None], new_labels[..., None],
-                                  changed[..., None], k)
-        else:
-            labels_now = torch.where(changed, new_labels, labels)
-            s3, c3 = _cluster_sums(x, labels_now[..., None], mask, k, chunk)
-        sums, counts = s3[:, 0], c3[:, 0]
-        labels = torch.where(changed, new_labels, labels)
-    means = sums / counts.clamp(min=1)[..., None]
-    centroids = torch.where((counts == 0)[..., None], centroids, means)
-    inertia = (total - (counts.double() * centroids.double().square().sum(-1)).sum(-1)).clamp_(min=0)
-    return centroids, labels, inertia, counts, n_iter
-
-
-def _bounded_assign(g: _Group, centroids, chunk):
-    """Nearest centroid of every point, exact distances only where the bound cannot tell.
-
-    With x - mean = basis z + r and c - mean = basis w + s (r, s orthogonal to the
-    basis): |x - c|^2 = |z - w|^2 + |r|^2 + |s|^2 - 2 r.s. So |x - c_j|^2 - |x - c_l|^2
-    >= e_j - e_l - 2 |r| |s_j - s_l| with e = |z - w|^2 + |s|^2, all low-dimensional
-    or per-centroid. A point whose best estimate l beats every other j by more than
-    that (plus a float32 slack) has label l for certain; the others are computed exactly.
-    """
-    x, mask, basis = g.x, g.mask, g.basis
-    batch, n, dim = x.shape
-    k = centroids.shape[1]
-    centred = centroids - g.mean  # (B, K, D)
-    w = torch.bmm(centred, basis)  # (B, K, d)
-    s = centred - torch.bmm(w, basis.transpose(1, 2))
-    const = w.square().sum(-1) + s.square().sum(-1)  # (B, K)
-    s_gap = torch.cdist(s, s)  # (B, K, K): |s_j - s_l|
-    centre_scale = centred.square().sum(-1).amax(-1, keepdim=True)  # (B, 1)
-    w_t = w.transpose(1, 2)
-    labels = torch.empty(batch, n, dtype=torch.long, device=x.device)
-    unsure = torch.empty(batch, n, dtype=torch.bool, device=x.device)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        estimate = torch.baddbmm(const[:, None, :], g.z[:, start:stop], w_t, alpha=-2.0)  # (B, c, K)
-        best_value, best = estimate.min(-1)
-        gap = estimate - best_value[..., None]
-        margin = torch.gather(s_gap, 1, best[..., None].expand(-1, -1, k))  # |s_j - s_best|
-        margin = margin * (2 * g.residual[:, start:stop, None])
-        margin += 1e-5 * (g.centred_norm[:, start:stop] + centre_scale)[..., None]
-        unsure[:, start:stop] = (gap <= margin).sum(-1) > 1  # the best itself always counts once
-        labels[:, start:stop] = best
-    if mask is not None:
-        unsure &= mask
-    where = unsure.reshape(-1).nonzero().squeeze(1)
-    if where.numel():
-        labels.view(-1)[where] = _exact_labels(x, centroids, where)
-    return labels
-
-
-def _exact_labels(x, centroids, where):
-    """Nearest centroid (exact expanded distances) of the points at flat indices ``where``."""
-    batch, n, dim = x.shape
-    k = centroids.shape[1]
-    rows = x.reshape(batch * n, dim)
-    c_norm = centroids.square().sum(-1)  # (B, K)
-    out = torch.empty_like(where)
-    step = max(1, _CHUNK_ELEMENTS // max(1, k * dim))
-    for start in range(0, where.numel(), step):
-        index = where[start:start + step]
-        pts = rows.index_select(0, index)
-        if batch == 1:
-            dist = torch.addmm(c_norm, pts, centroids[0].t(), alpha=-2.0)
-        else:
-            problem = torch.div(index, n, rounding_mode="floor")
-            dist = torch.baddbmm(c_norm[problem][:, None, :], pts[:, None, :],
-                                 centroids[problem].transpose(1, 2), alpha=-2.0)[:, 0]
-        out[start:start + step] = dist.argmin(-1)
-    return out
 
 
 def _fill_empty(x, mask, centroids, counts):
@@ -621,30 +490,27 @@ def _assign(x, x_norm, mask, centroids, chunk):
 
 
 def _cluster_sums(x, labels, mask, k, chunk):
-    """Per-cluster sums and counts: labels (B, N, R) -> (B, R, K, D), (B, R, K) int64."""
+    """Per-cluster sums and counts: labels (B, N, R) -> (B, R, K, D), (B, R, K) int64.
+
+    A one-hot matrix times the points (one batched matmul per chunk, parallel on every
+    device); masked points go to a dropped extra row.
+    """
     batch, n, runs = labels.shape
     dim = x.shape[-1]
-    if runs == 1:
-        # Scatter-add of rows: one read of the points, no one-hot matrix.
-        index = labels[..., 0] + torch.arange(batch, device=x.device)[:, None] * k
-        if mask is not None:
-            index = index.masked_fill(~mask, batch * k)
-        index = index.reshape(-1)
-        sums = x.new_zeros(batch * k + 1, dim)
-        sums.index_add_(0, index, x.reshape(batch * n, dim))
-        counts = torch.bincount(index, minlength=batch * k + 1)
-        return sums[:-1].view(batch, 1, k, dim), counts[:-1].view(batch, 1, k)
-    sums = x.new_zeros(batch, runs * k, dim)
-    counts = torch.zeros(batch, runs * k, dtype=torch.long, device=x.device)
-    ids = torch.arange(k, device=x.device)
+    rows = runs * k
+    sums = x.new_zeros(batch, rows, dim)
+    counts = torch.zeros(batch, rows, dtype=torch.long, device=x.device)
+    offsets = torch.arange(runs, device=x.device) * k
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        onehot = labels[:, start:stop, :, None] == ids  # (B, c, R, K)
+        index = labels[:, start:stop] + offsets  # (B, c, R)
         if mask is not None:
-            onehot &= mask[:, start:stop, None, None]
-        onehot = onehot.view(batch, stop - start, runs * k)
-        counts += onehot.sum(1)
-        sums.baddbmm_(onehot.transpose(1, 2).to(x.dtype), x[:, start:stop])
+            index = index.masked_fill(~mask[:, start:stop, None], rows)
+        onehot = x.new_zeros(batch, rows + 1, stop - start)
+        onehot.scatter_(1, index.transpose(1, 2), 1.0)
+        onehot = onehot[:, :rows]
+        sums.baddbmm_(onehot, x[:, start:stop])
+        counts += onehot.sum(-1).long()
     return sums.view(batch, runs, k, dim), counts.view(batch, runs, k)
 
 
@@ -678,8 +544,7 @@ def _reseed_empty(x, centroids, counts, labels, min_dist, mask):
     top = min(k, n)
     dist = min_dist if mask is None else min_dist.masked_fill(~mask[..., None], -1)
     far_dist, far_index = dist.transpose(1, 2).topk(top, dim=-1)  # (B, R, top)
-    far_points = torch.gather(x[:, None].expand(batch, runs, n, dim), 2,
-                              far_index[..., None].expand(batch, runs, top, dim))
+    far_points = _gather_rows(x, far_index.reshape(batch, runs * top)).view(batch, runs, top, dim)
     own = torch.gather(labels.transpose(1, 2), 2, far_index)
     own_centre = torch.gather(centroids, 2, own[..., None].expand(batch, runs, top, dim))
     # Exact distances: the expanded form is not exact near zero, and a point already on
