@@ -36,3 +36,19 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 def fmt_times(times: list[float], scale: float = 1e3, unit: str = "ms") -> str:
     return "[" + ", ".join(f"{t * scale:.1f}" for t in times) + f"] {unit}"
+
+
+def inertia(x, centroids, labels, chunk: int = 50_000) -> float:
+    """Sum of squared distances to the assigned centroids, in float64, in bounded memory.
+
+    numpy is imported here, not at module level: thread pools are sized at import, after
+    ``limit_threads`` has run.
+    """
+    import numpy as np
+
+    centroids = centroids.astype(np.float64)
+    total = 0.0
+    for start in range(0, len(x), chunk):
+        diff = x[start:start + chunk].astype(np.float64) - centroids[labels[start:start + chunk]]
+        total += float(np.einsum("nd,nd->", diff, diff))
+    return total

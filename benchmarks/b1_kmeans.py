@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_times, limit_threads, threads_from_argv, timed  # noqa: E402
+from _common import fmt_times, inertia, limit_threads, threads_from_argv, timed  # noqa: E402
 
 limit_threads(threads_from_argv())
 
@@ -51,10 +51,6 @@ def make_problem(rng: np.random.Generator) -> np.ndarray:
     x += rng.normal(size=(n, DIM)) * 0.6
     return np.maximum(x, -1.0).astype(np.float32)  # post-activation-like skew
 
-
-def inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
-    diff = x.astype(np.float64) - centroids.astype(np.float64)[labels]
-    return float(np.einsum("nd,nd->", diff, diff))
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from part_distillation.masks import label_map_miou  # noqa: E402
 from part_distillation.models.dense_crf import dense_crf, dense_crf_reference  # noqa: E402
 
 SIZE, PARTS = 640, 4
@@ -78,14 +79,6 @@ def make_case(seed: int, size: int = SIZE, parts: int = PARTS) -> tuple[np.ndarr
     return image, labels.astype(np.int64)
 
 
-def part_miou(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over part labels (>= 1, present in either) of the IoU of a and b."""
-    ious = []
-    for k in range(1, int(max(a.max(), b.max())) + 1):
-        union = np.logical_or(a == k, b == k).sum()
-        if union:
-            ious.append(np.logical_and(a == k, b == k).sum() / union)
-    return float(np.mean(ious)) if ious else 1.0
 
 
 def _worker_init() -> None:
@@ -123,7 +116,7 @@ def main() -> None:
         start = time.perf_counter()
         fast = dense_crf(image, labels, factor=args.factor)
         fast_times.append(time.perf_counter() - start)
-        agreements.append(part_miou(fast, ref))
+        agreements.append(label_map_miou(fast, ref))
         print(f"image {seed}: object {np.mean(labels > 0):.2f} of the frame, reference {ref_times[-1]:.2f} s, "
               f"fast {fast_times[-1]:.2f} s, part mIoU {agreements[-1]:.4f}, "
               f"changed by the CRF {np.mean(ref != labels):.3f}")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_threads, threads_from_argv, timed  # noqa: E402
+from _common import inertia, limit_threads, threads_from_argv, timed  # noqa: E402
 
 limit_threads(threads_from_argv())
 
@@ -81,13 +81,6 @@ def with_peak_rss(fn):
     peak[0] = max(peak[0], rss_bytes())
     return seconds, out, (peak[0] - base) / 2**20
 
-
-def inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float:
-    total = 0.0
-    for start in range(0, len(x), 50_000):
-        diff = x[start:start + 50_000].astype(np.float64) - centroids.astype(np.float64)[labels[start:start + 50_000]]
-        total += float(np.einsum("nd,nd->", diff, diff))
-    return total
 
 
 def main() -> None:

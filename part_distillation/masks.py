@@ -95,3 +95,20 @@ def union(masks: Iterable[np.ndarray]) -> np.ndarray:
     if out is None:
         raise ValueError("union of no masks")
     return out
+
+
+def label_map_miou(a: np.ndarray, b: np.ndarray, background: int = 0) -> float:
+    """Mean IoU between two integer label maps over the labels present in either.
+
+    ``background`` is left out; two maps with no other label agree fully (1.0).
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    ious = []
+    for label in np.union1d(np.unique(a), np.unique(b)):
+        if label == background:
+            continue
+        in_a, in_b = a == label, b == label
+        ious.append(np.logical_and(in_a, in_b).sum() / np.logical_or(in_a, in_b).sum())
+    return float(np.mean(ious)) if ious else 1.0

@@ -58,3 +58,13 @@ def test_bbox_iou_resize_union(blobs):
     assert up.shape == (5, 80, 120)
     np.testing.assert_array_equal(up[:, ::2, ::2], blobs)
     np.testing.assert_array_equal(masks.union(blobs), blobs.any(0))
+
+
+def test_label_map_miou_ignores_background_and_counts_labels_in_either_map():
+    a = np.array([[0, 1, 1], [2, 2, 0]])
+    b = np.array([[0, 1, 0], [2, 2, 3]])
+    # label 1: 1/2, label 2: 2/2, label 3: 0/1
+    assert masks.label_map_miou(a, b) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert masks.label_map_miou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        masks.label_map_miou(a, b[:1])
