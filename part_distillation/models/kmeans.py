@@ -6,17 +6,19 @@ Everything runs on the device of the inputs. The results are Lloyd local optima 
 full feature space, of sklearn ``KMeans``'s quality (benchmarks B1, B5); the speed comes
 from needing few passes over the points, which is what k-means costs:
 
-1. Coarse coordinates: every point projected on ``coarse_dims`` principal directions
-   of its problem (one step of subspace iteration on 256 of its points; one matmul).
-2. Coarse fit, in those few dimensions, on up to ``sample_size`` random points per
-   problem: greedy k-means++ (sklearn's variant: ``2 + log K`` candidates per step, the
-   one that lowers the potential most) and Lloyd, ``n_init`` runs, all runs and all
-   problems sharing each batched matmul; the run with the lowest inertia wins.
-3. Lift: every point takes its nearest coarse centroid; full-dimensional centroids are
-   the means of these clusters (one pass).
-4. Refinement: Lloyd on all points in all dimensions from those labels, usually one or
-   two assignment passes, until no label changes or a pass lowers the inertia by at
-   most ``tol`` of it; cluster sums are then updated with the changed points only.
+1. Coarse coordinates: up to ``sample_size`` random points per problem projected on
+   ``coarse_dims`` principal directions of the problem (one step of subspace iteration
+   on 256 of those points; one small matmul).
+2. Coarse fit, in those few dimensions: greedy k-means++ (sklearn's variant:
+   ``2 + log K`` candidates per step, the one that lowers the potential most) and
+   Lloyd, ``n_init`` runs, all runs and all problems sharing each batched matmul; the
+   run with the lowest inertia wins.
+3. Lift: full-dimensional centroids are the means of the sampled points' clusters.
+4. Refinement: Lloyd on all points in all dimensions from those centroids, usually two
+   or three assignment passes, until no label changes or a pass lowers the inertia by
+   at most ``tol`` of it; cluster sums are then updated with the changed points only.
+   The passes over all points are what k-means costs (it is memory-bound here), so the
+   earlier steps only ever touch the sample.
 
 Distances use ||x||^2 - 2 x.c + ||c||^2 (batched matmuls) in float32. Each problem
 draws its randomness from its own ``torch.Generator``, so its answer does not depend on
@@ -260,7 +262,7 @@ class _Group:
     x: torch.Tensor                   # (G, n, D) contiguous points
     mask: torch.Tensor | None         # (G, n), None when every point is valid
     x_norm: torch.Tensor              # (G, n) squared norms
-    z: torch.Tensor                   # (G, n, d) coarse coordinates of every point
+    z: torch.Tensor                   # (G, m, d) coarse coordinates of the sampled points
     sample_index: torch.Tensor        # (G, m) rows that fit the coarse clustering
     sample_mask: torch.Tensor | None  # (G, m), None when every sample slot is used
     uniforms: torch.Tensor            # (G, n_init, draws) k-means++ draws
@@ -345,7 +347,8 @@ def _plan_group(key, x, mask, seeds, sample_size, coarse_dims, k, n_init) -> _Gr
     device = x.device
     sample_index = sample_index.to(device)
     sample_mask = None if bool(sample_mask.all()) else sample_mask.to(device)
-    z = _project(x, pca_index.to(device), pca_mask.to(device), coarse_dims) if project else x
+    x_sample = _gather_rows(x, sample_index)
+    z = _project(x_sample, x, pca_index.to(device), pca_mask.to(device), coarse_dims) if project else x_sample
     return _Group(key, x, full_mask, x_norm, z, sample_index, sample_mask, uniforms.to(device))
 
 
@@ -356,7 +359,7 @@ def _gather_rows(x, index):
     return x.reshape(batch * n, dim).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, dim)
 
 
-def _project(x, pca_index, pca_mask, dims):
+def _project(points, x, pca_index, pca_mask, dims):
     """Every point on its problem's leading principal directions: (B, n, dims).
 
     One step of subspace iteration (W = S^T S Omega) on a few centred points per
@@ -370,7 +373,7 @@ def _project(x, pca_index, pca_mask, dims):
     omega = _test_matrix(x.shape[-1], dims, x.device)
     spread = torch.bmm((centred @ omega).transpose(1, 2), centred)  # (B, dims, D) = (S^T S Omega)^T
     basis = torch.linalg.qr(spread.transpose(1, 2)).Q  # (B, D, dims)
-    return torch.baddbmm(-(mean @ basis), x, basis)
+    return torch.baddbmm(-(mean @ basis), points, basis)
 
 
 @functools.lru_cache(maxsize=16)
@@ -398,7 +401,7 @@ def _solve_groups(inputs, *, k, n_init, max_iter, tol, sample_size, coarse_dims,
 
 def _solve(groups: list[_Group], k, n_init, max_iter, tol, chunk_size):
     """Coarse fit of all the groups' samples at once, then lift and refine each group."""
-    samples = [_gather_rows(g.z, g.sample_index) for g in groups]
+    samples = [g.z for g in groups]
     m = max(z.shape[1] for z in samples)
     any_mask = any(g.sample_mask is not None or z.shape[1] < m for g, z in zip(groups, samples))
     z = torch.cat([_pad_rows(z, m) for z in samples])
@@ -428,19 +431,15 @@ def _pad_rows(t, m):
 
 
 def _refine(g: _Group, coarse_centroids, k, max_iter, tol, chunk_size) -> KMeansResult:
-    """Label every point by the coarse centroids, lift to full-dimensional means, run Lloyd.
-
-    The refinement starts from labels and their exact means: one pass over the points
-    (the sums) after the coarse stage, then typically one or two assignment passes.
-    """
+    """Lift the coarse clusters of the sample to full-dimensional means, then run Lloyd on all points."""
     x, batch = g.x, g.x.shape[0]
     chunk = _chunk_for(batch, k, chunk_size)
     z_norm = g.z.square().sum(-1)
-    labels = _assign(g.z, z_norm, g.mask, coarse_centroids, chunk)[0]
-    sums, counts = _cluster_sums(x, labels, g.mask, k, chunk)
-    centroids = _fill_empty(x, g.mask, sums / counts.clamp(min=1)[..., None], counts)
-    centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk,
-                                                         start=(labels, sums, counts))
+    labels = _assign(g.z, z_norm, g.sample_mask, coarse_centroids, chunk)[0]
+    x_sample = _gather_rows(x, g.sample_index)
+    sums, counts = _cluster_sums(x_sample, labels, g.sample_mask, k, chunk)
+    centroids = _fill_empty(x_sample, g.sample_mask, sums / counts.clamp(min=1)[..., None], counts)
+    centroids, labels, min_dist, counts, n_iter = _lloyd(x, g.x_norm, g.mask, centroids, max_iter, tol, chunk)
     centroids, labels, counts, n_iter = centroids[:, 0], labels[..., 0], counts[:, 0], n_iter[:, 0]
     inertia = min_dist[..., 0].sum(1, dtype=torch.float64)
     if g.mask is not None:
