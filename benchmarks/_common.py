@@ -52,3 +52,18 @@ def inertia(x, centroids, labels, chunk: int = 50_000) -> float:
         diff = x[start:start + chunk].astype(np.float64) - centroids[labels[start:start + chunk]]
         total += float(np.einsum("nd,nd->", diff, diff))
     return total
+
+
+def kmeans_benchmark_args(description: str, full_help: str):
+    """Arguments of the k-means benchmarks (B1, B5) and the project's k-means options they set."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--full", action="store_true", help=full_help)
+    parser.add_argument("--n-init", type=int, default=None, help="project's n_init (default: the library's)")
+    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size (default: the library's)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
+    args = parser.parse_args()
+    options = {name: value for name, value in (("n_init", args.n_init), ("sample_size", args.sample_size))
+               if value is not None}
+    return args, options

@@ -16,14 +16,13 @@ each method's own centroids and labels).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_times, inertia, limit_threads, threads_from_argv, timed  # noqa: E402
+from _common import fmt_times, inertia, kmeans_benchmark_args, limit_threads, threads_from_argv, timed  # noqa: E402
 
 limit_threads(threads_from_argv())
 
@@ -54,14 +53,7 @@ def make_problem(rng: np.random.Generator) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="96 problems, more repeats")
-    parser.add_argument("--n-init", type=int, default=None, help="project's n_init (default: the library's)")
-    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size (default: the library's)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
-    args = parser.parse_args()
-    options = {name: value for name, value in (("n_init", args.n_init), ("sample_size", args.sample_size))
-               if value is not None}
+    args, options = kmeans_benchmark_args(__doc__.splitlines()[0], "96 problems, more repeats")
     num_problems, repeats, sk_repeats = (96, 5, 3) if args.full else (16, 3, 2)
     rng = np.random.default_rng(0)
     problems = [make_problem(rng) for _ in range(num_problems)]

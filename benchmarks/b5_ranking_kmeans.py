@@ -15,7 +15,6 @@ for reference. Inertia of both is re-evaluated the same way (float64).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import inertia, limit_threads, threads_from_argv, timed  # noqa: E402
+from _common import inertia, kmeans_benchmark_args, limit_threads, threads_from_argv, timed  # noqa: E402
 
 limit_threads(threads_from_argv())
 
@@ -84,14 +83,7 @@ def with_peak_rss(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="5 classes, 3 timed runs each")
-    parser.add_argument("--n-init", type=int, default=None, help="project's n_init (default: the library's)")
-    parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size (default: the library's)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
-    args = parser.parse_args()
-    options = {name: value for name, value in (("n_init", args.n_init), ("sample_size", args.sample_size))
-               if value is not None}
+    args, options = kmeans_benchmark_args(__doc__.splitlines()[0], "5 classes, 3 timed runs each")
     classes, repeats = (5, 3) if args.full else (2, 2)
     print(f"B5 part-ranking k-means: {classes} classes of {N} x {DIM}, K={K}, threads {torch.get_num_threads()}")
     rng = np.random.default_rng(0)
