@@ -36,7 +36,6 @@ class JobContext:
     local_rank: int = 0
     job_id: Optional[str] = None
     on_slurm: bool = False
-    raw_config: Optional[DictConfig] = None  # the composed config, for stages that compose others
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +55,7 @@ def _slurm_job_env():
 
 
 @contextmanager
-def distributed_context(raw_config: Optional[DictConfig] = None) -> Iterator[JobContext]:
+def distributed_context() -> Iterator[JobContext]:
     """Initialise torch.distributed when the job has several processes; one code path.
 
     Under SLURM with several tasks, submitit's ``TorchDistributedEnvironment`` exports
@@ -87,7 +86,7 @@ def distributed_context(raw_config: Optional[DictConfig] = None) -> Iterator[Job
                      rank, world_size, backend, socket.gethostname())
     context = JobContext(rank=rank, world_size=world_size, local_rank=local_rank,
                          job_id=job_env.job_id if job_env else None,
-                         on_slurm=job_env is not None, raw_config=raw_config)
+                         on_slurm=job_env is not None)
     try:
         yield context
     finally:
@@ -106,7 +105,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     run: RunConfig = validate(cfg)
     configure_logging(run.log_level)
     stage_run = stages.get(run.stage.name)
-    with distributed_context(cfg) as context:
+    with distributed_context() as context:
         summary = stage_run(run, context)
     summary.log()
     return summary.as_dict()

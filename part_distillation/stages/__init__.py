@@ -7,7 +7,7 @@ The registry maps names to modules so that looking a stage up imports only that 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol
+from typing import Callable
 
 STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
@@ -29,10 +29,6 @@ PLANNED: dict[str, str] = {
 
 class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
-
-
-class StageRun(Protocol):
-    def __call__(self, cfg, context): ...
 
 
 def get(name: str) -> Callable:
