@@ -13,6 +13,7 @@ from part_distillation.data.images import probe_image
 from part_distillation.launch import JobContext
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import list_shard_images, open_output
+from part_distillation.store.schemas import INDEX
 
 log = logging.getLogger("part_distillation")
 
@@ -20,7 +21,7 @@ log = logging.getLogger("part_distillation")
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name)
     tree, refs = list_shard_images(cfg)
-    with open_output(cfg) as out:
+    with open_output(cfg, INDEX) as out:
         for ref in progress(refs, len(refs), f"index {cfg.shard.index}/{cfg.shard.count}",
                             cfg.stage.progress_every):
             summary.seen += 1

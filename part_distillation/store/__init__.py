@@ -82,6 +82,7 @@ from typing import Any
 import numpy as np
 
 from part_distillation.masks import rle_area, rle_to_bbox
+from part_distillation.store.schemas import RecordSchema
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +630,7 @@ class ShardWriter:
     def __init__(self, output_dir: str | os.PathLike, shard_index: int, num_shards: int, *,
                  stage: str, config: Mapping[str, Any], code_version: str | None = None,
                  ignore_keys: Iterable[str] = (), overwrite_config: bool = False,
-                 fsync_every: int = 256, on_corrupt: str = "raise"):
+                 fsync_every: int = 256, on_corrupt: str = "raise", schema: "RecordSchema | None" = None):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
         if not 0 <= shard_index < num_shards:
@@ -640,6 +641,7 @@ class ShardWriter:
         self.shard_index, self.num_shards = shard_index, num_shards
         self.code_version = code_version if code_version is not None else _code_version()
         self.fsync_every = fsync_every
+        self.schema = schema
         self.manifest = ensure_manifest(self.output_dir, stage=stage, config=config, num_shards=num_shards,
                                         code_version=self.code_version, ignore_keys=ignore_keys,
                                         overwrite_config=overwrite_config)
@@ -723,6 +725,8 @@ class ShardWriter:
         key = record.get("key") if isinstance(record, Mapping) else None
         if not isinstance(key, str) or not key:
             raise ValueError("a record must be a dict with a non-empty str 'key'")
+        if self.schema is not None:
+            self.schema.check(record)
         fields = {k: v for k, v in record.items() if k != "key"}
         self._append(key, encode_payload(key, fields), None)
 
