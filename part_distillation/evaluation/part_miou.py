@@ -175,21 +175,29 @@ def summarize(states: Mapping[int, np.ndarray]) -> MIoUSummary:
 
 
 def image_confusion(pred_masks: np.ndarray, pred_clusters: Sequence[int], gt_masks: np.ndarray,
-                    gt_parts: Sequence[int], num_clusters: int, num_parts: int,
-                    mapping: np.ndarray | None = None) -> np.ndarray:
-    """One image's confusion matrix for the matching pass (``mapping=None``: clusters x parts)
-    or the evaluation pass (clusters relabelled to parts through ``mapping``: parts x parts).
+                    gt_parts: Sequence[int], num_clusters: int, num_parts: int) -> np.ndarray:
+    """One image's confusion matrix, predicted clusters x ground-truth parts (background last).
 
-    Masks are bool (N, H, W) of one size; ground-truth parts of one id are merged by the
-    label map.
+    Masks are bool (N, H, W) of one size; masks of one id are merged by the label map.
+    This is the whole per-image state of the mIoU evaluation: with one label per pixel,
+    relabelling clusters to parts merges rows (:func:`apply_mapping`), so both passes and
+    both protocols are computed from these matrices.
     """
     gt_masks = np.asarray(gt_masks, dtype=bool)
     shape = gt_masks.shape[1:] if gt_masks.ndim == 3 and len(gt_masks) else np.asarray(pred_masks).shape[1:]
     gt = label_map(gt_masks, gt_parts, num_parts, shape=tuple(shape))
-    labels = np.asarray(pred_clusters, dtype=np.int64)
-    num_pred = num_clusters
-    if mapping is not None:
-        labels = np.asarray(mapping, dtype=np.int64)[labels] if len(labels) else labels
-        num_pred = num_parts
-    pred = label_map(np.asarray(pred_masks, dtype=bool), labels, num_pred, shape=tuple(shape))
-    return confusion(pred, gt, num_pred, num_parts)
+    pred = label_map(np.asarray(pred_masks, dtype=bool), pred_clusters, num_clusters, shape=tuple(shape))
+    return confusion(pred, gt, num_clusters, num_parts)
+
+
+def apply_mapping(matrix: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Clusters x parts confusion -> parts x parts confusion, clusters relabelled by ``mapping``.
+
+    Exact when each pixel carries at most one cluster (one label per pixel).
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    num_parts = matrix.shape[1] - 1
+    out = np.zeros((num_parts + 1, num_parts + 1), dtype=np.int64)
+    np.add.at(out, np.asarray(mapping, dtype=np.int64), matrix[:-1])
+    out[-1] += matrix[-1]
+    return out

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from part_distillation.evaluation.part_miou import (
-    confusion, hungarian, image_confusion, majority_vote, match_clusters, merge, part_scores, summarize)
+    apply_mapping, confusion, hungarian, image_confusion, majority_vote, match_clusters, merge, part_scores, summarize)
 
 
 def _masks(labels, values):
@@ -25,7 +25,9 @@ def test_worked_by_hand():
     np.testing.assert_array_equal(matching, [[2, 0, 0], [1, 2, 0], [0, 1, 1], [0, 0, 3]])
     mapping = majority_vote(matching)
     np.testing.assert_array_equal(mapping, [0, 1, 1])  # cluster 2 -> part 1 (background excluded)
-    evaluation = image_confusion(pred_masks, clusters, gt_masks, gt_parts, 3, 2, mapping=mapping)
+    evaluation = apply_mapping(matching, mapping)
+    relabelled = [mapping[c] for c in clusters]  # the same, computed on the pixels
+    np.testing.assert_array_equal(evaluation, image_confusion(pred_masks, relabelled, gt_masks, gt_parts, 2, 2))
     scores = part_scores(evaluation)
     # part 0: tp 2, gt 3, pred 2 -> 2/3; part 1: tp 3, gt 3, pred 5 -> 3/5
     np.testing.assert_allclose(scores.iou, [200 / 3, 60.0])
