@@ -155,6 +155,13 @@ class SyntheticDataStageConfig(StageConfig):
 
 
 @dataclass
+class SamplePhotosStageConfig(StageConfig):
+    """Stage ``sample_photos``: the scikit-image photos as an image tree (real-photo check)."""
+
+    name: str = "sample_photos"
+
+
+@dataclass
 class PipelineStageConfig(StageConfig):
     """Stage ``pipeline``: several stages in order, in this process (the demo)."""
 
@@ -275,6 +282,7 @@ class RunConfig:
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "synthetic_data": SyntheticDataStageConfig,
+    "sample_photos": SamplePhotosStageConfig,
     "pipeline": PipelineStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,
