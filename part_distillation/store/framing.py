@@ -181,7 +181,11 @@ def _frame(payload: bytes) -> bytes:
 # --------------------------------------------------------------------------- scanning
 
 def pread_exact(fd: int, n: int, offset: int) -> bytes:
-    parts, got = [], 0
+    """``n`` bytes at ``offset`` (fewer at the end of the file), without an extra copy."""
+    first = os.pread(fd, n, offset)
+    if len(first) == n or not first:
+        return first
+    parts, got = [first], len(first)
     while got < n:
         chunk = os.pread(fd, n - got, offset + got)
         if not chunk:

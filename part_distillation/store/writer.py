@@ -49,6 +49,9 @@ from part_distillation.store.schemas import RecordSchema
 
 logger = logging.getLogger("part_distillation.store")
 
+#: Distinct bad-record reasons counted per shard file; further ones count as "other".
+MAX_REASONS = 100
+
 
 class _KeysView(Set):
     """Read-only live view of a writer's done keys (no copy)."""
@@ -159,6 +162,8 @@ class ShardWriter:
         return scan.valid_end if scan.tail is not None else size
 
     def _count(self, key: str, offset: int, length: int, skip_reason: str | None, bad: str | None) -> None:
+        if bad is not None and bad not in self._bad and len(self._bad) >= MAX_REASONS:
+            bad = "other"  # reasons may name sizes or errors: keep the summary small
         old = self._done.get(key)
         if old is not None:  # superseded: its counts go
             self._add_counts(old[2], old[3], -1)
