@@ -115,6 +115,14 @@ def _json_bytes(obj: Any) -> bytes:
     return _ENCODER.encode(obj).encode("utf-8")
 
 
+def record_class_and_bad(fields: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """What the meta header keeps besides the key: the class (``wnid``) and, for a record
+    whose ``ok`` is false, its ``reason``."""
+    wnid = fields.get("wnid")
+    bad = str(fields.get("reason") or "bad") if fields.get("ok") is False else None
+    return (wnid if isinstance(wnid, str) else None), bad
+
+
 def encode_payload(key: str, fields: Mapping[str, Any], skip_reason: str | None = None) -> bytes:
     """The payload bytes of one record (see the module docstring for the layout)."""
     arrays: list = []
@@ -131,11 +139,11 @@ def encode_payload(key: str, fields: Mapping[str, Any], skip_reason: str | None 
     meta: dict[str, Any] = {"key": key}
     if skip_reason is not None:
         meta["skip"] = skip_reason
-    wnid = fields.get("wnid")
-    if isinstance(wnid, str):
-        meta["class"] = wnid
-    if fields.get("ok") is False:
-        meta["bad"] = str(fields.get("reason") or "bad")
+    class_name, bad = record_class_and_bad(fields)
+    if class_name is not None:
+        meta["class"] = class_name
+    if bad is not None:
+        meta["bad"] = bad
     if entries:
         meta["arrays"] = entries
     meta_b, values_b = _json_bytes(meta), _json_bytes(values)

@@ -41,7 +41,8 @@ from typing import Any
 from part_distillation.store.errors import DuplicateKeyError, ShardLockedError, StoreError
 from part_distillation.store.files import atomic_write_json, shard_name
 from part_distillation.store.framing import (
-    FRAME_HEADER_SIZE, _frame, _ShardScan, decode_meta, decode_record, encode_payload, pread_exact, try_flock,
+    FRAME_HEADER_SIZE, _frame, _ShardScan, decode_meta, decode_record, encode_payload, pread_exact,
+    record_class_and_bad, try_flock,
 )
 from part_distillation.store.keytable import TableBuilder
 from part_distillation.store.manifest import code_version as _code_version, ensure_manifest
@@ -216,7 +217,8 @@ class ShardWriter:
         if self.schema is not None:
             self.schema.check(record)
         fields = {k: v for k, v in record.items() if k != "key"}
-        self._append(key, encode_payload(key, fields), replace)
+        class_name, bad = record_class_and_bad(fields)
+        self._append(key, encode_payload(key, fields), replace, None, class_name, bad)
 
     def skip(self, key: str, reason: str, *, replace: bool = False) -> None:
         """Mark ``key`` as done without a record (e.g. 'no_detections'), so reruns skip it too.
@@ -226,9 +228,10 @@ class ShardWriter:
             raise ValueError("key must be a non-empty str")
         if not isinstance(reason, str) or not reason:
             raise ValueError("reason must be a non-empty str")
-        self._append(key, encode_payload(key, {}, reason), replace)
+        self._append(key, encode_payload(key, {}, reason), replace, reason, None, None)
 
-    def _append(self, key: str, payload: bytes, replace: bool) -> None:
+    def _append(self, key: str, payload: bytes, replace: bool, skip_reason: str | None,
+                class_name: str | None, bad: str | None) -> None:
         if self._fd is None:
             raise StoreError(f"writer of {self.path} is closed")
         if key in self._done and not replace:
@@ -249,11 +252,12 @@ class ShardWriter:
             raise
         offset = self._end
         self._end += total
-        meta = self._table.add_frame(payload, 0, offset, len(payload), header)
+        self._table.add(key, offset, len(payload), header, skip=skip_reason is not None,
+                        class_name=class_name, bad=bad is not None)
         if key in self._done:
             self.replaced_this_run += 1
-        self._count(key, offset, len(payload), meta.get("skip"), meta.get("bad"))
-        if "skip" in meta:
+        self._count(key, offset, len(payload), skip_reason, bad)
+        if skip_reason is not None:
             self.skipped_this_run += 1
         else:
             self.written_this_run += 1
