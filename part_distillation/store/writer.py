@@ -154,6 +154,7 @@ class ShardWriter:
         for offset, buf, pos, length in scan:
             meta = self._table.add_frame(buf, pos, offset, length)
             self._count(meta["key"], offset, length, meta.get("skip"), meta.get("bad"))
+        self._skipped_corrupt = bool(scan.corrupt)  # then its key table would hide the damage: not saved
         if scan.tail is not None:
             offset, reason = scan.tail
             logger.warning("%s: truncating incomplete last record at byte offset %d (%s, %d bytes)",
@@ -302,7 +303,8 @@ class ShardWriter:
             self.flush()
             atomic_write_json(self.summary_path, self.summary(status))
             try:
-                self._table.table(self.path, self._end, os.fstat(self._fd).st_ino).save()
+                if not self._skipped_corrupt:
+                    self._table.table(self.path, self._end, os.fstat(self._fd).st_ino).save()
             except OSError as e:  # readers rebuild a missing table from the shard
                 logger.warning("could not write the key table of %s: %s", self.path, e)
         finally:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from part_distillation.store import FRAME_HEADER_SIZE, ShardWriter
-
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"model": {"k": 4}, "data": {"name": "toy", "root": "/data/a"}, "launcher": {"nodes": 8},
           "shard": {"index": 0, "count": 3}}

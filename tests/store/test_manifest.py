@@ -3,31 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
-import signal
-import struct
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from pycocotools.coco import COCO
 
 from part_distillation import __version__
-from part_distillation.masks import encode_rles, rle_area, rle_to_bbox
 from part_distillation.store import (
-    FRAME_HEADER_SIZE, ConfigMismatchError, CorruptShardError, DuplicateKeyError, RecordStore,
-    ShardCountMismatchError, ShardLockedError, ShardWriter, code_version, coco_results, config_fingerprint,
-    export_coco, repair_shard,
+    ConfigMismatchError, RecordStore, ShardCountMismatchError, ShardWriter, code_version, config_fingerprint, export_coco, repair_shard,
 )
 
-from tests.store.helpers import CONFIG, RECORD_SRC, REPO, assert_same, blob_masks, frame_offsets, make_record, writer
+from tests.store.helpers import CONFIG, make_record, writer
 
 
 def test_manifest_records_the_run(tmp_path):

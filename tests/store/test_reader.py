@@ -1,33 +1,14 @@
 """Reading: order, duplicates, lookup, slices."""
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import random
-import signal
-import struct
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from pycocotools.coco import COCO
 
-from part_distillation import __version__
-from part_distillation.masks import encode_rles, rle_area, rle_to_bbox
-from part_distillation.store import (
-    FRAME_HEADER_SIZE, ConfigMismatchError, CorruptShardError, DuplicateKeyError, RecordStore,
-    ShardCountMismatchError, ShardLockedError, ShardWriter, code_version, coco_results, config_fingerprint,
-    export_coco, repair_shard,
-)
-
-from tests.store.helpers import CONFIG, RECORD_SRC, REPO, assert_same, blob_masks, frame_offsets, make_record, writer
+from part_distillation.store import DuplicateKeyError, RecordStore
+from tests.store.helpers import assert_same, make_record, writer
 
 
 def test_several_shards_iterate_all_in_shard_order(tmp_path):
@@ -73,8 +54,6 @@ def test_reader_sees_complete_records_while_a_writer_is_active(tmp_path, caplog)
         assert [r["i"] for r in RecordStore(tmp_path).iter_records()] == [0, 1, 2]
     assert caplog.text == ""  # a torn tail under an active writer is normal, not a warning
     w.close()
-
-
 
 
 # ----------------------------------------------------------------------------- lookup

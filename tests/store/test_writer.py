@@ -2,32 +2,14 @@
 from __future__ import annotations
 
 import json
-import logging
-import math
-import os
-import random
-import signal
-import struct
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from pycocotools.coco import COCO
 
-from part_distillation import __version__
-from part_distillation.masks import encode_rles, rle_area, rle_to_bbox
-from part_distillation.store import (
-    FRAME_HEADER_SIZE, ConfigMismatchError, CorruptShardError, DuplicateKeyError, RecordStore,
-    ShardCountMismatchError, ShardLockedError, ShardWriter, code_version, coco_results, config_fingerprint,
-    export_coco, repair_shard,
-)
-
-from tests.store.helpers import CONFIG, RECORD_SRC, REPO, assert_same, blob_masks, frame_offsets, make_record, writer
+from part_distillation.store import DuplicateKeyError, RecordStore, ShardLockedError
+from tests.store.helpers import CONFIG, RECORD_SRC, REPO, make_record, writer
 
 
 def test_resume_skips_done_keys_and_summary_aggregates(tmp_path):
@@ -101,8 +83,6 @@ def test_lock_is_held_across_processes(tmp_path):
         child.stdin.close()
     with writer(tmp_path):  # a killed holder's lock is released by the kernel
         pass
-
-
 
 
 # ----------------------------------------------------------------------------- ranks
