@@ -80,3 +80,24 @@ def test_export_coco_leaves_out_images_that_did_not_decode(tmp_path):
     assert all(img["height"] > 0 and img["width"] > 0 for img in coco.dataset["images"])
     assert written["images_left_out"] == 2 and coco.dataset["info"]["images_left_out_not_decoded"] == 2
     assert [a["image_id"] for a in coco.dataset["annotations"]] == [1, 1, 2]
+
+
+def test_export_coco_streams_to_its_file(tmp_path):
+    """Memory while exporting to a file stays far below the size of the json (no annotation list)."""
+    import tracemalloc
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    pool = encode_rles(np.stack([((yy // (1 + k % 3) + xx) % 2 == 0) & (xx > k) for k in range(10)]))
+    for shard in range(10):
+        with writer(tmp_path / "store", shard, 10) as w:
+            for i in range(30):
+                w.write({"key": f"s{shard}/img{i}.jpg", "height": 64, "width": 64, "masks": pool})
+    export_coco(tmp_path / "store", tmp_path / "warm-up.json")  # imports happen outside the measurement
+    tracemalloc.start()
+    written = export_coco(tmp_path / "store", tmp_path / "out.json")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    size = (tmp_path / "out.json").stat().st_size
+    assert written["annotations"] == 3000 and size > 3_000_000
+    assert peak < size / 4, (peak, size)
+    assert len(COCO(str(tmp_path / "out.json")).getAnnIds()) == 3000
