@@ -137,6 +137,7 @@ class IndexStageConfig(StageConfig):
     """Stage ``index``: list and check every image before GPU time is spent."""
 
     name: str = "index"
+    redo_changed: bool = False  # rerun: re-probe images whose file changed size/mtime; tombstone vanished ones
 
 
 @dataclass

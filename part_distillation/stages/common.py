@@ -12,19 +12,21 @@ from part_distillation.data.imagenet import ImageRecordRef, ImageTree, list_imag
 from part_distillation.store import ShardWriter, code_version
 from part_distillation.store.schemas import RecordSchema
 
-#: Keys that say where or how a job runs, not what it computes: they never make an
-#: existing output "different" (the shard count is checked on its own by the store).
-NOT_FINGERPRINTED = ("shard.index", "shard.count", "launcher", "paths", "log_level", "overwrite_config",
-                     "experiment", "stage.progress_every", "stage.input", "stage.output", "model.device")
 
+def open_output(cfg: RunConfig, schema: RecordSchema, context=None) -> ShardWriter:
+    """This process's writer on ``cfg.stage.output``: checks the manifest, resumes its shard
+    file, checks every record against ``schema``.
 
-def open_output(cfg: RunConfig, schema: RecordSchema) -> ShardWriter:
-    """This job's writer on ``cfg.stage.output``: checks the manifest, resumes the shard,
-    checks every record against ``schema``."""
+    ``context`` (the job's ``JobContext``; None = rank 0 of 1): each rank of a multi-process
+    job writes its own file of the job's shard (``<index>-of-<count>.rNN.rec`` for rank > 0).
+    The keys the store does not fingerprint are ``store.DEFAULT_IGNORE_KEYS`` (one list).
+    """
+    rank = getattr(context, "rank", 0) if context is not None else 0
+    world_size = getattr(context, "world_size", 1) if context is not None else 1
     return ShardWriter(cfg.stage.output, cfg.shard.index, cfg.shard.count, stage=cfg.stage.name,
                        config=dataclasses.asdict(cfg), code_version=code_version(),
-                       ignore_keys=NOT_FINGERPRINTED, overwrite_config=cfg.overwrite_config,
-                       schema=schema)
+                       overwrite_config=cfg.overwrite_config, schema=schema,
+                       rank=rank, world_size=world_size)
 
 
 def list_shard_images(cfg: RunConfig) -> tuple[ImageTree, Sequence[ImageRecordRef]]:

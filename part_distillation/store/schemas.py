@@ -119,6 +119,8 @@ INDEX = RecordSchema("index", _IMAGE + (
     Field("width", "int", "decoded width (0 when the file does not decode)"),
     Field("ok", "bool", "whether the file decodes"),
     Field("reason", "str", "why not, when ok is false"),
+    Field("file_size", "int", "file size in bytes when indexed (a rerun notices a changed file)", optional=True),
+    Field("mtime", "float", "file modification time (s since epoch) when indexed", optional=True),
 ))
 
 #: Stage 1 ``detic_labeling`` (every object-mask source writes the same record).
