@@ -16,30 +16,17 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
 from part_distillation import stages
 from part_distillation.config import RunConfig, validate
+from part_distillation.context import JobContext  # re-exported: launch.JobContext
 
 log = logging.getLogger("part_distillation")
 
-
-@dataclass
-class JobContext:
-    """Where this process stands in its job; handed to every stage's ``run``."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    job_id: Optional[str] = None
-    on_slurm: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+__all__ = ["JobContext", "distributed_context", "preflight_sweep", "run_job"]
 
 
 def _slurm_job_env():

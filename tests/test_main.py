@@ -1,8 +1,6 @@
 """The entry point and its configuration, without SLURM: composition, validation, launchers."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ from omegaconf import OmegaConf
 
 import part_distillation.__main__ as entry
 from part_distillation.config import STAGE_SCHEMAS, ConfigError, register_configs, validate
+from tests.helpers import run_entry
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(STAGE_SCHEMAS)  # index, detic_labeling, ..., part_distillation, and the helpers
 EXPERIMENT_DATA = {None: "synthetic_train", "demo": "synthetic_train",
                    "in1k": "imagenet_1k_train", "in22k": "imagenet_22k_train"}
@@ -29,11 +27,6 @@ def _compose(*overrides: str, hydra_config: bool = False):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=entry.config_dir(), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-
-def _entry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "part_distillation", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_every_stage_has_a_config_file_and_a_schema():
@@ -129,14 +122,14 @@ def test_keys_added_with_plus_that_no_schema_knows_are_refused(typo, key):
 
 
 def test_out_of_range_value_is_one_line_without_traceback(tmp_path):
-    result = _entry(tmp_path, "shard.count=0", f"paths.root={tmp_path}")
+    result = run_entry("shard.count=0", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "nothing run: config key 'shard.count' = 0 is invalid" in result.stderr
 
 
 def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
-    result = _entry(tmp_path, "stage=pixel_grouping", f"paths.root={tmp_path}")
+    result = run_entry("stage=pixel_grouping", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "not implemented yet" in result.stderr
     assert "pixel_grouping" in result.stderr
@@ -144,7 +137,7 @@ def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
 
 
 def test_out_of_range_value_exits_non_zero_naming_the_key(tmp_path):
-    result = _entry(tmp_path, "shard.count=0", f"paths.root={tmp_path}")
+    result = run_entry("shard.count=0", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "'shard.count'" in result.stderr
     assert not (tmp_path / "pseudo_labels").exists()
@@ -152,8 +145,8 @@ def test_out_of_range_value_exits_non_zero_naming_the_key(tmp_path):
 
 def test_invalid_multirun_submits_nothing(tmp_path):
     sweep = tmp_path / "sweep"
-    result = _entry(tmp_path, "-m", "hydra/launcher=submitit_local", "shard.count=2", "shard.index=range(0,3)",
-                    f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}")
+    result = run_entry("-m", "hydra/launcher=submitit_local", "shard.count=2", "shard.index=range(0,3)",
+                       f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode != 0
     assert "'shard.index'" in result.stderr
     assert not (sweep / ".submitit").exists()

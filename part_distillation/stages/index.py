@@ -10,7 +10,7 @@ import logging
 
 from part_distillation.config import RunConfig
 from part_distillation.data.images import probe_image
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import list_shard_images, open_output
 from part_distillation.store.schemas import INDEX

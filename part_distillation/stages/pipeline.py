@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from part_distillation import stages
 from part_distillation.config import RunConfig, validate
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from part_distillation.config import RunConfig
 from part_distillation.data.synthetic import make_synthetic_dataset
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")
