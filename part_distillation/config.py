@@ -103,7 +103,7 @@ class DataConfig:
     name: str = MISSING
     root: str = MISSING
     split: Optional[str] = "train"  # sub-folder of root (ImageNet-1k); null for flat trees
-    words_file: Optional[str] = None  # "wnid<TAB>names" lines; default: <root>/words.txt if present
+    words_file: Optional[str] = None  # class names / synset list; null: found next to the tree (imagenet.py)
     max_pixels: int = 64_000_000  # larger images are downscaled (or refused, see oversize)
     oversize: str = "downscale"
 

@@ -27,7 +27,12 @@ def open_output(cfg: RunConfig, schema: RecordSchema) -> ShardWriter:
                        schema=schema)
 
 
-def list_shard_images(cfg: RunConfig) -> tuple[ImageTree, Sequence[ImageRecordRef]]:
-    """The image tree of ``cfg.data`` and the slice of it this job handles."""
+def list_shard_images(cfg: RunConfig, include_rejected: bool = False) -> tuple[ImageTree, Sequence[ImageRecordRef]]:
+    """The image tree of ``cfg.data`` and the slice of it this job handles.
+
+    ``include_rejected`` adds the entries that are not readable image files
+    (``ref.problem`` set) so that a stage can record them as bad.
+    """
     tree = list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
-    return tree, shard(tree.images, cfg.shard.index, cfg.shard.count, by=cfg.shard.by)
+    refs = tree.images + tree.rejected if include_rejected else tree.images
+    return tree, shard(refs, cfg.shard.index, cfg.shard.count, by=cfg.shard.by)

@@ -105,3 +105,47 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(tree_with_bad_files, 
         got = dict(record)
         assert got == want, key
     assert 0 < partial < shard.stat().st_size, "the kill did not land midway"
+
+
+@pytest.mark.integration
+def test_crawl_junk_is_recorded_as_bad_and_a_rerun_goes_past_it(tmp_path):
+    root = tmp_path / "data"
+    made = make_synthetic_dataset(root, num_classes=2, images_per_class=3, size=48, seed=1)
+    folder = made.image_dir / made.wnids[1]
+    (folder / "loop.JPEG").symlink_to("loop.JPEG")
+    (folder / "gone.JPEG").symlink_to("missing.JPEG")
+    os.mkfifo(folder / "pipe.JPEG")
+    (folder / "dir.JPEG").mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"), "wb") as f:
+        f.write(b"x")
+    (made.image_dir / "n00000001").symlink_to(made.image_dir / made.wnids[1])
+    out = tmp_path / "out"
+    first = run_entry(*_index_overrides(root, out), timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = _records(out)
+    assert len(records) == 2 * 3 + 5
+    bad = {k: r["reason"] for k, r in records.items() if not r["ok"]}
+    assert set(bad) == {f"{made.wnids[1]}/{n}" for n in ("loop.JPEG", "gone.JPEG", "pipe.JPEG", "dir.JPEG",
+                                                         "caf\\xe9.JPEG")}
+    assert all(bad.values())
+    assert {r["class_index"] for r in records.values()} == {0, 1}  # the in-tree link added no class
+    log = first.stdout + first.stderr
+    assert "not_an_image_file: 5" in log and "caf\\xe9.JPEG" in log
+    second = run_entry(*_index_overrides(root, out), timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "11 already done" in second.stdout + second.stderr
+
+
+@pytest.mark.integration
+def test_in1k_config_reads_loc_synset_mapping_when_there_is_no_words_txt(tmp_path):
+    root = tmp_path / "imagenet"
+    made = make_synthetic_dataset(root, num_classes=2, images_per_class=2, size=48, seed=2)
+    (root / "words.txt").unlink()
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w[-2:]}, other\n" for w in made.wnids))
+    out = tmp_path / "out"
+    result = run_entry("stage=index", "data=in1k", f"data.root={root}", f"paths.root={out}",
+                       f"hydra.run.dir={out}/run", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = RecordStore(out / "pseudo_labels" / "index" / "imagenet_1k_train")
+    names = {r["class_name"] for r in store.iter_records()}
+    assert names == {f"class {w[-2:]}" for w in made.wnids}
