@@ -131,6 +131,8 @@ class StageConfig:
     input: Optional[str] = None  # the previous stage's output, where there is one
     progress_every: int = 200  # log line period (records) when not on a terminal
 
+    _checks = {"progress_every": _at_least(1)}  # stage schemas add theirs (merged, see _check_node)
+
 
 @dataclass
 class IndexStageConfig(StageConfig):
@@ -282,7 +284,9 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------
 
 def _check_node(obj: Any, prefix: str) -> None:
-    checks = getattr(type(obj), "_checks", {})
+    checks: dict = {}
+    for klass in reversed(type(obj).__mro__):  # a subclass's checks add to its base's
+        checks.update(vars(klass).get("_checks", {}))
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"

@@ -22,7 +22,7 @@ log = logging.getLogger("part_distillation")
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     tree, refs = list_shard_images(cfg, include_rejected=True)
     with open_output(cfg, INDEX) as out:
         for ref in progress(refs, len(refs), f"index {cfg.shard.index}/{cfg.shard.count}",

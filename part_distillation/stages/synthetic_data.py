@@ -18,7 +18,7 @@ log = logging.getLogger("part_distillation")
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.data.root)
     st = cfg.stage
     split = cfg.data.split or "train"
     settings = {"classes": st.classes, "images_per_class": st.images_per_class,
