@@ -169,7 +169,8 @@ def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
 
 
 def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
-    """Validate every job of a multirun before anything is submitted; return the job count.
+    """Validate every job of a multirun, then check what it needs (``check_job``), before anything
+    is submitted; return the job count.
 
     Hydra composes each job's config only inside the job, so a bad value in a sweep of
     60 SLURM jobs would otherwise fail 60 times on the cluster. Each sweep value is
@@ -193,10 +194,10 @@ def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
         jobs *= len(values)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for variant in variants:
-            cfg = compose(config_name="config", overrides=fixed + variant)
-            check_job(validate(cfg))
+        runs = [validate(compose(config_name="config", overrides=fixed + variant)) for variant in variants]
     GlobalHydra.instance().clear()
+    for run in runs:  # values first (cheap, they name the key), then what each job needs on disk
+        check_job(run)
     return jobs
 
 
