@@ -223,6 +223,8 @@ def check_job(run: RunConfig) -> None:
             check_image_tree(run.data.root, split=run.data.split, words_file=run.data.words_file)
         except FileNotFoundError as err:
             raise PreflightError(f"{err}; {DATA_HINT}") from None
+        except OSError as err:  # e.g. a folder that cannot be listed
+            raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
     if run.stage.name in stages.LOADS_WEIGHTS and run.model.weights and not os.path.isfile(run.model.weights):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
                              f"(weights/README.md says where to get it) or set paths.weights=<folder>")

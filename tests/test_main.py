@@ -319,3 +319,12 @@ def test_errors_of_the_environment_become_one_line_and_bugs_keep_their_traceback
     with pytest.raises(launch.JobFailed) as err:
         launch.run_job(_compose("stage=index", "paths.root=/scratch/pd"))
     assert "disk is full" in str(err.value) and err.value.__suppress_context__
+
+
+def test_in22k_layout_on_an_imagenet_1k_tree_is_refused_naming_the_path_and_setting(small_tree, tmp_path):
+    result = run_entry("stage=index", "data=in22k", f"data.root={small_tree}", f"paths.root={tmp_path}",
+                       cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert str(small_tree) in line and "data.split=train" in line
+    assert not (tmp_path / "pseudo_labels").exists()
