@@ -157,6 +157,13 @@ class SyntheticDataStageConfig(StageConfig):
 
 
 @dataclass
+class SamplePhotosStageConfig(StageConfig):
+    """Stage ``sample_photos``: the scikit-image photos as an image tree (real-photo check)."""
+
+    name: str = "sample_photos"
+
+
+@dataclass
 class PipelineStageConfig(StageConfig):
     """Stage ``pipeline``: several stages in order, in this process (the demo)."""
 
@@ -239,6 +246,25 @@ class PartRankingStageConfig(StageConfig):
 
 
 @dataclass
+class EvaluateStageConfig(StageConfig):
+    """Stage ``evaluate``: a stage's part records scored against a part dataset (both protocols)."""
+
+    name: str = "evaluate"
+    dataset: str = "partimagenet"
+    dataset_root: str = "${data.root}"
+    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
+    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
+    split: str = "valtest"
+    match_split: Optional[str] = None  # a split disjoint from `split` for the strict protocol's matching
+    num_clusters: int = 8
+    top_k: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200])
+    mapping: str = "majority"
+
+    _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
+               "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian")}
+
+
+@dataclass
 class RunConfig:
     """The whole composed configuration of one job."""
 
@@ -258,6 +284,7 @@ class RunConfig:
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "synthetic_data": SyntheticDataStageConfig,
+    "sample_photos": SamplePhotosStageConfig,
     "pipeline": PipelineStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,
@@ -266,6 +293,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "proposal_learning": TrainStageConfig,
     "part_ranking": PartRankingStageConfig,
     "part_distillation": TrainStageConfig,
+    "evaluate": EvaluateStageConfig,
 }
 
 

@@ -11,8 +11,10 @@ from typing import Callable
 
 STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
+    "sample_photos": "part_distillation.stages.sample_photos",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "evaluate": "part_distillation.stages.evaluate",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
