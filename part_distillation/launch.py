@@ -204,7 +204,8 @@ def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
 def check_job(run: RunConfig) -> None:
     """Everything about one job that can be checked before it is submitted.
 
-    The stage (and a pipeline's stages) exist; the image tree holds images; the weights
+    The stage (and a pipeline's stages) exist; the image tree holds images; the input
+    (``stage.input``, the previous stage's output) exists; the weights
     file is there; the output folder is writable and, when it exists, was made with this
     config and shard count. Raises :class:`PreflightError` (or ``StageNotAvailable``)
     with one line naming the path or key.
@@ -225,6 +226,9 @@ def check_job(run: RunConfig) -> None:
             raise PreflightError(f"{err}; {DATA_HINT}") from None
         except OSError as err:  # e.g. a folder that cannot be listed
             raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
+    if run.stage.input is not None and not os.path.isdir(run.stage.input):
+        raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
+                             f"it first, or set stage.input=<its output folder>")
     if run.stage.name in stages.LOADS_WEIGHTS and run.model.weights and not os.path.isfile(run.model.weights):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
                              f"(weights/README.md says where to get it) or set paths.weights=<folder>")

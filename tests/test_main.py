@@ -328,3 +328,10 @@ def test_in22k_layout_on_an_imagenet_1k_tree_is_refused_naming_the_path_and_sett
     line = _one_line(result.stderr)
     assert str(small_tree) in line and "data.split=train" in line
     assert not (tmp_path / "pseudo_labels").exists()
+
+
+def test_a_missing_input_is_named_before_running(tmp_path):
+    result = run_entry("stage=evaluate", f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "stage.input" in line and f"{tmp_path}/pseudo_labels/part_labels/proposal_generation_dcrf" in line
