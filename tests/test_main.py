@@ -277,7 +277,7 @@ def test_missing_weights_are_named_with_their_expected_path(small_tree, tmp_path
 
     monkeypatch.setitem(stages.STAGES, "detic_labeling", "part_distillation.stages.index")  # as if implemented
     run = validate(_compose("stage=detic_labeling", "model=detic_swinb", f"paths.root={tmp_path}",
-                            f"data.root={small_tree}"))
+                            f"data.root={small_tree}", f"stage.input={tmp_path}"))
     with pytest.raises(PreflightError) as err:
         check_job(run)
     expected = f"{tmp_path}/weights/detic/Detic_LCOCOI21k_CLIP_SwinB_896b32_4x_ft4x_max-size.pth"
@@ -316,6 +316,7 @@ def test_errors_of_the_environment_become_one_line_and_bugs_keep_their_traceback
         raise full
 
     monkeypatch.setattr(launch.stages, "get", lambda name: failing_stage)
+    monkeypatch.setattr(launch, "configure_logging", lambda level: None)  # leave other tests' log levels alone
     with pytest.raises(launch.JobFailed) as err:
         launch.run_job(_compose("stage=index", "paths.root=/scratch/pd"))
     assert "disk is full" in str(err.value) and err.value.__suppress_context__
