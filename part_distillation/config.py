@@ -103,7 +103,7 @@ class DataConfig:
     name: str = MISSING
     root: str = MISSING
     split: Optional[str] = "train"  # sub-folder of root (ImageNet-1k); null for flat trees
-    words_file: Optional[str] = None  # "wnid<TAB>names" lines; default: <root>/words.txt if present
+    words_file: Optional[str] = None  # class names / synset list; null: found next to the tree (imagenet.py)
     max_pixels: int = 64_000_000  # larger images are downscaled (or refused, see oversize)
     oversize: str = "downscale"
 
@@ -130,6 +130,8 @@ class StageConfig:
     output: str = MISSING  # the stage output folder in the record store
     input: Optional[str] = None  # the previous stage's output, where there is one
     progress_every: int = 200  # log line period (records) when not on a terminal
+
+    _checks = {"progress_every": _at_least(1)}  # stage schemas add theirs (merged, see _check_node)
 
 
 @dataclass
@@ -311,7 +313,9 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------
 
 def _check_node(obj: Any, prefix: str) -> None:
-    checks = getattr(type(obj), "_checks", {})
+    checks: dict = {}
+    for klass in reversed(type(obj).__mro__):  # a subclass's checks add to its base's
+        checks.update(vars(klass).get("_checks", {}))
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"

@@ -29,6 +29,14 @@ PLANNED: dict[str, str] = {
 }
 
 
+#: Stages that read the image tree of ``data`` (checked before submission: root, layout, images).
+READS_IMAGE_TREE: frozenset[str] = frozenset({"index", "detic_labeling"})
+
+#: Stages that load ``model.weights`` (checked before submission: the file must exist).
+LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "proposal_learning",
+                                           "part_ranking", "part_distillation"})
+
+
 class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
 

@@ -58,7 +58,7 @@ def _records_by_path(path: str) -> dict[str, dict]:
 
 def run(cfg: RunConfig, context) -> StageSummary:
     st = cfg.stage
-    summary = StageSummary(st.name)
+    summary = StageSummary(st.name, output=st.output)
     records = _records_by_path(st.input)
     splits = [st.split] + ([st.match_split] if st.match_split else [])
     datasets = {s: open_part_dataset(st.dataset, st.dataset_root, s, st.image_root, st.annotations_root)

@@ -12,6 +12,9 @@ file is gone, are reported (a warning each and counts in the summary). With
 supersedes the old one) and vanished ones get a ``file_missing`` tombstone (readers no
 longer yield them). The summary's bad and skipped counts cover the job's whole shard,
 not only this run.
+Entries of the tree that are not readable files (dangling links, loops, FIFOs, folders
+named like images, names that are not UTF-8) are recorded as bad the same way, with
+the listing's reason.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ import logging
 import os
 
 from part_distillation.config import RunConfig
-from part_distillation.data.images import probe_image
-from part_distillation.launch import JobContext
+from part_distillation.data.images import ImageInfo, probe_image
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import list_shard_images, open_output
 from part_distillation.store.schemas import INDEX
@@ -43,8 +46,8 @@ def _changed(record: dict | None, state: tuple[int, float] | None) -> bool:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
-    tree, refs = list_shard_images(cfg)
+    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
+    tree, refs = list_shard_images(cfg, include_rejected=True)
     redo = getattr(cfg.stage, "redo_changed", False)
     changed = vanished = 0
     with open_output(cfg, INDEX, context) as out:
@@ -66,9 +69,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                     summary.already_done += 1
                     continue
                 replace = True
-            probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
-            if not probe.ok:
-                log.warning("bad image: %s: %s", ref.path, probe.reason)
+            if ref.problem:  # listed, but not a readable file: logged by the listing
+                probe = ImageInfo(0, 0, False, ref.problem)
+            else:
+                probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
+                if not probe.ok:
+                    log.warning("bad image: %s: %s", ref.path, probe.reason)
             out.write({"key": ref.key, "path": ref.path, "wnid": ref.wnid, "class_index": ref.class_index,
                        "class_name": tree.names[ref.class_index], "height": probe.height,
                        "width": probe.width, "ok": probe.ok, "reason": probe.reason,
@@ -94,4 +100,6 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary.extra["bad_by_reason"] = counts["bad"]
     summary.extra["changed_files"] = changed
     summary.extra["vanished_files"] = vanished
+    if tree.skipped:
+        summary.extra["folders_skipped"] = len(tree.skipped)
     return summary.finish()

@@ -10,7 +10,7 @@ from part_distillation.progress import StageSummary
 
 
 def run(cfg: RunConfig, context) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.data.root)
     if context.is_main:
         paths = write_photo_tree(cfg.data.root, cfg.data.split or "train")
         summary.seen = summary.written = len(paths)
