@@ -1,4 +1,4 @@
-"""B6: peak memory of the object-conditioned class head at ImageNet-21k size.
+"""B8: peak memory of the object-conditioned class head at ImageNet-21k size.
 
 The stage-two class head is Linear(256, 22,000 x 8 + 1) applied to 200 queries at each
 of 10 decoder predictions (PIPELINE.md section 6). Two ways, one training step each
@@ -77,7 +77,7 @@ def main():
     print(f"head parameters: {head_bytes / mb:.1f} MB (its gradient is the same size)")
     print(f"before (full logits, then gather): peak {before / mb:.1f} MB, {t_before:.2f} s")
     print(f"after  (rows first):               peak {after / mb:.1f} MB, {t_after:.2f} s")
-    print(f"B6 peak_before_mb={before / mb:.1f} peak_after_mb={after / mb:.1f} "
+    print(f"B8 peak_before_mb={before / mb:.1f} peak_after_mb={after / mb:.1f} "
           f"beyond_grad_after_mb={(after - head_bytes) / mb:.2f} ratio={before / after:.1f}")
 
 
