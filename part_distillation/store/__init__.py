@@ -330,18 +330,18 @@ class _ShardScan:
     """
 
     def __init__(self, path: Path, fd: int, size: int, *, on_corrupt: str = "raise",
-                 tail_log_level: int | None = logging.WARNING):
+                 tail_log_level: int | None = logging.WARNING, start: int = 0):
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.path, self.fd, self.size = path, fd, size
         self.on_corrupt, self.tail_log_level = on_corrupt, tail_log_level
-        self.valid_end = 0
+        self.start = self.valid_end = start
         self.tail: tuple[int, str] | None = None
         self.corrupt: list[tuple[int, str]] = []
 
     def __iter__(self) -> Iterator[tuple[int, bytes, int, int]]:
-        self._buf, self._base = b"", 0
-        off, size = 0, self.size
+        self._buf, self._base = b"", self.start
+        off, size = self.start, self.size
         while off < size:
             if size - off < FRAME_HEADER_SIZE:
                 reason = "incomplete frame header"
@@ -976,6 +976,42 @@ class RecordStore:
             raise CorruptShardError(path, offset, "record changed since the index was built")
         meta, after = _decode_meta(data, FRAME_HEADER_SIZE)
         return _decode_record(data, FRAME_HEADER_SIZE, meta, after)
+
+    def closed_shards(self) -> set[int]:
+        """Shards whose writer has ended: a ``.summary.json`` written at close and no
+        writer holding the shard now (a rerun reopening a closed shard holds its lock)."""
+        closed = set()
+        for i in range(self.num_shards):
+            if not (self.path / "shards" / f"{shard_name(i, self.num_shards)}.summary.json").exists():
+                continue
+            try:
+                fd = os.open(self.shard_path(i), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if not _writer_active(fd):
+                    closed.add(i)
+            finally:
+                os.close(fd)
+        return closed
+
+    def iter_shard_from(self, index: int, offset: int = 0) -> Iterator[tuple[int, dict | None]]:
+        """``(end offset, record)`` of each complete frame of shard ``index`` from byte
+        ``offset`` on (0, or an end offset yielded before); ``record`` is None for a skip
+        marker. For readers that follow a shard while its writer appends."""
+        path = self.shard_path(index)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            scan = _ShardScan(path, fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
+            for frame_offset, buf, pos, length in scan:
+                meta, after = _decode_meta(buf, pos)
+                record = None if "skip" in meta else _decode_record(buf, pos, meta, after)
+                yield frame_offset + FRAME_HEADER_SIZE + length, record
+        finally:
+            os.close(fd)
 
     def summary(self) -> dict:
         """Totals over the shard summaries; shards without one are running, crashed or not started."""
