@@ -75,11 +75,13 @@ def part_segments_record(item: dict, labels: np.ndarray, fit_size: int, part_ids
 
 def write_stage2(dataset: Path, store: Path, split: str = "train", fit_size: int = 128, coarse: int = 8,
                  shift: int = 3, num_shards: int = 1, limit: int | None = None, delay: float = 0.0,
-                 hold: float = 0.0) -> list[str]:
+                 pause_after: int | None = None, resume_when: Path | None = None,
+                 close_when: Path | None = None) -> list[str]:
     """Write degraded part segments of the dataset as a stage-2 output; returns the keys.
 
-    Records go to shard ``i % num_shards``; ``delay`` seconds between records and ``hold``
-    seconds before closing the shards (to test readers that follow a growing output).
+    Records go to shard ``i % num_shards``, ``delay`` seconds apart. To test readers that
+    follow a growing output: after ``pause_after`` records wait until the file
+    ``resume_when`` exists, and keep the shards open until ``close_when`` exists.
     """
     writers = [ShardWriter(store, i, num_shards, stage="pixel_grouping", config=STAGE2_CONFIG,
                            code_version="test") for i in range(num_shards)]
@@ -88,15 +90,26 @@ def write_stage2(dataset: Path, store: Path, split: str = "train", fit_size: int
         for n, item in enumerate(true_part_labels(dataset, split)):
             if limit is not None and n >= limit:
                 break
+            if n == pause_after and resume_when is not None:
+                _wait_for_file(resume_when)
             record = part_segments_record(item, degrade(item["labels"], coarse, shift), fit_size)
             writers[n % num_shards].write(record)
             keys.append(record["key"])
             time.sleep(delay)
-        time.sleep(hold)
+        if close_when is not None:
+            _wait_for_file(close_when)
     finally:
         for w in writers:
             w.close()
     return keys
+
+
+def _wait_for_file(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
 
 
 def fitted_image(record: dict) -> np.ndarray:
@@ -112,10 +125,13 @@ def main() -> None:
     parser.add_argument("--fit-size", type=int, default=128)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0)
-    parser.add_argument("--hold", type=float, default=0.0)
+    parser.add_argument("--pause-after", type=int, default=None)
+    parser.add_argument("--resume-when", type=Path, default=None)
+    parser.add_argument("--close-when", type=Path, default=None)
     args = parser.parse_args()
     write_stage2(args.dataset, args.store, args.split, fit_size=args.fit_size, num_shards=args.shards,
-                 delay=args.delay, hold=args.hold)
+                 delay=args.delay, pause_after=args.pause_after, resume_when=args.resume_when,
+                 close_when=args.close_when)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rle, decode_rles, encode_rle
 from part_distillation.stages.dense_crf import RefineSettings, in_shard, part_label_map, refine_record
 from part_distillation.store import RecordStore
+from tests.slurm_cluster import wait_for
 from tests.stages.fixtures import degrade, part_segments_record, true_part_labels, write_stage2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,9 +225,10 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(dataset, tmp_path):
 @pytest.mark.integration
 def test_follow_mode_processes_stage2_while_it_writes_and_exits_when_closed(dataset, stage2, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    growing = tmp_path / "growing"
+    growing, resume, close = tmp_path / "growing", tmp_path / "resume", tmp_path / "close"
     writer = subprocess.Popen([sys.executable, "-m", "tests.stages.fixtures", str(dataset), "train", str(growing),
-                               "--fit-size", str(FIT), "--shards", "2", "--delay", "0.3", "--hold", "5"],
+                               "--fit-size", str(FIT), "--shards", "2", "--pause-after", "6",
+                               "--resume-when", str(resume), "--close-when", str(close)],
                               cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     follower = subprocess.Popen([sys.executable, "-m", "part_distillation",
                                  *_overrides(dataset, growing, tmp_path / "follow", "stage.follow=true",
@@ -234,24 +236,24 @@ def test_follow_mode_processes_stage2_while_it_writes_and_exits_when_closed(data
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     output = _output(tmp_path / "follow")
 
-    def refined() -> int:
-        return len(RecordStore(output).keys()) if (output / "manifest.json").exists() else 0
-
-    deadline = time.monotonic() + 120
-    first_seen_while_writing = None
-    while refined() < 12 and time.monotonic() < deadline:
+    def refined(n: int) -> bool:
         assert follower.poll() is None, follower.stderr.read()
-        if first_seen_while_writing is None and refined() > 0:
-            first_seen_while_writing = writer.poll() is None
-        time.sleep(0.05)
-    assert first_seen_while_writing, "stage 3 wrote nothing while stage 2 was still writing"
-    assert refined() == 12
-    # every record is refined but stage 2 has not closed its shards yet: the follower waits
-    assert writer.poll() is None, "the writer closed too early for this test (raise --hold)"
-    time.sleep(0.6)
-    assert follower.poll() is None, "stage 3 exited before stage 2 closed its shards"
-    assert writer.wait(timeout=120) == 0, writer.stderr.read()
-    assert follower.wait(timeout=60) == 0, follower.stderr.read()
+        assert writer.poll() is None, writer.stderr.read()
+        return (output / "manifest.json").exists() and len(RecordStore(output).keys()) >= n
+
+    try:
+        wait_for(lambda: refined(6), 180, what="stage 3 to refine the first 6 records")
+        resume.touch()  # stage 2 writes the other 6
+        wait_for(lambda: refined(12), 180, what="stage 3 to refine all 12 records")
+        time.sleep(1.0)  # several polls: every record is done, but stage 2's shards are still open
+        assert follower.poll() is None, "stage 3 exited before stage 2 closed its shards"
+        close.touch()
+        assert writer.wait(timeout=60) == 0, writer.stderr.read()
+        assert follower.wait(timeout=60) == 0, follower.stderr.read()
+    finally:
+        for proc in (writer, follower):
+            if proc.poll() is None:
+                proc.kill()
     _entry(*_overrides(dataset, stage2, tmp_path / "plain"))
     followed, plain = _records(_output(tmp_path / "follow")), _records(_output(tmp_path / "plain"))
     assert followed.keys() == plain.keys() and len(plain) == 12
