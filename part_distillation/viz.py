@@ -52,18 +52,25 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, colour=OUTLINE_COLOUR, thi
     return image
 
 
-def draw_labels(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], scale: float = 0.35) -> np.ndarray:
+def _stroke(image: np.ndarray) -> float:
+    """Line/text size factor: 1 for a 192-pixel image, so drawings stay visible once tiled."""
+    return max(1.0, max(image.shape[:2]) / 192)
+
+
+def draw_labels(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], scale: float | None = None) -> np.ndarray:
     """Write each part's id at its most interior pixel (in place); returns ``image``."""
+    scale = 0.35 * _stroke(image) if scale is None else scale
+    thick = max(1, round(scale / 0.35))
     for mask, part_id in zip(masks, ids):
         if not mask.any():
             continue
         dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
         text = str(int(part_id))
-        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         org = (int(x) - w // 2, int(y) + h // 2)
-        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 2, cv2.LINE_AA)
-        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 1, cv2.LINE_AA)
+        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return image
 
 
@@ -72,7 +79,7 @@ def draw_parts(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], object_
     """Parts coloured and blended, the object outlined, ids written: a new uint8 (H, W, 3) image."""
     out = blend_masks(image, masks, ids, alpha)
     if object_mask is not None:
-        draw_outline(out, object_mask)
+        draw_outline(out, object_mask, thickness=round(_stroke(out)))
     if labels:
         draw_labels(out, masks, ids)
     return out
@@ -134,16 +141,20 @@ def grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str], cell: 
 
 
 def class_collage(records: Iterable[dict], per_class: int = 4, classes: int = 8, cell: int = 192) -> np.ndarray:
-    """A few records of each of the first ``classes`` classes (by class index), one row per class."""
+    """The ``per_class`` first records by key of each of the first ``classes`` classes (by class
+    index), one row per class: the same images whichever stage or sharding wrote them."""
     by_class: dict[int, list[dict]] = defaultdict(list)
     names: dict[int, str] = {}
     for record in records:
         c = int(record.get("class_index", -1))
-        if len(by_class[c]) < per_class:
-            by_class[c].append(record)
-            names[c] = str(record.get("class_name", record.get("wnid", c)))
+        names[c] = str(record.get("class_name", record.get("wnid", c)))
+        kept = by_class[c]
+        kept.append(record)
+        if len(kept) > per_class:
+            kept.sort(key=lambda r: r["key"])
+            kept.pop()
     chosen = sorted(by_class)[:classes]
-    rows = [[draw_record(r) for r in by_class[c]] for c in chosen]
+    rows = [[draw_record(r) for r in sorted(by_class[c], key=lambda r: r["key"])] for c in chosen]
     return grid(rows, [names[c] for c in chosen], cell)
 
 
