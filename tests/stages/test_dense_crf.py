@@ -15,12 +15,13 @@ from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rle, decode_rles, encode_rle
 from part_distillation.stages.dense_crf import RefineSettings, in_shard, part_label_map, refine_record
 from part_distillation.store import RecordStore
-from tests.slurm_cluster import wait_for
+from tests.slurm_cluster import slurm_cluster, wait_for
 from tests.stages.fixtures import degrade, part_segments_record, true_part_labels, write_stage2
 
 REPO = Path(__file__).resolve().parents[2]
 FIT = 128
 SETTINGS = RefineSettings(input_size=FIT)
+__all__ = ["slurm_cluster"]  # the fixture, imported so pytest finds it
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,35 @@ def test_missing_input_is_one_clear_error(dataset, tmp_path):
     result = _entry(*_overrides(dataset, tmp_path / "nothing", tmp_path), check=False)
     assert result.returncode != 0
     assert "stage.input=" in result.stderr + result.stdout and "run stage 2" in result.stderr + result.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+def test_seed_script_runs_a_slurm_array_over_stage2_records(dataset, stage2, tmp_path, slurm_cluster):
+    """`sh_files/dcrf/run.sh` with JOBS=2 on the local cluster: one array, records checked by schema."""
+    import submitit
+
+    from part_distillation.store.schemas import PART_SEGMENTS
+    from tests.slurm_cluster import final_state, job_logs, submitit_job_ids
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PD_PYTHON": sys.executable,
+           "PD_LAUNCHER": "submitit_slurm", "PD_EXPERIMENT": "demo", "JOBS": "2"}
+    result = subprocess.run(["sh_files/dcrf/run.sh", f"data.root={dataset}", f"paths.root={tmp_path}",
+                             f"stage.input={stage2}", f"stage.input_size={FIT}", f"hydra.sweep.dir={sweep}",
+                             "launcher.timeout_min=5"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + job_logs(sweep)
+    tasks = [j for j in submitit_job_ids(sweep / ".submitit") if "_" in j]
+    assert sorted(j.split("_")[1] for j in tasks) == ["0", "1"] and len({j.split("_")[0] for j in tasks}) == 1
+    for job_id in tasks:
+        assert final_state(submitit.SlurmJob(folder=sweep / ".submitit" / "%j", job_id=job_id)) == "COMPLETED"
+    store = RecordStore(_output(tmp_path))
+    assert store.num_shards == 2 and store.summary()["shards_closed"] == 2
+    records = _records(_output(tmp_path))
+    assert records.keys() == _records(stage2).keys() and len(records) == 12
+    for record in records.values():
+        PART_SEGMENTS.check(record)
+        assert record["fitted_size"] == [FIT, FIT] and record["original_size"] == [FIT, FIT]
+        assert all(m["size"] == [FIT, FIT] for m in record["part_masks"])
+        assert len(record["part_masks"]) == len(record["part_ids"]) > 0
