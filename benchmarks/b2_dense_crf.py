@@ -198,7 +198,25 @@ def stage_figures(stage_images: int) -> tuple[dict, int]:
                 stage_rates[variant, workers] = rate
                 print(f"stage dense_crf ({variant}, 640x640, {stage_images} images): {workers} worker(s) "
                       f"{rate:.3f} images/s")
+        reference, fast = (_label_maps(Path(tmp) / f"out_{v}_1") for v in ("reference", "fast"))
+        agreement = [label_map_miou(fast[k], reference[k]) for k in reference]
+        print(f"stage outputs, fast vs reference variant: part mIoU mean {np.mean(agreement):.4f}, "
+              f"min {min(agreement):.4f}")
     return stage_rates, cores
+
+
+def _label_maps(output: Path) -> dict[str, np.ndarray]:
+    """Each record's parts of a stage output as one label map (part ids)."""
+    from part_distillation.masks import decode_rles
+
+    maps = {}
+    for record in RecordStore(output).iter_records():
+        masks = decode_rles(record["part_masks"], size=tuple(record["fitted_size"]))
+        labels = np.zeros(masks.shape[1:], np.int64)
+        for mask, part_id in zip(masks, record["part_ids"]):
+            labels[mask] = part_id
+        maps[record["key"]] = labels
+    return maps
 
 
 def stage_line(stage_rates: dict, cores: int) -> str:

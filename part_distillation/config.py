@@ -198,7 +198,9 @@ class DenseCRFStageConfig(StageConfig):
     fitted image. ``fast`` (``models.dense_crf.dense_crf``: the object's box plus a
     margin, the CRF at 1/``fast_factor`` resolution) agrees with it at part mIoU 0.986
     (``fast_factor=2``, about 7x faster) and 0.998 (``fast_factor=1``, about 2x) on
-    benchmark B2's 640x640 cases; on the synthetic test objects see the stage's tests.
+    benchmark B2's textured 640x640 cases; on degraded synthetic parts fitted to 640
+    (tests/stages/fixtures.py, 6 objects) 0.950 (factor 2) and 0.968 (factor 1). Small
+    fitted images lose more at factor 2 (0.77 at 128x128): keep factor 1 there.
     ``input_size``: the fit size stage 2 used; a record in another frame is an error.
     ``workers``: local CRF processes of this job (one writer, in the main process).
     ``follow``: process stage-2 records as they appear, polling the input every
