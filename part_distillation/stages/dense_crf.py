@@ -118,12 +118,9 @@ def refine_record(record: dict, settings: RefineSettings) -> tuple[dict | None, 
         return None, "no_parts"
     try:
         image = load_rgb(record["path"], max_pixels=settings.max_pixels, oversize=settings.oversize)
-    except (BadImageError, FileNotFoundError) as err:
-        log.warning("bad image skipped: %s: %s", record["path"], err)
+    except (BadImageError, FileNotFoundError):
         return None, "bad_image"
-    if tuple(image.shape[:2]) != frame.original:
-        log.warning("image %s is %s now, stage 2 read it as %s: skipped", record["path"],
-                    list(image.shape[:2]), list(frame.original))
+    if tuple(image.shape[:2]) != frame.original:  # the file changed since stage 2 read it
         return None, "image_changed"
     part_masks = decode_rles(record["part_masks"], size=frame.fitted)
     if part_masks.shape[1:] != frame.fitted or len(part_masks) != len(part_ids):
@@ -256,6 +253,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                         todo.append(record)
                 for record, (refined, reason) in zip(todo, refiner.map(todo)):
                     if refined is None:
+                        if reason in ("bad_image", "image_changed"):
+                            log.warning("skipped %s (%s): %s", record["key"], reason, record["path"])
                         out.skip(record["key"], reason)
                         summary.skip(reason)
                     else:
