@@ -28,7 +28,6 @@ import logging
 import multiprocessing as mp
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +41,7 @@ from part_distillation.launch import JobContext
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.progress import StageSummary
 from part_distillation.stages.common import open_output
-from part_distillation.store import RecordStore, manifest_path
+from part_distillation.store import RecordStore, key_hash, manifest_path
 from part_distillation.store.schemas import PART_SEGMENTS
 
 log = logging.getLogger("part_distillation")
@@ -137,8 +136,9 @@ def refine_record(record: dict, settings: RefineSettings) -> tuple[dict | None, 
 
 
 def in_shard(key: str, index: int, count: int) -> bool:
-    """Whether job ``index`` of ``count`` handles ``key`` (a stable hash of the key)."""
-    return zlib.crc32(key.encode("utf-8")) % count == index
+    """Whether job ``index`` of ``count`` handles ``key``: the store's slices by key
+    (``RecordStore.iter_slice(index, count, by="key")``), stable while the input grows."""
+    return key_hash(key) % count == index
 
 
 # --------------------------------------------------------------------------- input
@@ -157,16 +157,16 @@ def _input_store(path: str, follow: bool, poll_s: float) -> RecordStore:
 def follow_records(store: RecordStore, poll_s: float, follow: bool) -> Iterator[list[dict]]:
     """Batches of new input records; with ``follow`` until every input shard is closed.
 
-    Each pass reads every shard from where the previous pass stopped. The last pass is
+    Each pass reads every shard file from where the previous pass stopped. The last pass is
     one that began after all shards were seen closed, so it holds their final records.
     """
-    offsets = [0] * store.num_shards
+    offsets: dict[Path, int] = {}
     while True:
         all_closed = len(store.closed_shards()) == store.num_shards
         batch: list[dict] = []
-        for shard in range(store.num_shards):
-            for end, record in store.iter_shard_from(shard, offsets[shard]):
-                offsets[shard] = end
+        for path in store.shard_paths():  # every file of every shard (ranks of a job too)
+            for end, record in store.iter_file_from(path, offsets.get(path, 0)):
+                offsets[path] = end
                 if record is not None:
                     batch.append(record)
                     if len(batch) >= BATCH:
@@ -238,7 +238,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     started, computed, last_log = time.monotonic(), 0, time.monotonic()
     seen_keys: set[str] = set()
     try:
-        with open_output(cfg, PART_SEGMENTS) as out:
+        with open_output(cfg, PART_SEGMENTS, context) as out:
             for batch in follow_records(store, stage.poll_s, stage.follow):
                 todo = []
                 for record in batch:

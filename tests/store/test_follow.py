@@ -31,19 +31,21 @@ def test_reading_on_from_the_last_offset_yields_each_record_once(tmp_path):
     out = tmp_path / "out"
     writer = _writer(out, 0, 1)
     store = RecordStore(out)
-    assert list(store.iter_shard_from(0)) == []
+    shard = out / "shards" / "00000-of-00001.rec"
+    assert store.shard_paths() == [shard]
+    assert list(store.iter_file_from(shard)) == []
     writer.write({"key": "a", "v": np.arange(3)})
     writer.skip("b", "no_parts")
-    seen = list(store.iter_shard_from(0))
+    seen = list(store.iter_file_from(shard))
     assert [r["key"] if r else None for _, r in seen] == ["a", None]
     assert np.array_equal(seen[0][1]["v"], np.arange(3))
     offset = seen[-1][0]
-    assert offset == (out / "shards" / "00000-of-00001.rec").stat().st_size
+    assert offset == shard.stat().st_size
     writer.write({"key": "c", "v": np.arange(2)})
-    more = list(store.iter_shard_from(0, offset))
+    more = list(store.iter_file_from(shard, offset))
     assert [r["key"] for _, r in more] == ["c"]
     # a torn record at the end (a writer mid-append) is not yielded and the offset stays before it
     with open(out / "shards" / "00000-of-00001.rec", "ab") as f:
         f.write(b"PDR1\x10\x00")
-    assert list(store.iter_shard_from(0, more[-1][0])) == []
+    assert list(store.iter_file_from(shard, more[-1][0])) == []
     writer.close()
