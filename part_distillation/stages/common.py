@@ -47,7 +47,7 @@ def output_conflict(cfg: RunConfig) -> str | None:
                 f"{cfg.shard.count}: use shard.count={existing.get('num_shards')} or another output folder")
     if existing.get("stage") != cfg.stage.name:
         return f"{output} holds the output of stage {existing.get('stage')!r}, not {cfg.stage.name!r}"
-    ignore = set(existing.get("ignore_keys", ())) | set(NOT_FINGERPRINTED)
+    ignore = set(existing.get("ignore_keys", ()))  # plus store.DEFAULT_IGNORE_KEYS, applied by config_diff
     diff = config_diff(existing.get("config", {}), dataclasses.asdict(cfg), ignore)
     if diff and not cfg.overwrite_config:
         return (f"{output} was made with a different config (differing keys: {', '.join(diff)}): use another "
