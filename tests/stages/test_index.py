@@ -130,7 +130,7 @@ def test_crawl_junk_is_recorded_as_bad_and_a_rerun_goes_past_it(tmp_path):
     assert all(bad.values())
     assert {r["class_index"] for r in records.values()} == {0, 1}  # the in-tree link added no class
     log = first.stdout + first.stderr
-    assert "not_an_image_file: 5" in log and "caf\\xe9.JPEG" in log
+    assert "bad_image: 5" in log and "caf\\xe9.JPEG" in log  # whole-shard count of bad records
     second = run_entry(*_index_overrides(root, out), timeout=120)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "11 already done" in second.stdout + second.stderr
