@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
     "evaluate": "part_distillation.stages.evaluate",
+    "dense_crf": "part_distillation.stages.dense_crf",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
@@ -22,7 +23,6 @@ STAGES: dict[str, str] = {
 PLANNED: dict[str, str] = {
     "detic_labeling": "stage 1, object-mask caching with Detic",
     "pixel_grouping": "stage 2, pixel grouping",
-    "dense_crf": "stage 3, dense-CRF refinement",
     "proposal_learning": "stage 4, part-proposal learning",
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
