@@ -25,9 +25,9 @@ from part_distillation.engine import distributed as ddp_utils
 NUM_SAMPLES = 24
 
 
-def make_model(seed: int = 0) -> nn.Module:
+def make_model(seed: int = 0, dropout: float = 0.2) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    return nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
 
 
 def sample(seed: int, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +37,12 @@ def sample(seed: int, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tenso
     x = x + torch.from_numpy(jitter)
     y = x.sum(0, keepdim=True) * 0.5
     return x, y
+
+
+def loss_without_noise(model, batch):
+    x, y = batch
+    pred = model(x)
+    return {"loss_mse": ((pred - y) ** 2).mean(), "loss_l1": 0.1 * (pred - y).abs().mean()}
 
 
 def loss_fn(model, batch):
@@ -97,16 +103,19 @@ def kill_during_save_of(iteration: int) -> None:
 
 
 def train(run_dir, *, max_iter: int = 12, global_batch: int = 4, per_device_batch: int = 2, seed: int = 0,
-          period: int = 3, extra_hooks=(), clip_norm: float | None = 0.01) -> Trainer:
+          period: int = 3, extra_hooks=(), clip_norm: float | None = 0.01, noise: bool = True) -> Trainer:
+    """Train the toy model; ``noise=False``: no dropout and no label noise (no RNG in the loss)."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    ddp_utils.seed_all(seed, ddp_utils.rank())
-    model = make_model(seed)
+    model = make_model(seed, dropout=0.2 if noise else 0.0)  # same initial weights on every rank
+    ddp_utils.seed_all(seed, ddp_utils.rank())  # then different noise per rank
     wrapped = ddp_utils.wrap_ddp(model, torch.device("cpu"))
     optimizer = build_adamw(model, lr=1e-2, weight_decay=0.05)
     accum = global_batch // (ddp_utils.world_size() * per_device_batch)
-    trainer = Trainer(wrapped, optimizer, data_factory(seed, global_batch, per_device_batch), loss_fn,
+    trainer = Trainer(wrapped, optimizer, data_factory(seed, global_batch, per_device_batch),
+                      loss_fn if noise else loss_without_noise,
                       MultiStepSchedule(1e-2, steps=(8,)), max_iter=max_iter, accum=accum,
                       global_batch=global_batch, clip_norm=clip_norm)
     checkpointer = Checkpointer(run_dir, keep_last=2)
