@@ -13,6 +13,7 @@ STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "proposal_learning": "part_distillation.stages.proposal_learning",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
@@ -21,7 +22,6 @@ PLANNED: dict[str, str] = {
     "detic_labeling": "stage 1, object-mask caching with Detic",
     "pixel_grouping": "stage 2, pixel grouping",
     "dense_crf": "stage 3, dense-CRF refinement",
-    "proposal_learning": "stage 4, part-proposal learning",
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }
