@@ -227,6 +227,7 @@ class TrainStageConfig(StageConfig):
     image_size: int = 640
     num_workers: int = 4
     checkpoint_period: int = 5000
+    checkpoint_minutes: float = 30.0  # also checkpoint this often (0: off): a requeued job loses little
     keep_last: int = 3
     log_period: int = 20
     preview_period: int = 1000  # 0: no image previews
@@ -241,7 +242,8 @@ class TrainStageConfig(StageConfig):
     _checks = {"batch_size": _at_least(1), "per_device_batch": _at_least(1), "lr": _at_least(0.0),
                "weight_decay": _at_least(0.0), "clip_grad_norm": _at_least(0.0), "max_iter": _at_least(1),
                "warmup_iters": _at_least(0), "image_size": _at_least(32), "num_workers": _at_least(0),
-               "checkpoint_period": _at_least(1), "keep_last": _at_least(1), "log_period": _at_least(1),
+               "checkpoint_period": _at_least(1), "checkpoint_minutes": _at_least(0.0),
+               "keep_last": _at_least(1), "log_period": _at_least(1),
                "preview_period": _at_least(0), "eval_period": _at_least(0),
                "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(), "num_points": _at_least(1)}
 

@@ -31,7 +31,8 @@ log = logging.getLogger("part_distillation")
 
 #: Config keys that do not change what is trained (where/how it runs, how often it logs).
 NOT_TRAINING_KEYS = ("stage.num_workers", "stage.log_period", "stage.preview_period", "stage.eval_period",
-                     "stage.checkpoint_period", "stage.keep_last", "stage.per_device_batch")
+                     "stage.checkpoint_period", "stage.checkpoint_minutes", "stage.keep_last",
+                     "stage.per_device_batch")
 
 
 def reference_criterion(num_classes: int, num_points: int = 12544) -> SetCriterion:
@@ -148,7 +149,7 @@ def build_trainer(run_cfg, context, model: nn.Module, dataset: PartRecordDataset
                       clip_norm=stage.clip_grad_norm or None, amp=stage.amp, device=device)
     checkpointer = Checkpointer(run_dir, keep_last=stage.keep_last)
     trainer.register_hooks([
-        PeriodicCheckpoint(checkpointer, stage.checkpoint_period),  # before evaluation and logging
+        PeriodicCheckpoint(checkpointer, stage.checkpoint_period, stage.checkpoint_minutes),  # before eval/logs
         PeriodicEval(evaluate, stage.eval_period) if evaluate is not None and stage.eval_period else None,
         ProgressLog(stage.log_period, prefix=stage.name),
         TensorBoardWriter(run_dir / "tensorboard", stage.log_period, preview=preview,
