@@ -67,3 +67,30 @@ def test_mapper_refuses_a_record_whose_image_has_another_size(records):
     image = np.zeros((10, 10, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="original_size"):
         map_record(record, np.random.default_rng(0), AugmentConfig(size=32), np.zeros(4, np.int64), image=image)
+
+
+def test_part_labels_records_use_cluster_ids_and_the_part_ratio_filter(records, tmp_path):
+    from part_distillation.data.part_records import cluster_labels
+    from part_distillation.masks import rle_area
+    from part_distillation.store import ShardWriter
+    from part_distillation.store.schemas import PART_LABELS
+
+    out = tmp_path / "labels"
+    with ShardWriter(out, 0, 1, stage="part_ranking", config={}, code_version="test", schema=PART_LABELS) as w:
+        for r in RecordStore(records).iter_records():
+            areas = rle_area(r["part_masks"]).astype(float)
+            ratios = areas / areas.sum()
+            ratios[0] = 0.01  # the first part is declared too small: dropped at load
+            w.write({k: r[k] for k in ("key", "path", "wnid", "class_index", "class_name", "original_size",
+                                       "fitted_size", "object_mask", "object_ratio", "part_masks")}
+                    | {"cluster_ids": np.arange(len(areas))[::-1].copy() + 2, "scores": np.ones(len(areas)),
+                       "area_ratios": ratios})
+    dataset = PartRecordDataset([out], augment=AugmentConfig(size=64, min_part_ratio=0.0),
+                                filter=RecordFilter(min_object_ratio=0.05, inclusive=True, min_part_ratio=0.05),
+                                labels=cluster_labels)
+    record = dataset.record(0)
+    n = len(record["part_masks"])
+    sample = dataset[(0, 0)]
+    expected = (np.arange(n)[::-1] + 2)[1:]  # the cluster ids of parts 1..n-1
+    assert set(sample["labels"].tolist()) <= set(expected.tolist()) and 0 < len(sample["labels"]) <= n - 1
+    assert (n + 1) not in sample["labels"].tolist()  # part 0's cluster id never appears
