@@ -119,6 +119,8 @@ class PartRecordDataset(torch.utils.data.Dataset):
                     self.entries.append((store_index, record["key"]))
                 else:
                     self.filtered_out += 1
+        for store in self.stores:  # build each store's key index here, once, before workers fork
+            _ = "" in store  # a key lookup builds the index
         if not self.entries:
             raise ValueError(f"no training record passes the filters in {[str(p) for p in self.inputs]} "
                              f"({self.filtered_out} filtered out: object_ratio / part ratio too small)")

@@ -133,7 +133,8 @@ class ProgressLog(HookBase):
 
 class TensorBoardWriter(HookBase):
     """Scalars every ``period`` iterations (each loss term, lr, images/s, data time) on rank 0,
-    and images from ``preview(trainer) -> {tag: (3, H, W) uint8}`` every ``preview_period``."""
+    and images from ``preview(trainer) -> {tag: (3, H, W) uint8}`` every ``preview_period``
+    (called on rank 0 only)."""
 
     def __init__(self, log_dir: str | os.PathLike, period: int = 20,
                  preview: Callable[[Any], Mapping[str, np.ndarray | torch.Tensor]] | None = None,
@@ -159,11 +160,10 @@ class TensorBoardWriter(HookBase):
                 self._writer.add_scalar(tag, value, done)
             for name, value in getattr(trainer, "eval_results", {}).items():
                 self._writer.add_scalar(f"eval/{name}", value, done)
-        if self.preview is not None and _due(trainer, self.preview_period):
-            images = self.preview(trainer)  # every rank calls it (it may run the DDP model)
-            if self._writer is not None:
-                for tag, image in images.items():
-                    self._writer.add_image(tag, torch.as_tensor(np.asarray(image)), done, dataformats="CHW")
+        if self.preview is not None and self._writer is not None and _due(trainer, self.preview_period):
+            # rank 0 only: the preview must not run collectives (use trainer.module, not the DDP model)
+            for tag, image in self.preview(trainer).items():
+                self._writer.add_image(tag, torch.as_tensor(np.asarray(image)), done, dataformats="CHW")
         if self._writer is not None and _due(trainer, self.period):
             self._writer.flush()
 
