@@ -134,3 +134,14 @@ if __name__ == "__main__":  # python -m tests.engine.toy RUN_DIR [kill_after_ite
     if len(sys.argv) > 3 and sys.argv[2] == "kill_during_save":
         kill_during_save_of(int(sys.argv[3]))
     train(run_dir, extra_hooks=hooks)
+
+
+def slurm_training_job(run_dir: str) -> dict:
+    """Runs in every task of a SLURM job: the launcher's process group, then the toy training."""
+    from part_distillation.launch import distributed_context
+
+    with distributed_context() as context:
+        trainer = train(run_dir, max_iter=6, global_batch=4, per_device_batch=2, period=3, noise=False)
+        return {"rank": context.rank, "world_size": context.world_size, "accum": trainer.accum,
+                "on_slurm": context.on_slurm,
+                "params": {k: v.tolist() for k, v in trainer.module.state_dict().items()}}
