@@ -126,7 +126,8 @@ def build_trainer(run_cfg, context, model: nn.Module, dataset: PartRecordDataset
                   *, forward=None, preview=None, evaluate=None, ignore_keys=()) -> tuple[Trainer, Checkpointer]:
     """Trainer + checkpointer for ``run_cfg.stage`` (a ``TrainStageConfig``), resumed from
     the run folder's last checkpoint when there is one (the manifest is checked first;
-    ``ignore_keys``: the stage's keys that do not change what is trained)."""
+    ``ignore_keys``: further keys that do not change what is trained; the store's
+    ``DEFAULT_IGNORE_KEYS`` always apply)."""
     stage = run_cfg.stage
     run_dir = Path(stage.output)
     world = ddp_utils.world_size()

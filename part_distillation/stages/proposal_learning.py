@@ -19,10 +19,9 @@ from part_distillation.data.part_records import PartRecordDataset, RecordFilter,
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
 from part_distillation.engine.recipe import build_trainer, proposal_preview, reference_criterion
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.models.mask2former import Mask2Former, build_mask2former
 from part_distillation.progress import StageSummary
-from part_distillation.stages.common import NOT_FINGERPRINTED
 
 log = logging.getLogger("part_distillation")
 
@@ -62,7 +61,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=False),
         labels=class_agnostic_labels, seed=cfg.seed)
     trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
-                               preview=proposal_preview(dataset, device), ignore_keys=NOT_FINGERPRINTED)
+                               preview=proposal_preview(dataset, device))
     start = trainer.iter
     trainer.train()
     summary.seen = (trainer.iter - start) * stage.batch_size
