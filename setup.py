@@ -50,6 +50,7 @@ setup(
         "tqdm>=4.66,<5",
         "safetensors>=0.4,<0.9",
         "opencv-python-headless>=4.8,<6",
+        "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},

@@ -234,22 +234,74 @@ class DenseCRFStageConfig(StageConfig):
 
 @dataclass
 class TrainStageConfig(StageConfig):
-    """Stages 4 and 6: Mask2Former training (sections 4 and 6)."""
+    """What stages 4 and 6 share: the training engine's settings (``engine/``).
+
+    ``batch_size`` is the global batch; each process takes ``per_device_batch`` images per
+    micro-batch and the engine accumulates ``batch_size / (processes x per_device_batch)``
+    micro-batches per step. ``output`` is the run folder (checkpoints, TensorBoard logs,
+    manifest); ``extra_inputs`` are further record sets trained on with ``input``.
+    """
 
     name: str = MISSING
-    batch_size: int = 512
+    extra_inputs: list[str] = field(default_factory=list)
+    batch_size: int = 256
+    per_device_batch: int = 8
     lr: float = 1e-4
+    weight_decay: float = 0.05
+    clip_grad_norm: float = 0.01
     max_iter: int = 50_000
     steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    amp: bool = True  # torch.amp on CUDA only; CPU runs float32
+    image_size: int = 640
+    num_workers: int = 4
+    checkpoint_period: int = 5000
+    checkpoint_minutes: float = 30.0  # also checkpoint this often (0: off): a requeued job loses little
+    keep_last: int = 3
+    log_period: int = 20
+    preview_period: int = 1000  # 0: no image previews
+    eval_period: int = 0  # 0: no periodic evaluation
     min_object_area_ratio: float = 0.05
     min_part_area_ratio: float = 0.05
-    parts_per_class: int = 8
     freeze_backbone: bool = True
     freeze_encoder: bool = True
+    frozen_mode: str = "train"  # frozen modules follow train() (reference: drop-path acts) or stay in "eval"
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    num_points: int = 12544  # points per mask for the matcher and mask losses (reference 112 x 112)
 
-    _checks = {"batch_size": _at_least(1), "lr": _at_least(0.0), "max_iter": _at_least(1),
-               "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(),
-               "parts_per_class": _at_least(1)}
+    _checks = {"frozen_mode": _one_of("train", "eval"),
+               "batch_size": _at_least(1), "per_device_batch": _at_least(1), "lr": _at_least(0.0),
+               "weight_decay": _at_least(0.0), "clip_grad_norm": _at_least(0.0), "max_iter": _at_least(1),
+               "warmup_iters": _at_least(0), "image_size": _at_least(32), "num_workers": _at_least(0),
+               "checkpoint_period": _at_least(1), "checkpoint_minutes": _at_least(0.0),
+               "keep_last": _at_least(1), "log_period": _at_least(1),
+               "preview_period": _at_least(0), "eval_period": _at_least(0),
+               "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(), "num_points": _at_least(1)}
+
+
+@dataclass
+class ProposalLearningStageConfig(TrainStageConfig):
+    """Stage 4: class-agnostic part-proposal Mask2Former (section 4). Reference schedule:
+    batch 256 (the seed document; the released script's 512 on 8 nodes is an experiment),
+    50k iterations, lr x0.1 at 40k and 45k."""
+
+    name: str = "proposal_learning"
+    max_iter: int = 50_000
+    steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
+
+
+@dataclass
+class PartDistillationStageConfig(TrainStageConfig):
+    """Stage 6: object-conditioned part Mask2Former (section 6): batch 256, 120k iterations,
+    lr x0.1 at 100k and 110k; objects and parts kept at ratio >= 0.05."""
+
+    name: str = "part_distillation"
+    max_iter: int = 120_000
+    steps: list[int] = field(default_factory=lambda: [100_000, 110_000])
+    parts_per_class: int = 8
+
+    _checks = {**TrainStageConfig._checks, "parts_per_class": _at_least(1)}
 
 
 @dataclass
@@ -311,9 +363,9 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "detic_labeling": DeticStageConfig,
     "pixel_grouping": PixelGroupingStageConfig,
     "dense_crf": DenseCRFStageConfig,
-    "proposal_learning": TrainStageConfig,
+    "proposal_learning": ProposalLearningStageConfig,
     "part_ranking": PartRankingStageConfig,
-    "part_distillation": TrainStageConfig,
+    "part_distillation": PartDistillationStageConfig,
     "evaluate": EvaluateStageConfig,
 }
 

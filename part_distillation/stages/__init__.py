@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "sample_photos": "part_distillation.stages.sample_photos",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "proposal_learning": "part_distillation.stages.proposal_learning",
     "evaluate": "part_distillation.stages.evaluate",
     "dense_crf": "part_distillation.stages.dense_crf",
 }
@@ -23,7 +24,6 @@ STAGES: dict[str, str] = {
 PLANNED: dict[str, str] = {
     "detic_labeling": "stage 1, object-mask caching with Detic",
     "pixel_grouping": "stage 2, pixel grouping",
-    "proposal_learning": "stage 4, part-proposal learning",
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }
