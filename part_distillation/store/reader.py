@@ -306,16 +306,17 @@ class RecordStore:
             self._index = self._build_index()
         return sum(v.nbytes for k, v in self._index.items() if k != "paths")
 
-    def _locate(self, key: str) -> tuple[Path, int, bytes] | None:
+    def _locate(self, key: str) -> tuple[bytes, dict, int] | None:
+        """``(frame bytes, meta, end of meta)`` of the record of ``key``, or None."""
         if self._index is None:
             self._index = self._build_index()
         idx = self._index
         hashes = idx["hashes"]
-        h = np.uint64(key_hash(key))
-        i = int(np.searchsorted(hashes, h))
-        while i < len(hashes) and hashes[i] == h:
-            path = idx["paths"][int(idx["files"][i])]
-            offset, length = int(idx["offsets"][i]), int(idx["lengths"][i])
+        h = key_hash(key)
+        i = int(hashes.searchsorted(np.uint64(h)))
+        while i < len(hashes) and hashes[i].item() == h:
+            path = idx["paths"][idx["files"][i].item()]
+            offset, length = idx["offsets"][i].item(), idx["lengths"][i].item()
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
@@ -325,9 +326,9 @@ class RecordStore:
             magic, n, crc = _FRAME.unpack_from(data, 0)
             if magic != MAGIC or n != length or zlib.crc32(memoryview(data)[FRAME_HEADER_SIZE:]) != crc:
                 raise CorruptShardError(path, offset, "record changed since the index was built")
-            meta, _ = decode_meta(data, FRAME_HEADER_SIZE)
+            meta, after = decode_meta(data, FRAME_HEADER_SIZE)
             if meta["key"] == key:
-                return path, offset, data
+                return data, meta, after
             i += 1
         return None
 
@@ -339,8 +340,7 @@ class RecordStore:
         found = self._locate(key)
         if found is None:
             raise KeyError(f"{key!r} is not in {self.path}")
-        data = found[2]
-        meta, after = decode_meta(data, FRAME_HEADER_SIZE)
+        data, meta, after = found
         return decode_record(data, FRAME_HEADER_SIZE, meta, after)
 
     # -- following an output while it is written
