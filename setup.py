@@ -29,6 +29,7 @@ setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "safetensors>=0.4,<0.9",
+        "opencv-python-headless>=4.8,<6",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},
