@@ -140,5 +140,6 @@ def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
             cfg = compose(config_name="config", overrides=fixed + variant)
             run = validate(cfg)
             stages.get(run.stage.name)
+            stages.check(run)
     GlobalHydra.instance().clear()
     return jobs

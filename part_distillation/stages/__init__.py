@@ -31,6 +31,15 @@ class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
 
 
+def check(run) -> None:
+    """Run the stage's own ``check(run)`` if it has one: input files it needs (weights, ...)
+    checked before any job is submitted; raises ``ConfigError`` naming the key."""
+    if run.stage.name in STAGES:
+        stage_check = getattr(importlib.import_module(STAGES[run.stage.name]), "check", None)
+        if stage_check is not None:
+            stage_check(run)
+
+
 def get(name: str) -> Callable:
     """The ``run`` function of stage ``name``."""
     if name in STAGES:

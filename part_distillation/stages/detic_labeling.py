@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from part_distillation.config import RunConfig
+from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
@@ -108,6 +108,22 @@ def device_of(cfg: RunConfig) -> torch.device:
         torch.backends.cudnn.allow_tf32 = cfg.stage.allow_tf32
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check(cfg: RunConfig) -> None:
+    """The files this job needs, checked before anything is submitted (one line naming the key)."""
+    stage = cfg.stage
+    if stage.source in ("detic", "mask2former"):
+        try:
+            _require_weights(cfg.model.weights, stage.source)
+        except FileNotFoundError as err:
+            raise ConfigError(f"config key 'model.weights': {err}") from None
+    if stage.source == "detic" and stage.vocabulary and not Path(stage.vocabulary).is_file():
+        raise ConfigError(f"config key 'stage.vocabulary': {stage.vocabulary} not found "
+                          f"(a (classes, 512) .npy of CLIP embeddings in class order)")
+    if stage.source == "annotations" and not (stage.annotations and Path(stage.annotations).is_file()):
+        raise ConfigError(f"config key 'stage.annotations': object annotation file {stage.annotations} "
+                          f"not found (a COCO json)")
 
 
 def _require_weights(path: str | None, what: str) -> Path:
