@@ -193,7 +193,7 @@ class Mask2FormerSource:
         for i, im in enumerate(images):
             pred = instance_inference(outputs["pred_logits"][i], outputs["pred_masks"][i],
                                       padded_size=batch.padded_size, image_size=batch.image_sizes[i],
-                                      topk=min(self.topk, outputs["pred_logits"].shape[1] * self.model.num_classes))
+                                      topk=self.topk)
             masks = pred.masks.cpu().numpy()
             scores = pred.scores.float().cpu().numpy().astype(np.float32)
             coco_ids = pred.classes.cpu().numpy()

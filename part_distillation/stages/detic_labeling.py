@@ -46,23 +46,22 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         for batch in progress(batches, (len(todo) + cfg.stage.batch_size - 1) // cfg.stage.batch_size,
                               f"{cfg.stage.name} {cfg.shard.index}/{cfg.shard.count}",
                               max(1, cfg.stage.progress_every // cfg.stage.batch_size)):
-            inputs = []
+            good = []
             for ref, loaded in batch:
                 if isinstance(loaded, BadImageError):
                     log.warning("bad image skipped: %s: %s", ref.path, loaded.reason)
                     out.skip(ref.key, "bad_image")
                     summary.skip("bad_image")
                 else:
-                    inputs.append(loaded)
-            if not inputs:
+                    good.append((ref, loaded))
+            if not good:
                 continue
-            for ref_input, found in zip(inputs, source(inputs)):
-                ref = _ref_of(batch, ref_input.key)
+            for (ref, image), found in zip(good, source([image for _, image in good])):
                 if len(found) == 0:
                     out.skip(ref.key, "no_detections")
                     summary.skip("no_detections")
                     continue
-                out.write(object_record(ref, tree, ref_input.frame, found, source.name))
+                out.write(object_record(ref, tree, image.frame, found, source.name))
                 summary.written += 1
     summary.extra.update(source=source.name, images_in_tree=len(tree))
     return summary.finish()
@@ -77,10 +76,6 @@ def object_record(ref: ImageRecordRef, tree: ImageTree, frame: ImageFrame, found
             "pred_class_names": list(found.class_names)}
 
 
-def _ref_of(batch, key: str) -> ImageRecordRef:
-    return next(ref for ref, _ in batch if ref.key == key)
-
-
 def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Iterator[list]:
     """Batches of (ref, ImageInput | BadImageError): every image decoded once and fitted."""
     for start in range(0, len(refs), size):
@@ -90,6 +85,9 @@ def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Itera
                 image = load_rgb(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
             except BadImageError as err:
                 batch.append((ref, err))
+                continue
+            except FileNotFoundError:  # listed, then removed before this job reached it
+                batch.append((ref, BadImageError(ref.path, "file disappeared after listing")))
                 continue
             frame = ImageFrame.fit(image.shape[:2], cfg.stage.fit_size)
             batch.append((ref, ImageInput(ref.key, frame.fit_image(image), frame, ref.class_index)))

@@ -64,6 +64,37 @@ def synthetic(tmp_path_factory) -> Path:
     return root
 
 
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import part_distillation.__main__ as entry
+    from part_distillation.config import validate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=entry.config_dir(), version_base="1.3"):
+        return validate(compose("config", overrides=list(overrides)))
+
+
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema")
+def test_reference_settings_and_the_demo_choice_of_source():
+    from part_distillation.config import ConfigError
+
+    ref = _compose("experiment=in22k", "stage=detic_labeling", "model=detic_swinb", "paths.root=/x")
+    stage = ref.stage
+    assert (stage.source, stage.fit_size, stage.score_threshold, stage.nms_threshold) == ("detic", 640, 0.02, 0.5)
+    assert (stage.max_detections, stage.keep_top, stage.own_class_filter, stage.allow_tf32) == (1000, 10, True, False)
+    assert stage.output == "/x/pseudo_labels/object_labels/imagenet_22k_train/detic_predictions"
+    demo = _compose("experiment=demo", "stage=detic_labeling", "model=detic_swinb")
+    assert demo.stage.source == "annotations" and demo.model.name == "detic"
+    assert demo.stage.annotations.endswith("synthetic/annotations/objects_train.json")
+    assert "detic_labeling" in _compose("experiment=demo").stage.stages  # the demo pipeline runs it
+    with pytest.raises(ConfigError, match="'stage.source'"):
+        _compose("stage=detic_labeling", "stage.source=yolo")
+    with pytest.raises(ConfigError, match="'stage.score_threshold'"):
+        _compose("stage=detic_labeling", "stage.score_threshold=1.5")
+
+
 def test_annotations_source_records_the_true_objects(synthetic, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synthetic, data)
