@@ -189,11 +189,12 @@ class DeticStageConfig(StageConfig):
     annotations_are_parts: bool = False  # object = union of the image's parts (PartImageNet)
     grabcut_margin: float = 0.1  # GrabCut's initial box leaves this fraction of each side out
     grabcut_iterations: int = 5
+    grabcut_work_size: Optional[int] = 320  # GrabCut on the image at this longer side (null: fitted size)
 
     _checks = {"source": _one_of("detic", "annotations", "mask2former", "grabcut"), "fit_size": _at_least(32),
                "max_detections": _at_least(1), "keep_top": _at_least(1), "score_threshold": _ratio(),
                "nms_threshold": _ratio(), "batch_size": _at_least(1), "grabcut_margin": _ratio(),
-               "grabcut_iterations": _at_least(1)}
+               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16)}
 
 
 @dataclass

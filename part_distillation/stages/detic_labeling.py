@@ -140,7 +140,7 @@ def build_source(cfg: RunConfig, tree: ImageTree):
     if stage.source == "grabcut":
         from part_distillation.models.object_masks import GrabCutSource
 
-        return GrabCutSource(stage.grabcut_margin, stage.grabcut_iterations)
+        return GrabCutSource(stage.grabcut_margin, stage.grabcut_iterations, stage.grabcut_work_size)
     if stage.source == "annotations":
         from part_distillation.data.object_annotations import read_object_annotations
         from part_distillation.models.object_masks import AnnotationSource

@@ -127,7 +127,7 @@ def test_grabcut_finds_the_synthetic_object_better_than_its_initial_box():
             box = np.zeros_like(true)
             box[64:576, 64:576] = True  # the central box GrabCut starts from
             box_ious.append(float(mask_iou(box[None], true[None])[0, 0]))
-    # measured: mean IoU 0.65 (0.44-0.94) against 0.19 for the initial box
+    # measured: mean IoU 0.69 (0.44-0.94; GrabCut at work size 320) against 0.20 for the initial box
     assert np.mean(ious) > 0.5 and np.mean(ious) > np.mean(box_ious) + 0.2, (ious, box_ious)
     again = source([ImageInput("k", frame.fit_image(sample.image), frame, 3)])[0]
     assert np.array_equal(again.masks, found.masks)  # deterministic
