@@ -11,8 +11,10 @@ from typing import Callable
 
 STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
+    "sample_photos": "part_distillation.stages.sample_photos",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "evaluate": "part_distillation.stages.evaluate",
     "detic_labeling": "part_distillation.stages.detic_labeling",
 }
 
@@ -27,13 +29,29 @@ PLANNED: dict[str, str] = {
 }
 
 
+#: Stages that read the image tree of ``data`` (checked before submission: root, layout, images).
+READS_IMAGE_TREE: frozenset[str] = frozenset({"index", "detic_labeling"})
+
+#: Stages that load ``model.weights`` (checked before submission: the file must exist).
+LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "proposal_learning",
+                                           "part_ranking", "part_distillation"})
+
+
+def loads_weights(run) -> bool:
+    """Whether this job loads ``model.weights``: stage 1 only with the detic and mask2former sources."""
+    if run.stage.name == "detic_labeling":
+        return getattr(run.stage, "source", "detic") in ("detic", "mask2former")
+    return run.stage.name in LOADS_WEIGHTS
+
+
 class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
 
 
 def check(run) -> None:
-    """Run the stage's own ``check(run)`` if it has one: input files it needs (weights, ...)
-    checked before any job is submitted; raises ``ConfigError`` naming the key."""
+    """Run the stage's own ``check(run)`` if it has one: input files it needs besides the
+    weights (vocabulary, annotations, ...), checked before any job is submitted; raises
+    ``ConfigError`` naming the key."""
     if run.stage.name in STAGES:
         stage_check = getattr(importlib.import_module(STAGES[run.stage.name]), "check", None)
         if stage_check is not None:

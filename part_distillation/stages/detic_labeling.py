@@ -21,7 +21,7 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.masks import encode_rles
 from part_distillation.models.object_masks import ImageInput, ObjectMasks
 from part_distillation.progress import StageSummary, progress
@@ -36,10 +36,10 @@ MASK2FORMER_SPECS = {"swinl": "swin_l_coco_instance", "tiny": "tiny_fixture"}
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     tree, refs = list_shard_images(cfg)
     source = build_source(cfg, tree)  # before the output opens: a missing file fails here
-    with open_output(cfg, OBJECT_MASKS) as out:
+    with open_output(cfg, OBJECT_MASKS, context) as out:
         todo = [ref for ref in refs if not out.has(ref.key)]
         summary.seen, summary.already_done = len(refs), len(refs) - len(todo)
         batches = _batches(todo, cfg.stage.batch_size, cfg)
@@ -63,6 +63,9 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                     continue
                 out.write(object_record(ref, tree, image.frame, found, source.name))
                 summary.written += 1
+        counts = out.counts
+    summary.skipped.clear()  # whole-shard counts: a resumed run reports earlier skips too
+    summary.skipped.update(counts["skipped"])
     summary.extra.update(source=source.name, images_in_tree=len(tree))
     return summary.finish()
 
@@ -110,12 +113,10 @@ def device_of(cfg: RunConfig) -> torch.device:
 
 def check(cfg: RunConfig) -> None:
     """The files this job needs, checked before anything is submitted (one line naming the key)."""
-    stage = cfg.stage
-    if stage.source in ("detic", "mask2former"):
-        try:
-            _require_weights(cfg.model.weights, stage.source)
-        except FileNotFoundError as err:
-            raise ConfigError(f"config key 'model.weights': {err}") from None
+    stage = cfg.stage  # model.weights is checked by launch.check_job (stages.loads_weights)
+    if stage.source in ("detic", "mask2former") and not cfg.model.weights:
+        raise ConfigError(f"config key 'model.weights': stage.source={stage.source} needs a weights file "
+                          f"(see {WEIGHTS_README})")
     if stage.source == "detic" and stage.vocabulary and not Path(stage.vocabulary).is_file():
         raise ConfigError(f"config key 'stage.vocabulary': {stage.vocabulary} not found "
                           f"(a (classes, 512) .npy of CLIP embeddings in class order)")
