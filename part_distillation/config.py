@@ -169,21 +169,42 @@ class PipelineStageConfig(StageConfig):
     """Stage ``pipeline``: several stages in order, in this process (the demo)."""
 
     name: str = "pipeline"
-    stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index"])
+    stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index", "detic_labeling"])
 
 
 @dataclass
 class DeticStageConfig(StageConfig):
-    """Stage 1, object-mask caching with Detic (PIPELINE.md section 1)."""
+    """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
+
+    ``source``: ``detic`` (the reference; ``model=detic_swinb`` and a vocabulary), ``annotations``
+    (a COCO json of given objects, or of parts with ``annotations_are_parts``), ``mask2former``
+    (a COCO instance Mask2Former, ``model.weights`` its detectron2 .pkl) or ``grabcut`` (no
+    weights). ``score_threshold``, ``nms_threshold`` and ``max_detections`` are Detic's own.
+    """
 
     name: str = "detic_labeling"
-    test_size: int = 640
+    source: str = "detic"
+    fit_size: int = 640  # the image frame: longer side fitted to this (data/frame.py)
+    score_threshold: float = 0.02
+    nms_threshold: float = 0.5
     max_detections: int = 1000
     keep_top: int = 10
-    score_threshold: float = 0.5
+    own_class_filter: bool = True  # keep the image's own class when detected (the intent; Trap 1)
+    batch_size: int = 4  # images per forward pass
+    allow_tf32: bool = False  # fp32 matmuls/convolutions on GPU unless turned on
+    vocabulary: Optional[str] = None  # (C, 512) .npy in class order; default: CLIP, cached in vocabulary_cache
+    clip_model: str = "${paths.weights}/clip/clip-vit-base-patch32"  # local transformers CLIP directory
+    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"
+    annotations: Optional[str] = None  # COCO json for source=annotations
+    annotations_are_parts: bool = False  # object = union of the image's parts (PartImageNet)
+    grabcut_margin: float = 0.1  # GrabCut's initial box leaves this fraction of each side out
+    grabcut_iterations: int = 5
+    grabcut_work_size: Optional[int] = 320  # GrabCut on the image at this longer side (null: fitted size)
 
-    _checks = {"test_size": _at_least(32), "max_detections": _at_least(1), "keep_top": _at_least(1),
-               "score_threshold": _ratio()}
+    _checks = {"source": _one_of("detic", "annotations", "mask2former", "grabcut"), "fit_size": _at_least(32),
+               "max_detections": _at_least(1), "keep_top": _at_least(1), "score_threshold": _ratio(),
+               "nms_threshold": _ratio(), "batch_size": _at_least(1), "grabcut_margin": _ratio(),
+               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16)}
 
 
 @dataclass
