@@ -621,12 +621,12 @@ def _absolute_tolerance(x, x_norm, mask, tol):
     """sklearn's tolerance ``tol * mean(var(X, axis=0))`` per problem: (B,) float64.
 
     From the squared norms already at hand, mean variance = (E|x|^2 - |E x|^2) / D,
-    accumulated in float64 (one read of the points, no centred copy).
+    the small sums in float64 (one read of the points, no centred or float64 copy).
     """
     dim = x.shape[-1]
     if mask is None:
         count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
-        total = x.sum(1, dtype=torch.float64)
+        total = x.sum(1).double()  # float32 sum: a float64 sum would copy all points as float64
         square = x_norm.sum(1, dtype=torch.float64)
     else:
         weights = mask.to(x.dtype)
