@@ -60,7 +60,7 @@ def kmeans_benchmark_args(description: str, full_help: str):
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--full", action="store_true", help=full_help)
-    parser.add_argument("--n-init", type=int, default=None, help="project's n_init (default: the library's)")
+    parser.add_argument("--n-init", type=int, default=None, help="project's restarts in the _ref comparison (default 10, the stages')")
     parser.add_argument("--sample-size", type=int, default=None, help="project's sample_size (default: the library's)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     args = parser.parse_args()

@@ -5,11 +5,16 @@ Problems like pixel grouping's: one per object, ~2,500 pixel features of 1,152 d
 shared low-rank structure plus isotropic noise, so K rarely equals the true number of
 blobs (the realistic, harder case for matching sklearn's inertia).
 
-Both sides get 2 threads (``--threads``) and float32 input; runs are interleaved and
-the medians compared. sklearn is also timed limited to 1 thread, which is faster for it
-on this machine (its OpenMP and BLAS pools oversubscribe the 2 cores), and that
-speedup is printed too. Inertia of both is re-evaluated the same way (float64, from
-each method's own centroids and labels).
+Two baselines in the same run, both sklearn ``KMeans`` (k-means++, tol 1e-4, at most
+300 iterations): ``n_init=1`` against the project at one restart (``speedup``,
+``inertia_ratio``), and ``n_init=10``, what the reference ran, against the project at
+the stages' default restarts (10; ``speedup_ref``, ``inertia_ratio_ref``).
+
+Both sides get float32 input and ``--threads`` (2) threads; with ``--full`` sklearn is
+also timed limited to 1 thread (its OpenMP and BLAS pools can oversubscribe 2 shared
+cores) and the faster of its two timings is the baseline. Runs are interleaved and medians
+compared. Inertia of both is re-evaluated the same way (float64, from each method's
+own centroids and labels); ratios are project / sklearn per problem, medians printed.
 
     .venv/bin/python benchmarks/b1_kmeans.py          # quick: 16 problems
     .venv/bin/python benchmarks/b1_kmeans.py --full   # 96 problems
@@ -34,6 +39,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from part_distillation.models.kmeans import kmeans_list  # noqa: E402
 
 DIM, K = 1152, 4
+STAGE_RESTARTS = 10  # the stages' default n_init (the reference's sklearn: 10 restarts)
 
 
 def make_problem(rng: np.random.Generator) -> np.ndarray:
@@ -51,59 +57,67 @@ def make_problem(rng: np.random.Generator) -> np.ndarray:
     return np.maximum(x, -1.0).astype(np.float32)  # post-activation-like skew
 
 
-
 def main() -> None:
     args, options = kmeans_benchmark_args(__doc__.splitlines()[0], "96 problems, more repeats")
+    restarts = options.pop("n_init", STAGE_RESTARTS)
     num_problems, repeats, sk_repeats = (96, 5, 3) if args.full else (16, 3, 2)
     rng = np.random.default_rng(0)
     problems = [make_problem(rng) for _ in range(num_problems)]
     tensors = [torch.from_numpy(p) for p in problems]
     points = sum(p.shape[0] for p in problems)
+    threads = torch.get_num_threads()
     print(f"B1 k-means: {num_problems} problems, {points / num_problems:.0f} points avg x {DIM} dims, K={K}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"threads {threads}; project restarts 1 and {restarts}, sklearn n_init 1 and 10")
 
-    def run_project():
-        return kmeans_list(tensors, K, seed=0, **options)
+    def project(n_init):
+        return lambda: kmeans_list(tensors, K, seed=0, n_init=n_init, **options)
 
-    def run_sklearn():
-        return [KMeans(n_clusters=K, random_state=0).fit(p) for p in problems]
+    def sklearn(n_init, limit):
+        def run():
+            with threadpool_limits(limit):
+                return [KMeans(n_clusters=K, n_init=n_init, random_state=0).fit(p) for p in problems]
+        return run
 
-    def run_sklearn_one_thread():
-        with threadpool_limits(1):
-            return run_sklearn()
+    sides = {"project_1": project(1), "project_ref": project(restarts),
+             "sklearn_1": sklearn(1, threads), "sklearn_10": sklearn(10, threads)}
+    if args.full:
+        sides.update(sklearn_1_1thread=sklearn(1, 1), sklearn_10_1thread=sklearn(10, 1))
+    project(1)()  # warm-up
+    times = {name: [] for name in sides}
+    results = {}
+    for r in range(repeats):  # interleaved: noise from other users hits all sides alike
+        for name, fn in sides.items():
+            if name.startswith("sklearn") and r >= sk_repeats:
+                continue
+            time.sleep(0.5)  # the other side's spinning OpenMP/BLAS threads go idle first
+            seconds, out = timed(fn)
+            times[name].append(seconds)
+            results.setdefault(name, out)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    baseline = {n: min(median.get(f"sklearn_{n}{tail}", float("inf")) for tail in ("", "_1thread")) for n in (1, 10)}
 
-    run_project()  # warm-up
-    ours_times, sk_times, sk1_times = [], [], []
-    def settled(fn):
-        time.sleep(0.5)  # the other side's spinning OpenMP/BLAS threads go idle first
-        return timed(fn)
+    def ratios(ours, theirs):
+        return [inertia(x, a.centroids.numpy(), a.labels.numpy()) / inertia(x, b.cluster_centers_, b.labels_)
+                for x, a, b in zip(problems, results[ours], results[theirs])]
 
-    for r in range(repeats):  # interleaved: noise from other users hits both sides alike
-        if r < sk_repeats:
-            seconds, sk = settled(run_sklearn)
-            sk_times.append(seconds)
-            seconds, _ = settled(run_sklearn_one_thread)
-            sk1_times.append(seconds)
-        seconds, ours = settled(run_project)
-        ours_times.append(seconds)
-    ours_s, sk_s, sk1_s = (statistics.median(t) for t in (ours_times, sk_times, sk1_times))
-    ratios = []
-    for x, mine, theirs in zip(problems, ours, sk):
-        a = inertia(x, mine.centroids.numpy(), mine.labels.numpy())
-        b = inertia(x, theirs.cluster_centers_, theirs.labels_)
-        ratios.append(a / b)
-    ours_rate, sk_rate, sk1_rate = num_problems / ours_s, num_problems / sk_s, num_problems / sk1_s
-    print(f"project: {ours_s / num_problems * 1e3:.2f} ms/problem ({ours_rate:.1f} problems/s), "
-          f"runs {fmt_times(ours_times)}; full-data assignment passes median "
-          f"{statistics.median(int(r.n_iter) for r in ours)}")
-    print(f"sklearn ({torch.get_num_threads()} threads, its default here): {sk_s / num_problems * 1e3:.2f} ms/problem "
-          f"({sk_rate:.1f} problems/s), runs {fmt_times(sk_times)}; iterations median "
-          f"{statistics.median(m.n_iter_ for m in sk)}")
-    print(f"sklearn limited to 1 thread (faster here): {sk1_s / num_problems * 1e3:.2f} ms/problem; "
-          f"project speedup over it {ours_rate / sk1_rate:.1f}x")
-    print(f"inertia ratio project/sklearn: median {statistics.median(ratios):.5f}, "
-          f"min {min(ratios):.5f}, max {max(ratios):.5f}")
-    print(f"B1 speedup={ours_rate / sk_rate:.1f}x inertia_ratio={statistics.median(ratios):.4f}")
+    ratio_1, ratio_ref = ratios("project_1", "sklearn_1"), ratios("project_ref", "sklearn_10")
+    for name in ("project_1", "project_ref"):
+        passes = statistics.median(int(r.n_iter) for r in results[name])
+        print(f"{name}: {median[name] / num_problems * 1e3:.2f} ms/problem, runs {fmt_times(times[name])}; "
+              f"full-data assignment passes median {passes}")
+    for n in (1, 10):
+        its = statistics.median(m.n_iter_ for m in results[f"sklearn_{n}"])
+        one_thread = (f", {median[f'sklearn_{n}_1thread'] / num_problems * 1e3:.2f} ms/problem (1 thread)"
+                      if args.full else "")
+        print(f"sklearn n_init={n}: {median[f'sklearn_{n}'] / num_problems * 1e3:.2f} ms/problem ({threads} threads)"
+              f"{one_thread}; iterations median {its} (best run)")
+    for label, values in (("1 restart vs sklearn n_init=1", ratio_1),
+                          (f"{restarts} restarts vs sklearn n_init=10", ratio_ref)):
+        print(f"inertia ratio project/sklearn, {label}: median {statistics.median(values):.5f}, "
+              f"min {min(values):.5f}, max {max(values):.5f}")
+    speedup, speedup_ref = baseline[1] / median["project_1"], baseline[10] / median["project_ref"]
+    print(f"B1 speedup={speedup:.1f}x speedup_ref={speedup_ref:.1f}x "
+          f"inertia_ratio={statistics.median(ratio_1):.4f} inertia_ratio_ref={statistics.median(ratio_ref):.4f}")
 
 
 if __name__ == "__main__":

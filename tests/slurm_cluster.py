@@ -69,7 +69,7 @@ def require_cluster() -> ClusterInfo:
     from tests.conftest import require
 
     info, reason = probe_cluster()
-    require(info is not None, reason)
+    require("slurm", info is not None, reason)
     return info
 
 

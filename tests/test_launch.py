@@ -20,6 +20,7 @@ from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.store import RecordStore
+from tests.conftest import require
 from tests.helpers import run_entry
 from tests.slurm_cluster import (all_reduce_job, final_state, job_logs, job_state, python_path_setup, slurm_cluster,
                                  submitit_job_ids, wait_for)
@@ -77,8 +78,8 @@ def test_index_array_job_through_hydra_writes_every_shard(slurm_cluster, tmp_pat
 
 
 def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
-    if slurm_cluster.cpus < 2:
-        pytest.skip(f"a 2-task job needs 2 CPUs on one node, the cluster has {slurm_cluster.cpus}")
+    require("slurm", slurm_cluster.cpus >= 2,
+            f"a 2-task job needs 2 CPUs on one node, the cluster has {slurm_cluster.cpus}")
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit" / "%j", cluster="slurm")
     executor.update_parameters(name="pd_test_all_reduce", timeout_min=5, nodes=1, tasks_per_node=2,
                                cpus_per_task=1, slurm_setup=python_path_setup())

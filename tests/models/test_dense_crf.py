@@ -111,10 +111,39 @@ def test_invalid_inputs_give_clear_errors():
         dense_crf(image, labels, factor=0.5)
 
 
-def test_params_are_the_reference_settings():
-    p = CRFParams()
-    assert (p.gt_prob, p.gaussian_sxy, p.gaussian_compat) == (0.7, 3.0, 3.0)
-    assert (p.bilateral_sxy, p.bilateral_srgb, p.bilateral_compat, p.steps) == (20.0, 13.0, 10.0, 10)
+def reference_script_crf(image: np.ndarray, labels: np.ndarray, bilateral_compat: float = 10) -> np.ndarray:
+    """The reference script's CRF call, written out as it is there (PIPELINE.md section 3):
+    pydensecrf's default kernel and normalisation, number of labels = parts + 1."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    height, width = labels.shape
+    n_labels = int(labels.max()) + 1
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary_from_labels(labels, n_labels, gt_prob=0.7, zero_unsure=False))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=20, srgb=13, rgbim=np.ascontiguousarray(image), compat=bilateral_compat)
+    q = crf.inference(10)
+    return np.argmax(np.array(q), axis=0).reshape(height, width)
+
+
+@pytest.mark.parametrize("seed, salt, noise, crop", [(0, 0.0, 6.0, None), (1, 0.01, 12.0, None),
+                                                      (2, 0.03, 20.0, (slice(10, 150), slice(0, 120)))])
+def test_reference_equals_the_reference_scripts_crf_call(seed, salt, noise, crop):
+    image, labels, _ = scene(seed=seed, salt=salt, noise=noise)
+    if crop is not None:  # non-square
+        image, labels = np.ascontiguousarray(image[crop]), np.ascontiguousarray(labels[crop])
+    expected = reference_script_crf(image, labels)
+    assert np.array_equal(dense_crf_reference(image, labels), expected)
+    assert np.array_equal(dense_crf_reference(image, labels.astype(np.uint8)), expected)
+    # the comparison can fail: another setting of the script changes the answer on this scene
+    assert not np.array_equal(reference_script_crf(image, labels, bilateral_compat=3), expected)
+
+
+def test_params_change_the_answer_as_the_script_would():
+    image, labels, _ = scene(seed=1, salt=0.01, noise=12.0)
+    weaker = dense_crf_reference(image, labels, params=CRFParams(bilateral_compat=3.0))
+    assert np.array_equal(weaker, reference_script_crf(image, labels, bilateral_compat=3))
 
 
 def test_read_only_image_is_accepted():

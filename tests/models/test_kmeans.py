@@ -1,11 +1,18 @@
 """Tests of the batched k-means (pixel grouping and part ranking use it)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import KMeans, kmeans_plusplus
 
 from part_distillation.models.kmeans import (
+    _absolute_tolerance,
+    _lloyd,
     assign_to_centroids,
     batched_kmeans,
     kmeans,
@@ -164,13 +171,114 @@ def test_never_worse_than_random_init_lloyd():
 
 
 def test_median_quality_matches_sklearn_on_overlapping_blobs():
-    sklearn = pytest.importorskip("sklearn.cluster")
     ratios = []
     for seed in range(7):  # a single run of either is a local optimum: compare the median
         x, _ = blobs(60 + seed, 1500, 64, 6, spread=2.0, noise=1.5)
-        theirs = sklearn.KMeans(n_clusters=4, random_state=0, n_init=1).fit(x.numpy())
-        ratios.append(kmeans(x, 4, seed=seed).inertia.item() / theirs.inertia_)
+        theirs = KMeans(n_clusters=4, random_state=0, n_init=1).fit(x.numpy())
+        ratios.append(kmeans(x, 4, seed=seed, n_init=1).inertia.item() / theirs.inertia_)
     assert float(np.median(ratios)) <= 1.01
+
+
+def test_ten_restarts_match_sklearns_ten_restarts():
+    """The stages' default (10 restarts) against what the reference ran (sklearn n_init=10)."""
+    ratios = []
+    for seed in range(5):
+        x = bar(seed)
+        theirs = KMeans(n_clusters=5, random_state=0, n_init=10).fit(x)
+        ours = kmeans(torch.from_numpy(x), 5, seed=seed)
+        ratios.append(inertia_of(torch.from_numpy(x), ours.centroids, ours.labels) / theirs.inertia_)
+    assert float(np.median(ratios)) <= 1.0 + 1e-4 and max(ratios) <= 1.02  # bar(): many near-equal optima
+
+
+def bar(seed: int, n: int = 3000, dim: int = 32) -> np.ndarray:
+    """A uniform 2-D square in ``dim`` dims plus a little noise (float32): no cluster
+    structure, so Lloyd creeps for many iterations with a small inertia gain per pass."""
+    rng = np.random.default_rng(seed)
+    square = rng.uniform(-1, 1, size=(n, 2))
+    basis = np.linalg.qr(rng.normal(size=(dim, 2)))[0].T
+    return (square @ basis * 5 + rng.normal(size=(n, dim)) * 0.05).astype(np.float32)
+
+
+def sklearn_lloyd(x: np.ndarray, init: np.ndarray):
+    """sklearn's Lloyd from ``init`` (tol 1e-4, max_iter 300) and how it stopped ("strict" or "shift")."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        fitted = KMeans(len(init), init=init, n_init=1, algorithm="lloyd", tol=1e-4, verbose=1).fit(x)
+    said = re.search(r"Converged at iteration \d+: (strict convergence|center shift)", log.getvalue())
+    assert said, log.getvalue()[-300:]
+    return fitted, "strict" if said.group(1).startswith("strict") else "shift"
+
+
+def lloyd_step_shift(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Squared centre shift summed over the centres of one more Lloyd step (float64, numpy)."""
+    x = x.astype(np.float64)
+    centroids = centroids.astype(np.float64)
+    labels = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    means = np.stack([x[labels == j].mean(0) if (labels == j).any() else centroids[j]
+                      for j in range(len(centroids))])
+    return float(((means - centroids) ** 2).sum())
+
+
+def relative_inertia_lloyd(x: np.ndarray, init: np.ndarray, tol: float = 1e-3):
+    """Lloyd stopped by the rule this module used before (a pass lowers the inertia by at
+    most ``tol`` of it), in float64: (assignment passes, centroids)."""
+    x = x.astype(np.float64)
+    centroids, previous, passes = init.astype(np.float64), np.inf, 0
+    while True:
+        dist = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+        labels, inertia = dist.argmin(1), dist.min(1).sum()
+        passes += 1
+        if previous - inertia <= tol * inertia:
+            return passes, centroids
+        previous = inertia
+        centroids = np.stack([x[labels == j].mean(0) for j in range(len(centroids))])
+
+
+def test_absolute_tolerance_is_sklearns():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 200, 7)) * rng.uniform(0.1, 3, size=7) + 4).astype(np.float32)
+    mask = rng.random((3, 200)) > 0.4
+    xt = torch.from_numpy(x)
+    norms = xt.square().sum(-1)
+    whole = _absolute_tolerance(xt, norms, None, 1e-4)
+    masked = _absolute_tolerance(xt, norms, torch.from_numpy(mask), 1e-4)
+    for b in range(3):
+        assert whole[b].item() == pytest.approx(1e-4 * np.var(x[b].astype(np.float64), axis=0).mean(), rel=1e-4)
+        expected = 1e-4 * np.var(x[b][mask[b]].astype(np.float64), axis=0).mean()
+        assert masked[b].item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lloyd_stops_where_sklearn_stops_from_the_same_start(seed):
+    """Same data, same k-means++ start: same labels, inertia and iterations as sklearn."""
+    x = bar(seed)
+    init, _ = kmeans_plusplus(x, 5, random_state=seed)
+    theirs, how = sklearn_lloyd(x, init)
+    xt = torch.from_numpy(x)[None]
+    tol_abs = torch.tensor([1e-4 * np.var(x.astype(np.float64), axis=0).mean()], dtype=torch.float64)
+    centroids, labels, min_dist, _, n_iter = _lloyd(
+        xt, xt.square().sum(-1), None, torch.from_numpy(init)[None, None], 300, tol_abs, 4096)
+    assert np.array_equal(labels[0, :, 0].numpy(), theirs.labels_)
+    assert min_dist.sum().item() == pytest.approx(theirs.inertia_, rel=1e-5)
+    np.testing.assert_allclose(centroids[0, 0].numpy(), theirs.cluster_centers_, atol=1e-4)
+    # passes over the points: sklearn's iterations, plus its final assignment after a shift stop
+    assert int(n_iter) == theirs.n_iter_ + (1 if how == "shift" else 0)
+
+
+def test_relative_inertia_rule_stopped_early_the_centre_shift_rule_does_not():
+    """On slowly creeping data the old rule stopped with the centres still moving by far
+    more than sklearn's tolerance; the module's answer is converged by sklearn's rule."""
+    for seed in range(3):
+        x = bar(seed)
+        tol_abs = 1e-4 * np.var(x.astype(np.float64), axis=0).mean()
+        init, _ = kmeans_plusplus(x, 5, random_state=seed)
+        old_passes, old_centroids = relative_inertia_lloyd(x, init)
+        theirs, _ = sklearn_lloyd(x, init)
+        assert old_passes < theirs.n_iter_ and lloyd_step_shift(x, old_centroids) > 10 * tol_abs
+        ours = kmeans(torch.from_numpy(x), 5, seed=seed)
+        # float32 distances near ties: a float64 step may move a point or two more
+        assert lloyd_step_shift(x, ours.centroids.numpy()) <= 2 * tol_abs
+        assert torch.equal(assign_to_centroids(torch.from_numpy(x), ours.centroids), ours.labels)
 
 
 def test_assign_to_centroids_l2_and_dot():
@@ -197,7 +305,7 @@ def test_invalid_inputs():
         batched_kmeans(torch.randn(2, 10, 3), 2, seed=[1, 2, 3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.requires("cuda")
 def test_gpu_matches_cpu():
     problems = [blobs(40 + i, n, 64, 4, spread=5.0)[0] for i, n in enumerate([100, 700, 3000])]
     cpu = kmeans_list(problems, 4, seed=3)
