@@ -13,13 +13,13 @@ STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "pixel_grouping": "part_distillation.stages.pixel_grouping",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
     "detic_labeling": "stage 1, object-mask caching with Detic",
-    "pixel_grouping": "stage 2, pixel grouping",
     "dense_crf": "stage 3, dense-CRF refinement",
     "proposal_learning": "stage 4, part-proposal learning",
     "part_ranking": "stage 5, part ranking",
