@@ -82,8 +82,8 @@ class FeatureSource(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:  # noqa: D102
         if self.name == "mask2former":
             maps = self.network.backbone_features(pixel_values)
-        else:
-            maps = self.network.features(pixel_values, self.levels)
+        else:  # depthwise convolutions run faster channels-last on CPU
+            maps = self.network.features(pixel_values.contiguous(memory_format=torch.channels_last), self.levels)
         return concat_levels(maps, self.levels).float()
 
 
@@ -109,6 +109,7 @@ def build_feature_source(name: str, levels: Sequence[str], *, weights: str | Pat
         from .efficientnet import build_efficientnet_lite0
 
         network = build_efficientnet_lite0(pretrained=pretrained, weights=weights)
+        network = network.to(memory_format=torch.channels_last)
     else:
         raise ValueError(f"unknown feature source {name!r}; known: {sorted(SOURCES)}")
     return FeatureSource(name, network, levels).eval()
@@ -132,6 +133,17 @@ class ObjectToGroup:
 def masks_to_grid(masks: Tensor, grid: tuple[int, int]) -> Tensor:
     """(N, Hp, Wp) bool -> (N, h, w) bool by torch ``nearest`` (the top-left pixel of each cell)."""
     return F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
+
+
+def first_argmax(scores: Tensor) -> Tensor:
+    """``scores.argmax(1)`` for (N, K, H, W) with small K (ties to the lowest index), without
+    torch's slow strided reduction over dim 1 on CPU."""
+    best_value, best = scores[:, 0], torch.zeros(scores[:, 0].shape, dtype=torch.long, device=scores.device)
+    for k in range(1, scores.shape[1]):
+        better = scores[:, k] > best_value
+        best_value = torch.where(better, scores[:, k], best_value)
+        best[better] = k
+    return best
 
 
 def group_pixels(features: Tensor, objects: Sequence[ObjectToGroup], num_parts: int = 4, *,
@@ -165,7 +177,7 @@ def group_pixels(features: Tensor, objects: Sequence[ObjectToGroup], num_parts: 
     if assignment == "l2":  # 2 x.c - |c|^2 (- |x|^2, equal for every centroid of a pixel)
         scores = 2 * scores - centroids.square().sum(-1)[:, :, None, None]
     scores = F.interpolate(scores, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
-    labels = scores.argmax(1) + 1
+    labels = first_argmax(scores) + 1
     for row, i in enumerate(grouped):
         h, w = objects[i].fitted_size
         out[i] = torch.where(masks[i, :h, :w], labels[row, :h, :w], 0)
@@ -173,4 +185,4 @@ def group_pixels(features: Tensor, objects: Sequence[ObjectToGroup], num_parts: 
 
 
 __all__ = ["ASSIGNMENTS", "FeatureSource", "ObjectToGroup", "SOURCES", "build_feature_source",
-           "concat_levels", "group_pixels", "masks_to_grid"]
+           "concat_levels", "first_argmax", "group_pixels", "masks_to_grid"]

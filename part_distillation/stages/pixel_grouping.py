@@ -135,7 +135,7 @@ def _group_batch(batch, source, cfg: RunConfig, out, summary: StageSummary, devi
             summary.skip("frame_mismatch")
             continue
         rows.append((record, keys, len(images)))
-        images.append(frame.fit_image(image))
+        images.append(np.array(frame.fit_image(image)))  # writable: torch shares it
         frames.append(frame)
     if not images:
         return
