@@ -17,7 +17,7 @@ from part_distillation.masks import decode_rle, decode_rles
 from part_distillation.store import RecordStore
 from part_distillation.store.schemas import PART_SEGMENTS
 from tests.slurm_cluster import final_state, job_logs, slurm_cluster, submitit_job_ids
-from tests.stages.fixtures import write_object_records
+from tests.stages.object_records import write_object_records
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECTS = Path("pseudo_labels") / "object_labels" / "synthetic_train" / "detic_predictions"
