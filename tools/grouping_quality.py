@@ -27,11 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from part_distillation.data.frame import ImageFrame  # noqa: E402
-from part_distillation.data.images import load_rgb  # noqa: E402
 from part_distillation.data.synthetic import make_synthetic_dataset  # noqa: E402
-from part_distillation.evaluation.segments import best_match_iou, labels_to_segments  # noqa: E402
-from part_distillation.masks import decode_rle  # noqa: E402
+from part_distillation.evaluation.segments import best_match_iou, labels_to_segments, synthetic_objects  # noqa: E402
 from part_distillation.models.baselines import color_position_labels, strip_labels  # noqa: E402
 from part_distillation.models.efficientnet import build_efficientnet_lite0  # noqa: E402
 from part_distillation.models.grouping import ObjectToGroup, concat_levels, group_pixels  # noqa: E402
@@ -39,26 +36,6 @@ from part_distillation.models.mask2former import preprocess_images  # noqa: E402
 
 EFFICIENTNET_CHOICES = (("stride8", "stride16"), ("stride4",), ("stride4", "stride8"), ("stride8",),
                         ("stride16",), ("stride4", "stride8", "stride16"))
-
-
-def load_objects(root: Path, split: str, fit: int):
-    """Per image: fitted image, fitted object mask, fitted true part masks (P, h, w)."""
-    parts = json.loads((root / "annotations" / f"{split}.json").read_text())
-    objects = json.loads((root / "annotations" / f"objects_{split}.json").read_text())
-    obj_of = {a["image_id"]: a for a in objects["annotations"]}
-    parts_of: dict[int, list] = {}
-    for ann in parts["annotations"]:
-        parts_of.setdefault(ann["image_id"], []).append(ann)
-    items = []
-    for image in objects["images"]:
-        rgb = load_rgb(root / split / image["file_name"])
-        frame = ImageFrame.fit(rgb.shape[:2], size=fit)
-        obj = frame.masks_to_fitted(decode_rle(obj_of[image["id"]]["segmentation"]))
-        true = frame.masks_to_fitted(np.stack([decode_rle(a["segmentation"]) for a in parts_of[image["id"]]]))
-        keep = true.any((1, 2))
-        items.append({"key": image["file_name"], "image": np.array(frame.fit_image(rgb)), "object": obj,
-                      "parts": true[keep], "fitted": frame.fitted})
-    return items
 
 
 def backbone_maps(network, items, batch: int, kind: str):
@@ -91,7 +68,7 @@ def grouping_scores(maps_list, items, levels, k: int, n_init: int, assignment: s
 
 
 def evaluate_variant(root: Path, args) -> dict[str, float]:
-    items = load_objects(root, "train", args.fit)
+    items = synthetic_objects(root, "train", args.fit)
     results: dict[str, float] = {}
     results["baseline strips"] = float(np.mean([best_match_iou(it["parts"], labels_to_segments(
         strip_labels(it["object"], args.k))) for it in items]))

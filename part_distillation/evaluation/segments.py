@@ -8,11 +8,15 @@ its baselines (``models/baselines.py``), so the figures compare like with like.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from part_distillation.masks import mask_iou
+from part_distillation.data.frame import ImageFrame
+from part_distillation.data.images import load_rgb
+from part_distillation.masks import decode_rle, mask_iou
 
 
 def best_match_iou(true_parts: np.ndarray, segments: np.ndarray) -> float:
@@ -40,4 +44,26 @@ def mean_best_match_iou(scores: Iterable[float]) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-__all__ = ["best_match_iou", "labels_to_segments", "mean_best_match_iou"]
+def synthetic_objects(root: str | Path, split: str = "train", fit: int = 640) -> list[dict]:
+    """The synthetic dataset's objects in the fitted frame: per image ``key``, ``image`` (h, w, 3)
+    uint8, ``object`` (h, w) bool, ``parts`` (P, h, w) bool true parts present, ``fitted`` (h, w)."""
+    root = Path(root)
+    parts = json.loads((root / "annotations" / f"{split}.json").read_text())
+    objects = json.loads((root / "annotations" / f"objects_{split}.json").read_text())
+    obj_of = {a["image_id"]: a for a in objects["annotations"]}
+    parts_of: dict[int, list] = {}
+    for ann in parts["annotations"]:
+        parts_of.setdefault(ann["image_id"], []).append(ann)
+    items = []
+    for image in objects["images"]:
+        rgb = load_rgb(root / split / image["file_name"])
+        frame = ImageFrame.fit(rgb.shape[:2], size=fit)
+        obj = frame.masks_to_fitted(decode_rle(obj_of[image["id"]]["segmentation"]))
+        true = frame.masks_to_fitted(np.stack([decode_rle(a["segmentation"]) for a in parts_of[image["id"]]]))
+        keep = true.any((1, 2))
+        items.append({"key": image["file_name"], "image": np.array(frame.fit_image(rgb)), "object": obj,
+                      "parts": true[keep], "fitted": frame.fitted})
+    return items
+
+
+__all__ = ["best_match_iou", "labels_to_segments", "mean_best_match_iou", "synthetic_objects"]

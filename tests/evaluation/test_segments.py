@@ -49,3 +49,16 @@ def test_colour_position_kmeans_separates_two_flat_colours():
     assert labels[0].max() == 0
     assert len(np.unique(labels[1:, :10])) == 1 and len(np.unique(labels[1:, 10:])) == 1
     assert labels[5, 0] != labels[5, 19]
+
+
+def test_synthetic_objects_are_in_the_fitted_frame_and_parts_tile_the_object(tmp_path):
+    from part_distillation.data.synthetic import make_synthetic_dataset
+    from part_distillation.evaluation.segments import synthetic_objects
+
+    make_synthetic_dataset(tmp_path, num_classes=1, images_per_class=2, size=(40, 32), seed=4)
+    items = synthetic_objects(tmp_path, "train", fit=80)
+    assert len(items) == 2
+    for it in items:
+        assert it["fitted"] == (64, 80) and it["image"].shape == (64, 80, 3) and it["object"].shape == (64, 80)
+        assert np.array_equal(it["parts"].any(0), it["object"]) and it["parts"].sum(0).max() == 1
+        assert best_match_iou(it["parts"], it["parts"]) == 1.0
