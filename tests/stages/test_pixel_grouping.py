@@ -130,3 +130,17 @@ def test_tiny_slurm_array_writes_every_shard(slurm_cluster, tmp_path):
         for rec in records:
             PART_SEGMENTS.check(rec)
             assert rec["fitted_size"] == [640, 640] and len(rec["part_masks"]) >= 1
+
+
+@pytest.mark.integration
+def test_seed_script_runs_the_demo_array_in_process(tmp_path):
+    root = _make_root(tmp_path, images=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PD_LAUNCHER": "basic", "PD_EXPERIMENT": "demo", "JOBS": "2",
+           "PD_DEMO_ROOT": str(root), "PD_PYTHON": sys.executable}
+    result = subprocess.run(["bash", "sh_files/proposal_generation/run.sh", "stage.feature_levels=[stride4]",
+                             "stage.kmeans_restarts=3"], cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    store = RecordStore(root / PARTS)
+    assert store.num_shards == 2 and len(store) == 4
+    assert store.config["stage"]["features"] == "efficientnet_lite0"  # the demo's feature source
