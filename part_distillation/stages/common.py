@@ -15,7 +15,8 @@ from part_distillation.store.schemas import RecordSchema
 #: Keys that say where or how a job runs, not what it computes: they never make an
 #: existing output "different" (the shard count is checked on its own by the store).
 NOT_FINGERPRINTED = ("shard.index", "shard.count", "launcher", "paths", "log_level", "overwrite_config",
-                     "experiment", "stage.progress_every", "stage.input", "stage.output", "model.device")
+                     "experiment", "stage.progress_every", "stage.input", "stage.output", "model.device",
+                     "stage.batch_size")
 
 
 def open_output(cfg: RunConfig, schema: RecordSchema) -> ShardWriter:
