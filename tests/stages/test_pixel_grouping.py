@@ -144,3 +144,12 @@ def test_seed_script_runs_the_demo_array_in_process(tmp_path):
     store = RecordStore(root / PARTS)
     assert store.num_shards == 2 and len(store) == 4
     assert store.config["stage"]["features"] == "efficientnet_lite0"  # the demo's feature source
+
+
+def test_object_choice_top_is_the_highest_score_all_is_every_mask():
+    from part_distillation.stages.pixel_grouping import object_keys
+
+    record = {"key": "n1/a.JPEG", "masks": [{}, {}, {}], "scores": np.array([0.2, 0.9, 0.5])}
+    assert object_keys(record, "top") == [("n1/a.JPEG", 1)]
+    assert object_keys(record, "all") == [("n1/a.JPEG/0", 0), ("n1/a.JPEG/1", 1), ("n1/a.JPEG/2", 2)]
+    assert object_keys({**record, "masks": [], "scores": np.array([])}, "top") == []
