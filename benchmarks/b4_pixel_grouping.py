@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--efficientnet-levels", default="stride8,stride16")
+    parser.add_argument("--efficientnet-levels", default="stride4,stride8,stride16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         make_synthetic_dataset(tmp, num_classes=args.images, images_per_class=1, size=(192, 144), seed=1)
