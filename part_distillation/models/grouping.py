@@ -18,8 +18,9 @@ The reference algorithm, batched over many objects:
 Step 4 never materialises the upsampled features: bilinear upsampling is linear, so
 upsample(f) . c = upsample(f . c), and |x|^2 is the same for every centroid of a pixel,
 so it drops out of the argmax. The K score maps are computed on the feature grid and
-only they are upsampled (K channels instead of C = 1152): identical labels up to float
-rounding (tested against the direct computation).
+only they are upsampled (K channels instead of C = 1152), and only over the object's
+bounding box: identical labels up to float rounding (tested against the direct
+computation).
 
 Models compute only: no logging, no files (except the weights the caller names), no config.
 """
@@ -132,6 +133,9 @@ class ObjectToGroup:
 
 def masks_to_grid(masks: Tensor, grid: tuple[int, int]) -> Tensor:
     """(N, Hp, Wp) bool -> (N, h, w) bool by torch ``nearest`` (the top-left pixel of each cell)."""
+    height, width = masks.shape[-2:]
+    if height % grid[0] == 0 and width % grid[1] == 0:  # integer stride: the same samples, no copy
+        return masks[:, :: height // grid[0], :: width // grid[1]]
     return F.interpolate(masks[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
 
 
@@ -163,26 +167,48 @@ def group_pixels(features: Tensor, objects: Sequence[ObjectToGroup], num_parts: 
         features = F.normalize(features, dim=1)
     grid = tuple(features.shape[-2:])
     masks = torch.stack([o.mask.to(features.device, torch.bool) for o in objects])
-    grid_masks = masks_to_grid(masks, grid)
-    points = [features[o.image][:, m].T.contiguous() for o, m in zip(objects, grid_masks)]
+    grid_masks = masks_to_grid(masks, grid).reshape(len(objects), -1)
+    rows = features.flatten(2).transpose(1, 2)  # (B, hg*wg, C): a pixel's vector is one row
+    points = [rows[o.image][m] for o, m in zip(objects, grid_masks)]
     grouped = [i for i, p in enumerate(points) if p.shape[0] > num_parts]
     results = kmeans_list([points[i] for i in grouped], num_parts, n_init=n_init,
                           seed=[objects[i].seed for i in grouped])
     out: list[Tensor | None] = [None] * len(objects)
-    if not grouped:
-        return out
-    centroids = torch.stack([r.centroids for r in results]).to(features.dtype)  # (G, K, C)
-    image_rows = torch.tensor([objects[i].image for i in grouped], device=features.device)
-    scores = torch.einsum("gkc,gchw->gkhw", centroids, features[image_rows])
-    if assignment == "l2":  # 2 x.c - |c|^2 (- |x|^2, equal for every centroid of a pixel)
-        scores = 2 * scores - centroids.square().sum(-1)[:, :, None, None]
-    scores = F.interpolate(scores, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
-    labels = first_argmax(scores) + 1
-    for row, i in enumerate(grouped):
-        h, w = objects[i].fitted_size
-        out[i] = torch.where(masks[i, :h, :w], labels[row, :h, :w], 0)
+    for i, result in zip(grouped, results):
+        out[i] = _assign(features[objects[i].image], result.centroids.to(features.dtype), masks[i],
+                         objects[i].fitted_size, assignment)
     return out
 
+
+def _assign(features: Tensor, centroids: Tensor, mask: Tensor, fitted_size: tuple[int, int],
+            assignment: str) -> Tensor:
+    """Labels (h, w) of one object: features (C, hg, wg), centroids (K, C), mask (Hp, Wp).
+
+    Scores only on the object's bounding box plus one grid cell: bilinear upsampling
+    (align_corners=False, scale = the stride) of a crop that starts at grid row g0 gives
+    exactly the full upsampling's values at output rows g0*s onwards wherever both source
+    neighbours lie in the crop, which the one-cell margin guarantees inside the box.
+    """
+    h, w = fitted_size
+    stride_y, stride_x = mask.shape[0] // features.shape[1], mask.shape[1] // features.shape[2]
+    labels = torch.zeros((h, w), dtype=torch.long, device=features.device)
+    inside = mask[:h, :w]
+    ys, xs = inside.any(1).nonzero()[:, 0], inside.any(0).nonzero()[:, 0]
+    if len(ys) == 0:
+        return labels
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    g0, g1 = max(0, y0 // stride_y - 1), min(features.shape[1], (y1 - 1) // stride_y + 2)
+    f0, f1 = max(0, x0 // stride_x - 1), min(features.shape[2], (x1 - 1) // stride_x + 2)
+    crop = features[:, g0:g1, f0:f1]
+    scores = torch.einsum("kc,chw->khw", centroids, crop)
+    if assignment == "l2":  # 2 x.c - |c|^2 (- |x|^2, equal for every centroid of a pixel)
+        scores = 2 * scores - centroids.square().sum(-1)[:, None, None]
+    scores = F.interpolate(scores[None], scale_factor=(stride_y, stride_x), mode="bilinear",
+                           align_corners=False, recompute_scale_factor=False)
+    oy, ox = g0 * stride_y, f0 * stride_x
+    box = first_argmax(scores[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox])[0] + 1
+    labels[y0:y1, x0:x1] = torch.where(inside[y0:y1, x0:x1], box, 0)
+    return labels
 
 __all__ = ["ASSIGNMENTS", "FeatureSource", "ObjectToGroup", "SOURCES", "build_feature_source",
            "concat_levels", "first_argmax", "group_pixels", "masks_to_grid"]

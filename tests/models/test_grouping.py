@@ -106,11 +106,12 @@ def test_dot_prefers_large_centroids_l2_the_nearest():
 
 
 @pytest.mark.parametrize("assignment", ["dot", "l2"])
-def test_low_resolution_scores_equal_upsampling_the_features_first(assignment):
+@pytest.mark.parametrize("box", [(5, 45, 3, 70), (17, 38, 25, 60)])  # near the borders; inside (crop)
+def test_low_resolution_scores_equal_upsampling_the_features_first(assignment, box):
     torch.manual_seed(0)
     feats = torch.randn(1, 16, 6, 10)
     mask = torch.zeros(48, 80, dtype=torch.bool)
-    mask[5:45, 3:70] = True
+    mask[box[0]:box[1], box[2]:box[3]] = True
     obj = ObjectToGroup(0, mask, (46, 75), 3)
     labels = group_pixels(feats, [obj], 4, assignment=assignment, n_init=4)[0]
     # The direct reference computation: upsample all channels, crop, score with the same centroids.
