@@ -3,7 +3,28 @@
 Version ranges are the ones tested here; torch/torchvision are pinned to the official
 matching pair (GPU users install the same pair built for their CUDA).
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class build_py_with_configs(build_py):
+    """Also copy the top-level ``configs/`` into the built package as ``part_distillation/configs``.
+
+    The entry point reads ``configs/`` from the source tree when it runs from a checkout
+    and ``part_distillation/configs`` (package data) when installed from a wheel.
+    """
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "part_distillation" / "configs"
+        for source in sorted(CONFIGS.rglob("*.yaml")):
+            dest = target / source.relative_to(CONFIGS)
+            self.mkpath(str(dest.parent))
+            self.copy_file(str(source), str(dest))
 
 setup(
     name="part_distillation",
@@ -11,8 +32,7 @@ setup(
     description="PartDistillation: learning object parts from instance segmentation, stage by stage",
     python_requires=">=3.10",
     packages=find_packages(include=["part_distillation", "part_distillation.*"]),
-    include_package_data=True,
-    package_data={"part_distillation": ["conf/**/*.yaml"]},
+    cmdclass={"build_py": build_py_with_configs},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -1,4 +1,5 @@
-"""B3: the record store against the reference layout (one torch.save file per image).
+"""B3: the record store against the reference layout (one torch.save file per image),
+and key lookups at scale.
 
 Both write and then read the same records, realistic stage-1 outputs: 10 object masks
 of a 640x640 image as COCO RLE (smooth irregular blobs, RLE strings of a few hundred
@@ -11,20 +12,29 @@ record at a time, not kept); the best of ``--repeats`` passes counts, because th
 machine may be shared. The store runs with its default fsync policy; the reference
 layout does not fsync at all.
 
-    .venv/bin/python benchmarks/b3_store.py          # quick: 1,000 records
-    .venv/bin/python benchmarks/b3_store.py --full   # 10,000 records
+Lookups: ``--lookup-records`` small index records (key, path, class, size; keys like
+ImageNet-21k's) in 8 shards; the index is built by the first lookup (its retained
+memory, traced, is ``index_bytes_per_key``), then ``hit_us`` is the mean time of
+``store.get`` for present keys and ``miss_us`` the mean time of ``key in store`` for
+absent keys (the store before this version rebuilt its index on every miss: a few
+misses are timed, up to a time budget).
 
-Last line: ``B3 read_speedup=.. write_speedup=.. files=.. records=..`` where files is
-the store's file count for those records.
+    .venv/bin/python benchmarks/b3_store.py          # quick: 1,000 records; 100,000 for lookups
+    .venv/bin/python benchmarks/b3_store.py --full   # 10,000 records; 1,000,000 for lookups
+
+Last line: ``B3 read_speedup=.. miss_us=.. hit_us=.. index_bytes_per_key=..``; the line
+before it gives ``write_speedup``, the store's file count and the record counts.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import random
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -125,14 +135,62 @@ def bench_torch(root: Path, records: list[dict], repeats: int) -> tuple[float, f
     return t_write, t_read, t_read_pickle
 
 
+def index_record(i: int, num_classes: int = 21_841) -> dict:
+    """A small index-stage record with an ImageNet-21k-like key."""
+    c = (i * 7919) % num_classes
+    key = f"n{c:08d}/n{c:08d}_{i}.JPEG"
+    return {"key": key, "path": f"/datasets/imagenet21k/{key}", "wnid": f"n{c:08d}", "class_index": c,
+            "class_name": f"class {c}", "height": 375, "width": 500, "ok": True, "reason": ""}
+
+
+def bench_lookup(root: Path, n: int, num_shards: int = 8, miss_budget_s: float = 10.0
+                 ) -> tuple[float, float, float, float, float]:
+    """Write ``n`` index records; returns (write s, index build s, bytes/key, hit us, miss us)."""
+    out = root / "lookup"
+    t0 = time.perf_counter()
+    per_shard = -(-n // num_shards)
+    for s in range(num_shards):
+        with ShardWriter(out, s, num_shards, stage="b3", config={"bench": "b3-lookup"}, code_version="bench",
+                         fsync_every=4096) as w:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                w.write(index_record(i))
+    t_write = time.perf_counter() - t0
+    store = RecordStore(out)
+    first = index_record(0)["key"]
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    t0 = time.perf_counter()
+    assert first in store  # builds the index
+    t_build = time.perf_counter() - t0
+    gc.collect()
+    index_bytes = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    rng = random.Random(0)
+    probes = [index_record(rng.randrange(n)) for _ in range(2000)]
+    t0 = time.perf_counter()
+    for rec in probes:
+        assert store.get(rec["key"])["class_index"] == rec["class_index"]
+    hit_us = (time.perf_counter() - t0) / len(probes) * 1e6
+    misses, t0 = 0, time.perf_counter()
+    while misses < 2000 and (misses < 3 or time.perf_counter() - t0 < miss_budget_s):
+        assert f"absent/{misses}.JPEG" not in store
+        misses += 1
+    miss_us = (time.perf_counter() - t0) / misses * 1e6
+    return t_write, t_build, index_bytes / n, hit_us, miss_us
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="10,000 records instead of 1,000")
     parser.add_argument("--records", type=int, help="number of records (overrides --full)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="read passes; the fastest counts")
+    parser.add_argument("--lookup-records", type=int, help="records of the lookup test "
+                        "(default 100,000; 1,000,000 with --full)")
     args = parser.parse_args(argv)
     n = args.records or (10_000 if args.full else 1_000)
+    n_lookup = args.lookup_records or (1_000_000 if args.full else 100_000)
     torch.set_num_threads(1)
     records = make_records(n)
     gc.collect()
@@ -152,7 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'torch.save per image':<24}{n / t_write:>12.0f}{n / t_read:>12.0f}{n:>8}{torch_bytes / 1e6:>8.1f}")
     print(f"{'  same, unsafe pickle':<24}{'':>12}{n / t_read_pickle:>12.0f}"
           f"   (torch.load weights_only=False, as torch<2.6 did: store is {t_read_pickle / s_read:.1f}x faster)")
-    print(f"B3 read_speedup={t_read / s_read:.1f} write_speedup={t_write / s_write:.1f} files={files} records={n}")
+    gc.unfreeze()
+    del records
+    gc.collect()
+    with tempfile.TemporaryDirectory(prefix="b3_") as tmp:
+        l_write, l_build, bytes_per_key, hit_us, miss_us = bench_lookup(Path(tmp), n_lookup)
+    print(f"lookup: {n_lookup} index records in 8 shards written in {l_write:.1f} s "
+          f"({n_lookup / l_write:.0f} rec/s); index built in {l_build:.2f} s, {bytes_per_key:.0f} bytes/key; "
+          f"get (hit) {hit_us:.1f} us, miss {miss_us:.1f} us")
+    print(f"write_speedup={t_write / s_write:.1f} files={files} records={n} lookup_records={n_lookup}")
+    print(f"B3 read_speedup={t_read / s_read:.1f} miss_us={miss_us:.1f} hit_us={hit_us:.1f} "
+          f"index_bytes_per_key={bytes_per_key:.0f}")
     return 0
 
 

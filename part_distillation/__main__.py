@@ -33,9 +33,18 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig):
-    from part_distillation.launch import run_job
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return run_job(cfg)
+    from part_distillation.launch import JobFailed, run_job
+
+    try:
+        return run_job(cfg)
+    except JobFailed as failed:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise  # a multirun job: Hydra reports it (in one line: a compact exception)
+        print(failed, file=sys.stderr)  # in-process: one line, the traceback is in the log at DEBUG
+        sys.exit(1)
 
 
 def main() -> None:

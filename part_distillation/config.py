@@ -103,7 +103,7 @@ class DataConfig:
     name: str = MISSING
     root: str = MISSING
     split: Optional[str] = "train"  # sub-folder of root (ImageNet-1k); null for flat trees
-    words_file: Optional[str] = None  # "wnid<TAB>names" lines; default: <root>/words.txt if present
+    words_file: Optional[str] = None  # class names / synset list; null: found next to the tree (imagenet.py)
     max_pixels: int = 64_000_000  # larger images are downscaled (or refused, see oversize)
     oversize: str = "downscale"
 
@@ -131,12 +131,15 @@ class StageConfig:
     input: Optional[str] = None  # the previous stage's output, where there is one
     progress_every: int = 200  # log line period (records) when not on a terminal
 
+    _checks = {"progress_every": _at_least(1)}  # stage schemas add theirs (merged, see _check_node)
+
 
 @dataclass
 class IndexStageConfig(StageConfig):
     """Stage ``index``: list and check every image before GPU time is spent."""
 
     name: str = "index"
+    redo_changed: bool = False  # rerun: re-probe images whose file changed size/mtime; tombstone vanished ones
 
 
 @dataclass
@@ -152,6 +155,13 @@ class SyntheticDataStageConfig(StageConfig):
 
     _checks = {"classes": _at_least(1), "images_per_class": _at_least(1),
                "parts_per_class": _at_least(1), "size": _at_least(32)}
+
+
+@dataclass
+class SamplePhotosStageConfig(StageConfig):
+    """Stage ``sample_photos``: the scikit-image photos as an image tree (real-photo check)."""
+
+    name: str = "sample_photos"
 
 
 @dataclass
@@ -245,6 +255,25 @@ class PartRankingStageConfig(StageConfig):
 
 
 @dataclass
+class EvaluateStageConfig(StageConfig):
+    """Stage ``evaluate``: a stage's part records scored against a part dataset (both protocols)."""
+
+    name: str = "evaluate"
+    dataset: str = "partimagenet"
+    dataset_root: str = "${data.root}"
+    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
+    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
+    split: str = "valtest"
+    match_split: Optional[str] = None  # a split disjoint from `split` for the strict protocol's matching
+    num_clusters: int = 8
+    top_k: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200])
+    mapping: str = "majority"
+
+    _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
+               "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian")}
+
+
+@dataclass
 class RunConfig:
     """The whole composed configuration of one job."""
 
@@ -264,6 +293,7 @@ class RunConfig:
 
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "synthetic_data": SyntheticDataStageConfig,
+    "sample_photos": SamplePhotosStageConfig,
     "pipeline": PipelineStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,
@@ -272,6 +302,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "proposal_learning": TrainStageConfig,
     "part_ranking": PartRankingStageConfig,
     "part_distillation": TrainStageConfig,
+    "evaluate": EvaluateStageConfig,
 }
 
 
@@ -290,7 +321,9 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------
 
 def _check_node(obj: Any, prefix: str) -> None:
-    checks = getattr(type(obj), "_checks", {})
+    checks: dict = {}
+    for klass in reversed(type(obj).__mro__):  # a subclass's checks add to its base's
+        checks.update(vars(klass).get("_checks", {}))
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"

@@ -12,34 +12,41 @@ complete, so a requeued job needs no state of its own.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from part_distillation import stages
-from part_distillation.config import RunConfig, validate
+from part_distillation.config import ConfigError, RunConfig, validate
+from part_distillation.context import JobContext  # re-exported: launch.JobContext
 
 log = logging.getLogger("part_distillation")
 
+__all__ = ["JobContext", "JobFailed", "PreflightError", "check_job", "distributed_context", "preflight_sweep",
+           "run_job"]
 
-@dataclass
-class JobContext:
-    """Where this process stands in its job; handed to every stage's ``run``."""
+#: Appended to a data-tree error: what a new user runs instead.
+DATA_HINT = ("for the demo run `make demo` (python -m part_distillation experiment=demo); "
+             "for your own images give data.root=<folder of class folders>")
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    job_id: Optional[str] = None
-    on_slurm: bool = False
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+class PreflightError(ConfigError):
+    """Something a job needs is missing or unusable; found before anything ran. One line."""
+
+
+class JobFailed(CompactHydraException):
+    """A job stopped on a fault of its environment (a file, the disk, the weights); one line.
+
+    Hydra prints a ``CompactHydraException`` as its message alone, in-process and for a
+    multirun; the traceback is in the job log at DEBUG.
+    """
 
 
 def _slurm_job_env():
@@ -101,18 +108,69 @@ def configure_logging(level: str) -> None:
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg``, run its stage in this process, return the stage summary."""
+    """Validate ``cfg``, run its stage in this process, return the stage summary.
+
+    A fault of the environment (unwritable or full output, missing file, wrong weights,
+    an output made with another config) ends the job with :class:`JobFailed`, one line
+    naming the file and what to do; its traceback goes to the log at DEBUG. Any other
+    exception is a bug and keeps its traceback.
+    """
     run: RunConfig = validate(cfg)
     configure_logging(run.log_level)
     stage_run = stages.get(run.stage.name)
-    with distributed_context() as context:
-        summary = stage_run(run, context)
+    try:
+        with distributed_context() as context:
+            summary = stage_run(run, context)
+    except Exception as exc:
+        message = job_error_message(exc, run)
+        if message is None:
+            raise
+        log.debug("job failed", exc_info=True)
+        log.error("%s", message)
+        raise JobFailed(f"part_distillation: job failed: {message}") from None
     summary.log()
     return summary.as_dict()
 
 
+_OUTPUT_HINT = "choose another paths.root (or stage.output)"
+_ERRNO_HINTS = {
+    errno.ENOSPC: f"the disk is full: free space or {_OUTPUT_HINT}, then rerun (finished records are kept)",
+    errno.EDQUOT: f"the disk quota is exceeded: free space or {_OUTPUT_HINT}, then rerun (finished records are kept)",
+    errno.EROFS: f"the file system is read-only: {_OUTPUT_HINT}",
+    errno.EACCES: f"permission denied: fix the permissions or {_OUTPUT_HINT}",
+    errno.EPERM: f"not permitted: fix the permissions or {_OUTPUT_HINT}",
+}
+
+
+def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
+    """One line for an error that is the environment's fault, or None for a bug.
+
+    A failed write is often followed by a second error while cleaning up (the shard's
+    close); the first OS error with a known cause in the chain is the one reported.
+    """
+    from part_distillation.store import StoreError
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, OSError) and err.errno in _ERRNO_HINTS:
+            where = os.fsdecode(err.filename) if err.filename is not None else run.stage.output
+            return f"{where}: {_ERRNO_HINTS[err.errno]}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror or exc}"
+    if isinstance(exc, (OSError, StoreError, ConfigError, stages.StageNotAvailable)):
+        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if type(exc).__module__.startswith("part_distillation.models"):  # a checkpoint that does not fit
+        return (f"{run.model.weights}: not the weights model={run.model.name} expects ({exc}); "
+                f"see weights/README.md for the file to use")
+    return None
+
+
 def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
-    """Validate every job of a multirun before anything is submitted; return the job count.
+    """Validate every job of a multirun, then check what it needs (``check_job``), before anything
+    is submitted; return the job count.
 
     Hydra composes each job's config only inside the job, so a bad value in a sweep of
     60 SLURM jobs would otherwise fail 60 times on the cluster. Each sweep value is
@@ -136,9 +194,63 @@ def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
         jobs *= len(values)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        for variant in variants:
-            cfg = compose(config_name="config", overrides=fixed + variant)
-            run = validate(cfg)
-            stages.get(run.stage.name)
+        runs = [validate(compose(config_name="config", overrides=fixed + variant)) for variant in variants]
     GlobalHydra.instance().clear()
+    for run in runs:  # values first (cheap, they name the key), then what each job needs on disk
+        check_job(run)
     return jobs
+
+
+def check_job(run: RunConfig) -> None:
+    """Everything about one job that can be checked before it is submitted.
+
+    The stage (and a pipeline's stages) exist; the image tree holds images; the input
+    (``stage.input``, the previous stage's output) exists; the weights
+    file is there; the output folder is writable and, when it exists, was made with this
+    config and shard count. Raises :class:`PreflightError` (or ``StageNotAvailable``)
+    with one line naming the path or key.
+    """
+    stages.get(run.stage.name)
+    if run.stage.name == "pipeline":
+        for name in run.stage.stages:
+            if name == "pipeline":
+                raise PreflightError("config key 'stage.stages' may not contain 'pipeline' itself")
+            stages.get(name)
+        return  # each sub-stage is composed and checked when the pipeline reaches it
+    if run.stage.name in stages.READS_IMAGE_TREE:
+        from part_distillation.data.imagenet import check_image_tree
+
+        try:
+            check_image_tree(run.data.root, split=run.data.split, words_file=run.data.words_file)
+        except FileNotFoundError as err:
+            raise PreflightError(f"{err}; {DATA_HINT}") from None
+        except OSError as err:  # e.g. a folder that cannot be listed
+            raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
+    if run.stage.input is not None and not os.path.isdir(run.stage.input):
+        raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
+                             f"it first, or set stage.input=<its output folder>")
+    if run.stage.name in stages.LOADS_WEIGHTS and run.model.weights and not os.path.isfile(run.model.weights):
+        raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
+                             f"(weights/README.md says where to get it) or set paths.weights=<folder>")
+    _check_writable(run.stage.output)
+    from part_distillation.stages.common import output_conflict
+
+    conflict = output_conflict(run)
+    if conflict:
+        raise PreflightError(conflict)
+
+
+def _check_writable(folder: str) -> None:
+    """``folder`` (or its nearest existing parent, where it will be made) accepts new files."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise PreflightError(f"output folder {folder} (stage.output) cannot be made: {path} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".pd_write_check.")
+    except OSError as err:
+        raise PreflightError(f"output folder {folder} (stage.output) is not writable ({path}: "
+                             f"{err.strerror or err}): {_OUTPUT_HINT}") from None
+    os.close(fd)
+    os.unlink(probe)

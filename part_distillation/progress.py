@@ -29,6 +29,9 @@ class StageSummary:
     started: float = field(default_factory=time.monotonic)
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    output: str | None = None  #: where this stage's results are
+    #: a pipeline's stages, in order: their counts are reported apart, never added up
+    parts: list["StageSummary"] = field(default_factory=list)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -42,15 +45,25 @@ class StageSummary:
         return self.seen / self.wall_s if self.wall_s > 0 else 0.0
 
     def as_dict(self) -> dict:
+        if self.parts:
+            return {"stage": self.stage, "wall_s": round(self.wall_s, 3), "output": self.output,
+                    "stages": {part.stage: part.as_dict() for part in self.parts}, **self.extra}
         return {"stage": self.stage, "seen": self.seen, "written": self.written,
                 "already_done": self.already_done, "skipped": dict(self.skipped),
-                "wall_s": round(self.wall_s, 3), "per_s": round(self.throughput, 2), **self.extra}
+                "wall_s": round(self.wall_s, 3), "per_s": round(self.throughput, 2), "output": self.output,
+                **self.extra}
 
     def log(self) -> None:
+        if self.parts:
+            outputs = ", ".join(f"{part.stage}: {part.output}" for part in self.parts)
+            log.info("[%s] done: %d stages in %.1f s; outputs: %s", self.stage, len(self.parts), self.wall_s,
+                     outputs)
+            return
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         log.info("[%s] done: %d inputs seen, %d records written, %d already done, skipped: %s; "
-                 "%.1f s wall, %.1f inputs/s", self.stage, self.seen, self.written,
-                 self.already_done, skipped, self.wall_s, self.throughput)
+                 "%.1f s wall, %.1f inputs/s%s", self.stage, self.seen, self.written,
+                 self.already_done, skipped, self.wall_s, self.throughput,
+                 f"; output: {self.output}" if self.output else "")
 
 
 def progress(items: Iterable[T], total: int | None, desc: str, every: int = 200) -> Iterator[T]:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.store import RecordStore
+from tests.helpers import run_entry
 from tests.slurm_cluster import (all_reduce_job, final_state, job_logs, job_state, python_path_setup, slurm_cluster,
                                  submitit_job_ids, wait_for)
 
@@ -28,11 +29,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
 INDEX_OUTPUT = Path("pseudo_labels") / "index" / "synthetic_train"
 __all__ = ["slurm_cluster"]  # the fixture, imported so pytest finds it
-
-
-def _entry(*overrides: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "part_distillation", *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=kw.pop("timeout", 180), **kw)
 
 
 def _records(out_root: Path) -> dict[str, dict]:
@@ -48,7 +44,7 @@ def test_index_array_job_through_hydra_writes_every_shard(slurm_cluster, tmp_pat
     made = make_synthetic_dataset(tmp_path / "data", num_classes=2, images_per_class=6, size=48, seed=5)
     sweep = tmp_path / "sweep"
     started = time.monotonic()
-    result = _entry(*_slurm_sweep(tmp_path / "data", tmp_path / "out", sweep, "shard.count=2",
+    result = run_entry(*_slurm_sweep(tmp_path / "data", tmp_path / "out", sweep, "shard.count=2",
                                   "shard.index=range(0,2)", "launcher.timeout_min=5"))
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:] + job_logs(sweep)
@@ -168,7 +164,7 @@ def test_preempted_index_job_is_requeued_and_matches_an_uninterrupted_run(slurm_
 
     # the same records as a run that was never interrupted
     reference = tmp_path / "reference"
-    ran = _entry("stage=index", f"data.root={data}", f"paths.root={reference}", f"hydra.run.dir={reference}/run")
+    ran = run_entry("stage=index", f"data.root={data}", f"paths.root={reference}", f"hydra.run.dir={reference}/run")
     assert ran.returncode == 0, ran.stderr[-3000:]
     expected, got = _records(reference), _records(out)
     assert len(got) == total and got.keys() == expected.keys()

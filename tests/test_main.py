@@ -1,8 +1,8 @@
 """The entry point and its configuration, without SLURM: composition, validation, launchers."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import part_distillation.__main__ as entry
+from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.config import STAGE_SCHEMAS, ConfigError, register_configs, validate
+from tests.helpers import REPO_ROOT, run_entry
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(STAGE_SCHEMAS)  # index, detic_labeling, ..., part_distillation, and the helpers
 EXPERIMENT_DATA = {None: "synthetic_train", "demo": "synthetic_train",
                    "in1k": "imagenet_1k_train", "in22k": "imagenet_22k_train"}
@@ -29,11 +30,6 @@ def _compose(*overrides: str, hydra_config: bool = False):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=entry.config_dir(), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-
-def _entry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "part_distillation", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_every_stage_has_a_config_file_and_a_schema():
@@ -129,14 +125,14 @@ def test_keys_added_with_plus_that_no_schema_knows_are_refused(typo, key):
 
 
 def test_out_of_range_value_is_one_line_without_traceback(tmp_path):
-    result = _entry(tmp_path, "shard.count=0", f"paths.root={tmp_path}")
+    result = run_entry("shard.count=0", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "nothing run: config key 'shard.count' = 0 is invalid" in result.stderr
 
 
 def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
-    result = _entry(tmp_path, "stage=pixel_grouping", f"paths.root={tmp_path}")
+    result = run_entry("stage=pixel_grouping", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "not implemented yet" in result.stderr
     assert "pixel_grouping" in result.stderr
@@ -144,7 +140,7 @@ def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
 
 
 def test_out_of_range_value_exits_non_zero_naming_the_key(tmp_path):
-    result = _entry(tmp_path, "shard.count=0", f"paths.root={tmp_path}")
+    result = run_entry("shard.count=0", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "'shard.count'" in result.stderr
     assert not (tmp_path / "pseudo_labels").exists()
@@ -152,8 +148,8 @@ def test_out_of_range_value_exits_non_zero_naming_the_key(tmp_path):
 
 def test_invalid_multirun_submits_nothing(tmp_path):
     sweep = tmp_path / "sweep"
-    result = _entry(tmp_path, "-m", "hydra/launcher=submitit_local", "shard.count=2", "shard.index=range(0,3)",
-                    f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}")
+    result = run_entry("-m", "hydra/launcher=submitit_local", "shard.count=2", "shard.index=range(0,3)",
+                       f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode != 0
     assert "'shard.index'" in result.stderr
     assert not (sweep / ".submitit").exists()
@@ -197,3 +193,146 @@ def test_submitit_local_launcher_takes_its_values_from_launcher_keys():
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("LocalLauncher")
     assert (launcher["tasks_per_node"], launcher["cpus_per_task"], launcher["timeout_min"]) == (2, 3, 7)
+
+
+# ------------------------------------------------------------------ checks before submission
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_missing_data_root_in_a_sweep_exits_2_in_one_line_and_submits_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_entry("-m", "hydra/launcher=submitit_local", "stage=index", "data=in1k", "data.root=/nonexistent",
+                       f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "nothing submitted" in line and "/nonexistent" in line and "does not exist" in line
+    assert not sweep.exists() and not (tmp_path / "pseudo_labels").exists()
+
+
+def test_no_arguments_in_an_empty_folder_says_what_to_run(tmp_path):
+    result = run_entry(cwd=tmp_path, env={**os.environ, "PD_ROOT": str(tmp_path),
+                                          "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "make demo" in line and "data.root=" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_progress_every_zero_is_refused_before_running(tmp_path):
+    result = run_entry("stage.progress_every=0", f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "'stage.progress_every' = 0 is invalid" in _one_line(result.stderr)
+    with pytest.raises(ConfigError, match="stage.progress_every"):
+        validate(_compose("stage=pixel_grouping", "stage.progress_every=0"))  # subclasses keep the base check
+
+
+def test_a_pipeline_with_a_stage_that_is_not_implemented_runs_nothing(tmp_path):
+    result = run_entry("stage=pipeline", "stage.stages=[synthetic_data,pixel_grouping]", f"paths.root={tmp_path}",
+                       cwd=tmp_path)
+    assert result.returncode == 2
+    assert "pixel_grouping" in _one_line(result.stderr) and "not implemented" in result.stderr
+    assert not (tmp_path / "datasets").exists()
+
+
+@pytest.fixture(scope="module")
+def small_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small_tree")
+    make_synthetic_dataset(root, num_classes=2, images_per_class=2, size=48, seed=4)
+    return root
+
+
+def test_output_made_with_another_shard_count_or_config_is_refused_before_submission(small_tree, tmp_path):
+    first = run_entry("stage=index", f"data.root={small_tree}", f"paths.root={tmp_path}",
+                      f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    common = ["-m", "hydra/launcher=submitit_local", "stage=index", f"data.root={small_tree}",
+              f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}"]
+    shards = run_entry(*common, "shard.count=2", "shard.index=0,1", cwd=tmp_path)
+    assert shards.returncode == 2 and "shard.count=1" in _one_line(shards.stderr)
+    config = run_entry(*common, "data.max_pixels=100,200", cwd=tmp_path)
+    assert config.returncode == 2 and "data.max_pixels" in _one_line(config.stderr)
+    assert not sweep.exists()
+
+
+@pytest.mark.parametrize("root", ["file", "/proc/pd_output"])
+def test_unwritable_output_is_refused_before_running(small_tree, tmp_path, root):
+    if root == "file":
+        root = tmp_path / "a_file"
+        root.write_text("x")
+    result = run_entry("stage=index", f"data.root={small_tree}", f"paths.root={root}",
+                       f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "stage.output" in line and str(root) in line
+
+
+def test_missing_weights_are_named_with_their_expected_path(small_tree, tmp_path, monkeypatch):
+    from part_distillation import stages
+    from part_distillation.launch import PreflightError, check_job
+
+    monkeypatch.setitem(stages.STAGES, "detic_labeling", "part_distillation.stages.index")  # as if implemented
+    run = validate(_compose("stage=detic_labeling", "model=detic_swinb", f"paths.root={tmp_path}",
+                            f"data.root={small_tree}", f"stage.input={tmp_path}"))
+    with pytest.raises(PreflightError) as err:
+        check_job(run)
+    expected = f"{tmp_path}/weights/detic/Detic_LCOCOI21k_CLIP_SwinB_896b32_4x_ft4x_max-size.pth"
+    assert expected in str(err.value) and "weights/README.md" in str(err.value)
+    Path(expected).parent.mkdir(parents=True)
+    Path(expected).write_bytes(b"weights")
+    check_job(run)
+
+
+def test_a_full_disk_inside_a_job_ends_in_one_line_naming_the_file(small_tree, tmp_path):
+    args = ["stage=index", f"data.root={small_tree}", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run"]
+    assert run_entry(*args, cwd=tmp_path).returncode == 0
+    shards = tmp_path / "pseudo_labels" / "index" / "synthetic_train" / "shards"
+    for path in shards.iterdir():
+        path.unlink()
+    (shards / "00000-of-00001.rec").symlink_to("/dev/full")  # every write: ENOSPC
+    result = run_entry(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert str(shards.parent) in line and "disk is full" in line
+
+
+def test_errors_of_the_environment_become_one_line_and_bugs_keep_their_traceback(monkeypatch):
+    from part_distillation import launch
+
+    run = validate(_compose("stage=index", "paths.root=/scratch/pd"))
+    full = OSError(errno.ENOSPC, "No space left on device", "/scratch/pd/out/shard.rec")
+    assert launch.job_error_message(full, run) == ("/scratch/pd/out/shard.rec: the disk is full: free space or "
+                                                   "choose another paths.root (or stage.output), then rerun "
+                                                   "(finished records are kept)")
+    read_only = OSError(errno.EROFS, "Read-only file system", "/scratch/pd/out/manifest.json")
+    assert "/scratch/pd/out/manifest.json: the file system is read-only" in launch.job_error_message(read_only, run)
+    assert launch.job_error_message(ZeroDivisionError("bug"), run) is None
+
+    def failing_stage(cfg, context):
+        raise full
+
+    monkeypatch.setattr(launch.stages, "get", lambda name: failing_stage)
+    monkeypatch.setattr(launch, "configure_logging", lambda level: None)  # leave other tests' log levels alone
+    with pytest.raises(launch.JobFailed) as err:
+        launch.run_job(_compose("stage=index", "paths.root=/scratch/pd"))
+    assert "disk is full" in str(err.value) and err.value.__suppress_context__
+
+
+def test_in22k_layout_on_an_imagenet_1k_tree_is_refused_naming_the_path_and_setting(small_tree, tmp_path):
+    result = run_entry("stage=index", "data=in22k", f"data.root={small_tree}", f"paths.root={tmp_path}",
+                       cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert str(small_tree) in line and "data.split=train" in line
+    assert not (tmp_path / "pseudo_labels").exists()
+
+
+def test_a_missing_input_is_named_before_running(tmp_path):
+    result = run_entry("stage=evaluate", f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "stage.input" in line and f"{tmp_path}/pseudo_labels/part_labels/proposal_generation_dcrf" in line

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             categories = categories["categories"]  # a whole COCO json
     coco = export_coco(RecordStore(args.store), args.out, category_field=args.category_field,
                        categories=categories, default_category=args.default_category, shards=args.shards)
-    print(f"{args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations, "
-          f"{len(coco['categories'])} categories")
+    print(f"{args.out}: {coco['images']} images, {coco['annotations']} annotations, "
+          f"{len(coco['categories'])} categories ({coco['images_left_out']} images left out: not decoded)")
     return 0
 
 

@@ -11,15 +11,32 @@ which is the same whichever of the accepted roots was given; stages use it as th
 record id. Class indices follow the sorted wnids, as torchvision's ``ImageFolder`` and
 the ImageNet-1k devkit do.
 
+Which wnids are classes comes from the class list, not from whatever is on disk: a
+synset list (``LOC_synset_mapping.txt``, ``synset_words.txt``, ``wnids.txt``: one line
+per class of the dataset) fixes the classes and their indices even when folders are
+missing or extra; without one, the classes are the class folders, but a directory
+symlink that points back into the tree, a folder name that is not valid UTF-8 and (when a
+words file is present) a folder it does not name are skipped, logged and counted
+(``ImageTree.skipped``), so they can never shift the indices of the real classes.
+
+A crawled tree holds more than images. Entries with an image extension that cannot be
+read as a file (a dangling symlink, a symlink loop, a FIFO or device, a directory named
+``x.JPEG``, a name that is not valid UTF-8) never stop the listing: each becomes an
+``ImageRecordRef`` with ``problem`` set (``ImageTree.rejected``) that the ``index`` stage
+records as bad with that reason. A name that is not valid UTF-8 gets a key that is valid
+text: its bytes with the undecodable ones written ``\\xNN`` (``printable_name``).
+
 ``shard`` splits a listing for parallel jobs, by class (every class wholly in one
 shard, which the per-class stages need) or by image.
 """
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
@@ -34,6 +51,18 @@ IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", 
 #: File names looked for, in this order, when no class-name file is given.
 WORDS_FILE_NAMES = ("words.txt", "synsets.txt", "LOC_synset_mapping.txt", "synset_words.txt", "wnids.txt")
 
+#: Of those, the files that list exactly the classes of one dataset (ImageNet-1k's
+#: devkit files): their wnids are the classes. ``words.txt`` names all of WordNet.
+CLASS_LIST_FILE_NAMES = frozenset({"LOC_synset_mapping.txt", "synset_words.txt", "wnids.txt"})
+
+LAYOUTS = ("expected class folders named by WordNet id holding image files: ImageNet-1k "
+           "<root>/train/nXXXXXXXX/*.JPEG (data=in1k, data.split=train) or ImageNet-21k "
+           "<root>/nXXXXXXXX/*.JPEG (data=in22k, data.split=null)")
+
+
+class ImageTreeError(FileNotFoundError):
+    """The image tree is missing or has no usable layout; the message names the path."""
+
 _SPLIT_NAMES = ("train", "val", "test")
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -42,10 +71,11 @@ _WNID = re.compile(r"^n\d{8}$")
 class ImageRecordRef:
     """One image of a tree: enough to find, label and identify it."""
 
-    key: str          #: path relative to the split folder, '/'-separated: the stable id
-    path: str         #: absolute path of the file
+    key: str          #: path relative to the split folder, '/'-separated: the stable id (valid text)
+    path: str         #: absolute path of the file (for a ``problem`` entry: printable text)
     wnid: str         #: class folder name (WordNet id)
     class_index: int  #: position of ``wnid`` in the tree's sorted class list
+    problem: str = ""  #: why this entry cannot be read as an image file ("" for a listed image)
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,10 @@ class ImageTree:
     wnids: tuple[str, ...]
     names: tuple[str, ...]              #: readable name per wnid (the wnid when unknown)
     images: tuple[ImageRecordRef, ...]
+    #: entries with an image extension that are not readable files (``problem`` set), by key
+    rejected: tuple[ImageRecordRef, ...] = ()
+    #: (printable path, reason) of folders and links skipped while looking for classes
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,59 +112,125 @@ def list_image_tree(root: PathLike, split: str | None = "train", words_file: Pat
     ``split`` picks ``root/<split>`` when that folder exists, else ``root`` itself must
     hold the class folders (21k layout, or a split folder given directly); ``None``
     always uses ``root``. ``words_file`` names the classes (found next to the tree when
-    not given, see ``find_words_file``). ``classes`` restricts the tree to these wnids,
-    which must all exist. Files are matched by extension, case-insensitively; hidden
-    files and sub-folders of class folders are ignored.
+    not given, see ``find_words_file``); a synset list fixes the classes themselves (see
+    the module notes). ``classes`` restricts the tree to these wnids, which must all
+    exist. Files are matched by extension, case-insensitively; hidden files and
+    sub-folders of class folders are ignored. Raises ``ImageTreeError`` naming the path
+    and the layout expected when the tree holds no images.
     """
     split_dir = resolve_split_dir(root, split)
     exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    folders = _class_folders(split_dir)
+    if words_file is None:
+        words_file = find_words_file(split_dir)
+    elif not Path(words_file).is_file():
+        raise ImageTreeError(f"class-name file {words_file} (data.words_file) does not exist; set "
+                             f"data.words_file=null to look for words.txt or LOC_synset_mapping.txt next to the tree")
+    known = read_class_names(words_file) if words_file is not None else {}
+    skipped: list[tuple[str, str]] = []
+    folders = _class_folders(split_dir, skipped)
     if classes is not None:
         wanted = list(dict.fromkeys(classes))
         missing = [c for c in wanted if c not in folders]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} requested classes have no folder in {split_dir}: "
-                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        folders = {c: folders[c] for c in wanted}
-    wnids = tuple(sorted(folders))
-    if not wnids:
-        raise FileNotFoundError(f"no class folders in {split_dir}")
+            raise ImageTreeError(f"{len(missing)} requested classes have no folder in {split_dir}: "
+                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        wnids = tuple(sorted(wanted))
+    elif words_file is not None and Path(words_file).name in CLASS_LIST_FILE_NAMES:
+        wnids = tuple(sorted(known))
+        absent = [w for w in wnids if w not in folders]
+        if absent:
+            logger.warning("%d of the %d classes listed in %s have no folder in %s (e.g. %s); their indices "
+                           "are kept", len(absent), len(wnids), words_file, split_dir, absent[0])
+    elif known:
+        wnids = tuple(sorted(w for w in folders if w in known or _WNID.match(w)))
+    else:
+        wnids = tuple(sorted(folders))
+    for name in sorted(set(folders) - set(wnids)):
+        skipped.append((folders[name], f"folder {name!r} is not a class of "
+                                       f"{words_file if words_file is not None else 'the class list'}"))
+    for path, reason in skipped:
+        logger.warning("skipped while listing classes: %s: %s", path, reason)
 
     images: list[ImageRecordRef] = []
+    rejected: list[ImageRecordRef] = []
     for index, wnid in enumerate(wnids):
-        for name in _image_files(folders[wnid], exts):
-            images.append(ImageRecordRef(key=f"{wnid}/{name}", path=os.path.join(folders[wnid], name),
-                                         wnid=wnid, class_index=index))
+        if wnid not in folders:
+            continue
+        for name, problem in _image_files(folders[wnid], exts, skipped):
+            if problem:
+                shown = printable_name(name)
+                ref = ImageRecordRef(key=f"{wnid}/{shown}", path=os.path.join(folders[wnid], shown),
+                                     wnid=wnid, class_index=index, problem=problem)
+                logger.warning("not an image file: %s: %s", ref.path, problem)
+                rejected.append(ref)
+            else:
+                images.append(ImageRecordRef(key=f"{wnid}/{name}", path=os.path.join(folders[wnid], name),
+                                             wnid=wnid, class_index=index))
+    if not images and not rejected:
+        raise ImageTreeError(f"no images found in {split_dir}: {LAYOUTS}")
     counts = dict.fromkeys(wnids, 0)
     for ref in images:
         counts[ref.wnid] += 1
     empty = [w for w, n in counts.items() if n == 0]
     if empty:
         logger.warning("%d class folders in %s hold no images (e.g. %s)", len(empty), split_dir, empty[0])
-
-    if words_file is None:
-        words_file = find_words_file(split_dir)
-    known = read_class_names(words_file) if words_file is not None else {}
     unnamed = [w for w in wnids if w not in known]
     if unnamed:
         logger.warning("%d of %d classes have no name%s; their wnid is used (e.g. %s)", len(unnamed), len(wnids),
                        f" in {words_file}" if words_file else " (no words file found)", unnamed[0])
     names = tuple(known.get(w, w) for w in wnids)
-    return ImageTree(root=split_dir, wnids=wnids, names=names, images=tuple(images))
+    return ImageTree(root=split_dir, wnids=wnids, names=names, images=tuple(images),
+                     rejected=tuple(rejected), skipped=tuple(skipped))
+
+
+def check_image_tree(root: PathLike, split: str | None = "train", words_file: PathLike | None = None,
+                     extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Path:
+    """Check cheaply, before any job starts, that ``root`` holds an image tree; return its split folder.
+
+    Looks only until it finds one image (a full listing of ImageNet-21k takes minutes).
+    Raises ``ImageTreeError`` naming the path and the layout expected.
+    """
+    split_dir = resolve_split_dir(root, split)
+    if words_file is not None and not Path(words_file).is_file():
+        raise ImageTreeError(f"class-name file {words_file} (data.words_file) does not exist; set "
+                             f"data.words_file=null to look for words.txt or LOC_synset_mapping.txt next to the tree")
+    exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    for folder in sorted(_class_folders(split_dir, []).values()):
+        try:
+            with os.scandir(folder) as entries:
+                if any(os.path.splitext(e.name)[1].lower() in exts and not e.name.startswith(".") for e in entries):
+                    return split_dir
+        except OSError:
+            continue
+    raise ImageTreeError(f"no images found in {split_dir}: {LAYOUTS}")
+
+
+def printable_name(name: str) -> str:
+    """``name`` as valid text: undecodable bytes of a file name (surrogate escapes) as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def resolve_split_dir(root: PathLike, split: str | None = "train") -> Path:
     """The folder holding the class folders: ``root/<split>`` if it exists, else ``root``."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"image tree root {root} is not a folder")
+        raise ImageTreeError(f"image tree root {root} (data.root) "
+                             f"{'is not a folder' if root.exists() else 'does not exist'}: {LAYOUTS}")
+    present = [s for s in _SPLIT_NAMES if (root / s).is_dir()]
     if split:
         candidate = root / split
         if candidate.is_dir():
             return candidate
-        present = [s for s in _SPLIT_NAMES if (root / s).is_dir()]
         if present:
-            raise FileNotFoundError(f"split {split!r} not found in {root} (it has {', '.join(present)})")
+            raise ImageTreeError(f"split {split!r} not found in {root} (it has {', '.join(present)})")
+    elif present and not any(_WNID.match(n) for n in os.listdir(root)):
+        raise ImageTreeError(f"{root} looks like an ImageNet-1k tree (it has {', '.join(present)}/) but "
+                             f"data.split is null: set data.split={present[0]} (data=in1k), or point data.root "
+                             f"at a folder of class folders nXXXXXXXX/")
     return root
 
 
@@ -143,20 +243,29 @@ def read_class_names(path: PathLike) -> dict[str, str]:
     lines starting with ``#`` are skipped.
     """
     names: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split("\t", 1) if "\t" in line else line.split(None, 1)
-            wnid = parts[0].strip()
-            synonyms = parts[1].strip() if len(parts) > 1 else ""
-            name = synonyms.split(",")[0].strip() or wnid
-            if wnid in names and names[wnid] != name:
-                logger.warning("%s:%d: %s named again (%r, keeping %r)", path, number, wnid, name, names[wnid])
-                continue
-            names[wnid] = name
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split("\t", 1) if "\t" in line else line.split(None, 1)
+        wnid = parts[0].strip()
+        synonyms = parts[1].strip() if len(parts) > 1 else ""
+        name = synonyms.split(",")[0].strip() or wnid
+        if wnid in names and names[wnid] != name:
+            logger.warning("%s:%d: %s named again (%r, keeping %r)", path, number, wnid, name, names[wnid])
+            continue
+        names[wnid] = name
     return names
+
+
+def _read_text(path: PathLike) -> str:
+    """A words file's text: UTF-8 (a byte-order mark is dropped), else Latin-1 with a warning."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        logger.warning("%s is not UTF-8 (byte %d); reading it as Latin-1", path, exc.start)
+        return data.decode("latin-1")
 
 
 def find_words_file(split_dir: PathLike) -> Path | None:
@@ -210,27 +319,88 @@ def _count_by_class(items: Iterable[ImageRecordRef]) -> dict[str, int]:
     return counts
 
 
-def _class_folders(split_dir: Path) -> dict[str, str]:
-    """Non-hidden sub-folders of the split folder; warns when names are not wnids."""
+def _class_folders(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, str]:
+    """Non-hidden sub-folders of the split folder that can be classes; others go to ``skipped``.
+
+    A directory symlink is followed unless it points back into the tree (it would
+    duplicate a class or add an empty one); a loop or a dangling link is skipped.
+    """
     folders = {}
+    inside = os.path.realpath(split_dir)
     with os.scandir(split_dir) as entries:
         for entry in entries:
-            if not entry.name.startswith(".") and entry.is_dir():
-                folders[entry.name] = entry.path
+            name = entry.name
+            if name.startswith("."):
+                continue
+            if printable_name(name) != name:
+                skipped.append((os.path.join(split_dir, printable_name(name)), "folder name is not valid UTF-8"))
+                continue
+            if entry.is_symlink():
+                problem = _stat_problem(entry.path, want_dir=True)
+                if problem is None:
+                    target = os.path.realpath(entry.path)
+                    if target == inside or target.startswith(inside + os.sep):
+                        problem = f"symbolic link into the tree itself (to {target})"
+                if problem:
+                    if problem != "not a folder":
+                        skipped.append((entry.path, problem))
+                    continue
+            elif not entry.is_dir(follow_symlinks=False):
+                continue
+            folders[name] = entry.path
     odd = sorted(n for n in folders if not _WNID.match(n))
     if odd:
         logger.warning("%d class folders of %s are not named like WordNet ids (e.g. %r)", len(odd), split_dir, odd[0])
     return folders
 
 
-def _image_files(folder: str, extensions: frozenset[str]) -> list[str]:
-    names = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
-                continue
-            if entry.is_file():
-                names.append(name)
-    names.sort()
-    return names
+def _stat_problem(path: str, want_dir: bool = False) -> str | None:
+    """Why ``path`` (following links) is not a regular file (or a folder), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        try:
+            return f"dangling symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "vanished while listing"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot stat: {exc.strerror or exc}"
+    if want_dir:
+        return None if stat.S_ISDIR(mode) else "not a folder"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file"
+    kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+    return f"not a regular file ({kind})"
+
+
+def _image_files(folder: str, extensions: frozenset[str],
+                 skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, problem) of the entries of ``folder`` with an image extension, sorted by printable name.
+
+    ``problem`` is "" for a regular file. A folder that cannot be read is logged and
+    recorded in ``skipped``, not raised.
+    """
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
+                    continue
+                if not entry.is_symlink() and entry.is_file(follow_symlinks=False):
+                    problem = ""  # the common case: no extra system call
+                else:
+                    problem = _stat_problem(entry.path) or ""
+                if not problem and printable_name(name) != name:
+                    problem = f"file name is not valid UTF-8 ({os.fsencode(name)!r})"
+                found.append((name, problem))
+    except OSError as exc:
+        skipped.append((folder, f"cannot list the folder: {exc.strerror or exc}"))
+        logger.warning("cannot list %s: %s", folder, exc.strerror or exc)
+    found.sort(key=lambda item: printable_name(item[0]))
+    return found

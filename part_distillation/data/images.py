@@ -16,6 +16,15 @@ Choices:
   refused. An image that would need more than ``max_decode_pixels`` pixels decoded
   even after that (a huge PNG cannot be decoded at reduced scale) is refused as well,
   so no file can exhaust memory.
+- Memory bound: a large image (above ``STRIP_PIXELS``) is decoded once in the file's own
+  mode, then converted to RGB and resized in horizontal strips written into the output
+  array, so no full-size RGBA/RGB copy is ever made. Peak memory of one ``load_rgb`` is
+  about the decoded image (``w * h`` x at most 4 bytes, 16-bit RGBA PNGs being decoded
+  as 8-bit: at most ``4 * max_decode_pixels`` = 512 MiB at the defaults) plus the
+  output (``3 * max_pixels`` bytes, 192 MiB) plus one strip (~64 MiB): under 0.8 GiB
+  per decoding process at the defaults. A PNG above ``max_decode_pixels`` is refused
+  even with ``oversize="downscale"`` (a PNG cannot be decoded at reduced scale);
+  raise ``max_decode_pixels`` for such files, at 4 bytes per pixel of memory.
 - A missing file raises ``FileNotFoundError`` (a wrong path, not a bad image).
 - EPS is never opened: PIL would run Ghostscript on it.
 """
@@ -44,6 +53,10 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 #: In "downscale" mode a non-JPEG image is decoded in full before it is resized; one
 #: needing more pixels decoded than this (128 Mpx, ~400 MB as RGB) is refused instead.
 MAX_DECODE_PIXELS = 128 * 1024 * 1024
+
+#: Above this many pixels an image is converted and resized in strips of about this
+#: many source pixels (see the memory bound in the module notes).
+STRIP_PIXELS = 4 * 1024 * 1024
 
 Oversize = Literal["downscale", "refuse"]
 
@@ -114,12 +127,15 @@ def load_rgb(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                                               f"{to_decode} pixels decoded to downscale, more than "
                                               f"max_decode_pixels={max_decode_pixels}")
             img.load()
-            img = _apply_exif_orientation(img, path)
-            rgb = _to_rgb(img, path)
-            out_size = _fit_size(rgb.size, max_pixels)
-            if out_size != rgb.size:
-                rgb = rgb.resize(out_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            array = np.array(rgb, dtype=np.uint8)  # a writable copy, owned by the caller
+            if img.size[0] * img.size[1] > STRIP_PIXELS:
+                array = _to_rgb_in_strips(img, _fit_size(img.size, max_pixels), path)
+            else:
+                img = _apply_exif_orientation(img, path)
+                rgb = _to_rgb(img, path)
+                out_size = _fit_size(rgb.size, max_pixels)
+                if out_size != rgb.size:
+                    rgb = rgb.resize(out_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+                array = np.array(rgb, dtype=np.uint8)  # a writable copy, owned by the caller
     except (BadImageError, FileNotFoundError, MemoryError):
         raise
     except Exception as exc:  # any decoder failure is a property of the file, not of our code
@@ -217,6 +233,53 @@ def _draft_jpeg(img: Image.Image, target: tuple[int, int], decode_budget: int) -
         img.draft(None, (max(1, w // scale), max(1, h // scale)))
 
 
+def _to_rgb_in_strips(img: Image.Image, out_size: tuple[int, int], path: str) -> np.ndarray:
+    """``img`` (loaded, any mode) as uint8 RGB of ``out_size`` (H, W, 3), EXIF orientation applied.
+
+    Converts and resizes horizontal strips of about ``STRIP_PIXELS`` source pixels. Each
+    strip carries margin rows beyond the rows it maps to, and the resize box places it
+    exactly, so the result equals one bilinear resize of the whole converted image. The
+    orientation is applied to the (smaller) result. 32-bit and float gray images are
+    scaled with the range of the whole image, not of each strip.
+    """
+    w, h = img.size
+    out_w, out_h = out_size
+    scale_y = h / out_h
+    extrema = img.getextrema() if img.mode in ("I", "F") else None
+    margin = int(math.ceil(scale_y)) + 2  # the bilinear filter's support, in source rows
+    rows_out = max(1, int(max(1, STRIP_PIXELS // w) / scale_y))
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for top_out in range(0, out_h, rows_out):
+        bottom_out = min(out_h, top_out + rows_out)
+        if out_size == img.size:  # convert only
+            out[top_out:bottom_out] = np.asarray(_to_rgb(img.crop((0, top_out, w, bottom_out)), path, extrema))
+            continue
+        y0, y1 = top_out * scale_y, bottom_out * scale_y
+        top = max(0, int(math.floor(y0)) - margin)
+        bottom = min(h, int(math.ceil(y1)) + margin)
+        strip = _to_rgb(img.crop((0, top, w, bottom)), path, extrema)
+        strip = strip.resize((out_w, bottom_out - top_out), Image.Resampling.BILINEAR,
+                             box=(0, y0 - top, w, y1 - top))
+        out[top_out:bottom_out] = np.asarray(strip)
+    transpose = _exif_transpose_method(img, path)
+    if transpose is None:
+        return out
+    return np.array(Image.fromarray(out).transpose(transpose), dtype=np.uint8)
+
+
+def _exif_transpose_method(img: Image.Image, path: str):
+    """The ``Image.Transpose`` that EXIF orientation asks for, or None."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception as exc:
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, _describe(exc))
+        return None
+    return {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)
+
+
 def _apply_exif_orientation(img: Image.Image, path: str) -> Image.Image:
     """Rotate/flip as the EXIF orientation says; a broken EXIF block is ignored, not fatal."""
     try:
@@ -226,13 +289,16 @@ def _apply_exif_orientation(img: Image.Image, path: str) -> Image.Image:
         return img
 
 
-def _to_rgb(img: Image.Image, path: str) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit scaled, transparency on white)."""
+def _to_rgb(img: Image.Image, path: str, extrema: tuple | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (16-bit scaled, transparency on white).
+
+    ``extrema``: (min, max) of the whole image when ``img`` is a strip of it.
+    """
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_gray_to_uint8(np.asarray(img), mode)).convert("RGB")
+        return Image.fromarray(_gray_to_uint8(np.asarray(img), mode, extrema)).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
@@ -248,7 +314,7 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
         raise BadImageError(path, f"cannot convert mode {mode!r} to RGB ({_describe(exc)})") from exc
 
 
-def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+def _gray_to_uint8(values: np.ndarray, mode: str, extrema: tuple | None = None) -> np.ndarray:
     """Scale 16-bit (or 32-bit int / float) gray samples to 0..255.
 
     ``I;16*`` is full-range 16-bit. Mode ``I`` is how older PIL versions return 16-bit
@@ -256,11 +322,13 @@ def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     images outside 0..1, are stretched from their own min..max.
     """
     values = values.astype(np.float64)
-    in_16bit_range = bool(values.size) and values.min() >= 0 and values.max() <= 65535
+    if extrema is None and values.size:
+        extrema = (values.min(), values.max())
+    in_16bit_range = extrema is not None and extrema[0] >= 0 and extrema[1] <= 65535
     if mode.startswith("I;16") or (mode == "I" and in_16bit_range):
         scaled = values * (255.0 / 65535.0)
     else:
-        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        lo, hi = (float(extrema[0]), float(extrema[1])) if extrema is not None else (0.0, 1.0)
         if mode == "F" and lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)

@@ -19,12 +19,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from pycocotools import mask as _coco
 
 from part_distillation.data.images import load_rgb
+from part_distillation.data.part_sample import PartSample, merge_by_part_class
 from part_distillation.masks import decode_rle, decode_rles
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,12 @@ class PartMasks:
 class PartImageNetDataset:
     """One split of a PartImageNet-style dataset, read from its COCO json."""
 
-    def __init__(self, annotation_file: PathLike, image_root: PathLike, objects_file: PathLike | None = None):
-        self.annotation_file = Path(annotation_file)
+    def __init__(self, annotation_file: PathLike | Sequence[PathLike], image_root: PathLike,
+                 objects_file: PathLike | None = None):
+        files = [annotation_file] if isinstance(annotation_file, (str, os.PathLike)) else list(annotation_file)
+        self.annotation_file = Path(files[0])
         self.image_root = Path(image_root)
-        data = _read_json(self.annotation_file)
+        data = _concatenate([_read_json(Path(f)) for f in files], files)
 
         self.categories: tuple[PartCategory, ...] = tuple(_part_category(c) for c in data.get("categories", []))
         self._category_by_id = {c.id: c for c in self.categories}
@@ -158,6 +161,17 @@ class PartImageNetDataset:
             out |= mask
         return out
 
+    def samples(self) -> Iterator[PartSample]:
+        """Every image with parts as a :class:`PartSample` (parts merged per part category
+        over the whole image, as the reference merges them for PartImageNet)."""
+        for image in self.images:
+            if image.object_class is None:
+                continue
+            parts = self.part_masks(image.id)
+            masks, ids = merge_by_part_class(parts.masks, parts.category_ids, (image.height, image.width))
+            yield PartSample(key=str(image.id), path=image.path, object_class=image.object_class, wnid=image.wnid,
+                             object_mask=self.object_mask(image.id), part_masks=masks, part_ids=ids)
+
     def _resolve(self, file_name: str) -> str:
         """``root/file_name``; a bare ImageNet name falls back to ``root/<wnid>/file_name``."""
         direct = self.image_root / file_name
@@ -165,6 +179,43 @@ class PartImageNetDataset:
         if "/" not in file_name and wnid is not None and not direct.exists():
             return str(self.image_root / wnid / file_name)
         return str(direct)
+
+
+def annotation_files(root: PathLike, split: str) -> list[Path]:
+    """The json file(s) of a split under a PartImageNet root; ``valtest`` = val then test.
+
+    Accepts the release's ``annotations/<split>/<split>.json`` and a flat
+    ``annotations/<split>.json`` (as the synthetic dataset writes).
+    """
+    names = ["val", "test"] if split == "valtest" else [split]
+    files = []
+    for name in names:
+        candidates = [Path(root) / "annotations" / name / f"{name}.json", Path(root) / "annotations" / f"{name}.json"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"PartImageNet: no annotation file for split {name!r} under {root}; expected "
+                                    f"{candidates[0]} or {candidates[1]}")
+        files.append(found)
+    return files
+
+
+def _concatenate(datasets: list[dict], files: list) -> dict:
+    """One COCO dict from several of the same categories; image and annotation ids of later
+    files are shifted past the earlier ones' so they never collide."""
+    if len(datasets) == 1:
+        return datasets[0]
+    categories = datasets[0].get("categories", [])
+    out = {"images": [], "annotations": [], "categories": categories}
+    image_offset = ann_offset = 0
+    for data, path in zip(datasets, files):
+        if data.get("categories", []) != categories:
+            raise ValueError(f"{path}: its categories differ from {files[0]}'s; cannot concatenate the splits")
+        out["images"] += [{**im, "id": int(im["id"]) + image_offset} for im in data["images"]]
+        out["annotations"] += [{**a, "id": int(a.get("id", 0)) + ann_offset, "image_id": int(a["image_id"]) + image_offset}
+                               for a in data.get("annotations", [])]
+        image_offset = max([int(im["id"]) for im in out["images"]], default=0) + 1
+        ann_offset = max([int(a["id"]) for a in out["annotations"]], default=0) + 1
+    return out
 
 
 def _read_json(path: Path) -> dict:

@@ -11,8 +11,10 @@ from typing import Callable
 
 STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
+    "sample_photos": "part_distillation.stages.sample_photos",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "evaluate": "part_distillation.stages.evaluate",
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
 }
 
@@ -25,6 +27,14 @@ PLANNED: dict[str, str] = {
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }
+
+
+#: Stages that read the image tree of ``data`` (checked before submission: root, layout, images).
+READS_IMAGE_TREE: frozenset[str] = frozenset({"index", "detic_labeling"})
+
+#: Stages that load ``model.weights`` (checked before submission: the file must exist).
+LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "proposal_learning",
+                                           "part_ranking", "part_distillation"})
 
 
 class StageNotAvailable(RuntimeError):

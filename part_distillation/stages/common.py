@@ -9,26 +9,58 @@ from typing import Sequence
 
 from part_distillation.config import RunConfig
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree, list_image_tree, shard
-from part_distillation.store import ShardWriter, code_version
+from part_distillation.store import ShardWriter, StoreError, code_version, config_diff, manifest_path, read_manifest
 from part_distillation.store.schemas import RecordSchema
 
-#: Keys that say where or how a job runs, not what it computes: they never make an
-#: existing output "different" (the shard count is checked on its own by the store).
-NOT_FINGERPRINTED = ("shard.index", "shard.count", "launcher", "paths", "log_level", "overwrite_config",
-                     "experiment", "stage.progress_every", "stage.input", "stage.output", "model.device",
-                     "stage.batch_size")
 
+def open_output(cfg: RunConfig, schema: RecordSchema, context=None) -> ShardWriter:
+    """This process's writer on ``cfg.stage.output``: checks the manifest, resumes its shard
+    file, checks every record against ``schema``.
 
-def open_output(cfg: RunConfig, schema: RecordSchema) -> ShardWriter:
-    """This job's writer on ``cfg.stage.output``: checks the manifest, resumes the shard,
-    checks every record against ``schema``."""
+    ``context`` (the job's ``JobContext``; None = rank 0 of 1): each rank of a multi-process
+    job writes its own file of the job's shard (``<index>-of-<count>.rNN.rec`` for rank > 0).
+    The keys the store does not fingerprint are ``store.DEFAULT_IGNORE_KEYS`` (one list).
+    """
+    rank = getattr(context, "rank", 0) if context is not None else 0
+    world_size = getattr(context, "world_size", 1) if context is not None else 1
     return ShardWriter(cfg.stage.output, cfg.shard.index, cfg.shard.count, stage=cfg.stage.name,
                        config=dataclasses.asdict(cfg), code_version=code_version(),
-                       ignore_keys=NOT_FINGERPRINTED, overwrite_config=cfg.overwrite_config,
-                       schema=schema)
+                       overwrite_config=cfg.overwrite_config, schema=schema,
+                       rank=rank, world_size=world_size)
 
 
-def list_shard_images(cfg: RunConfig) -> tuple[ImageTree, Sequence[ImageRecordRef]]:
-    """The image tree of ``cfg.data`` and the slice of it this job handles."""
+def output_conflict(cfg: RunConfig) -> str | None:
+    """Why ``open_output`` would refuse this job's output (shard count, stage or config), or None.
+
+    Checked before any job is submitted. The one place that reads another run's
+    manifest for that purpose: it uses the store's own reader and comparison.
+    """
+    output = cfg.stage.output
+    if not manifest_path(output).is_file():
+        return None
+    try:
+        existing = read_manifest(output)
+    except StoreError as err:
+        return str(err)
+    if existing.get("num_shards") != cfg.shard.count:
+        return (f"{output} was made with shard.count={existing.get('num_shards')}, this run asks for "
+                f"{cfg.shard.count}: use shard.count={existing.get('num_shards')} or another output folder")
+    if existing.get("stage") != cfg.stage.name:
+        return f"{output} holds the output of stage {existing.get('stage')!r}, not {cfg.stage.name!r}"
+    ignore = set(existing.get("ignore_keys", ()))  # plus store.DEFAULT_IGNORE_KEYS, applied by config_diff
+    diff = config_diff(existing.get("config", {}), dataclasses.asdict(cfg), ignore)
+    if diff and not cfg.overwrite_config:
+        return (f"{output} was made with a different config (differing keys: {', '.join(diff)}): use another "
+                f"output folder (paths.root=...), or overwrite_config=true to write into it anyway")
+    return None
+
+
+def list_shard_images(cfg: RunConfig, include_rejected: bool = False) -> tuple[ImageTree, Sequence[ImageRecordRef]]:
+    """The image tree of ``cfg.data`` and the slice of it this job handles.
+
+    ``include_rejected`` adds the entries that are not readable image files
+    (``ref.problem`` set) so that a stage can record them as bad.
+    """
     tree = list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
-    return tree, shard(tree.images, cfg.shard.index, cfg.shard.count, by=cfg.shard.by)
+    refs = tree.images + tree.rejected if include_rejected else tree.images
+    return tree, shard(refs, cfg.shard.index, cfg.shard.count, by=cfg.shard.by)

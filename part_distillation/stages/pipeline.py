@@ -1,7 +1,8 @@
 """Stage ``pipeline``: several stages in order, in this process (the demo).
 
 Each sub-stage is composed from this run's own command-line overrides plus
-``stage=<name>``, so ``experiment=demo paths.root=/tmp/x`` reaches every stage.
+``stage=<name>``, so ``experiment=demo paths.root=/tmp/x`` reaches every stage. The
+summary lists each stage's counts and output folder apart.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from part_distillation import stages
 from part_distillation.config import RunConfig, validate
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")
@@ -36,7 +37,6 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         sub_cfg = validate(compose(config_name="config", overrides=base + [f"stage={name}"]))
         result = stages.get(name)(sub_cfg, context).finish()
         result.log()
-        summary.extra[name] = result.as_dict()
-        summary.seen += result.seen
-        summary.written += result.written
+        summary.parts.append(result)  # reported per stage: counts of different things never add up
+    summary.output = summary.parts[-1].output if summary.parts else None
     return summary.finish()

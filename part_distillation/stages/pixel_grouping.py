@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections import namedtuple
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -20,9 +19,8 @@ import torch
 
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
-from part_distillation.data.imagenet import shard
 from part_distillation.data.images import BadImageError, load_rgb
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
 from part_distillation.models.mask2former import preprocess_images
@@ -34,17 +32,11 @@ from part_distillation.store.schemas import PART_SEGMENTS
 log = logging.getLogger("part_distillation")
 
 _MASK2FORMER_SPECS = {"swinl": "swin_l_coco_instance", "tiny": "demo_cpu"}
-_Ref = namedtuple("_Ref", "key wnid")
 
 
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
-    """This job's slice of the stage-1 records: the ``data.imagenet.shard`` rule on (key, wnid).
-
-    One place to re-point once the store reads slices itself.
-    """
-    refs = [_Ref(r["key"], r["wnid"]) for r in store.iter_records()]
-    mine = {ref.key for ref in shard(refs, index, count, by=by)}
-    return (r for r in store.iter_records() if r["key"] in mine)
+    """This job's slice of the stage-1 records (whole classes, or by key with ``by=image``)."""
+    return store.iter_slice(index, count, by="class" if by == "class" else "key")
 
 
 def device_for(setting: str) -> torch.device:
@@ -78,7 +70,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     st = cfg.stage
-    summary = StageSummary(st.name)
+    summary = StageSummary(st.name, output=st.output)
     bad_levels = [lvl for lvl in st.feature_levels if lvl not in SOURCES[st.features]]
     if bad_levels or not st.feature_levels:
         raise ConfigError(f"config key 'stage.feature_levels' = {list(st.feature_levels)} is invalid for "
@@ -91,7 +83,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         weights=cfg.model.weights if st.features == "mask2former" else None,
         mask2former_spec=_MASK2FORMER_SPECS.get(cfg.model.size, cfg.model.size)).to(device)
     records = shard_input_records(RecordStore(st.input), cfg.shard.index, cfg.shard.count, cfg.shard.by)
-    with open_output(cfg, PART_SEGMENTS) as out:
+    with open_output(cfg, PART_SEGMENTS, context) as out:
         todo = _pending(records, out, st.objects, summary)
         for batch in _batches(progress(todo, None, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}",
                                        st.progress_every), st.batch_size):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from part_distillation.config import RunConfig
 from part_distillation.data.synthetic import make_synthetic_dataset
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.data.root)
     st = cfg.stage
     split = cfg.data.split or "train"
     settings = {"classes": st.classes, "images_per_class": st.images_per_class,

@@ -119,6 +119,8 @@ INDEX = RecordSchema("index", _IMAGE + (
     Field("width", "int", "decoded width (0 when the file does not decode)"),
     Field("ok", "bool", "whether the file decodes"),
     Field("reason", "str", "why not, when ok is false"),
+    Field("file_size", "int", "file size in bytes when indexed (a rerun notices a changed file)", optional=True),
+    Field("mtime", "float", "file modification time (s since epoch) when indexed", optional=True),
 ))
 
 #: Stage 1 ``detic_labeling`` (every object-mask source writes the same record).
@@ -150,4 +152,15 @@ PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
     Field("area_ratios", "array", "(P,) float part area / object area"),
 ))
 
-SCHEMAS: dict[str, RecordSchema] = {s.name: s for s in (INDEX, OBJECT_MASKS, PART_SEGMENTS, PART_LABELS)}
+#: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).
+EVAL_STATES = RecordSchema("eval_states", (
+    Field("split", "str", "which split the image belongs to: the evaluation or the matching split"),
+    Field("object_class", "str", "the dataset's object class of the sample"),
+    Field("ar_strict", "dict", "matched IoU per ground-truth part for each k, and part areas (no filter)"),
+    Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter"),
+    Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),
+    Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
+))
+
+SCHEMAS: dict[str, RecordSchema] = {s.name: s for s in (INDEX, OBJECT_MASKS, PART_SEGMENTS, PART_LABELS,
+                                                        EVAL_STATES)}

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from part_distillation.data.imagenet import (ImageRecordRef, assign_classes_to_shards, list_image_tree,
-                                             read_class_names, resolve_split_dir, shard)
+from part_distillation.data.imagenet import (ImageRecordRef, ImageTreeError, assign_classes_to_shards,
+                                             check_image_tree, list_image_tree, read_class_names,
+                                             resolve_split_dir, shard)
 
 # class -> number of images (uneven on purpose)
 CLASSES = {"n01440764": 5, "n01443537": 3, "n01484850": 1, "n01491361": 4, "n01494475": 2}
@@ -32,16 +36,18 @@ def _make_tree(split_dir):
     (split_dir / "README.txt").write_text("top-level file, not a class")
 
 
-def _words(path, tab=True):
+def _words(path, tab=True, extra=True):
+    """A words file; ``extra`` adds a wnid with no folder (words.txt names all of WordNet)."""
     sep = "\t" if tab else " "
-    path.write_text("".join(f"{w}{sep}{n}, other synonym\n" for w, n in NAMES.items()) + "n99999999\tunused\n")
+    path.write_text("".join(f"{w}{sep}{n}, other synonym\n" for w, n in NAMES.items())
+                    + ("n99999999\tunused\n" if extra else ""))
     return path
 
 
 def test_imagenet_1k_layout(tmp_path):
     _make_tree(tmp_path / "train")
     (tmp_path / "val").mkdir()
-    _words(tmp_path / "LOC_synset_mapping.txt", tab=False)
+    _words(tmp_path / "LOC_synset_mapping.txt", tab=False, extra=False)
     tree = list_image_tree(tmp_path, split="train")
     assert tree.root == (tmp_path / "train").resolve()
     assert tree.wnids == tuple(sorted(CLASSES))
@@ -171,3 +177,128 @@ def test_bad_shard_arguments(index, count):
 def test_bad_shard_mode():
     with pytest.raises(ValueError, match="'class' or 'image'"):
         shard(_refs({"n00000001": 2}), 0, 2, by="wnid")
+
+
+# ------------------------------------------------------------------ what a crawled tree holds
+
+def _crawl_junk(folder):
+    """Entries with an image extension that are not readable image files."""
+    (folder / "loop.JPEG").symlink_to("loop.JPEG")
+    (folder / "gone.JPEG").symlink_to("missing.JPEG")
+    os.mkfifo(folder / "pipe.JPEG")
+    (folder / "dir.JPEG").mkdir()
+    non_utf8 = os.path.join(os.fsencode(folder), b"caf\xe9.JPEG")
+    with open(non_utf8, "wb") as f:
+        f.write(b"x")
+
+
+def test_crawl_junk_is_rejected_with_reasons_and_never_stops_the_listing(tmp_path, caplog):
+    _make_tree(tmp_path / "train")
+    first = tmp_path / "train" / "n01440764"
+    _crawl_junk(first)
+    with caplog.at_level(logging.WARNING):
+        tree = list_image_tree(tmp_path, split="train")
+    assert len(tree) == sum(CLASSES.values())  # the images are untouched
+    reasons = {ref.key: ref.problem for ref in tree.rejected}
+    assert reasons.keys() == {"n01440764/loop.JPEG", "n01440764/gone.JPEG", "n01440764/pipe.JPEG",
+                              "n01440764/dir.JPEG", "n01440764/caf\\xe9.JPEG"}
+    assert "loop" in reasons["n01440764/loop.JPEG"]
+    assert "dangling" in reasons["n01440764/gone.JPEG"] and "missing.JPEG" in reasons["n01440764/gone.JPEG"]
+    assert "FIFO" in reasons["n01440764/pipe.JPEG"]
+    assert "directory" in reasons["n01440764/dir.JPEG"]
+    assert "UTF-8" in reasons["n01440764/caf\\xe9.JPEG"]
+    for ref in tree.rejected:
+        ref.key.encode("utf-8"), ref.path.encode("utf-8")  # valid text: a record store can write them
+        assert ref.class_index == 0 and ref.path in caplog.text
+    assert all(not ref.problem for ref in tree.images)
+
+
+def test_directory_symlinks_into_the_tree_do_not_shift_class_indices(tmp_path, caplog):
+    _make_tree(tmp_path / "train")
+    expected = list_image_tree(tmp_path, split="train")
+    split = tmp_path / "train"
+    (split / "n00000001").symlink_to(split / "n01443537")        # would duplicate a class, first in order
+    (split / "n01440765").symlink_to(split / "n01440764" / "sub")  # would add an empty class
+    (split / "n01440766").symlink_to(split / "n01440766")          # a loop
+    (split / "n01440767").symlink_to(tmp_path / "nowhere")         # dangling
+    with caplog.at_level(logging.WARNING):
+        tree = list_image_tree(tmp_path, split="train")
+    assert (tree.wnids, tree.images) == (expected.wnids, expected.images)
+    skipped = dict(tree.skipped)
+    assert {Path(p).name for p in skipped} == {"n00000001", "n01440765", "n01440766", "n01440767"}
+    assert "into the tree" in skipped[str(split / "n00000001")]
+    assert "loop" in skipped[str(split / "n01440766")]
+    assert "dangling" in skipped[str(split / "n01440767")]
+    assert "n00000001" in caplog.text
+
+
+def test_a_class_folder_linked_from_outside_the_tree_is_a_class(tmp_path):
+    _make_tree(tmp_path / "train")
+    elsewhere = tmp_path / "elsewhere" / "n09999999"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.JPEG").write_bytes(b"x")
+    (tmp_path / "train" / "n09999999").symlink_to(elsewhere)
+    tree = list_image_tree(tmp_path, split="train")
+    assert tree.wnids[-1] == "n09999999" and tree.images_per_class()["n09999999"] == 1
+
+
+def test_a_synset_list_fixes_the_classes_whatever_is_on_disk(tmp_path):
+    _make_tree(tmp_path / "train")
+    _words(tmp_path / "LOC_synset_mapping.txt", tab=False, extra=False)
+    full = list_image_tree(tmp_path, split="train")
+    shutil.rmtree(tmp_path / "train" / "n01443537")         # a class missing on disk
+    (tmp_path / "train" / "n01440000").mkdir()               # a folder the list does not name
+    (tmp_path / "train" / "n01440000" / "x.JPEG").write_bytes(b"x")
+    tree = list_image_tree(tmp_path, split="train")
+    assert tree.wnids == full.wnids
+    assert {ref.key: ref.class_index for ref in tree.images} == \
+        {ref.key: ref.class_index for ref in full.images if ref.wnid != "n01443537"}
+    assert any(Path(p).name == "n01440000" for p, _ in tree.skipped)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8-sig"])
+def test_words_file_in_latin1_or_with_a_bom(tmp_path, encoding):
+    words = tmp_path / "words.txt"
+    words.write_bytes("n01440764\tcrème brûlée, dessert\nn01443537\tgoldfish\n".encode(encoding))
+    assert read_class_names(words) == {"n01440764": "crème brûlée", "n01443537": "goldfish"}
+
+
+def test_loc_synset_mapping_is_found_when_there_is_no_words_txt(tmp_path):
+    _make_tree(tmp_path / "train")
+    _words(tmp_path / "LOC_synset_mapping.txt", tab=False, extra=False)
+    assert list_image_tree(tmp_path, split="train").names == tuple(NAMES[w] for w in sorted(CLASSES))
+
+
+def test_a_missing_words_file_that_was_asked_for_is_an_error(tmp_path):
+    _make_tree(tmp_path / "train")
+    with pytest.raises(ImageTreeError, match="nope.txt"):
+        list_image_tree(tmp_path, split="train", words_file=tmp_path / "nope.txt")
+
+
+def test_split_null_on_an_imagenet_1k_tree_is_an_error_naming_the_setting(tmp_path):
+    _make_tree(tmp_path / "train")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ImageTreeError) as err:
+        list_image_tree(tmp_path, split=None)
+    assert str(tmp_path) in str(err.value) and "data.split=train" in str(err.value)
+    with pytest.raises(ImageTreeError):
+        check_image_tree(tmp_path, split=None)
+
+
+@pytest.mark.parametrize("make", ["nothing", "empty_classes", "missing"])
+def test_a_tree_without_images_is_an_error_naming_the_path_and_layout(tmp_path, make):
+    root = tmp_path / "tree"
+    if make != "missing":
+        root.mkdir()
+    if make == "empty_classes":
+        (root / "n01440764").mkdir()
+        (root / "n01440764" / "notes.txt").write_text("x")
+    for call in (list_image_tree, check_image_tree):
+        with pytest.raises(ImageTreeError) as err:
+            call(root, split=None)
+        assert str(root) in str(err.value) and "nXXXXXXXX" in str(err.value)
+
+
+def test_check_image_tree_accepts_a_tree_with_images(tmp_path):
+    _make_tree(tmp_path / "train")
+    assert check_image_tree(tmp_path, split="train") == (tmp_path / "train").resolve()

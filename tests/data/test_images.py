@@ -235,3 +235,71 @@ def test_bad_arguments():
         load_rgb("x.jpg", oversize="crop")
     with pytest.raises(ValueError):
         load_rgb("x.jpg", max_pixels=0)
+
+
+# ----------------------------------------------------------------------------- memory bound
+
+def _strip_cases(rng):
+    h, w = 90, 130
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    palette = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
+    palette.info["transparency"] = 3
+    wide = Image.fromarray(rng.integers(-70_000, 90_000, (h, w)).astype(np.int32))
+    return {"RGBA": Image.fromarray(rgba), "P": palette, "I_wide_range": wide,
+            "I;16": Image.fromarray(rng.integers(0, 65536, (h, w)).astype(np.uint16)),
+            "L": Image.fromarray(np.ascontiguousarray(rgba[..., 0]))}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I_wide_range", "I;16", "L"])
+@pytest.mark.parametrize("out_size", [(130, 90), (61, 42)])
+def test_strips_give_the_same_pixels_as_one_whole_image_conversion(monkeypatch, mode, out_size):
+    """Small strips (a few rows) against converting and resizing the whole image at once."""
+    from part_distillation.data import images
+
+    img = _strip_cases(np.random.default_rng(1))[mode]
+    whole = images._to_rgb(img, "x")  # one conversion, one resize: the definition of the result
+    if out_size != img.size:
+        whole = whole.resize(out_size, Image.Resampling.BILINEAR)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 130 * 7)  # 7 source rows per strip
+    strips = images._to_rgb_in_strips(img, out_size, "x")
+    assert strips.shape == (out_size[1], out_size[0], 3)
+    assert np.abs(strips.astype(int) - np.asarray(whole).astype(int)).max() <= 1
+
+
+def test_large_image_in_strips_keeps_exif_orientation(tmp_path, monkeypatch):
+    from part_distillation.data import images
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 100)
+    out = load_rgb(tmp_path / "r.jpg")
+    assert out.shape == (60, 40, 3)
+    assert out[:25].mean() > 230 and out[35:].mean() < 25  # the white half is now on top
+
+
+@pytest.mark.integration
+def test_decoding_a_large_rgba_png_stays_within_the_stated_memory_bound(tmp_path):
+    """6000x6000 RGBA (144 MB decoded) downscaled to 4 Mpx: peak RSS growth ~ decoded + output + strip."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "large.png"
+    pixels = np.zeros((6000, 6000, 4), np.uint8)
+    pixels[..., 0] = (np.arange(6000) % 256)[None, :]
+    pixels[..., 3] = 200
+    Image.fromarray(pixels).save(path, compress_level=1)
+    del pixels
+    code = ("import resource, sys\nfrom part_distillation.data.images import load_rgb\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "out = load_rgb(sys.argv[1], max_pixels=4_000_000)\n"
+            "print(out.shape[0] * out.shape[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pixels_out, growth_kib = map(int, result.stdout.split())
+    decoded = 6000 * 6000 * 4
+    bound = decoded + 3 * 4_000_000 + 16 * 4 * 1024 * 1024  # the module notes' bound
+    assert 0.99 * 4_000_000 < pixels_out <= 4_000_000
+    assert growth_kib * 1024 < bound, (growth_kib / 1024, bound / 2**20)

@@ -79,3 +79,39 @@ def test_rejects_annotations_of_unknown_categories(tmp_path):
                                 "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "segmentation": []}]}))
     with pytest.raises(ValueError, match="unknown category"):
         PartImageNetDataset(path, tmp_path)
+
+
+def test_valtest_concatenates_val_and_test_without_id_collisions(tmp_path):
+    from part_distillation.data.partimagenet import annotation_files
+
+    categories = [{"id": 1, "name": "Fish Head", "supercategory": "Fish"},
+                  {"id": 2, "name": "Fish Tail", "supercategory": "Fish"}]
+    square = [[0, 0, 4, 0, 4, 4, 0, 4]]
+    for split, file_name in (("val", "n01440764_1.JPEG"), ("test", "n01440764_2.JPEG")):
+        folder = tmp_path / "annotations" / split
+        folder.mkdir(parents=True)
+        # both files number their only image and annotation 0: the reader must keep them apart
+        (folder / f"{split}.json").write_text(json.dumps({
+            "images": [{"id": 0, "file_name": file_name, "width": 8, "height": 8}],
+            "annotations": [{"id": 0, "image_id": 0, "category_id": 1 if split == "val" else 2,
+                             "segmentation": square}],
+            "categories": categories}))
+    files = annotation_files(tmp_path, "valtest")
+    assert [f.parent.name for f in files] == ["val", "test"]
+    valtest = PartImageNetDataset(files, tmp_path / "train")
+    assert [im.file_name for im in valtest] == ["n01440764_1.JPEG", "n01440764_2.JPEG"]
+    assert len({im.id for im in valtest}) == 2
+    samples = list(valtest.samples())
+    assert [list(s.part_ids) for s in samples] == [[1], [2]]
+    assert all(s.object_class == "Fish" and s.wnid == "n01440764" for s in samples)
+    assert all(s.part_masks.shape == (1, 8, 8) and s.part_masks[0].sum() == 16 for s in samples)
+    with pytest.raises(FileNotFoundError, match="split 'train'"):
+        annotation_files(tmp_path, "train")
+
+
+def test_concatenation_refuses_different_categories(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "A x"}]}))
+    b.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "B x"}]}))
+    with pytest.raises(ValueError, match="categories differ"):
+        PartImageNetDataset([a, b], tmp_path)

@@ -14,13 +14,9 @@ from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.store import RecordStore
+from tests.helpers import run_entry
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _entry(*overrides: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "part_distillation", *overrides], cwd=REPO,
-                          capture_output=True, text=True, check=check, **kw)
 
 
 def _index_overrides(data_root: Path, out_root: Path, *extra: str) -> list[str]:
@@ -49,7 +45,7 @@ def tree_with_bad_files(tmp_path_factory) -> Path:
 
 @pytest.mark.integration
 def test_index_records_every_image_and_flags_bad_ones(tree_with_bad_files, tmp_path):
-    result = _entry(*_index_overrides(tree_with_bad_files, tmp_path))
+    result = run_entry(*_index_overrides(tree_with_bad_files, tmp_path), check=True)
     records = _records(tmp_path)
     assert len(records) == 3 * 40 + 4
     bad = {k.split("/")[-1] for k, r in records.items() if not r["ok"]}
@@ -64,8 +60,8 @@ def test_index_records_every_image_and_flags_bad_ones(tree_with_bad_files, tmp_p
 @pytest.mark.integration
 def test_index_sharded_outputs_cover_the_tree_once(tree_with_bad_files, tmp_path):
     for index in range(3):
-        _entry(*_index_overrides(tree_with_bad_files, tmp_path, "shard.count=3", f"shard.index={index}",
-                                 "shard.by=image"))
+        run_entry(*_index_overrides(tree_with_bad_files, tmp_path, "shard.count=3", f"shard.index={index}",
+                                     "shard.by=image"), check=True)
     store = RecordStore(tmp_path / "pseudo_labels" / "index" / "synthetic_train")
     keys = store.keys()
     assert len(keys) == len(set(keys)) == 3 * 40 + 4
@@ -74,9 +70,9 @@ def test_index_sharded_outputs_cover_the_tree_once(tree_with_bad_files, tmp_path
 
 @pytest.mark.integration
 def test_rerun_with_other_config_is_refused_and_output_kept(tree_with_bad_files, tmp_path):
-    _entry(*_index_overrides(tree_with_bad_files, tmp_path))
+    run_entry(*_index_overrides(tree_with_bad_files, tmp_path), check=True)
     before = _records(tmp_path)
-    refused = _entry(*_index_overrides(tree_with_bad_files, tmp_path, "data.max_pixels=100"), check=False)
+    refused = run_entry(*_index_overrides(tree_with_bad_files, tmp_path, "data.max_pixels=100"))
     assert refused.returncode != 0
     assert "data.max_pixels" in refused.stderr
     assert _records(tmp_path) == before
@@ -85,7 +81,7 @@ def test_rerun_with_other_config_is_refused_and_output_kept(tree_with_bad_files,
 @pytest.mark.integration
 def test_kill_9_midway_then_rerun_equals_uninterrupted_run(tree_with_bad_files, tmp_path):
     reference = tmp_path / "reference"
-    _entry(*_index_overrides(tree_with_bad_files, reference))
+    run_entry(*_index_overrides(tree_with_bad_files, reference), check=True)
     expected = _records(reference)
 
     killed = tmp_path / "killed"
@@ -102,10 +98,54 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(tree_with_bad_files, 
     proc.wait()
     partial = shard.stat().st_size if shard.exists() else 0
 
-    _entry(*_index_overrides(tree_with_bad_files, killed))
+    run_entry(*_index_overrides(tree_with_bad_files, killed), check=True)
     assert _records(killed).keys() == expected.keys()
     for key, record in _records(killed).items():
         want = dict(expected[key])
         got = dict(record)
         assert got == want, key
     assert 0 < partial < shard.stat().st_size, "the kill did not land midway"
+
+
+@pytest.mark.integration
+def test_crawl_junk_is_recorded_as_bad_and_a_rerun_goes_past_it(tmp_path):
+    root = tmp_path / "data"
+    made = make_synthetic_dataset(root, num_classes=2, images_per_class=3, size=48, seed=1)
+    folder = made.image_dir / made.wnids[1]
+    (folder / "loop.JPEG").symlink_to("loop.JPEG")
+    (folder / "gone.JPEG").symlink_to("missing.JPEG")
+    os.mkfifo(folder / "pipe.JPEG")
+    (folder / "dir.JPEG").mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"), "wb") as f:
+        f.write(b"x")
+    (made.image_dir / "n00000001").symlink_to(made.image_dir / made.wnids[1])
+    out = tmp_path / "out"
+    first = run_entry(*_index_overrides(root, out), timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = _records(out)
+    assert len(records) == 2 * 3 + 5
+    bad = {k: r["reason"] for k, r in records.items() if not r["ok"]}
+    assert set(bad) == {f"{made.wnids[1]}/{n}" for n in ("loop.JPEG", "gone.JPEG", "pipe.JPEG", "dir.JPEG",
+                                                         "caf\\xe9.JPEG")}
+    assert all(bad.values())
+    assert {r["class_index"] for r in records.values()} == {0, 1}  # the in-tree link added no class
+    log = first.stdout + first.stderr
+    assert "bad_image: 5" in log and "caf\\xe9.JPEG" in log  # whole-shard count of bad records
+    second = run_entry(*_index_overrides(root, out), timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "11 already done" in second.stdout + second.stderr
+
+
+@pytest.mark.integration
+def test_in1k_config_reads_loc_synset_mapping_when_there_is_no_words_txt(tmp_path):
+    root = tmp_path / "imagenet"
+    made = make_synthetic_dataset(root, num_classes=2, images_per_class=2, size=48, seed=2)
+    (root / "words.txt").unlink()
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w[-2:]}, other\n" for w in made.wnids))
+    out = tmp_path / "out"
+    result = run_entry("stage=index", "data=in1k", f"data.root={root}", f"paths.root={out}",
+                       f"hydra.run.dir={out}/run", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = RecordStore(out / "pseudo_labels" / "index" / "imagenet_1k_train")
+    names = {r["class_name"] for r in store.iter_records()}
+    assert names == {f"class {w[-2:]}" for w in made.wnids}

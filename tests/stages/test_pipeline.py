@@ -27,6 +27,8 @@ def test_demo_pipeline_runs_and_is_idempotent(tmp_path):
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "48 already done" in second.stderr + second.stdout
+    # the summary says where each stage's output is
+    assert f"index: {tmp_path}/pseudo_labels/index/synthetic_train" in second.stderr + second.stdout
     assert len(list(RecordStore(store.path).iter_records())) == 48
 
 

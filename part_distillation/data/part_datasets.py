@@ -1,0 +1,67 @@
+"""The three evaluation datasets behind one call: samples of a split and the part class names.
+
+``open_part_dataset(kind, root, split, ...)`` returns a :class:`PartDatasetSplit` whose
+``samples()`` yields :class:`~part_distillation.data.part_sample.PartSample` and whose
+``part_names[id]`` names each part class id, whatever the dataset.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from part_distillation.data.part_sample import DatasetLayoutError, PartSample
+
+PathLike = str | os.PathLike
+KINDS = ("partimagenet", "pascal_part", "cityscapes_part")
+
+
+@dataclass
+class PartDatasetSplit:
+    kind: str
+    split: str
+    part_names: list[str]
+    samples: Callable[[], Iterator[PartSample]]
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.part_names)
+
+
+def open_part_dataset(kind: str, root: PathLike, split: str, image_root: PathLike | None = None,
+                      annotations_root: PathLike | None = None) -> PartDatasetSplit:
+    """One split of a part dataset.
+
+    - ``partimagenet``: ``root`` holds ``annotations/``; images under ``image_root`` (the
+      ImageNet-1k ``train`` tree for the real dataset; default ``<root>/<split>``, the
+      synthetic dataset's layout); ``valtest`` = val then test.
+    - ``pascal_part``: ``root`` is the VOC 2012 folder; ``annotations_root`` the release's
+      ``Annotations_Part`` (default ``<root>/Annotations_Part``).
+    - ``cityscapes_part``: ``root`` holds ``leftImg8bit/`` and ``gtFinePanopticParts/``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{kind}: dataset root {root} does not exist")
+    if kind == "partimagenet":
+        from part_distillation.data.partimagenet import PartImageNetDataset, annotation_files
+
+        if image_root is None and split == "valtest":
+            raise DatasetLayoutError("partimagenet: split 'valtest' needs image_root (the ImageNet-1k train "
+                                     "folder holding the images of both val and test)")
+        dataset = PartImageNetDataset(annotation_files(root, split), image_root or root / split)
+        names = [""] * (max((c.id for c in dataset.categories), default=-1) + 1)
+        for category in dataset.categories:
+            names[category.id] = category.name
+        return PartDatasetSplit(kind, split, names, dataset.samples)
+    if kind == "pascal_part":
+        from part_distillation.data.pascal_part import PART_CLASSES, PascalPartDataset
+
+        dataset = PascalPartDataset(root, annotations_root or root / "Annotations_Part", split)
+        return PartDatasetSplit(kind, split, list(PART_CLASSES), dataset.__iter__)
+    if kind == "cityscapes_part":
+        from part_distillation.data.cityscapes_part import PART_CLASSES, CityscapesPartDataset
+
+        dataset = CityscapesPartDataset(root, split)
+        return PartDatasetSplit(kind, split, list(PART_CLASSES), dataset.__iter__)
+    raise ValueError(f"unknown part dataset {kind!r}; expected one of {list(KINDS)}")

@@ -1,0 +1,217 @@
+"""Export a stage output as one COCO instance-segmentation json, streaming.
+
+Written to a file, the json is produced in two passes over the records (images and
+categories first, then annotations), one record at a time: memory does not grow with
+the number of annotations. Without a file the whole dict is returned (small outputs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from part_distillation.masks import rle_area, rle_to_bbox
+from part_distillation.store.errors import StoreError
+from part_distillation.store.files import create_tmp, fsync_dir
+from part_distillation.store.reader import RecordStore, _check_store
+
+logger = logging.getLogger("part_distillation.store")
+
+_CATEGORY_FIELDS = ("category_ids", "classes")
+
+
+def _image_size(record: dict) -> tuple[int, int]:
+    """[h, w] of the frame of the record's masks."""
+    if "height" in record and "width" in record:
+        return int(record["height"]), int(record["width"])
+    for field in ("fitted_size", "image_size"):
+        if record.get(field) is not None:
+            h, w = record[field][:2]
+            return int(h), int(w)
+    masks = record.get("masks") or []
+    if masks:
+        h, w = masks[0]["size"]
+        return int(h), int(w)
+    raise StoreError(f"record {record['key']!r} has no height/width, fitted_size, image_size or masks")
+
+
+def _decoded(record: dict) -> bool:
+    """False for an image that did not decode (``ok`` false, or a 0 height/width)."""
+    if record.get("ok") is False:
+        return False
+    h, w = _image_size(record)
+    return h > 0 and w > 0
+
+
+def _category_table(categories) -> tuple[list[dict], dict[str, int]]:
+    if categories is None:
+        return [], {}
+    if isinstance(categories, Mapping):
+        cats = [{"id": int(i), "name": str(n)} for i, n in categories.items()]
+    else:
+        cats = [dict(c) if isinstance(c, Mapping) else {"id": i + 1, "name": str(c)}
+                for i, c in enumerate(categories)]
+    return cats, {c["name"]: c["id"] for c in cats}
+
+
+def coco_results(annotations: Iterable[dict]) -> list[dict]:
+    """Annotations as a COCO *results* list (image_id, category_id, segmentation, score).
+
+    Give this to ``COCO.loadRes``: with a ``bbox`` present, loadRes takes the box branch
+    and sets each area to the box area, which puts masks in the wrong COCOeval area range.
+    """
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+             "score": a.get("score", 1.0)} for a in annotations]
+
+
+def _labels(rec: dict, n: int, category_field: str | None, default_category: str) -> list:
+    field = category_field or next((f for f in _CATEGORY_FIELDS if f in rec), None)
+    if field is None:
+        return [default_category] * n
+    value = rec[field]
+    value = value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+class _Exporter:
+    def __init__(self, store: RecordStore, shards, category_field, categories, default_category):
+        self.store, self.shards = store, shards
+        self.category_field, self.default_category = category_field, default_category
+        self.cats, self.by_name = _category_table(categories)
+        self.fixed = categories is not None
+        self.left_out = 0
+
+    def records(self) -> Iterator[tuple[int, dict]]:
+        """``(image id, record)`` of the images that decoded, ids 1..N in store order."""
+        image_id, self.left_out = 0, 0
+        for rec in self.store.iter_records(self.shards):
+            if not _decoded(rec):
+                self.left_out += 1
+                continue
+            image_id += 1
+            yield image_id, rec
+
+    def images(self) -> Iterator[dict]:
+        """Pass 1: the images; checks every record and collects the category values."""
+        names: set[str] = set()
+        ids: set[int] = set()
+        for image_id, rec in self.records():
+            h, w = _image_size(rec)
+            masks = list(rec.get("masks") or [])
+            for m in masks:
+                if [int(s) for s in m["size"]] != [h, w]:
+                    raise StoreError(f"record {rec['key']!r}: mask size {m['size']} != image size {[h, w]}")
+            n = len(masks)
+            labels = _labels(rec, n, self.category_field, self.default_category) if n else []
+            n_scores = len(np.asarray(rec["scores"]).reshape(-1)) if "scores" in rec else n
+            if n and (n_scores != n or len(labels) != n):
+                raise StoreError(f"record {rec['key']!r}: {n} masks but {n_scores} scores and "
+                                 f"{len(labels)} categories")
+            for label in labels:
+                if isinstance(label, str):
+                    if self.fixed and label not in self.by_name:
+                        raise StoreError(f"record {rec['key']!r}: category {label!r} is not in the given categories")
+                    names.add(label)
+                else:
+                    ids.add(int(label))
+            yield {"id": image_id, "file_name": str(rec.get("file_name") or rec.get("path") or rec["key"]),
+                   "height": h, "width": w}
+        if names and ids:
+            raise StoreError("category values mix ids (int) and names (str)")
+        if not self.fixed:
+            if names:
+                self.cats = [{"id": i, "name": n} for i, n in enumerate(sorted(names), start=1)]
+                self.by_name = {c["name"]: c["id"] for c in self.cats}
+            else:
+                self.cats = [{"id": i, "name": str(i)} for i in sorted(ids)]
+
+    def annotations(self) -> Iterator[dict]:
+        """Pass 2: the annotations (after :meth:`images`, which fixes the categories)."""
+        ann_id = 0
+        for image_id, rec in self.records():
+            masks = list(rec.get("masks") or [])
+            if not masks:
+                continue
+            h, w = _image_size(rec)
+            n = len(masks)
+            scores = np.asarray(rec["scores"], dtype=np.float64).reshape(-1) if "scores" in rec else np.ones(n)
+            labels = _labels(rec, n, self.category_field, self.default_category)
+            areas, boxes = rle_area(masks), rle_to_bbox(masks)
+            for m, s, label, area, box in zip(masks, scores, labels, areas, boxes):
+                ann_id += 1
+                cat_id = self.by_name[label] if isinstance(label, str) else int(label)
+                yield {"id": ann_id, "image_id": image_id, "category_id": cat_id,
+                       "segmentation": {"size": [h, w], "counts": m["counts"]},
+                       "area": float(area), "bbox": [float(x) for x in box], "iscrowd": 0, "score": float(s)}
+
+    def info(self) -> dict:
+        return {"description": f"records of stage {self.store.stage} from {self.store.path}",
+                "config_fingerprint": self.store.manifest.get("config_fingerprint"),
+                "code_version": self.store.manifest.get("code_version"),
+                "images_left_out_not_decoded": self.left_out}
+
+
+def _write_list(f, items: Iterable[dict]) -> int:
+    n = 0
+    for item in items:
+        f.write((",\n" if n else "\n") + json.dumps(item))
+        n += 1
+    f.write("\n]")
+    return n
+
+
+def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathLike | None = None, *,
+                category_field: str | None = None, categories=None, default_category: str = "object",
+                shards: Iterable[int] | None = None) -> dict:
+    """Write a stage output's records as one COCO instance-segmentation json.
+
+    Returns the whole COCO dict when ``out_path`` is None; otherwise streams the file
+    (annotations never all in memory) and returns ``{"path", "images", "annotations",
+    "categories", "images_left_out"}`` with the counts and the category list.
+
+    Record fields read:
+      - ``file_name`` (else ``path``, else the key) and ``height``/``width`` (else
+        ``fitted_size`` or ``image_size`` = [h, w], the frame of the masks, else the size
+        of the first mask) -> one image each, with ids 1..N in store order. Images that
+        did not decode (``ok`` false, or a 0 height or width) are left out and counted;
+      - ``masks``: list of COCO RLE dicts -> one annotation each, with bbox and area
+        computed from the RLE and ``iscrowd`` 0;
+      - ``scores``: one per mask (default 1.0);
+      - the category: ``record[category_field]`` (default: the first present of
+        ``category_ids``, ``classes``), either one value per mask or one value for the
+        whole image. Ints are category ids; strings are category names. Without a field
+        every mask gets ``default_category``.
+
+    ``categories`` fixes the category list: a list of ``{"id", "name"}`` dicts, a list
+    of names (ids 1..n) or a dict id -> name. Otherwise it is built from the values seen
+    (names get ids 1..n in sorted order).
+    """
+    ex = _Exporter(_check_store(store), shards, category_field, categories, default_category)
+    if out_path is None:
+        images = list(ex.images())
+        return {"info": ex.info(), "images": images, "annotations": list(ex.annotations()), "categories": ex.cats}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_tmp(out_path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write('{"images": [')
+            n_images = _write_list(f, ex.images())
+            f.write(',\n"annotations": [')
+            n_anns = _write_list(f, ex.annotations())
+            f.write(f',\n"categories": {json.dumps(ex.cats)},\n"info": {json.dumps(ex.info())}}}\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("wrote %s: %d images, %d annotations (%d images left out: not decoded)",
+                out_path, n_images, n_anns, ex.left_out)
+    return {"path": str(out_path), "images": n_images, "annotations": n_anns, "categories": ex.cats,
+            "images_left_out": ex.left_out}
