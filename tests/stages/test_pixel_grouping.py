@@ -77,7 +77,8 @@ def test_rerun_skips_what_is_complete(done_root):
 
 
 def test_bad_feature_level_is_refused_with_the_key_named(tmp_path):
-    result = _entry(tmp_path, "stage.feature_levels=[res3]", check=False)
+    root = _make_root(tmp_path, classes=1, images=1)
+    result = _entry(root, "stage.feature_levels=[res3]", check=False)
     assert result.returncode != 0 and "stage.feature_levels" in result.stdout + result.stderr
 
 
