@@ -12,8 +12,14 @@ each. agreement_miou: per image the mean over part labels of the IoU between the
 outputs, averaged over images. scaling: images/s of ``dense_crf`` with 2 worker processes
 over 1 (multiprocessing, spawn, one thread per process).
 
-    .venv/bin/python benchmarks/b2_dense_crf.py          # quick: 4 images, 8 for scaling
-    .venv/bin/python benchmarks/b2_dense_crf.py --full   # 16 images, 32 for scaling
+stage: images/s of the whole ``dense_crf`` stage (read the stage-2 record, decode the
+image file, fit it, CRF at the reference geometry 640x640, encode, write the record)
+over a stage-2 store of these cases, with ``stage.workers`` 1 and one per core, for the
+reference variant (the stage's default) and the fast one. The wall time includes
+starting the worker processes.
+
+    .venv/bin/python benchmarks/b2_dense_crf.py          # quick: 4 images, 8 for scaling, 4 for the stage
+    .venv/bin/python benchmarks/b2_dense_crf.py --full   # 16 images, 32 for scaling, 16 for the stage
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from part_distillation.masks import label_map_miou  # noqa: E402
 from part_distillation.models.dense_crf import dense_crf, dense_crf_reference  # noqa: E402
+from part_distillation.store import RecordStore  # noqa: E402
 
 SIZE, PARTS = 640, 4
 
@@ -100,12 +108,60 @@ def throughput(processes: int, cases: list) -> float:
         return len(cases) / (time.perf_counter() - start)
 
 
+def write_stage2_store(root: Path, cases: list) -> Path:
+    """The cases as image files plus a stage-2 (PART_SEGMENTS) output over them."""
+    from PIL import Image
+
+    from part_distillation.data.frame import ImageFrame
+    from part_distillation.masks import encode_rle, encode_rles
+    from part_distillation.store import ShardWriter
+    from part_distillation.store.schemas import PART_SEGMENTS
+
+    store = root / "stage2"
+    with ShardWriter(store, 0, 1, stage="pixel_grouping", config={"b2": True}, code_version="b2",
+                     schema=PART_SEGMENTS) as out:
+        for i, (image, labels) in enumerate(cases):
+            path = root / f"case_{i:03d}.png"
+            Image.fromarray(image).save(path)
+            frame = ImageFrame.fit(image.shape[:2])
+            ids = np.arange(1, PARTS + 1)
+            out.write({"key": path.name, "path": str(path), "wnid": "n00000000", "class_index": 0,
+                       "class_name": "case", **frame.as_record(), "object_mask": encode_rle(labels > 0),
+                       "object_score": 1.0, "object_ratio": float(np.mean(labels > 0)),
+                       "part_masks": encode_rles(np.stack([labels == p for p in ids])), "part_ids": ids})
+    return store
+
+
+def stage_throughput(store: Path, out: Path, workers: int, variant: str) -> float:
+    """Images/s of one in-process run of the dense_crf stage over ``store``."""
+    from part_distillation.config import DataConfig, DenseCRFStageConfig, RunConfig
+    from part_distillation.launch import JobContext
+    from part_distillation.stages import dense_crf as stage
+
+    cfg = RunConfig(stage=DenseCRFStageConfig(input=str(store), output=str(out), workers=workers, variant=variant),
+                    data=DataConfig(name="b2", root=str(store.parent)))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    summary = stage.run(cfg, JobContext())
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    assert summary.written == len(RecordStore(store)), summary.as_dict()
+    if workers == 1:  # CPU time does not depend on what else the machine runs
+        print(f"  {variant}, 1 worker: {cpu / summary.written:.2f} CPU s per image in this process")
+    return summary.written / wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="16 images, 32 for the scaling")
     parser.add_argument("--factor", type=float, default=2.0, help="dense_crf's downscaling factor")
+    parser.add_argument("--stage-only", action="store_true", help="only the stage's images/s")
+    parser.add_argument("--stage-images", type=int, default=None, help="images for the stage's figures")
     args = parser.parse_args()
-    images, scaling_images = (16, 32) if args.full else (4, 8)
+    if args.stage_only:
+        stage_rates, cores = stage_figures(args.stage_images or (16 if args.full else 4))
+        print(stage_line(stage_rates, cores))
+        return
+    images, scaling_images, stage_images = (16, 32, 16) if args.full else (4, 8, 4)
+    stage_images = args.stage_images or stage_images
     print(f"B2 dense CRF: {images} images {SIZE}x{SIZE}, {PARTS + 1} labels, factor {args.factor}, 1 thread")
     ref_times, fast_times, agreements = [], [], []
     for seed in range(images):
@@ -129,7 +185,49 @@ def main() -> None:
     one = throughput(1, cases)
     two = throughput(2, cases)
     print(f"fast variant throughput: 1 process {one:.2f} images/s, 2 processes {two:.2f} images/s")
-    print(f"B2 speedup={speedup:.1f}x agreement_miou={np.mean(agreements):.4f} scaling={two / one:.2f}")
+    stage_rates, cores = stage_figures(stage_images)
+    print(f"B2 speedup={speedup:.1f}x agreement_miou={np.mean(agreements):.4f} scaling={two / one:.2f} "
+          + stage_line(stage_rates, cores)[3:])
+
+
+def stage_figures(stage_images: int) -> tuple[dict, int]:
+    """Images/s of the stage per (variant, workers), workers 1 and one per core."""
+    cores = os.cpu_count() or 1
+    stage_rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_stage2_store(Path(tmp), [make_case(seed) for seed in range(2000, 2000 + stage_images)])
+        for variant in ("reference", "fast"):
+            for workers in sorted({1, cores}):
+                rate = stage_throughput(store, Path(tmp) / f"out_{variant}_{workers}", workers, variant)
+                stage_rates[variant, workers] = rate
+                print(f"stage dense_crf ({variant}, 640x640, {stage_images} images): {workers} worker(s) "
+                      f"{rate:.3f} images/s")
+        reference, fast = (_label_maps(Path(tmp) / f"out_{v}_1") for v in ("reference", "fast"))
+        agreement = [label_map_miou(fast[k], reference[k]) for k in reference]
+        print(f"stage outputs, fast vs reference variant: part mIoU mean {np.mean(agreement):.4f}, "
+              f"min {min(agreement):.4f}")
+    return stage_rates, cores
+
+
+def _label_maps(output: Path) -> dict[str, np.ndarray]:
+    """Each record's parts of a stage output as one label map (part ids)."""
+    from part_distillation.masks import decode_rles
+
+    maps = {}
+    for record in RecordStore(output).iter_records():
+        masks = decode_rles(record["part_masks"], size=tuple(record["fitted_size"]))
+        labels = np.zeros(masks.shape[1:], np.int64)
+        for mask, part_id in zip(masks, record["part_ids"]):
+            labels[mask] = part_id
+        maps[record["key"]] = labels
+    return maps
+
+
+def stage_line(stage_rates: dict, cores: int) -> str:
+    return (f"B2 stage_images_per_s={stage_rates['reference', 1]:.3f} "
+            f"stage_images_per_s_{cores}workers={stage_rates['reference', cores]:.3f} "
+            f"stage_fast_images_per_s={stage_rates['fast', 1]:.3f} "
+            f"stage_fast_images_per_s_{cores}workers={stage_rates['fast', cores]:.3f}")
 
 
 if __name__ == "__main__":

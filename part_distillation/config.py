@@ -169,21 +169,42 @@ class PipelineStageConfig(StageConfig):
     """Stage ``pipeline``: several stages in order, in this process (the demo)."""
 
     name: str = "pipeline"
-    stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index"])
+    stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index", "detic_labeling"])
 
 
 @dataclass
 class DeticStageConfig(StageConfig):
-    """Stage 1, object-mask caching with Detic (PIPELINE.md section 1)."""
+    """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
+
+    ``source``: ``detic`` (the reference; ``model=detic_swinb`` and a vocabulary), ``annotations``
+    (a COCO json of given objects, or of parts with ``annotations_are_parts``), ``mask2former``
+    (a COCO instance Mask2Former, ``model.weights`` its detectron2 .pkl) or ``grabcut`` (no
+    weights). ``score_threshold``, ``nms_threshold`` and ``max_detections`` are Detic's own.
+    """
 
     name: str = "detic_labeling"
-    test_size: int = 640
+    source: str = "detic"
+    fit_size: int = 640  # the image frame: longer side fitted to this (data/frame.py)
+    score_threshold: float = 0.02
+    nms_threshold: float = 0.5
     max_detections: int = 1000
     keep_top: int = 10
-    score_threshold: float = 0.5
+    own_class_filter: bool = True  # keep the image's own class when detected (the intent; Trap 1)
+    batch_size: int = 4  # images per forward pass
+    allow_tf32: bool = False  # fp32 matmuls/convolutions on GPU unless turned on
+    vocabulary: Optional[str] = None  # (C, 512) .npy in class order; default: CLIP, cached in vocabulary_cache
+    clip_model: str = "${paths.weights}/clip/clip-vit-base-patch32"  # local transformers CLIP directory
+    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"
+    annotations: Optional[str] = None  # COCO json for source=annotations
+    annotations_are_parts: bool = False  # object = union of the image's parts (PartImageNet)
+    grabcut_margin: float = 0.1  # GrabCut's initial box leaves this fraction of each side out
+    grabcut_iterations: int = 5
+    grabcut_work_size: Optional[int] = 320  # GrabCut on the image at this longer side (null: fitted size)
 
-    _checks = {"test_size": _at_least(32), "max_detections": _at_least(1), "keep_top": _at_least(1),
-               "score_threshold": _ratio()}
+    _checks = {"source": _one_of("detic", "annotations", "mask2former", "grabcut"), "fit_size": _at_least(32),
+               "max_detections": _at_least(1), "keep_top": _at_least(1), "score_threshold": _ratio(),
+               "nms_threshold": _ratio(), "batch_size": _at_least(1), "grabcut_margin": _ratio(),
+               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16)}
 
 
 @dataclass
@@ -210,34 +231,106 @@ class PixelGroupingStageConfig(StageConfig):
 
 @dataclass
 class DenseCRFStageConfig(StageConfig):
-    """Stage 3, dense-CRF refinement of the part segments (section 3)."""
+    """Stage 3, dense-CRF refinement of the part segments (section 3).
+
+    ``variant``: ``reference`` (default) is the reference pydensecrf call on the whole
+    fitted image. ``fast`` (``models.dense_crf.dense_crf``: the object's box plus a
+    margin, the CRF at 1/``fast_factor`` resolution) agrees with it at part mIoU 0.986
+    (``fast_factor=2``, about 7x faster) and 0.998 (``fast_factor=1``, about 2x) on
+    benchmark B2's textured 640x640 cases; on degraded synthetic parts fitted to 640
+    (tests/stages/fixtures.py, 6 objects) 0.950 (factor 2) and 0.968 (factor 1). Small
+    fitted images lose more at factor 2 (0.77 at 128x128): keep factor 1 there.
+    ``input_size``: the fit size stage 2 used; a record in another frame is an error.
+    ``workers``: local CRF processes of this job (one writer, in the main process).
+    ``follow``: process stage-2 records as they appear, polling the input every
+    ``poll_s`` seconds, and exit once all its shards are closed.
+    """
 
     name: str = "dense_crf"
     gt_prob: float = 0.7
     iterations: int = 10
     input_size: int = 640
+    variant: str = "reference"
+    fast_factor: float = 2.0
+    workers: int = 1
+    follow: bool = False
+    poll_s: float = 30.0
 
-    _checks = {"gt_prob": _ratio(), "iterations": _at_least(1), "input_size": _at_least(32)}
+    _checks = {"gt_prob": _ratio(), "iterations": _at_least(1), "input_size": _at_least(32),
+               "variant": _one_of("reference", "fast"), "fast_factor": _at_least(1.0),
+               "workers": _at_least(1), "poll_s": _at_least(0.0)}
 
 
 @dataclass
 class TrainStageConfig(StageConfig):
-    """Stages 4 and 6: Mask2Former training (sections 4 and 6)."""
+    """What stages 4 and 6 share: the training engine's settings (``engine/``).
+
+    ``batch_size`` is the global batch; each process takes ``per_device_batch`` images per
+    micro-batch and the engine accumulates ``batch_size / (processes x per_device_batch)``
+    micro-batches per step. ``output`` is the run folder (checkpoints, TensorBoard logs,
+    manifest); ``extra_inputs`` are further record sets trained on with ``input``.
+    """
 
     name: str = MISSING
-    batch_size: int = 512
+    extra_inputs: list[str] = field(default_factory=list)
+    batch_size: int = 256
+    per_device_batch: int = 8
     lr: float = 1e-4
+    weight_decay: float = 0.05
+    clip_grad_norm: float = 0.01
     max_iter: int = 50_000
     steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    amp: bool = True  # torch.amp on CUDA only; CPU runs float32
+    image_size: int = 640
+    num_workers: int = 4
+    checkpoint_period: int = 5000
+    checkpoint_minutes: float = 30.0  # also checkpoint this often (0: off): a requeued job loses little
+    keep_last: int = 3
+    log_period: int = 20
+    preview_period: int = 1000  # 0: no image previews
+    eval_period: int = 0  # 0: no periodic evaluation
     min_object_area_ratio: float = 0.05
     min_part_area_ratio: float = 0.05
-    parts_per_class: int = 8
     freeze_backbone: bool = True
     freeze_encoder: bool = True
+    frozen_mode: str = "train"  # frozen modules follow train() (reference: drop-path acts) or stay in "eval"
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    num_points: int = 12544  # points per mask for the matcher and mask losses (reference 112 x 112)
 
-    _checks = {"batch_size": _at_least(1), "lr": _at_least(0.0), "max_iter": _at_least(1),
-               "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(),
-               "parts_per_class": _at_least(1)}
+    _checks = {"frozen_mode": _one_of("train", "eval"),
+               "batch_size": _at_least(1), "per_device_batch": _at_least(1), "lr": _at_least(0.0),
+               "weight_decay": _at_least(0.0), "clip_grad_norm": _at_least(0.0), "max_iter": _at_least(1),
+               "warmup_iters": _at_least(0), "image_size": _at_least(32), "num_workers": _at_least(0),
+               "checkpoint_period": _at_least(1), "checkpoint_minutes": _at_least(0.0),
+               "keep_last": _at_least(1), "log_period": _at_least(1),
+               "preview_period": _at_least(0), "eval_period": _at_least(0),
+               "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(), "num_points": _at_least(1)}
+
+
+@dataclass
+class ProposalLearningStageConfig(TrainStageConfig):
+    """Stage 4: class-agnostic part-proposal Mask2Former (section 4). Reference schedule:
+    batch 256 (the seed document; the released script's 512 on 8 nodes is an experiment),
+    50k iterations, lr x0.1 at 40k and 45k."""
+
+    name: str = "proposal_learning"
+    max_iter: int = 50_000
+    steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
+
+
+@dataclass
+class PartDistillationStageConfig(TrainStageConfig):
+    """Stage 6: object-conditioned part Mask2Former (section 6): batch 256, 120k iterations,
+    lr x0.1 at 100k and 110k; objects and parts kept at ratio >= 0.05."""
+
+    name: str = "part_distillation"
+    max_iter: int = 120_000
+    steps: list[int] = field(default_factory=lambda: [100_000, 110_000])
+    parts_per_class: int = 8
+
+    _checks = {**TrainStageConfig._checks, "parts_per_class": _at_least(1)}
 
 
 @dataclass
@@ -299,9 +392,9 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "detic_labeling": DeticStageConfig,
     "pixel_grouping": PixelGroupingStageConfig,
     "dense_crf": DenseCRFStageConfig,
-    "proposal_learning": TrainStageConfig,
+    "proposal_learning": ProposalLearningStageConfig,
     "part_ranking": PartRankingStageConfig,
-    "part_distillation": TrainStageConfig,
+    "part_distillation": PartDistillationStageConfig,
     "evaluate": EvaluateStageConfig,
 }
 

@@ -226,12 +226,14 @@ def check_job(run: RunConfig) -> None:
             raise PreflightError(f"{err}; {DATA_HINT}") from None
         except OSError as err:  # e.g. a folder that cannot be listed
             raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
-    if run.stage.input is not None and not os.path.isdir(run.stage.input):
+    following = getattr(run.stage, "follow", False)  # waits for an input that is still to come
+    if run.stage.input is not None and not following and not os.path.isdir(run.stage.input):
         raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
                              f"it first, or set stage.input=<its output folder>")
-    if run.stage.name in stages.LOADS_WEIGHTS and run.model.weights and not os.path.isfile(run.model.weights):
+    if stages.loads_weights(run) and run.model.weights and not os.path.isfile(run.model.weights):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
                              f"(weights/README.md says where to get it) or set paths.weights=<folder>")
+    stages.check(run)
     _check_writable(run.stage.output)
     from part_distillation.stages.common import output_conflict
 

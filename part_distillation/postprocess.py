@@ -8,9 +8,16 @@ named ``mask_logits`` are the model's pre-sigmoid mask predictions; ``masks`` ar
   to the image (upsample to the padded input, crop the padding, resize to the output
   size), binarised at logit > 0, and each score multiplied by the mean mask probability
   inside its mask.
-* The helpers below are the reference's per-stage post-processing, factored: restricting
-  predictions to the object mask, one label per pixel, area-ratio and score filters,
-  merging masks that share a class id.
+  It stays for the COCO model.
+* :func:`part_inference` is PartDistillation's inference, one function for every stage
+  (PIPELINE.md sections 4-6): top-k (query, class) pairs by score with **no** mask-score
+  factor; mask logits restricted to the object before binarising (or, for the ranking
+  stage's cluster pass, after the filters); one label per pixel (argmax of score x
+  sigmoid(mask) inside the union of positive logits); optional merge by class; area filter
+  then score filter, each keeping everything when nothing passes; optional IoU-with-object
+  filter. :func:`proposal_inference` is its stage-4 form (one foreground class).
+* The helpers it is built from are public too: restricting predictions to the object
+  mask, one label per pixel, area-ratio and score filters, merging masks by class id.
 """
 from __future__ import annotations
 
@@ -70,18 +77,32 @@ def resize_mask_logits(
     return x[0]
 
 
+def class_probabilities(class_logits: Tensor) -> Tensor:
+    """Softmax over the C + 1 outputs without the no-object column (last): (Q, C+1) -> (Q, C)."""
+    return _tensor(class_logits).float().softmax(-1)[:, :-1]
+
+
+def topk_pairs(pair_scores: Tensor, topk: int, *, sorted: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k (query, class) pairs of a (Q, C) score matrix.
+
+    Returns scores (K,), class ids (K,) and query indices (K,), K = min(topk, Q x C), in
+    ``topk(sorted=...)`` order.
+    """
+    pair_scores = _tensor(pair_scores).float()
+    if pair_scores.ndim != 2:
+        raise ValueError(f"pair scores must be (Q, C), got {tuple(pair_scores.shape)}")
+    num_queries, num_classes = pair_scores.shape
+    k = min(int(topk), num_queries * num_classes)
+    scores, flat = pair_scores.flatten().topk(k, sorted=sorted)
+    return scores, flat % num_classes, torch.div(flat, num_classes, rounding_mode="floor")
+
+
 def topk_class_scores(class_logits: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k (query, class) pairs by softmax score, the no-object column (last) excluded.
 
     Returns scores (K,), class ids (K,) and query indices (K,), in ``topk(sorted=False)`` order.
     """
-    class_logits = _tensor(class_logits)
-    num_queries, num_outputs = class_logits.shape
-    num_classes = num_outputs - 1
-    scores = class_logits.float().softmax(-1)[:, :-1]
-    k = min(int(topk), num_queries * num_classes)
-    scores, flat = scores.flatten().topk(k, sorted=False)
-    return scores, flat % num_classes, torch.div(flat, num_classes, rounding_mode="floor")
+    return topk_pairs(class_probabilities(class_logits), topk)
 
 
 def mean_mask_probability(mask_logits: Tensor, masks: Tensor) -> Tensor:
@@ -135,23 +156,20 @@ def foreground(mask_logits: Tensor) -> Tensor:
     return (mask_logits > 0).any(0)
 
 
-def one_label_per_pixel(
-    mask_logits: Tensor, scores: Tensor, region: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def one_label_per_pixel(mask_logits: Tensor, scores: Tensor, region: Tensor | None = None) -> Tensor:
     """Give every pixel of ``region`` to the prediction with the largest score x sigmoid(mask).
 
-    ``region`` defaults to :func:`foreground` (the reference's choice). Returns the
-    non-overlapping bool masks (M, H, W) and the indices (M,) of the predictions that own
-    at least one pixel, in increasing index order.
+    ``region`` defaults to :func:`foreground` (the union of positive logits, the
+    reference's choice). Returns non-overlapping bool masks (N, H, W), one per prediction
+    (empty for a prediction that owns no pixel); ties go to the lower index.
     """
     mask_logits, scores = _tensor(mask_logits), _tensor(scores)
     region = foreground(mask_logits) if region is None else _tensor(region).bool()
     if mask_logits.shape[0] == 0:
-        return torch.zeros((0, *mask_logits.shape[-2:]), dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        return torch.zeros((0, *mask_logits.shape[-2:]), dtype=torch.bool, device=mask_logits.device)
     owner = (scores.float()[:, None, None] * mask_logits.float().sigmoid()).argmax(0)
-    owners = owner[region].unique()
-    masks = (owner[None] == owners[:, None, None]) & region[None]
-    return masks, owners
+    index = torch.arange(mask_logits.shape[0], device=owner.device)[:, None, None]
+    return (owner[None] == index) & region[None]
 
 
 def area_ratio(masks: Tensor, reference: Tensor) -> Tensor:
@@ -179,24 +197,135 @@ def keep_by_score(scores: Tensor, min_score: float, *, fallback_to_all: bool = F
     return torch.ones_like(keep) if fallback_to_all and not keep.any() else keep
 
 
-def merge_by_class(masks: Tensor, classes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def merge_by_class(masks: Tensor, classes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Union the masks that share a class id; the merged score is the best of the group.
 
-    Returns masks (M, H, W) bool, the sorted unique class ids (M,) and scores (M,).
+    Returns masks (M, H, W) bool, the sorted unique class ids (M,), scores (M,) and the
+    index (M,) of each group's best-scored member (first one on ties).
     """
     masks, classes, scores = _tensor(masks).bool(), _tensor(classes), _tensor(scores)
     ids, group = classes.unique(sorted=True, return_inverse=True)
     merged = torch.zeros((len(ids), *masks.shape[1:]), dtype=torch.bool, device=masks.device)
     best = torch.full((len(ids),), -torch.inf, dtype=scores.dtype, device=scores.device)
+    best_member = torch.zeros(len(ids), dtype=torch.long, device=scores.device)
     for i in range(len(ids)):
-        members = group == i
+        members = torch.nonzero(group == i).flatten()
         merged[i] = masks[members].any(0)
-        best[i] = scores[members].max()
-    return merged, ids, best
+        top = int(scores[members].argmax())
+        best[i] = scores[members[top]]
+        best_member[i] = members[top]
+    return merged, ids, best, best_member
+
+
+def keep_by_object_iou(masks: Tensor, object_mask: Tensor, min_iou: float) -> Tensor:
+    """Bool keep-vector: masks whose IoU with the object mask is above ``min_iou``."""
+    masks = _tensor(masks).bool().flatten(1)
+    obj = _tensor(object_mask).bool().flatten()[None]
+    inter = (masks & obj).sum(1).float()
+    union = (masks | obj).sum(1).float()
+    return inter / union.clamp(min=1) > float(min_iou)
+
+
+RESTRICT_MODES = ("before", "after")
+
+
+def part_inference(
+    pair_scores: Tensor,
+    mask_logits: Tensor,
+    *,
+    padded_size: Sequence[int],
+    image_size: Sequence[int],
+    output_size: Sequence[int] | None = None,
+    object_mask: Tensor | None = None,
+    topk: int = 200,
+    restrict: str = "before",
+    one_label: bool = True,
+    merge_classes: bool = False,
+    min_area_ratio: float | None = 0.05,
+    min_score: float | None = -1.0,
+    keep_all_if_none_pass: bool = True,
+    min_object_iou: float | None = None,
+) -> InstancePredictions:
+    """PartDistillation's inference for one image (every stage; PIPELINE.md sections 4-6).
+
+    ``pair_scores`` (Q, C): the score of each (query, class) pair, e.g.
+    :func:`class_probabilities` of the class logits (stages 4 and 6) or foreground
+    probability x cluster softmax (stage 5); ``mask_logits`` (Q, h, w) the model's masks;
+    sizes as :func:`instance_inference`; ``object_mask`` (H, W) bool at ``output_size``.
+
+    Steps, in this order:
+
+    1. the ``topk`` pairs by score (no mask-score factor);
+    2. their mask logits brought to the image (:func:`resize_mask_logits`);
+    3. ``restrict="before"``: logits outside the object set to 0 before binarising;
+    4. region = union of positive logits; masks are each pair's logit > 0 or, with
+       ``one_label``, the region's pixels where the pair has the largest score x
+       sigmoid(logit) (ties: the first pair in descending-score order);
+    5. ``merge_classes``: masks of one class united, score = the best member's;
+    6. area filter: area > ``min_area_ratio`` x area of the region (``None``: off);
+    7. score filter: score > ``min_score`` (``None``: off);
+       with ``keep_all_if_none_pass`` each of 6 and 7 keeps everything when nothing passes;
+    8. ``restrict="after"``: masks intersected with the object now (the ranking stage's
+       cluster pass labels the whole image first);
+    9. IoU with the object > ``min_object_iou`` (``None``: off; no fallback).
+
+    Returns the kept predictions sorted by descending score; ``classes`` are the pair's
+    class ids, ``query_indices`` the query of each (for merged masks: the best member's).
+    """
+    if restrict not in RESTRICT_MODES:
+        raise ValueError(f"restrict must be one of {RESTRICT_MODES}, got {restrict!r}")
+    if object_mask is None and min_object_iou is not None:
+        raise ValueError("min_object_iou needs an object_mask")
+    scores, classes, queries = topk_pairs(pair_scores, topk, sorted=True)
+    logits = resize_mask_logits(_tensor(mask_logits)[queries], padded_size, image_size, output_size)
+    obj = None if object_mask is None else _tensor(object_mask).bool().to(logits.device)
+    if obj is not None and restrict == "before":
+        logits = restrict_to_object(logits, obj)
+    region = foreground(logits)
+    masks = one_label_per_pixel(logits, scores, region) if one_label else logits > 0
+    if merge_classes:
+        masks, classes, scores, best = merge_by_class(masks, classes, scores)
+        queries = queries[best]
+    predictions = InstancePredictions(masks=masks, scores=scores, classes=classes, query_indices=queries)
+    if min_area_ratio is not None:
+        predictions = predictions.select(keep_by_area_ratio(
+            predictions.masks, region, min_area_ratio, fallback_to_all=keep_all_if_none_pass))
+    if min_score is not None:
+        predictions = predictions.select(keep_by_score(
+            predictions.scores, min_score, fallback_to_all=keep_all_if_none_pass))
+    if obj is not None and restrict == "after":
+        predictions.masks = predictions.masks & obj[None]
+    if min_object_iou is not None:
+        predictions = predictions.select(keep_by_object_iou(predictions.masks, obj, min_object_iou))
+    return predictions.sorted_by_score()
+
+
+def proposal_inference(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    padded_size: Sequence[int],
+    image_size: Sequence[int],
+    output_size: Sequence[int] | None = None,
+    object_mask: Tensor | None = None,
+    topk: int = 200,
+    one_label: bool = True,
+    min_area_ratio: float | None = 0.05,
+    min_score: float | None = -1.0,
+) -> InstancePredictions:
+    """Part proposals of the stage-one model (PIPELINE.md section 4): top ``topk`` queries
+    by softmax foreground probability, restricted to ``object_mask`` before binarising,
+    one label per pixel, area > 5% of the predicted region, then score > -1 (each keeping
+    everything when nothing passes). ``one_label=False`` gives the overlapping proposals."""
+    return part_inference(class_probabilities(class_logits), mask_logits, padded_size=padded_size,
+                          image_size=image_size, output_size=output_size, object_mask=object_mask,
+                          topk=topk, restrict="before", one_label=one_label,
+                          min_area_ratio=min_area_ratio, min_score=min_score)
 
 
 __all__ = [
-    "InstancePredictions", "area_ratio", "foreground", "instance_inference", "keep_by_area_ratio",
-    "keep_by_score", "mean_mask_probability", "merge_by_class", "one_label_per_pixel", "resize_mask_logits",
-    "restrict_to_object", "topk_class_scores",
+    "InstancePredictions", "RESTRICT_MODES", "area_ratio", "class_probabilities", "foreground",
+    "instance_inference", "keep_by_area_ratio", "keep_by_object_iou", "keep_by_score", "mean_mask_probability",
+    "merge_by_class", "one_label_per_pixel", "part_inference", "proposal_inference", "resize_mask_logits",
+    "restrict_to_object", "topk_class_scores", "topk_pairs",
 ]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointMismatchError
 from .mask2former import PIXEL_MEAN, PIXEL_STD, Mask2Former
 
 SWIN_L_COCO_INSTANCE_URL = (
@@ -44,10 +45,6 @@ UNUSED_MODEL_KEYS = (
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle asked for something outside the allow-list."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model (names or shapes)."""
 
 
 # --------------------------------------------------------------------------- unpickler

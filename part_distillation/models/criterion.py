@@ -193,22 +193,38 @@ class HungarianMatcher(nn.Module):
 
 # --------------------------------------------------------------------------- criterion
 
-def pad_target_masks(targets: Sequence[Target]) -> list[dict]:
-    """Zero-pad every image's target masks (bottom/right) to the largest (H, W) in the batch.
+def pad_target_masks(targets: Sequence[Target], padded_size: tuple[int, int]) -> list[dict]:
+    """Zero-pad every image's target masks (bottom/right) to the model's padded input size.
 
-    The model pads the images of a batch the same way, so after this the normalised
-    coordinates of targets and predictions refer to the same canvas. Masks become float.
+    The model saw each image padded bottom/right to ``padded_size`` (the batch canvas);
+    the targets must be padded the same way so that the normalised coordinates of targets
+    and predictions refer to the same canvas. A target larger than the canvas is refused.
+    Masks become float.
     """
-    sizes = [tuple(t["masks"].shape[-2:]) for t in targets]
-    height = max((s[0] for s in sizes), default=0)
-    width = max((s[1] for s in sizes), default=0)
+    height, width = int(padded_size[0]), int(padded_size[1])
     padded = []
-    for target, (h, w) in zip(targets, sizes):
-        masks = target["masks"].float()
+    for i, target in enumerate(targets):
+        masks = target["masks"]
+        h, w = int(masks.shape[-2]), int(masks.shape[-1])
+        if h > height or w > width:
+            raise ValueError(f"target masks of image {i} are {h}x{w}, larger than the padded input "
+                             f"{height}x{width} the model saw; give targets in the image's frame")
+        masks = masks.float()
         if (h, w) != (height, width):
             masks = F.pad(masks, (0, width - w, 0, height - h))
         padded.append({**target, "masks": masks})
     return padded
+
+
+def check_target_sizes(targets: Sequence[Target], padded_size: tuple[int, int]) -> None:
+    """Refuse targets that are not exactly at the padded input size (one clear error)."""
+    for i, target in enumerate(targets):
+        size = tuple(int(v) for v in target["masks"].shape[-2:])
+        if size != tuple(padded_size):
+            raise ValueError(
+                f"target masks of image {i} are {size[0]}x{size[1]} but the model's padded input is "
+                f"{padded_size[0]}x{padded_size[1]} (mask stride x prediction size): pad the targets "
+                f"like the input, or pass padded_size= to the criterion so it pads them")
 
 
 def _world_size() -> int:
@@ -227,13 +243,24 @@ class SetCriterion(nn.Module):
     ``outputs``: ``pred_logits`` (B, Q, C+1), ``pred_masks`` (B, Q, h, w) mask logits,
     optional ``aux_outputs`` (a list of dicts with the same two keys).
     ``targets``: one dict per image, ``labels`` int64 (N,) in [0, C) and ``masks`` (N, H, W)
-    bool/float at the padded input resolution (any N, including 0).
+    bool/float (any N, including 0).
+
+    Target/prediction contract: predicted masks are at 1/``mask_stride`` of the padded
+    input (B, 3, Hp, Wp) the model saw, so ``Hp, Wp = mask_stride * (h, w)``. Targets
+    are either already padded to (Hp, Wp), or given in each image's frame (H <= Hp,
+    W <= Wp, image at the top-left as the batching pads it) together with
+    ``forward(..., padded_size=(Hp, Wp))``, in which case they are zero-padded
+    bottom/right like the input. Anything else raises ``ValueError``: a target is never
+    silently stretched over a canvas of another size.
+
+    ``importance_sample_ratio`` defaults to 0.0 (uniform points), what the reference runs
+    used; 0.75 is upstream Mask2Former's PointRend-style default.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher,
                  weights: Mapping[str, float] | None = None, no_object_weight: float = 0.1,
                  num_points: int = 12544, oversample_ratio: float = 3.0,
-                 importance_sample_ratio: float = 0.75):
+                 importance_sample_ratio: float = 0.0, mask_stride: int = 4):
         super().__init__()
         weights = dict({"ce": 2.0, "mask": 5.0, "dice": 5.0} if weights is None else weights)
         unknown = set(weights) - set(LOSS_NAMES)
@@ -248,6 +275,9 @@ class SetCriterion(nn.Module):
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+        if mask_stride < 1:
+            raise ValueError(f"mask_stride must be positive, got {mask_stride}")
+        self.mask_stride = int(mask_stride)
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = no_object_weight
         self.register_buffer("class_weight", class_weight, persistent=False)
@@ -308,8 +338,26 @@ class SetCriterion(nn.Module):
         }
         return {f"loss_{name}": raw[name] * self.weights[name] for name in LOSS_NAMES}
 
-    def forward(self, outputs: Outputs, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-        targets = pad_target_masks(targets)
+    def padded_input_size(self, outputs: Outputs) -> tuple[int, int]:
+        """(Hp, Wp) of the input the model saw: ``mask_stride`` x the prediction size."""
+        h, w = outputs["pred_masks"].shape[-2:]
+        return int(h) * self.mask_stride, int(w) * self.mask_stride
+
+    def forward(self, outputs: Outputs, targets: Sequence[Target],
+                padded_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Losses of every prediction layer; see the class docstring for the target sizes."""
+        expected = self.padded_input_size(outputs)
+        if padded_size is None:
+            check_target_sizes(targets, expected)
+            targets = [{**t, "masks": t["masks"].float()} for t in targets]
+        else:
+            padded_size = (int(padded_size[0]), int(padded_size[1]))
+            if padded_size != expected:
+                raise ValueError(
+                    f"padded_size {padded_size[0]}x{padded_size[1]} does not match the predictions: "
+                    f"{outputs['pred_masks'].shape[-2]}x{outputs['pred_masks'].shape[-1]} masks at stride "
+                    f"{self.mask_stride} come from a {expected[0]}x{expected[1]} input")
+            targets = pad_target_masks(targets, padded_size)
         num_masks = self.num_target_masks(targets, outputs["pred_logits"].device)
         losses = self.layer_losses(outputs, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
@@ -326,4 +374,4 @@ class SetCriterion(nn.Module):
         return (f"num_classes={self.num_classes}, weights={self.weights}, "
                 f"no_object_weight={self.no_object_weight}, num_points={self.num_points}, "
                 f"oversample_ratio={self.oversample_ratio}, "
-                f"importance_sample_ratio={self.importance_sample_ratio}")
+                f"importance_sample_ratio={self.importance_sample_ratio}, mask_stride={self.mask_stride}")

@@ -139,7 +139,8 @@ def _check(image, labels, n_labels):
         n_labels = top
     elif n_labels < top:
         raise ValueError(f"n_labels={n_labels} but labels go up to {top - 1}")
-    return np.ascontiguousarray(image), labels, int(n_labels)
+    # pydensecrf needs a writable buffer (PIL-backed arrays are read-only)
+    return np.require(image, requirements=["C", "W"]), labels, int(n_labels)
 
 
 def _crf(image: np.ndarray, labels: np.ndarray, n_labels: int, params: CRFParams) -> np.ndarray:

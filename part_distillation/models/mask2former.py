@@ -10,8 +10,10 @@ This wrapper adds what the stages need and the stock forward does not give:
   that the criterion consumes, with every decoder prediction (the one from the learnable
   queries included) in ``aux_outputs``;
 * the layer-normed decoder query embeddings (``query_embeddings``) for part ranking;
-* a class head of any size (1 for class-agnostic part proposals, objects x K for the
-  object-conditioned head) and freezing of the backbone and the pixel-decoder encoder.
+* a class head of any size (1 for class-agnostic part proposals, objects x K + 1 for the
+  object-conditioned head, whose rows are selected per image before the product, see
+  :mod:`part_distillation.models.conditioned`) and freezing by parameter name
+  (``backbone``/``encoder``, as the reference).
 
 Models compute only: no logging, no files, no config reading.
 """
@@ -27,8 +29,15 @@ from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, pad_batch
+from .conditioned import conditioned_head
 
 LEVEL_NAMES = ("res2", "res3", "res4", "res5")
+# The reference freezes every parameter whose name contains one of these words: in the
+# transformers layout that is the Swin backbone (``model.pixel_level_module.encoder``)
+# and the deformable-attention encoder (``...decoder.encoder``), the same parameters as
+# the detectron2 names ``backbone.*`` and ``sem_seg_head.pixel_decoder.transformer.encoder.*``.
+FREEZE_NAME_KEYS = ("backbone", "encoder")
+FROZEN_MODES = ("train", "eval")
 _SWIN_STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
@@ -200,14 +209,25 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
     # Hub checkpoints may carry the stock loss buffer, which this class does not have.
     _keys_to_ignore_on_load_unexpected = [r"^criterion\."]
 
-    def __init__(self, config: Mask2FormerConfig):
+    def __init__(self, config: Mask2FormerConfig, parts_per_class: int | None = None):
         super().__init__(config)
         del self.criterion
-        self._frozen: tuple[str, ...] = ()
+        self._frozen_keys: tuple[str, ...] = ()
+        self._frozen_mode = "train"
+        self.parts_per_class: int | None = None
+        self._set_parts_per_class(parts_per_class)
 
     @classmethod
-    def from_spec(cls, spec: Mask2FormerSpec) -> "Mask2Former":
-        return cls(spec.to_config())
+    def from_spec(cls, spec: Mask2FormerSpec, parts_per_class: int | None = None) -> "Mask2Former":
+        return cls(spec.to_config(), parts_per_class=parts_per_class)
+
+    def _set_parts_per_class(self, parts_per_class: int | None) -> None:
+        if parts_per_class is not None:
+            parts_per_class = int(parts_per_class)
+            if parts_per_class < 1 or self.num_classes % parts_per_class:
+                raise ValueError(f"an object-conditioned head needs num_object_classes * parts_per_class "
+                                 f"foreground outputs; {self.num_classes} is not a multiple of {parts_per_class}")
+        self.parts_per_class = parts_per_class
 
     @property
     def num_classes(self) -> int:
@@ -220,7 +240,8 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         maps = self.model.pixel_level_module.encoder(pixel_values).feature_maps
         return dict(zip(LEVEL_NAMES, maps))
 
-    def forward(self, pixel_values: Tensor, *, return_features: bool = False) -> dict[str, Any]:  # type: ignore[override]
+    def forward(self, pixel_values: Tensor, *, object_class: Tensor | None = None,  # type: ignore[override]
+                return_features: bool = False) -> dict[str, Any]:
         """Run the network on normalised, padded images (B, 3, H, W).
 
         Returns ``pred_logits`` (B, Q, C+1), ``pred_masks`` (B, Q, H/4, W/4) (the last
@@ -229,7 +250,17 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         (B, Q, D), the final decoder output after the decoder's LayerNorm. With
         ``return_features`` also ``backbone_features`` (res2..res5), the pixel decoder's
         ``multi_scale_features`` (index 0 = lowest resolution) and ``mask_features``.
+
+        An object-conditioned model (``parts_per_class`` = K set) needs ``object_class``
+        (B,) int64: every ``pred_logits`` (aux included) is then (B, Q, K + 1), the
+        image's object's K part logits and no-object, computed from the selected head
+        rows only.
         """
+        if self.parts_per_class is not None and object_class is None:
+            raise ValueError("this model has an object-conditioned class head: pass object_class (B,)")
+        if self.parts_per_class is None and object_class is not None:
+            raise ValueError("object_class given but the class head is not object-conditioned "
+                             "(build it with parts_per_class=K)")
         features = self.backbone_features(pixel_values)
         pixel_decoder = self.model.pixel_level_module.decoder(list(features.values()))
         decoder = self.model.transformer_module(
@@ -238,7 +269,10 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         )
         # Each entry is (Q, B, D), already layer-normed by the decoder.
         normed_queries = [h.transpose(0, 1) for h in decoder.intermediate_hidden_states]
-        logits = [self.class_predictor(h) for h in normed_queries]
+        if self.parts_per_class is None:
+            logits = [self.class_predictor(h) for h in normed_queries]
+        else:
+            logits = conditioned_head(self.class_predictor, normed_queries, object_class, self.parts_per_class)
         masks = decoder.masks_queries_logits
         out: dict[str, Any] = {
             "pred_logits": logits[-1],
@@ -253,10 +287,11 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         return out
 
     # ------------------------------------------------------------------ class head
-    def reset_class_head(self, num_classes: int | None = None) -> None:
+    def reset_class_head(self, num_classes: int | None = None, *, parts_per_class: int | None = None) -> None:
         """Replace the class head with a freshly initialised one of ``num_classes`` + 1 outputs.
 
         Uses the default ``nn.Linear`` initialisation, as upstream's ``class_embed`` does.
+        ``parts_per_class`` = K makes it object-conditioned (``num_classes`` = objects x K).
         """
         old = self.class_predictor
         num_classes = self.num_classes if num_classes is None else int(num_classes)
@@ -265,38 +300,57 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
         self.class_predictor = nn.Linear(
             old.in_features, num_classes + 1, device=old.weight.device, dtype=old.weight.dtype)
         self.config.num_labels = num_classes
+        self._set_parts_per_class(parts_per_class)
 
     # ------------------------------------------------------------------- freezing
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        """The parts that :meth:`freeze` can freeze, by name."""
-        return {
-            "backbone": self.model.pixel_level_module.encoder,
-            "pixel_decoder_encoder": self.model.pixel_level_module.decoder.encoder,
-        }
+    def freeze(self, name_keys: Sequence[str] = FREEZE_NAME_KEYS, *, frozen_mode: str = "train") -> None:
+        """Freeze every parameter whose name contains one of ``name_keys`` (the reference's
+        rule; ``()`` unfreezes everything); all other parameters become trainable.
 
-    def freeze(self, backbone: bool = True, pixel_decoder_encoder: bool = True) -> None:
-        """Freeze (or unfreeze) the Swin backbone and the deformable-attention encoder.
+        ``frozen_mode`` says how the frozen modules (those whose name contains a key) run
+        while the model trains:
 
-        Frozen parts get ``requires_grad=False`` and stay in eval mode through later
-        ``train()`` calls (no stochastic depth in a frozen backbone). The pixel decoder's
-        input projections, level embedding and FPN level stay trainable, as in the
-        reference (its freeze keys were "backbone" and "encoder").
+        * ``"train"`` (default, the reference): they follow ``model.train()``, so the
+          frozen Swin's drop-path (stochastic depth, ``drop_path_rate`` 0.3) still acts
+          on its features during training;
+        * ``"eval"``: they stay in eval mode through later ``train()`` calls
+          (deterministic features, no drop-path).
+
+        The pixel decoder's input projections, level embedding and FPN level stay
+        trainable, as in the reference.
         """
-        wanted = {"backbone": backbone, "pixel_decoder_encoder": pixel_decoder_encoder}
-        for name, module in self.frozen_modules().items():
-            module.requires_grad_(not wanted[name])
-        self._frozen = tuple(name for name, flag in wanted.items() if flag)
+        if frozen_mode not in FROZEN_MODES:
+            raise ValueError(f"frozen_mode must be one of {FROZEN_MODES}, got {frozen_mode!r}")
+        keys = tuple(str(k) for k in name_keys)
+        if any(not k for k in keys):
+            raise ValueError("freeze name keys must be non-empty strings")
+        for name, param in self.named_parameters():
+            param.requires_grad_(not any(k in name for k in keys))
+        self._frozen_keys = keys
+        self._frozen_mode = frozen_mode
         self.train(self.training)
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The outermost modules whose name contains a freeze key, by name."""
+        found: dict[str, nn.Module] = {}
+        for name, module in self.named_modules():
+            if any(k in name for k in self._frozen_keys) and not any(name.startswith(p + ".") for p in found):
+                found[name] = module
+        return found
+
     @property
-    def frozen(self) -> tuple[str, ...]:
-        return self._frozen
+    def frozen_keys(self) -> tuple[str, ...]:
+        return self._frozen_keys
+
+    @property
+    def frozen_mode(self) -> str:
+        return self._frozen_mode
 
     def train(self, mode: bool = True) -> "Mask2Former":
         super().train(mode)
-        modules = self.frozen_modules()
-        for name in getattr(self, "_frozen", ()):
-            modules[name].eval()
+        if getattr(self, "_frozen_mode", "train") == "eval":
+            for module in self.frozen_modules().values():
+                module.eval()
         return self
 
 
@@ -342,17 +396,21 @@ def preprocess_images(
     return ImageBatch(pixel_values=batch, image_sizes=sizes)
 
 
-def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_classes: int | None = None) -> Mask2Former:
-    """A randomly initialised model (nothing is downloaded)."""
+def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_classes: int | None = None,
+                      parts_per_class: int | None = None) -> Mask2Former:
+    """A randomly initialised model (nothing is downloaded).
+
+    ``parts_per_class`` = K builds the object-conditioned head (``num_classes`` = objects x K).
+    """
     if isinstance(spec, str):
         spec = get_spec(spec)
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    return Mask2Former.from_spec(spec)
+    return Mask2Former.from_spec(spec, parts_per_class=parts_per_class)
 
 
 __all__ = [
-    "DEMO_CPU", "ImageBatch", "LEVEL_NAMES", "Mask2Former", "Mask2FormerSpec", "PIXEL_MEAN", "PIXEL_STD",
+    "DEMO_CPU", "FREEZE_NAME_KEYS", "FROZEN_MODES", "ImageBatch", "LEVEL_NAMES", "Mask2Former", "Mask2FormerSpec", "PIXEL_MEAN", "PIXEL_STD",
     "SIZE_DIVISIBILITY", "SPECS", "SWIN_L_COCO_INSTANCE", "TINY_FIXTURE", "build_mask2former", "get_spec",
     "preprocess_images",
 ]

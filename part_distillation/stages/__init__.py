@@ -14,16 +14,16 @@ STAGES: dict[str, str] = {
     "sample_photos": "part_distillation.stages.sample_photos",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
+    "proposal_learning": "part_distillation.stages.proposal_learning",
     "evaluate": "part_distillation.stages.evaluate",
+    "dense_crf": "part_distillation.stages.dense_crf",
+    "detic_labeling": "part_distillation.stages.detic_labeling",
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
-    "detic_labeling": "stage 1, object-mask caching with Detic",
-    "dense_crf": "stage 3, dense-CRF refinement",
-    "proposal_learning": "stage 4, part-proposal learning",
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }
@@ -37,8 +37,25 @@ LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "
                                            "part_ranking", "part_distillation"})
 
 
+def loads_weights(run) -> bool:
+    """Whether this job loads ``model.weights``: stage 1 only with the detic and mask2former sources."""
+    if run.stage.name == "detic_labeling":
+        return getattr(run.stage, "source", "detic") in ("detic", "mask2former")
+    return run.stage.name in LOADS_WEIGHTS
+
+
 class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
+
+
+def check(run) -> None:
+    """Run the stage's own ``check(run)`` if it has one: input files it needs besides the
+    weights (vocabulary, annotations, ...), checked before any job is submitted; raises
+    ``ConfigError`` naming the key."""
+    if run.stage.name in STAGES:
+        stage_check = getattr(importlib.import_module(STAGES[run.stage.name]), "check", None)
+        if stage_check is not None:
+            stage_check(run)
 
 
 def get(name: str) -> Callable:

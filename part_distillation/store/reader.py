@@ -41,7 +41,7 @@ import numpy as np
 from part_distillation.store.errors import CorruptShardError, StoreError
 from part_distillation.store.files import SHARD_RE, shard_name
 from part_distillation.store.framing import (
-    _FRAME, FRAME_HEADER_SIZE, MAGIC, _ShardScan, decode_meta, decode_record, pread_exact,
+    _FRAME, FRAME_HEADER_SIZE, MAGIC, _ShardScan, _writer_active, decode_meta, decode_record, pread_exact,
 )
 from part_distillation.store.keytable import FLAG_SKIP, NO_CLASS, KeyTable, key_hash, load_table
 from part_distillation.store.manifest import read_manifest
@@ -306,16 +306,17 @@ class RecordStore:
             self._index = self._build_index()
         return sum(v.nbytes for k, v in self._index.items() if k != "paths")
 
-    def _locate(self, key: str) -> tuple[Path, int, bytes] | None:
+    def _locate(self, key: str) -> tuple[bytes, dict, int] | None:
+        """``(frame bytes, meta, end of meta)`` of the record of ``key``, or None."""
         if self._index is None:
             self._index = self._build_index()
         idx = self._index
         hashes = idx["hashes"]
-        h = np.uint64(key_hash(key))
-        i = int(np.searchsorted(hashes, h))
-        while i < len(hashes) and hashes[i] == h:
-            path = idx["paths"][int(idx["files"][i])]
-            offset, length = int(idx["offsets"][i]), int(idx["lengths"][i])
+        h = key_hash(key)
+        i = int(hashes.searchsorted(np.uint64(h)))
+        while i < len(hashes) and hashes[i].item() == h:
+            path = idx["paths"][idx["files"][i].item()]
+            offset, length = idx["offsets"][i].item(), idx["lengths"][i].item()
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
@@ -325,9 +326,9 @@ class RecordStore:
             magic, n, crc = _FRAME.unpack_from(data, 0)
             if magic != MAGIC or n != length or zlib.crc32(memoryview(data)[FRAME_HEADER_SIZE:]) != crc:
                 raise CorruptShardError(path, offset, "record changed since the index was built")
-            meta, _ = decode_meta(data, FRAME_HEADER_SIZE)
+            meta, after = decode_meta(data, FRAME_HEADER_SIZE)
             if meta["key"] == key:
-                return path, offset, data
+                return data, meta, after
             i += 1
         return None
 
@@ -339,9 +340,35 @@ class RecordStore:
         found = self._locate(key)
         if found is None:
             raise KeyError(f"{key!r} is not in {self.path}")
-        data = found[2]
-        meta, after = decode_meta(data, FRAME_HEADER_SIZE)
+        data, meta, after = found
         return decode_record(data, FRAME_HEADER_SIZE, meta, after)
+
+    # -- following an output while it is written
+    def closed_shards(self) -> set[int]:
+        """Shard indices whose files all have a summary (written at close) and no writer now
+        (a rerun reopening a closed shard holds its lock while the old summary is still there)."""
+        files: dict[int, list[Path]] = {}
+        for i, _, p in self._shard_files():
+            files.setdefault(i, []).append(p)
+        return {i for i, paths in files.items() if all(_file_closed(p) for p in paths)}
+
+    def iter_file_from(self, path: str | os.PathLike, offset: int = 0) -> Iterator[tuple[int, dict | None]]:
+        """``(end offset, record)`` of each complete frame of one shard file (see
+        ``shard_paths()``) from byte ``offset`` on (0, or an end offset yielded before);
+        ``record`` is None for a skip marker. For readers that follow a file while its
+        writer appends: raw frames in write order (a superseding frame comes again)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            scan = _ShardScan(Path(path), fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
+            for frame_offset, buf, pos, length in scan:
+                meta, after = decode_meta(buf, pos)
+                record = None if "skip" in meta else decode_record(buf, pos, meta, after)
+                yield frame_offset + FRAME_HEADER_SIZE + length, record
+        finally:
+            os.close(fd)
 
     # -- counts
     def summary(self) -> dict:
@@ -379,6 +406,19 @@ class RecordStore:
 
     def __repr__(self) -> str:
         return f"RecordStore({str(self.path)!r}, stage={self.stage!r}, num_shards={self.num_shards})"
+
+
+def _file_closed(path: Path) -> bool:
+    if not path.with_name(path.name[:-len(".rec")] + ".summary.json").exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return not _writer_active(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_store(store) -> RecordStore:

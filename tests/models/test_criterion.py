@@ -266,23 +266,101 @@ def test_images_without_targets():
     assert masks.grad is not None and (masks.grad == 0).all()
     assert logits.grad.abs().sum() > 0
 
-    # one empty image next to one with targets (targets of another resolution)
+    # one empty image next to one with targets
     logits.grad = masks.grad = None
-    one = {"labels": torch.tensor([2]), "masks": rect(0, 8, 0, 8, size=16)[None]}
+    one = {"labels": torch.tensor([2]), "masks": rect(0, 8, 0, 8)[None]}
     losses = criterion(outputs(), [empty, one])
     assert losses["loss_mask"] > 0 and losses["loss_dice"] > 0
     SetCriterion.total_loss(losses).backward()
     assert (masks.grad[0] == 0).all() and masks.grad[1].abs().sum() > 0
 
 
-def test_pad_target_masks_pads_bottom_right_to_batch_size():
+def test_pad_target_masks_pads_bottom_right_to_the_padded_input():
     targets = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 20, 32, dtype=torch.bool)},
                {"labels": torch.tensor([0, 1]), "masks": torch.ones(2, 32, 24)}]
-    padded = pad_target_masks(targets)
-    assert [t["masks"].shape for t in padded] == [(1, 32, 32), (2, 32, 32)]
+    padded = pad_target_masks(targets, (64, 32))  # the canvas, not the largest target
+    assert [t["masks"].shape for t in padded] == [(1, 64, 32), (2, 64, 32)]
     assert padded[0]["masks"][0, :20].all() and not padded[0]["masks"][0, 20:].any()
-    assert padded[1]["masks"][:, :, :24].all() and not padded[1]["masks"][:, :, 24:].any()
+    assert padded[1]["masks"][:, :32, :24].all() and not padded[1]["masks"][:, 32:].any()
+    assert not padded[1]["masks"][:, :, 24:].any()
     assert torch.equal(padded[1]["labels"], targets[1]["labels"])
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        pad_target_masks(targets, (32, 16))
+
+
+# ----------------------------------------------------- padded, non-square batches
+
+LOGIT = 16.0  # mask logits of the perfect predictions (near the lowest loss floor, see below)
+
+
+def padded_case(image_sizes, rects, canvas):
+    """Targets in each image's frame and perfect 1/4-resolution predictions of them, made
+    on the padded canvas by hand (query j of image b predicts target j)."""
+    hp, wp = canvas
+    targets, masks, logits = [], torch.full((len(rects), 4, hp // 4, wp // 4), -LOGIT), None
+    logits = torch.full((len(rects), 4, NUM_CLASSES + 1), -LOGIT)
+    logits[:, :, NUM_CLASSES] = LOGIT
+    for b, ((ih, iw), boxes) in enumerate(zip(image_sizes, rects)):
+        target = torch.zeros(len(boxes), ih, iw, dtype=torch.bool)
+        for j, (y0, y1, x0, x1) in enumerate(boxes):  # multiples of 4: exact at 1/4 resolution
+            target[j, y0:y1, x0:x1] = True
+            masks[b, j, y0 // 4:y1 // 4, x0 // 4:x1 // 4] = LOGIT
+            logits[b, j] = -LOGIT
+            logits[b, j, j % NUM_CLASSES] = LOGIT
+        targets.append({"labels": torch.arange(len(boxes)) % NUM_CLASSES, "masks": target})
+    return {"pred_logits": logits, "pred_masks": masks}, targets
+
+
+def test_perfect_prediction_on_a_padded_non_square_batch_scores_zero():
+    # 472x600 and 452x592 images on a 480x608 canvas (both padded, none fills the
+    # canvas, the canvas is not square)
+    outputs, targets = padded_case(
+        [(472, 600), (452, 592)],
+        [[(0, 200, 0, 300), (240, 472, 400, 600)], [(100, 452, 320, 592), (0, 96, 0, 160), (200, 400, 0, 200)]],
+        canvas=(480, 608))
+    torch.manual_seed(0)
+    losses = SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, targets, padded_size=(480, 608))
+    # what remains is the edge band, where the 1/4-resolution logits ramp over 4 pixels
+    # and the bilinear read of a binary target over 1 (about 0.01 at this size)
+    assert losses["loss_mask"] < 0.02 and losses["loss_dice"] < 0.02 and losses["loss_ce"] < 1e-3
+    # the same targets stretched over the canvas, as padding to the largest target did
+    stretched = [{**t, "masks": torch.nn.functional.interpolate(t["masks"][None].float(), size=(480, 608))[0]}
+                 for t in targets]
+    torch.manual_seed(0)
+    wrong = SetCriterion(NUM_CLASSES, HungarianMatcher())(outputs, stretched)
+    assert wrong["loss_mask"] > 20 * losses["loss_mask"]
+
+
+def test_one_landscape_image_padded_to_a_square_canvas_scores_zero():
+    # the case of the issue: a 480x640 image in a 640x640 input
+    outputs, targets = padded_case([(480, 640)], [[(40, 440, 100, 500), (0, 480, 0, 80)]], canvas=(640, 640))
+    torch.manual_seed(0)
+    criterion = SetCriterion(NUM_CLASSES, HungarianMatcher(num_points=4096), num_points=4096)
+    losses = criterion(outputs, targets, padded_size=(640, 640))
+    assert losses["loss_mask"] < 0.02 and losses["loss_dice"] < 0.02
+
+
+def test_targets_that_do_not_match_the_padded_input_are_refused():
+    outputs, targets = padded_case([(24, 32)], [[(0, 8, 0, 8)]], canvas=(32, 32))
+    criterion = make_criterion(num_points=64)
+    with pytest.raises(ValueError, match="target masks of image 0 are 24x32 but the model's padded input is 32x32"):
+        criterion(outputs, targets)  # not padded and no padded_size: refused, never stretched
+    with pytest.raises(ValueError, match="does not match the predictions"):
+        criterion(outputs, targets, padded_size=(64, 32))
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        criterion(outputs, [{"labels": torch.tensor([0]), "masks": torch.ones(1, 40, 32)}], padded_size=(32, 32))
+    # a 16x16 target next to 32x32 ones is refused without the padded size
+    one = {"labels": torch.tensor([2]), "masks": rect(0, 8, 0, 8, size=16)[None]}
+    outputs = {"pred_logits": torch.randn(2, 4, NUM_CLASSES + 1), "pred_masks": torch.randn(2, 4, h, w)}
+    with pytest.raises(ValueError, match="image 1 are 16x16"):
+        criterion(outputs, [make_targets()[0], one])
+    assert criterion(outputs, [make_targets()[0], one], padded_size=(H, W))["loss_mask"] > 0
+
+
+def test_default_importance_ratio_is_the_reference_runs():
+    criterion = SetCriterion(NUM_CLASSES, HungarianMatcher())
+    assert criterion.importance_sample_ratio == 0.0 and criterion.num_points == 12544
+    assert criterion.weights == {"ce": 2.0, "mask": 5.0, "dice": 5.0} and criterion.no_object_weight == 0.1
 
 
 def test_num_masks_is_averaged_over_workers(monkeypatch):

@@ -115,3 +115,12 @@ def test_params_are_the_reference_settings():
     p = CRFParams()
     assert (p.gt_prob, p.gaussian_sxy, p.gaussian_compat) == (0.7, 3.0, 3.0)
     assert (p.bilateral_sxy, p.bilateral_srgb, p.bilateral_compat, p.steps) == (20.0, 13.0, 10.0, 10)
+
+
+def test_read_only_image_is_accepted():
+    """Images fitted with PIL come back as read-only arrays; pydensecrf needs a writable one."""
+    image, labels, _ = scene()
+    frozen = image.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(dense_crf_reference(frozen, labels), dense_crf_reference(image, labels))
+    np.testing.assert_array_equal(dense_crf(frozen, labels), dense_crf(image, labels))

@@ -63,9 +63,36 @@ def test_swin_b_layout_matches_public_checkpoint(reference_models: Path):
 
 
 def test_config_for_labeling_uses_pipeline_settings():
+    # The reference's object-mask settings, PIPELINE.md section 1 ("Input: the fitted image (fit
+    # to 640). Score threshold 0.02, NMS 0.5, at most 1000 detections"), not the DefaultPredictor's
+    # shortest edge 640 / max 1333.
     cfg = DeticConfig.for_labeling()
-    assert (cfg.min_size_test, cfg.detections_per_image, cfg.score_thresh) == (640, 1000, 0.0)
+    assert (cfg.resize, cfg.min_size_test) == ("fit", 640)
+    assert (cfg.score_thresh, cfg.nms_thresh, cfg.detections_per_image) == (0.02, 0.5, 1000)
     assert cfg.swin_embed_dim == 128 and cfg.swin_depths == (2, 2, 18, 2) and cfg.num_classes == 22047
+    assert resized_shape(375, 500, cfg.resize, cfg.min_size_test, cfg.max_size_test) == (480, 640)
+    assert resized_shape(100, 2000, cfg.resize, cfg.min_size_test, cfg.max_size_test) == (32, 640)
+    assert resized_shape(64, 48, cfg.resize, cfg.min_size_test, cfg.max_size_test) == (640, 480)  # scaled up
+    tiny = DeticConfig.for_labeling("tiny", score_thresh=0.3)
+    assert (tiny.swin_embed_dim, tiny.fpn_channels, tiny.score_thresh, tiny.resize) == (32, 64, 0.3, "fit")
+    with pytest.raises(KeyError, match="unknown Detic architecture"):
+        DeticConfig.for_labeling("swinl")
+
+
+@pytest.mark.reference
+def test_labeling_preset_returns_masks_in_the_fitted_frame(reference_models: Path):
+    """An original image in, detections out at the fitted size (128x160 -> 512x640)."""
+    cfg = DeticConfig.for_labeling("tiny", score_thresh=0.756)
+    model = build_detic(reference_models / "detic_tiny.pth", cfg, vocabulary=np.load(reference_models / "detic_tiny_vocab.npy"))
+    image = np.asarray(Image.open(reference_models / "test_image.png").convert("RGB"))
+    batch, sizes = model.preprocess([image])
+    assert sizes == [(512, 640)] and tuple(batch.shape[-2:]) == (512, 640)
+    det = model.predict(image)[0]
+    assert det.image_size == (512, 640) and det.masks.shape[1:] == (512, 640)
+    fitted = resize_image(image, (512, 640))  # the same detections from an image fitted beforehand
+    again = model.predict(fitted)[0]
+    assert len(det) > 0 and torch.equal(again.classes, det.classes) and torch.allclose(again.boxes, det.boxes)
+    assert float(det.boxes[:, 2].max()) <= 640 and float(det.boxes[:, 3].max()) <= 512
 
 
 def test_resized_shape_rules():
@@ -73,7 +100,7 @@ def test_resized_shape_rules():
     assert resized_shape(128, 160, "shortest_edge", 160, 1333) == (160, 200)
     assert resized_shape(375, 500, "shortest_edge", 640, 1333) == (640, 853)
     assert resized_shape(100, 2000, "shortest_edge", 640, 1333) == (67, 1333)  # capped by max size
-    # Scale to fit a square (PartDistillation's labeling mapper).
+    # Fit the longer side (the image frame of data/frame.py).
     assert resized_shape(375, 500, "fit", 640, 1333) == (480, 640)
     with pytest.raises(ValueError, match="unknown resize mode"):
         resized_shape(10, 10, "crop", 640, 1333)
@@ -91,7 +118,7 @@ def test_paste_masks_fills_box_region():
 def test_per_class_nms_equals_torchvision_batched_nms(num_classes, thresh):
     from torchvision.ops import batched_nms
 
-    from part_distillation.models.detic.roi_heads import class_agnostic_box_nms
+    from part_distillation.models.detic.roi_heads import per_class_box_nms
 
     gen = torch.Generator().manual_seed(num_classes)
     xy = torch.rand(96, 2, generator=gen) * 100
@@ -102,7 +129,7 @@ def test_per_class_nms_equals_torchvision_batched_nms(num_classes, thresh):
     kept = batched_nms(boxes[rows], scores[rows, classes], classes, 0.5)
     expected = torch.zeros_like(candidates)
     expected[rows[kept], classes[kept]] = True
-    got = class_agnostic_box_nms(boxes, scores, candidates, 0.5)
+    got = per_class_box_nms(boxes, scores, candidates, 0.5)
     assert torch.equal(got, expected)
     assert 0 < got.sum() < candidates.sum()  # some suppression happened
 

@@ -11,7 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from part_distillation.models.checkpoint import load_detectron2_pickle
+from part_distillation.models.checkpoint import (
+    detectron2_model_state,
+    load_detectron2_pickle,
+    plan_conversion,
+    read_detectron2_pickle,
+)
 from part_distillation.models.mask2former import (
     DEMO_CPU,
     LEVEL_NAMES,
@@ -203,27 +208,80 @@ def test_class_head_size_is_configurable(num_classes):
     assert model.num_classes == 3 and model.config.num_labels == 3
 
 
-def test_freeze_backbone_and_pixel_decoder_encoder():
+@pytest.mark.reference
+def test_freeze_matches_the_reference_rule_on_detectron2_names(reference_models):
+    """The reference freezes parameters whose detectron2 name contains "backbone" or
+    "encoder": map the fixture checkpoint's names and compare the sets."""
+    model = build_mask2former(TINY_FIXTURE)
+    model.freeze()
+    raw = detectron2_model_state(read_detectron2_pickle(reference_models / "m2f_tiny.pkl"))
+    plan = plan_conversion(raw)
+    parameters = dict(model.named_parameters())
+    want_frozen = {t for r in plan.renames for t in r.targets
+                   if t in parameters and ("backbone" in r.source or "encoder" in r.source)}
+    want_trainable = {t for r in plan.renames for t in r.targets
+                      if t in parameters and not ("backbone" in r.source or "encoder" in r.source)}
+    frozen = {n for n, p in parameters.items() if not p.requires_grad}
+    assert len(want_frozen) > 100 and len(want_trainable) > 50
+    assert want_frozen <= frozen and not (want_trainable & frozen)
+    # every parameter is covered by the checkpoint, apart from the Swin's unused final norm
+    assert frozen - want_frozen <= {"model.pixel_level_module.encoder.swin.layernorm.weight",
+                                    "model.pixel_level_module.encoder.swin.layernorm.bias"}
+
+
+def _backbone_twice(model, x):
+    with torch.no_grad():
+        return model.backbone_features(x)["res5"], model.backbone_features(x)["res5"]
+
+
+def test_freeze_by_name_and_gradients():
     torch.manual_seed(0)
     model = build_mask2former(DEMO_CPU)
     model.freeze()
+    assert model.frozen_keys == ("backbone", "encoder") and model.frozen_mode == "train"
+    assert set(model.frozen_modules()) == {"model.pixel_level_module.encoder",
+                                           "model.pixel_level_module.decoder.encoder"}
+    for name, param in model.named_parameters():
+        assert param.requires_grad == ("encoder" not in name and "backbone" not in name), name
     model.train()
-    parts = model.frozen_modules()
-    assert model.frozen == ("backbone", "pixel_decoder_encoder")
-    for module in parts.values():
-        assert not module.training and not any(m.training for m in module.modules())
-        assert not any(p.requires_grad for p in module.parameters())
-    assert model.training and model.model.transformer_module.training
     out = model(torch.randn(1, 3, 64, 64))
     loss = out["pred_masks"].sigmoid().mean() + out["pred_logits"].logsumexp(-1).mean()
     loss = loss + sum(a["pred_masks"].mean() for a in out["aux_outputs"])
     loss.backward()
-    for module in parts.values():
+    for module in model.frozen_modules().values():
         assert all(p.grad is None for p in module.parameters())
     pixel_decoder = model.model.pixel_level_module.decoder
     assert pixel_decoder.input_projections[0][0].weight.grad is not None  # trainable, as in the reference
     assert model.class_predictor.weight.grad is not None
     assert model.model.transformer_module.queries_features.weight.grad is not None
-    model.freeze(backbone=False, pixel_decoder_encoder=False)
-    assert model.frozen == () and parts["backbone"].training
+    model.freeze(())
+    assert model.frozen_keys == () and model.frozen_modules() == {}
     assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="frozen_mode"):
+        model.freeze(frozen_mode="inference")
+
+
+def test_frozen_mode_train_keeps_drop_path_and_eval_switches_it_off():
+    torch.manual_seed(0)
+    model = build_mask2former(DEMO_CPU)  # drop_path_rate 0.1
+    x = torch.randn(8, 3, 64, 64)  # drop-path draws per sample: 8 samples, some get dropped
+    model.eval()
+    clean, _ = _backbone_twice(model, x)
+
+    model.freeze()  # frozen_mode="train", the reference
+    model.train()
+    backbone = model.model.pixel_level_module.encoder
+    assert backbone.training and all(m.training for m in backbone.modules())
+    first, second = _backbone_twice(model, x)
+    # stochastic depth acts: kept samples are rescaled, dropped ones lose a branch
+    assert not torch.equal(first, second) and not torch.equal(first, clean)
+
+    model.freeze(frozen_mode="eval")
+    model.train()
+    assert model.training and model.model.transformer_module.training
+    for module in model.frozen_modules().values():
+        assert not any(m.training for m in module.modules())
+    first, second = _backbone_twice(model, x)
+    assert torch.equal(first, second) and torch.equal(first, clean)
+    model.freeze(frozen_mode="train")  # back: follows train() again
+    assert backbone.training

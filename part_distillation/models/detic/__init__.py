@@ -2,6 +2,8 @@
 from .centernet import CenterNet, Proposals
 from .fpn import FPN
 from .model import (
+    ARCHITECTURES,
+    LABELING_FIT_SIZE,
     DEFAULT_WEIGHTS_PATH,
     WEIGHTS_URL,
     CheckpointMismatchError,
@@ -22,6 +24,8 @@ from .roi_heads import CascadeROIHeads, RawDetections, StageOutput
 from .swin import SwinTransformer
 
 __all__ = [
+    "ARCHITECTURES",
+    "LABELING_FIT_SIZE",
     "CascadeROIHeads",
     "CenterNet",
     "CheckpointMismatchError",

@@ -1,9 +1,12 @@
 """Detic (Zhou et al. 2022) for inference: Swin-B + FPN, CenterNet proposals, cascade ROI heads
 with a CLIP zero-shot classifier, class-agnostic masks.
 
-``Detic.predict`` takes RGB uint8 images and returns detections at the original image size, the
-path of detectron2's ``DefaultPredictor``: resize (PIL bilinear), normalise, zero-pad to 32, run,
-rescale boxes and paste masks. The classifier's vocabulary is swapped with ``set_vocabulary``.
+``Detic.predict`` takes RGB uint8 images and returns detections at the original image size (or
+at given output sizes): resize (PIL bilinear), normalise, zero-pad to 32, run, rescale boxes and
+paste masks. Two input rules: detectron2's ``DefaultPredictor`` (shortest edge 800, max 1333: the
+upstream demo, and the reference fixture) and PartDistillation's labelling preset
+(:meth:`DeticConfig.for_labeling`: the image fitted to 640 with ``data/frame.py``, detections and
+masks in that fitted frame). The classifier's vocabulary is swapped with ``set_vocabulary``.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from ...data.frame import fitted_size, resize_image
 from ..batching import PIXEL_MEAN, PIXEL_STD, pad_batch
-from .centernet import CenterNet, Proposals
+from ..errors import CheckpointMismatchError
+from .centernet import CenterNet
 from .fpn import FPN
 from .roi_heads import CascadeROIHeads, RawDetections, clip_boxes
 from .swin import SwinTransformer
@@ -59,7 +63,7 @@ class DeticConfig:
     mult_proposal_score: bool = True
     one_class_per_proposal: bool = False
     # Input
-    resize: str = "shortest_edge"  # or "fit": scale to fit a size x size square (PartDistillation's mapper)
+    resize: str = "shortest_edge"  # or "fit": longer side to min_size_test (data/frame.py, PartDistillation)
     min_size_test: int = 800
     max_size_test: int = 1333
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
@@ -68,11 +72,30 @@ class DeticConfig:
     mask_threshold: float = 0.5
 
     @classmethod
-    def for_labeling(cls, **overrides) -> "DeticConfig":
-        """PartDistillation's object-mask settings: test size 640, 1000 detections, no score threshold."""
-        base = dict(min_size_test=640, detections_per_image=1000, score_thresh=0.0)
+    def for_labeling(cls, architecture: str = "swinb", **overrides) -> "DeticConfig":
+        """PartDistillation's object-mask settings (PIPELINE.md section 1) on a named architecture.
+
+        The image fitted to 640 (longer side, ``data/frame.py``), score threshold 0.02, NMS 0.5,
+        at most 1000 detections; ``overrides`` change any of them.
+        """
+        if architecture not in ARCHITECTURES:
+            raise KeyError(f"unknown Detic architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+        base = dict(ARCHITECTURES[architecture], resize="fit", min_size_test=LABELING_FIT_SIZE,
+                    score_thresh=0.02, nms_thresh=0.5, detections_per_image=1000)
         base.update(overrides)
         return cls(**base)
+
+
+#: PartDistillation's labelling input: the longer side fitted to 640 (PIPELINE.md "The image frame").
+LABELING_FIT_SIZE = 640
+
+#: Architectures by name (``model.size``): the public Swin-B model, and the tiny reference fixture
+#: (``shared/reference/models/detic_tiny.pth``, random weights, for tests).
+ARCHITECTURES: dict[str, dict] = {
+    "swinb": {},
+    "tiny": dict(swin_embed_dim=32, swin_depths=(1, 1, 2, 1), swin_num_heads=(1, 2, 4, 8), fpn_channels=64,
+                 num_classes=5, box_fc_dim=128, mask_conv_dim=64, one_class_per_proposal=True),
+}
 
 
 @dataclass
@@ -94,7 +117,7 @@ class Detections:
 
 
 def resized_shape(height: int, width: int, mode: str, size: int, max_size: int) -> tuple[int, int]:
-    """Output (h, w) of detectron2's ResizeShortestEdge ("shortest_edge") or ResizeScale to a square ("fit")."""
+    """Output (h, w) of detectron2's ResizeShortestEdge ("shortest_edge") or the image frame's fit ("fit")."""
     if mode == "shortest_edge":
         scale = size * 1.0 / min(height, width)
         newh, neww = (size * 1.0, scale * width) if height < width else (scale * height, size * 1.0)
@@ -103,20 +126,8 @@ def resized_shape(height: int, width: int, mode: str, size: int, max_size: int) 
             newh, neww = newh * scale, neww * scale
         return int(newh + 0.5), int(neww + 0.5)
     if mode == "fit":
-        scale = min(size / height, size / width)
-        out = np.round(np.multiply((height, width), scale)).astype(int)
-        return int(out[0]), int(out[1])
+        return fitted_size(height, width, size)
     raise ValueError(f"unknown resize mode {mode!r}; expected 'shortest_edge' or 'fit'")
-
-
-def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """PIL bilinear resize of an (H, W, 3) uint8 RGB image to ``shape`` = (h, w)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    if tuple(image.shape[:2]) == tuple(shape):
-        return image
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
 
 
 #: Upper bound on the float buffer of one chunk of masks pasted together on a GPU (as detectron2).
@@ -260,12 +271,6 @@ class Detic(nn.Module):
     def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return pad_batch(tensors, self.config.size_divisibility)
 
-    def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[RawDetections]:
-        """Normalised, padded (B, 3, H, W) batch -> detections in the frame of each unpadded image."""
-        features = self.backbone(images)
-        proposals: list[Proposals] = self.proposal_generator(features)
-        return self.roi_heads(features, [p.boxes for p in proposals], [p.scores for p in proposals], image_sizes)
-
     @torch.no_grad()
     def predict(
         self,
@@ -273,7 +278,9 @@ class Detic(nn.Module):
         output_sizes: Sequence[tuple[int, int]] | None = None,
         select: Callable[[int, RawDetections], torch.Tensor] | None = None,
     ) -> list[Detections]:
-        """RGB uint8 (H, W, 3) image(s) -> detections at the original size (or ``output_sizes``).
+        """RGB uint8 (H, W, 3) image(s) -> detections at the original size (or ``output_sizes``);
+        under the labelling preset (``resize="fit"``) at the fitted size instead (the frame of
+        ``data/frame.py``; an image already fitted is not resized again).
 
         ``select(image_index, detections)`` may pick a subset (an index tensor into the detections,
         which are by descending score and already free of boxes that would become empty) before
@@ -282,9 +289,9 @@ class Detic(nn.Module):
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = [images]
-        if output_sizes is None:
-            output_sizes = [tuple(im.shape[:2]) for im in images]
         batch, sizes = self.preprocess(images)
+        if output_sizes is None:  # the fitted frame under the labelling preset, else the original
+            output_sizes = list(sizes) if self.config.resize == "fit" else [tuple(im.shape[:2]) for im in images]
         features = self.backbone(batch)
         proposals = self.proposal_generator(features)
         raws = self.roi_heads(features, [p.boxes for p in proposals], [p.scores for p in proposals], sizes, with_masks=False)
@@ -297,10 +304,6 @@ class Detic(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Weights
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model (names or shapes)."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -77,7 +77,7 @@ def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical
     return torch.clamp(levels, min=min_level, max=max_level).to(torch.int64) - min_level
 
 
-def class_agnostic_box_nms(boxes: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor, iou_thresh: float, chunk: int = 512) -> torch.Tensor:
+def per_class_box_nms(boxes: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor, iou_thresh: float, chunk: int = 512) -> torch.Tensor:
     """Greedy NMS run separately for every class when all classes share one box per row.
 
     Same decisions as torchvision's ``batched_nms`` over the (row, class) candidates (a candidate
@@ -310,7 +310,7 @@ class CascadeROIHeads(nn.Module):
         boxes, probs = boxes[valid], probs[valid]
         boxes = clip_boxes(boxes, size)
         probs = probs[:, :-1]
-        keep = class_agnostic_box_nms(boxes, probs, probs > self.score_thresh, self.nms_thresh)
+        keep = per_class_box_nms(boxes, probs, probs > self.score_thresh, self.nms_thresh)
         rows, classes = torch.nonzero(keep, as_tuple=True)
         scores = probs[rows, classes]
         order = torch.sort(scores, descending=True, stable=True).indices

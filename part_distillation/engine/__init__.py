@@ -1,0 +1,12 @@
+"""The training engine shared by stages 4 and 6: loop and hooks, optimisation, schedule,
+deterministic sampling, checkpoints with exact resume, DDP (see ``train_loop``)."""
+from .checkpoint import latest_checkpoint, prepare_run_dir
+from .hooks import Checkpointer, PeriodicCheckpoint, PeriodicEval, ProgressLog, TensorBoardWriter
+from .optim import build_adamw, param_groups
+from .sampler import GlobalBatchSampler, accumulation_steps
+from .schedule import MultiStepSchedule
+from .train_loop import HookBase, Trainer
+
+__all__ = ["Checkpointer", "GlobalBatchSampler", "HookBase", "MultiStepSchedule", "PeriodicCheckpoint",
+           "PeriodicEval", "ProgressLog", "TensorBoardWriter", "Trainer", "accumulation_steps",
+           "build_adamw", "latest_checkpoint", "param_groups", "prepare_run_dir"]

@@ -1,0 +1,155 @@
+"""Training checkpoints: atomic files, the last few kept, exact resume.
+
+A checkpoint is ``<run_dir>/checkpoints/model_<iteration:07d>.pth`` (``iteration`` = the
+number of iterations done), written to a temporary file in the same folder, fsynced,
+then ``os.replace``-d into place, so a crash (kill -9 included) during the write leaves
+the previous checkpoints intact and at most a stray ``.tmp`` file, which is ignored and
+removed by the next save. Files load with ``torch.load(weights_only=True)``: everything in
+them is tensors, numbers, strings, lists and dicts (numpy's RNG state is stored as
+tensors for that reason).
+
+Contents: ``model``, ``optimizer``, ``scaler``, ``iteration``, ``hooks`` (each hook's
+state by name), ``rng`` (one entry per rank: torch CPU/CUDA, numpy, python ``random``).
+
+The run folder's manifest (the store's, ``store.ensure_manifest``) records the config;
+a run folder made with another config is refused with the differing keys named.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from part_distillation.store import code_version, ensure_manifest
+
+log = logging.getLogger("part_distillation")
+
+CHECKPOINT_RE = re.compile(r"^model_(\d{7,})\.pth$")
+
+
+# ------------------------------------------------------------------------- RNG states
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain numbers (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------- files
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    return checkpoint_dir(run_dir) / f"model_{int(iteration):07d}.pth"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, by increasing iteration (temporary files ignored)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints, and temporary files of crashed saves."""
+    folder = checkpoint_dir(run_dir)
+    for path in folder.glob(".model_*.tmp"):
+        path.unlink(missing_ok=True)
+    if keep_last > 0:
+        for _, path in list_checkpoints(run_dir)[:-keep_last]:
+            path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint safely (``weights_only=True``); one-line error if unreadable."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"cannot read training checkpoint {path}: {err}; delete it to resume "
+                           f"from the previous one") from err
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, stage: str, config: Mapping[str, Any],
+                    ignore_keys: Iterable[str] = (), overwrite_config: bool = False) -> dict:
+    """Create the run folder's manifest, or check it matches ``config`` (store's rules).
+
+    Raises ``store.ConfigMismatchError`` naming the differing keys, so a run never
+    resumes from checkpoints trained with another config.
+    """
+    return ensure_manifest(run_dir, stage=stage, config=config, num_shards=1,
+                           code_version=code_version(), ignore_keys=ignore_keys,
+                           overwrite_config=overwrite_config)

@@ -1,0 +1,191 @@
+"""The standard hooks: periodic checkpoints, progress line, TensorBoard, previews, evaluation.
+
+Order matters and follows detectron2's ``DefaultTrainer``: the checkpoint is written
+before evaluation and logging, so a crash in either never loses the step.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as ddp_utils
+from .train_loop import HookBase
+
+log = logging.getLogger("part_distillation")
+
+
+def _due(trainer, period: int) -> bool:
+    """Whether the iteration just finished is a multiple of ``period`` or the last one."""
+    done = trainer.iter + 1
+    return period > 0 and (done % period == 0 or done == trainer.max_iter)
+
+
+class Checkpointer:
+    """Saves and restores a trainer (plus every rank's RNG states) under ``run_dir``."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.keep_last = int(keep_last)
+
+    def save(self, trainer) -> Path | None:
+        """Write ``checkpoints/model_<iterations done>.pth`` atomically (rank 0 writes).
+
+        Collective: every rank must call it (RNG states are gathered from all ranks).
+        """
+        rng = ddp_utils.all_gather_objects(ckpt.rng_state())
+        path = None
+        if ddp_utils.is_main():
+            state = trainer.state_dict()
+            state["rng"] = rng
+            state["world_size"] = len(rng)
+            path = ckpt.checkpoint_path(self.run_dir, state["iteration"])
+            ckpt.save_atomic(state, path)
+            ckpt.remove_stale(self.run_dir, self.keep_last)
+            log.info("saved %s", path)
+        ddp_utils.barrier()
+        return path
+
+    def resume(self, trainer) -> bool:
+        """Load the newest checkpoint into ``trainer`` (and this rank's RNG); False if none."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        trainer.load_state_dict(state)
+        rng = state.get("rng") or []
+        rank = ddp_utils.rank()
+        if len(rng) == ddp_utils.world_size():
+            ckpt.set_rng_state(rng[rank])
+        else:
+            log.warning("%s was written by %d processes, this run has %d: RNG states not restored "
+                        "(the run continues, but not bitwise as the original)", path, len(rng),
+                        ddp_utils.world_size())
+        log.info("resumed from %s at iteration %d", path, trainer.iter)
+        return True
+
+
+class PeriodicCheckpoint(HookBase):
+    """Checkpoint every ``period`` iterations, after the last one, and (``every_minutes`` > 0)
+    whenever that much time has passed since the last save, so a preempted job loses at most
+    a few minutes. Rank 0's clock decides for all ranks (one broadcast per step)."""
+
+    def __init__(self, checkpointer: Checkpointer, period: int, every_minutes: float = 0.0):
+        self.checkpointer = checkpointer
+        self.period = int(period)
+        self.every_s = float(every_minutes) * 60.0
+        self._last_save = time.monotonic()
+
+    def before_train(self) -> None:
+        self._last_save = time.monotonic()
+
+    def _time_is_up(self) -> bool:
+        if self.every_s <= 0:
+            return False
+        flag = torch.tensor([float(time.monotonic() - self._last_save >= self.every_s)])
+        if ddp_utils.world_size() > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def after_step(self) -> None:
+        if _due(self.trainer, self.period) or self._time_is_up():
+            self.checkpointer.save(self.trainer)
+            self._last_save = time.monotonic()
+
+
+class ProgressLog(HookBase):
+    """A log line every ``period`` iterations: losses, lr, images/s, data time, ETA."""
+
+    def __init__(self, period: int = 20, prefix: str = "train"):
+        self.period = int(period)
+        self.prefix = prefix
+        self._start = 0.0
+        self._start_iter = 0
+
+    def before_train(self) -> None:
+        self._start = time.perf_counter()
+        self._start_iter = self.trainer.iter
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        if not _due(trainer, self.period) or not ddp_utils.is_main():
+            return
+        done = trainer.iter + 1
+        elapsed = time.perf_counter() - self._start
+        per_iter = elapsed / max(done - self._start_iter, 1)
+        eta = datetime.timedelta(seconds=int(per_iter * (trainer.max_iter - done)))
+        m = trainer.metrics
+        log.info("[%s] iter %d/%d  loss %.4f  lr %.3g  %.2f img/s  data %.3fs  step %.3fs  eta %s",
+                 self.prefix, done, trainer.max_iter, m.get("total_loss", float("nan")), m.get("lr", 0.0),
+                 m.get("images_per_s", 0.0), m.get("data_time", 0.0), m.get("step_time", 0.0), eta)
+
+
+class TensorBoardWriter(HookBase):
+    """Scalars every ``period`` iterations (each loss term, lr, images/s, data time) on rank 0,
+    and images from ``preview(trainer) -> {tag: (3, H, W) uint8}`` every ``preview_period``
+    (called on rank 0 only)."""
+
+    def __init__(self, log_dir: str | os.PathLike, period: int = 20,
+                 preview: Callable[[Any], Mapping[str, np.ndarray | torch.Tensor]] | None = None,
+                 preview_period: int = 0):
+        self.log_dir = str(log_dir)
+        self.period = int(period)
+        self.preview = preview
+        self.preview_period = int(preview_period)
+        self._writer = None
+
+    def before_train(self) -> None:
+        if ddp_utils.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir, purge_step=self.trainer.iter + 1)
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        done = trainer.iter + 1
+        if _due(trainer, self.period) and self._writer is not None:
+            for name, value in trainer.metrics.items():
+                tag = f"loss/{name}" if name.startswith("loss") or name == "total_loss" else f"train/{name}"
+                self._writer.add_scalar(tag, value, done)
+            for name, value in getattr(trainer, "eval_results", {}).items():
+                self._writer.add_scalar(f"eval/{name}", value, done)
+        if self.preview is not None and self._writer is not None and _due(trainer, self.preview_period):
+            # rank 0 only: the preview must not run collectives (use trainer.module, not the DDP model)
+            for tag, image in self.preview(trainer).items():
+                self._writer.add_image(tag, torch.as_tensor(np.asarray(image)), done, dataformats="CHW")
+        if self._writer is not None and _due(trainer, self.period):
+            self._writer.flush()
+
+    def after_train(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class PeriodicEval(HookBase):
+    """Call ``evaluate(trainer) -> {name: float}`` every ``period`` iterations (all ranks);
+    the results go to ``trainer.eval_results`` (TensorBoard writes them under ``eval/``)."""
+
+    def __init__(self, evaluate: Callable[[Any], Mapping[str, float]], period: int):
+        self.evaluate = evaluate
+        self.period = int(period)
+
+    def after_step(self) -> None:
+        if _due(self.trainer, self.period):
+            results = dict(self.evaluate(self.trainer))
+            self.trainer.eval_results = results
+            self.trainer.model.train()
+            if ddp_utils.is_main():
+                log.info("[eval] iter %d: %s", self.trainer.iter + 1,
+                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))

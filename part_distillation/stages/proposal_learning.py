@@ -1,0 +1,76 @@
+"""Stage 4 ``proposal_learning``: a class-agnostic part-proposal Mask2Former (PIPELINE.md section 4).
+
+Mask2Former with one foreground class ("part"), its class head re-initialised and
+everything else from the COCO instance weights when ``model.weights`` is given (the demo
+trains the tiny model from scratch), backbone and pixel-decoder encoder frozen, trained
+on the stage-3 records (``stage.input`` plus ``stage.extra_inputs``) with the engine's
+reference recipe. Output under ``stage.output``: ``checkpoints/model_<iter>.pth``
+(``model_<max_iter>.pth`` is the final one), ``tensorboard/``, and the manifest with the
+resolved config. The checkpoint that ranking uses is chosen there (the reference: 40k).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from part_distillation.config import RunConfig
+from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
+from part_distillation.data.transforms import AugmentConfig
+from part_distillation.engine import distributed as ddp_utils
+from part_distillation.engine.recipe import build_trainer, proposal_preview, reference_criterion
+from part_distillation.context import JobContext
+from part_distillation.models.mask2former import Mask2Former, build_mask2former
+from part_distillation.progress import StageSummary
+
+log = logging.getLogger("part_distillation")
+
+#: ``model.size`` -> Mask2Former spec (a spec name is accepted as well).
+MODEL_SIZES = {"tiny": "demo_cpu", "swinl": "swin_l_coco_instance"}
+
+
+def build_model(size: str, weights: str | None, num_classes: int = 1) -> Mask2Former:
+    """The Mask2Former of ``model.size`` with a fresh ``num_classes`` + 1 class head; the
+    other weights from ``weights`` (detectron2 ``.pkl`` or a project checkpoint) when given."""
+    from part_distillation.models import checkpoint as ckpt
+
+    model = build_mask2former(MODEL_SIZES.get(size, size), num_classes=num_classes)
+    if weights:
+        loader = ckpt.load_detectron2_pickle if str(weights).endswith(".pkl") else ckpt.load_project_checkpoint
+        report = loader(model, weights, reinit_class_head=True)
+        log.info("initialised from %s (class head re-initialised): %s", weights, report)
+    return model
+
+
+def frozen_name_keys(stage) -> tuple[str, ...]:
+    """Parameter-name keys to freeze (the reference: names containing backbone or encoder)."""
+    return tuple(key for key, on in (("backbone", stage.freeze_backbone), ("encoder", stage.freeze_encoder)) if on)
+
+
+def run(cfg: RunConfig, context: JobContext) -> StageSummary:
+    summary = StageSummary(cfg.stage.name)
+    stage = cfg.stage
+    if not stage.input:
+        raise ValueError("stage.input is not set: give the stage-3 records (dense_crf output) to train on")
+    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
+    if stage.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.size, cfg.model.weights, num_classes=1)
+    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
+    model.to(device)
+    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
+    dataset = PartRecordDataset(
+        [stage.input, *stage.extra_inputs],
+        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
+        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=False),
+        labels=class_agnostic_labels, seed=cfg.seed)
+    trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
+                               preview=proposal_preview(dataset, device))
+    start = trainer.iter
+    trainer.train()
+    summary.seen = (trainer.iter - start) * stage.batch_size
+    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(dataset),
+                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
+                          "run_dir": str(stage.output)})
+    return summary.finish()

@@ -1,0 +1,167 @@
+"""Drawing records to look at them: coloured parts, object outlines, labels, collages (OpenCV).
+
+Any stage's record is drawn by its schema fields, in its fitted frame (masks are
+stored there; the image is re-read from ``path`` and fitted with the record's frame):
+
+- stage 1 (``OBJECT_MASKS``): ``masks``, each object coloured, the first (highest
+  score) outlined;
+- stages 2/3 (``PART_SEGMENTS``): ``part_masks`` coloured by ``part_ids``, the
+  ``object_mask`` outlined;
+- stage 5 (``PART_LABELS``): ``part_masks`` coloured by ``cluster_ids``.
+
+Images are RGB uint8 (H, W, 3) everywhere; only :func:`write_png` converts to OpenCV's BGR.
+"""
+from __future__ import annotations
+
+import colorsys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from part_distillation.data.frame import ImageFrame
+from part_distillation.data.images import load_rgb
+from part_distillation.masks import decode_rle, decode_rles
+
+#: Part colour of id i: evenly spaced saturated hues, interleaved so neighbours differ.
+_HUES = [(i * 0.382) % 1.0 for i in range(64)]
+PALETTE = np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.9, 1.0)] for h in _HUES], dtype=np.uint8)
+OUTLINE_COLOUR = (255, 255, 255)
+ALPHA = 0.5
+
+
+def part_colour(part_id: int) -> np.ndarray:
+    """RGB uint8 (3,) colour of a part id (stable across images and stages)."""
+    return PALETTE[int(part_id) % len(PALETTE)]
+
+
+def blend_masks(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], alpha: float = ALPHA) -> np.ndarray:
+    """``image`` with each mask (bool (N, H, W)) blended with its id's colour: a copy, uint8 (H, W, 3)."""
+    out = image.astype(np.float32)
+    for mask, part_id in zip(masks, ids):
+        out[mask] = (1 - alpha) * out[mask] + alpha * part_colour(part_id).astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, colour=OUTLINE_COLOUR, thickness: int = 1) -> np.ndarray:
+    """Draw the outer contours of a bool (H, W) mask onto ``image`` (in place); returns it."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(image, contours, -1, tuple(int(c) for c in colour), thickness)
+    return image
+
+
+def _stroke(image: np.ndarray) -> float:
+    """Line/text size factor: 1 for a 192-pixel image, so drawings stay visible once tiled."""
+    return max(1.0, max(image.shape[:2]) / 192)
+
+
+def draw_labels(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], scale: float | None = None) -> np.ndarray:
+    """Write each part's id at its most interior pixel (in place); returns ``image``."""
+    scale = 0.35 * _stroke(image) if scale is None else scale
+    thick = max(1, round(scale / 0.35))
+    for mask, part_id in zip(masks, ids):
+        if not mask.any():
+            continue
+        dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        text = str(int(part_id))
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        org = (int(x) - w // 2, int(y) + h // 2)
+        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 1, cv2.LINE_AA)
+        cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return image
+
+
+def draw_parts(image: np.ndarray, masks: np.ndarray, ids: Sequence[int], object_mask: np.ndarray | None = None,
+               labels: bool = True, alpha: float = ALPHA) -> np.ndarray:
+    """Parts coloured and blended, the object outlined, ids written: a new uint8 (H, W, 3) image."""
+    out = blend_masks(image, masks, ids, alpha)
+    if object_mask is not None:
+        draw_outline(out, object_mask, thickness=round(_stroke(out)))
+    if labels:
+        draw_labels(out, masks, ids)
+    return out
+
+
+def record_layers(record: dict) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+    """(masks bool (N, H, W), ids, object mask or None) of any stage's record, by its fields."""
+    size = tuple(record["fitted_size"]) if "fitted_size" in record else None
+    if "part_masks" in record:
+        masks = decode_rles(record["part_masks"], size=size)
+        id_field = "part_ids" if "part_ids" in record else "cluster_ids" if "cluster_ids" in record else None
+        ids = [int(i) for i in record[id_field]] if id_field else list(range(1, len(masks) + 1))
+        obj = decode_rle(record["object_mask"]) if record.get("object_mask") is not None else None
+        return masks, ids, obj
+    if "masks" in record:
+        masks = decode_rles(record["masks"], size=size)
+        return masks, list(range(1, len(masks) + 1)), (masks[0] if len(masks) else None)
+    raise ValueError(f"record {record.get('key', '?')!r} has neither part_masks nor masks: nothing to draw")
+
+
+def draw_record(record: dict, image: np.ndarray | None = None, labels: bool = True) -> np.ndarray:
+    """One record drawn on its fitted image (read from ``record['path']`` unless given)."""
+    if image is None:
+        image = load_rgb(record["path"])
+        if "fitted_size" in record:
+            image = ImageFrame.from_record(record).fit_image(image)
+    masks, ids, obj = record_layers(record)
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"record {record.get('key', '?')!r}: masks are {list(masks.shape[1:])}, "
+                         f"the image {list(image.shape[:2])}: not the record's frame")
+    return draw_parts(image, masks, ids, obj, labels=labels)
+
+
+def fit_cell(image: np.ndarray, cell: int) -> np.ndarray:
+    """``image`` scaled to fit a ``cell`` x ``cell`` square, centred on black."""
+    h, w = image.shape[:2]
+    scale = cell / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST)
+    out = np.zeros((cell, cell, 3), np.uint8)
+    y, x = (cell - nh) // 2, (cell - nw) // 2
+    out[y:y + nh, x:x + nw] = resized
+    return out
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str], cell: int = 192,
+         title_width: int = 140) -> np.ndarray:
+    """Cells in rows (each image fitted to ``cell``), a title left of each row: uint8 (H, W, 3)."""
+    columns = max((len(r) for r in rows), default=0)
+    canvas = np.full((max(1, len(rows)) * (cell + 4), title_width + columns * (cell + 4), 3), 32, np.uint8)
+    for r, (cells, title) in enumerate(zip(rows, row_titles)):
+        y = r * (cell + 4) + 2
+        cv2.putText(canvas, title[:18], (4, y + cell // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        for c, image in enumerate(cells):
+            x = title_width + c * (cell + 4) + 2
+            canvas[y:y + cell, x:x + cell] = fit_cell(image, cell)
+    return canvas
+
+
+def class_collage(records: Iterable[dict], per_class: int = 4, classes: int = 8, cell: int = 192) -> np.ndarray:
+    """The ``per_class`` first records by key of each of the first ``classes`` classes (by class
+    index), one row per class: the same images whichever stage or sharding wrote them."""
+    by_class: dict[int, list[dict]] = defaultdict(list)
+    names: dict[int, str] = {}
+    for record in records:
+        c = int(record.get("class_index", -1))
+        names[c] = str(record.get("class_name", record.get("wnid", c)))
+        kept = by_class[c]
+        kept.append(record)
+        if len(kept) > per_class:
+            kept.sort(key=lambda r: r["key"])
+            kept.pop()
+    chosen = sorted(by_class)[:classes]
+    rows = [[draw_record(r) for r in sorted(by_class[c], key=lambda r: r["key"])] for c in chosen]
+    return grid(rows, [names[c] for c in chosen], cell)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write an RGB uint8 image as PNG (folders made); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+    return path

@@ -1,0 +1,41 @@
+import logging
+
+import pytest
+
+from part_distillation.engine import Checkpointer, PeriodicCheckpoint, PeriodicEval, ProgressLog, hooks
+from part_distillation.engine import checkpoint as ckpt
+
+from . import toy
+
+
+def test_checkpoints_every_period_after_the_last_and_keeps_the_newest(tmp_path):
+    toy.train(tmp_path, max_iter=7, period=3)  # saves 3, 6, 7; keep_last=2
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [6, 7]
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 7))["iteration"] == 7
+
+
+def test_time_based_checkpoints(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 50))  # every call: +50 s
+    monkeypatch.setattr(hooks.time, "monotonic", lambda: next(clock))
+    hook = PeriodicCheckpoint(Checkpointer(tmp_path / "timed", keep_last=100), period=1000, every_minutes=2)
+    toy.train(tmp_path / "unused", max_iter=6, period=1000, extra_hooks=[hook])
+    saved = [i for i, _ in ckpt.list_checkpoints(tmp_path / "timed")]
+    # before_train at t=50; steps check at 100, 150, 200 (>= 120 s: save at iter 3), ...; and the last
+    assert saved and saved[-1] == 6 and len(saved) >= 2 and 1 not in saved
+
+
+def test_periodic_eval_and_progress_line(tmp_path, caplog):
+    calls = []
+
+    def evaluate(trainer):
+        calls.append(trainer.iter + 1)
+        return {"ap": 0.5}
+
+    with caplog.at_level(logging.INFO, logger="part_distillation"):
+        trainer = toy.train(tmp_path, max_iter=5, period=100,
+                            extra_hooks=[PeriodicEval(evaluate, period=2), ProgressLog(period=2)])
+    assert calls == [2, 4, 5]
+    assert trainer.eval_results == {"ap": 0.5}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[train] iter ")]
+    assert len(lines) == 3 and "iter 5/5" in lines[-1] and "eta 0:00:00" in lines[-1]
+    assert "img/s" in lines[0] and "data" in lines[0]
