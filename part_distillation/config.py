@@ -213,12 +213,20 @@ class PixelGroupingStageConfig(StageConfig):
 
     name: str = "pixel_grouping"
     num_parts: int = 4
+    features: str = "mask2former"  # mask2former (reference, model.weights) | efficientnet_lite0
+    # levels standing in for res3 + res4, finest = the grid (efficientnet: stride4..stride32)
     feature_levels: list[str] = field(default_factory=lambda: ["res3", "res4"])
+    pretrained: bool = True  # false: random-initialised backbone (a baseline)
     normalize_features: bool = False
     assignment: str = "dot"
+    objects: str = "top"  # top: the highest-scoring stage-1 mask (reference) | all: every kept mask
+    kmeans_restarts: int = 10
+    batch_size: int = 8  # images per forward pass and per k-means call
     input_size: int = 640
 
-    _checks = {"num_parts": _at_least(1), "assignment": _one_of("dot", "l2"), "input_size": _at_least(32)}
+    _checks = {"num_parts": _at_least(1), "assignment": _one_of("dot", "l2"), "input_size": _at_least(32),
+               "features": _one_of("mask2former", "efficientnet_lite0"), "objects": _one_of("top", "all"),
+               "kmeans_restarts": _at_least(1), "batch_size": _at_least(1)}
 
 
 @dataclass

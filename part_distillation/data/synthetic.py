@@ -30,6 +30,7 @@ byte-identical json, and asking for more images keeps the earlier ones.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import logging
 import math
@@ -114,13 +115,24 @@ class SyntheticSummary:
     num_part_annotations: int
 
 
-def class_templates(num_classes: int, parts_per_class: int = 4, seed: int = 0) -> list[ClassTemplate]:
-    """The object classes of a synthetic dataset (the same for every split)."""
+def class_templates(num_classes: int, parts_per_class: int = 4, seed: int = 0,
+                    shared_appearance: bool = False) -> list[ClassTemplate]:
+    """The object classes of a synthetic dataset (the same for every split).
+
+    ``shared_appearance``: every part of an object takes the body's colours and texture
+    (real parts often share fur or paint), so colour alone cannot separate the parts;
+    shapes and poses stay exactly those of the default templates.
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 2 <= parts_per_class <= len(PART_NAMES) + 1:
         raise ValueError(f"parts_per_class must be in [2, {len(PART_NAMES) + 1}], got {parts_per_class}")
-    return [_class_template(k, parts_per_class, seed) for k in range(num_classes)]
+    templates = [_class_template(k, parts_per_class, seed) for k in range(num_classes)]
+    if shared_appearance:
+        templates = [dataclasses.replace(t, parts=tuple(
+            dataclasses.replace(p, color=t.parts[0].color, color2=t.parts[0].color2, texture=t.parts[0].texture,
+                                period=t.parts[0].period) for p in t.parts)) for t in templates]
+    return templates
 
 
 def render_sample(template: ClassTemplate, size: int | tuple[int, int], rng: np.random.Generator) -> SyntheticSample:
@@ -164,11 +176,13 @@ def render_sample(template: ClassTemplate, size: int | tuple[int, int], rng: np.
 def make_synthetic_dataset(out: str | os.PathLike, num_classes: int = 4, images_per_class: int = 10,
                            size: int | tuple[int, int] = 128, seed: int = 0, parts_per_class: int = 4,
                            split: str = "train", image_format: ImageFormat = "JPEG", jpeg_quality: int = 95,
-                           overwrite: bool = False) -> SyntheticSummary:
+                           overwrite: bool = False, shared_appearance: bool = False) -> SyntheticSummary:
     """Generate one split of the synthetic dataset under ``out`` (see the module notes).
 
     An existing, non-empty split folder is an error unless ``overwrite``, which deletes
     that split's images and annotation files first (other splits are kept).
+    ``shared_appearance``: all parts of an object share one colour/texture (see
+    :func:`class_templates`).
     """
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
@@ -190,7 +204,7 @@ def make_synthetic_dataset(out: str | os.PathLike, num_classes: int = 4, images_
         for stale in (parts_json, objects_json):
             stale.unlink(missing_ok=True)
 
-    templates = class_templates(num_classes, parts_per_class, seed)
+    templates = class_templates(num_classes, parts_per_class, seed, shared_appearance)
     extension = ".JPEG" if image_format == "JPEG" else ".png"
     split_code = zlib.crc32(split.encode("utf-8"))
 
@@ -222,7 +236,7 @@ def make_synthetic_dataset(out: str | os.PathLike, num_classes: int = 4, images_
             object_anns.append(_annotation(len(object_anns) + 1, image_id, class_index + 1, sample.labels > 0))
 
     info = {"description": "PartDistillation synthetic part dataset", "version": 1, "seed": seed,
-            "split": split, "parts_per_class": parts_per_class}
+            "split": split, "parts_per_class": parts_per_class, "shared_appearance": shared_appearance}
     ann_dir.mkdir(parents=True, exist_ok=True)
     _write_json(parts_json, {"info": info, "images": images, "categories": part_categories,
                              "annotations": part_anns})

@@ -18,12 +18,12 @@ STAGES: dict[str, str] = {
     "evaluate": "part_distillation.stages.evaluate",
     "dense_crf": "part_distillation.stages.dense_crf",
     "detic_labeling": "part_distillation.stages.detic_labeling",
+    "pixel_grouping": "part_distillation.stages.pixel_grouping",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
-    "pixel_grouping": "stage 2, pixel grouping",
     "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }

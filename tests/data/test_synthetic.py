@@ -164,3 +164,25 @@ def test_cli(tmp_path):
     assert "wrote 4 images of 2 classes" in result.stdout
     data = json.loads((tmp_path / "annotations" / "val.json").read_text())
     assert len(data["images"]) == 4 and len(data["categories"]) == 6
+
+
+def test_shared_appearance_keeps_the_shapes_and_gives_every_part_the_body_colours():
+    from part_distillation.data.synthetic import class_templates, render_sample
+
+    plain = class_templates(3, 4, seed=2)
+    shared = class_templates(3, 4, seed=2, shared_appearance=True)
+    for a, b in zip(plain, shared):
+        body = b.parts[0]
+        assert [p.center for p in a.parts] == [p.center for p in b.parts]
+        assert [p.shape for p in a.parts] == [p.shape for p in b.parts]
+        assert all((p.color, p.color2, p.texture) == (body.color, body.color2, body.texture) for p in b.parts)
+        assert len({p.color for p in a.parts}) == 4  # the default variant keeps one hue per part
+    one = render_sample(plain[0], 96, np.random.default_rng(5))
+    two = render_sample(shared[0], 96, np.random.default_rng(5))
+    assert np.array_equal(one.labels, two.labels)
+    # inside the object only the body's two colours appear (up to brightness and noise)
+    inside = two.image[two.labels > 0].astype(float)
+    colours = np.array([shared[0].parts[0].color, shared[0].parts[0].color2], float)
+    hue_dirs = colours / np.linalg.norm(colours, axis=1, keepdims=True)
+    cos = (inside / np.linalg.norm(inside, axis=1, keepdims=True)) @ hue_dirs.T
+    assert np.mean(cos.max(1) > 0.97) > 0.97
