@@ -170,6 +170,9 @@ class PipelineStageConfig(StageConfig):
 
     name: str = "pipeline"
     stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index", "detic_labeling"])
+    #: extra overrides for one sub-stage, "<stage>:<override>", e.g. "proposal_learning:stage.max_iter=10"
+    #: (this run's own ``stage.*`` overrides configure the pipeline, not its stages)
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
