@@ -18,8 +18,8 @@ from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import (MODEL_SIZES, build_model, build_trainer, frozen_name_keys,  # noqa: F401
-                                             proposal_preview, reference_criterion)
+from part_distillation.engine.recipe import (build_model, build_trainer, frozen_name_keys, proposal_preview,
+                                             reference_criterion)
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
