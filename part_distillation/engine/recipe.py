@@ -35,6 +35,30 @@ NOT_TRAINING_KEYS = ("stage.num_workers", "stage.log_period", "stage.preview_per
                      "stage.per_device_batch")
 
 
+#: ``model.size`` -> Mask2Former spec (a spec name is accepted as well).
+MODEL_SIZES = {"tiny": "demo_cpu", "swinl": "swin_l_coco_instance"}
+
+
+def build_model(size: str, weights: str | None, num_classes: int = 1, parts_per_class: int | None = None):
+    """The Mask2Former of ``model.size`` with a fresh ``num_classes`` + 1 class head
+    (object-conditioned when ``parts_per_class`` = K is given: ``num_classes`` = objects x K);
+    the other weights from ``weights`` (detectron2 ``.pkl`` or a project checkpoint) when given."""
+    from part_distillation.models import checkpoint as ckpt
+    from part_distillation.models.mask2former import build_mask2former
+
+    model = build_mask2former(MODEL_SIZES.get(size, size), num_classes=num_classes, parts_per_class=parts_per_class)
+    if weights:
+        loader = ckpt.load_detectron2_pickle if str(weights).endswith(".pkl") else ckpt.load_project_checkpoint
+        report = loader(model, weights, reinit_class_head=True)
+        log.info("initialised from %s (class head re-initialised): %s", weights, report)
+    return model
+
+
+def frozen_name_keys(stage) -> tuple[str, ...]:
+    """Parameter-name keys to freeze (the reference: names containing backbone or encoder)."""
+    return tuple(key for key, on in (("backbone", stage.freeze_backbone), ("encoder", stage.freeze_encoder)) if on)
+
+
 def reference_criterion(num_classes: int, num_points: int = 12544) -> SetCriterion:
     """Section 4's losses: CE 2 (no-object 0.1), mask BCE 5, dice 5 on 12544 points,
     oversample 3, importance-sample ratio 0.0 (the reference runs)."""
@@ -110,7 +134,10 @@ def proposal_preview(dataset: PartRecordDataset, device: torch.device, index: in
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            out = model(batch["pixel_values"].to(device))
+            if getattr(model, "parts_per_class", None) is not None:  # stage 6: the image's object class
+                out = model(batch["pixel_values"].to(device), object_class=batch["class_indices"].to(device))
+            else:
+                out = model(batch["pixel_values"].to(device))
         model.train(was_training)
         h, w = sample["image"].shape[1:]
         masks = torch.nn.functional.interpolate(out["pred_masks"][:1].float(), size=batch["pixel_values"].shape[-2:],

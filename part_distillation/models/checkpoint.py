@@ -392,8 +392,8 @@ def _fit(
         raise TypeError("reinit_class_head needs a part_distillation Mask2Former")
     usable = check_fits(model, state, report, strict=strict, reinit_class_head=reinit_class_head)
     model.load_state_dict(usable, strict=False)
-    if reinit_class_head:
-        model.reset_class_head()
+    if reinit_class_head:  # same size and conditioning, fresh weights
+        model.reset_class_head(parts_per_class=model.parts_per_class)
     return report
 
 

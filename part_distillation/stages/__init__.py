@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
     "proposal_learning": "part_distillation.stages.proposal_learning",
+    "part_distillation": "part_distillation.stages.part_distillation",
     "evaluate": "part_distillation.stages.evaluate",
     "dense_crf": "part_distillation.stages.dense_crf",
     "detic_labeling": "part_distillation.stages.detic_labeling",
@@ -26,7 +27,6 @@ STAGES: dict[str, str] = {
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
     "part_ranking": "stage 5, part ranking",
-    "part_distillation": "stage 6, PartDistillation training",
 }
 
 

@@ -18,34 +18,12 @@ from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import build_trainer, proposal_preview, reference_criterion
+from part_distillation.engine.recipe import (build_model, build_trainer, frozen_name_keys, proposal_preview,
+                                             reference_criterion)
 from part_distillation.context import JobContext
-from part_distillation.models.mask2former import Mask2Former, build_mask2former
 from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")
-
-#: ``model.size`` -> Mask2Former spec (a spec name is accepted as well).
-MODEL_SIZES = {"tiny": "demo_cpu", "swinl": "swin_l_coco_instance"}
-
-
-def build_model(size: str, weights: str | None, num_classes: int = 1) -> Mask2Former:
-    """The Mask2Former of ``model.size`` with a fresh ``num_classes`` + 1 class head; the
-    other weights from ``weights`` (detectron2 ``.pkl`` or a project checkpoint) when given."""
-    from part_distillation.models import checkpoint as ckpt
-
-    model = build_mask2former(MODEL_SIZES.get(size, size), num_classes=num_classes)
-    if weights:
-        loader = ckpt.load_detectron2_pickle if str(weights).endswith(".pkl") else ckpt.load_project_checkpoint
-        report = loader(model, weights, reinit_class_head=True)
-        log.info("initialised from %s (class head re-initialised): %s", weights, report)
-    return model
-
-
-def frozen_name_keys(stage) -> tuple[str, ...]:
-    """Parameter-name keys to freeze (the reference: names containing backbone or encoder)."""
-    return tuple(key for key, on in (("backbone", stage.freeze_backbone), ("encoder", stage.freeze_encoder)) if on)
-
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)

@@ -223,6 +223,15 @@ def test_class_head_of_another_size_needs_an_explicit_reinit(tiny_pkl, tiny_stat
     assert not torch.equal(same.class_predictor.weight, tiny_state["class_predictor.weight"])
 
 
+def test_reinit_keeps_an_object_conditioned_head_conditioned(tiny_pkl, tiny_state):
+    """Stage 6 loads the COCO weights into a C x K + 1 head that must stay object-conditioned."""
+    model = build_mask2former(TINY_FIXTURE, num_classes=3 * 2, parts_per_class=2)
+    load_detectron2_pickle(model, tiny_pkl, reinit_class_head=True)
+    assert model.parts_per_class == 2 and model.class_predictor.out_features == 7
+    out = model(torch.zeros(1, 3, 64, 64), object_class=torch.tensor([1]))
+    assert out["pred_logits"].shape[-1] == 3
+
+
 # ------------------------------------------------------------------ project checkpoints
 def test_project_checkpoint_round_trip(tiny_state, tmp_path):
     path = tmp_path / "model.pth"

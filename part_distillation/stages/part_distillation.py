@@ -1,0 +1,93 @@
+"""Stage 6 ``part_distillation``: the object-conditioned part Mask2Former (PIPELINE.md section 6).
+
+Mask2Former from the COCO instance weights when ``model.weights`` is given (never from
+stage 4; the demo trains the tiny model from scratch) with a fresh class head of
+C x K + 1 outputs: C object classes of the dataset (the image tree's class list, the one
+global ``class_index`` the records carry), K = ``stage.parts_per_class``. Each image's
+object class selects its K part rows and the no-object row at every decoder layer
+(``Mask2Former(..., object_class=...)``), so the loss sees (Q, K + 1) logits per image and
+the targets are the parts' cluster ids 0..K-1 of the stage-5 PART_LABELS records. Loaded
+are objects with ratio >= ``min_object_area_ratio`` and parts with area ratio >=
+``min_part_area_ratio`` (both 0.05, inclusive). Backbone and pixel-decoder encoder frozen
+as in stage 4; the engine's reference recipe. Output under ``stage.output`` as stage 4:
+``checkpoints/``, ``tensorboard/``, the manifest.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from part_distillation.config import RunConfig
+from part_distillation.context import JobContext
+from part_distillation.data.imagenet import list_image_tree
+from part_distillation.data.part_records import PartRecordDataset, RecordFilter, cluster_labels
+from part_distillation.data.transforms import AugmentConfig
+from part_distillation.engine import distributed as ddp_utils
+from part_distillation.engine.recipe import build_model, build_trainer, frozen_name_keys, proposal_preview, \
+    reference_criterion
+from part_distillation.progress import StageSummary
+
+log = logging.getLogger("part_distillation")
+
+
+def num_object_classes(cfg: RunConfig) -> int:
+    """C: the number of object classes of ``cfg.data``'s image tree (its class list)."""
+    tree = list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
+    return len(tree.wnids)
+
+
+def conditioned_forward(device: torch.device):
+    """The engine's ``forward`` hook: the batch's object classes select each image's K + 1 head rows."""
+    def forward(model, batch):
+        return model(batch["pixel_values"], object_class=batch["class_indices"].to(device))
+    return forward
+
+
+def checked_cluster_labels(record, *, num_classes: int, parts_per_class: int):
+    """``cluster_labels`` that refuses, naming the record, a class index outside the C classes
+    or a cluster id outside 0..K-1 (checked as each sample is loaded: no extra pass)."""
+    ids = cluster_labels(record)
+    if not 0 <= int(record["class_index"]) < num_classes:
+        raise ValueError(f"record {record['key']!r}: class_index {record['class_index']} is outside the "
+                         f"{num_classes} classes of data.root; train on records made from this dataset")
+    if len(ids) and (ids.min() < 0 or ids.max() >= parts_per_class):
+        raise ValueError(f"record {record['key']!r}: cluster ids {ids.tolist()} are outside "
+                         f"0..{parts_per_class - 1}; set stage.parts_per_class to part ranking's clusters")
+    return ids
+
+
+def run(cfg: RunConfig, context: JobContext) -> StageSummary:
+    summary = StageSummary(cfg.stage.name)
+    stage = cfg.stage
+    if not stage.input:
+        raise ValueError("stage.input is not set: give the part-ranking records (PART_LABELS) to train on")
+    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
+    if stage.deterministic:
+        torch.use_deterministic_algorithms(True)
+    classes, parts = num_object_classes(cfg), stage.parts_per_class
+    dataset = PartRecordDataset(
+        [stage.input, *stage.extra_inputs],
+        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
+        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=True,
+                            min_part_ratio=stage.min_part_area_ratio),
+        labels=functools.partial(checked_cluster_labels, num_classes=classes, parts_per_class=parts), seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.size, cfg.model.weights, num_classes=classes * parts, parts_per_class=parts)
+    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
+    model.to(device)
+    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
+    log.info("[%s] %d object classes x %d parts: class head %d outputs", stage.name, classes, parts,
+             classes * parts + 1)
+    trainer, _ = build_trainer(cfg, context, model, dataset,
+                               reference_criterion(num_classes=parts, num_points=stage.num_points),
+                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device))
+    start = trainer.iter
+    trainer.train()
+    summary.seen = (trainer.iter - start) * stage.batch_size
+    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(dataset),
+                          "object_classes": classes, "parts_per_class": parts,
+                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
+                          "run_dir": str(stage.output)})
+    return summary.finish()
