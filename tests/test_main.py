@@ -132,10 +132,10 @@ def test_out_of_range_value_is_one_line_without_traceback(tmp_path):
 
 
 def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
-    result = run_entry("stage=part_ranking", f"paths.root={tmp_path}", cwd=tmp_path)
+    result = run_entry("stage=part_distillation", f"paths.root={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "not implemented yet" in result.stderr
-    assert "part_ranking" in result.stderr
+    assert "part_distillation" in result.stderr
     assert not (tmp_path / "pseudo_labels").exists()
 
 
@@ -231,10 +231,10 @@ def test_progress_every_zero_is_refused_before_running(tmp_path):
 
 
 def test_a_pipeline_with_a_stage_that_is_not_implemented_runs_nothing(tmp_path):
-    result = run_entry("stage=pipeline", "stage.stages=[synthetic_data,part_ranking]", f"paths.root={tmp_path}",
+    result = run_entry("stage=pipeline", "stage.stages=[synthetic_data,part_distillation]", f"paths.root={tmp_path}",
                        cwd=tmp_path)
     assert result.returncode == 2
-    assert "part_ranking" in _one_line(result.stderr) and "not implemented" in result.stderr
+    assert "part_distillation" in _one_line(result.stderr) and "not implemented" in result.stderr
     assert not (tmp_path / "datasets").exists()
 
 

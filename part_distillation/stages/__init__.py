@@ -19,12 +19,12 @@ STAGES: dict[str, str] = {
     "dense_crf": "part_distillation.stages.dense_crf",
     "detic_labeling": "part_distillation.stages.detic_labeling",
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
+    "part_ranking": "part_distillation.stages.part_ranking",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
-    "part_ranking": "stage 5, part ranking",
     "part_distillation": "stage 6, PartDistillation training",
 }
 
