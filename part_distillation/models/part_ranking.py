@@ -106,7 +106,7 @@ class EmbeddingFile:
 
     ``append`` writes and returns the file's byte length afterwards; ``truncate(length)``
     drops rows written after a committed length (resume after a kill); ``read()`` maps
-    the rows read-only (no copy in memory).
+    the rows copy-on-write (nothing is copied into memory unless written to).
     """
 
     def __init__(self, path: str | os.PathLike, dim: int):
@@ -138,7 +138,7 @@ class EmbeddingFile:
         n = len(self)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(n, self.dim))
+        return np.memmap(self.path, dtype=np.float32, mode="c", shape=(n, self.dim))  # copy-on-write: no copy
 
 
 __all__ = ["CLASSIFIERS", "EmbeddingFile", "LABEL_PASS", "PassSettings", "cluster_logits", "cluster_pass",

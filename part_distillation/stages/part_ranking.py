@@ -186,7 +186,7 @@ def cluster_classes(work: ClusterWork, classes: list[int], k: int, n_init: int, 
         if n <= k:
             log.info("class %d: %d embeddings <= K=%d: no part classes", cls, n, k)
             continue
-        points = torch.from_numpy(np.asarray(work.file(cls, work.dim).read())).to(device)
+        points = torch.from_numpy(work.file(cls, work.dim).read()).to(device)
         result = kmeans(points, k, n_init=n_init, seed=seed)
         centroids[cls] = result.centroids.cpu().numpy().astype(np.float32)
         del points, result

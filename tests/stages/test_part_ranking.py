@@ -1,0 +1,217 @@
+"""Stage 5 on synthetic records with a tiny proposal model: outputs, <=K rule, resume,
+checkpoint selection, and the memory bound of clustering one class of 1M embeddings."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from part_distillation.config import ConfigError, DataConfig, ModelConfig, PartRankingStageConfig, RunConfig
+from part_distillation.engine import checkpoint as ckpt
+from part_distillation.launch import JobContext
+from part_distillation.masks import decode_rles
+from part_distillation.stages import part_ranking
+from part_distillation.stages.proposal_learning import build_model
+from part_distillation.store import RecordStore
+
+from ..data.part_fixtures import write_part_segments
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage5")
+    return write_part_segments(root / "synthetic", root / "records", num_classes=2, images_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def proposal_run(tmp_path_factory):
+    """A stage-4 run folder with two checkpoints of the tiny model (random weights, fixed seed)."""
+    run = tmp_path_factory.mktemp("proposal_run")
+    for iteration, seed in ((10, 0), (20, 1)):
+        torch.manual_seed(seed)
+        ckpt.save_atomic({"model": build_model("tiny", None).state_dict(), "iteration": iteration},
+                         ckpt.checkpoint_path(run, iteration))
+    return run
+
+
+def _cfg(tmp_path, records, proposal_run, **stage):
+    # thresholds opened up: the untrained tiny model's foreground probabilities are ~0.5
+    settings = dict(input=str(records), output=str(tmp_path / "out"), proposal_run=str(proposal_run),
+                    image_size=64, num_clusters=2, n_init=2, min_proposal_score=0.0, min_label_score=0.0)
+    settings.update(stage)
+    return RunConfig(stage=PartRankingStageConfig(**settings),
+                     data=DataConfig(name="synthetic", root=str(tmp_path / "synthetic")),
+                     model=ModelConfig(name="mask2former", size="tiny", device="cpu"), seed=0)
+
+
+def test_writes_part_labels_with_centroids_from_the_newest_checkpoint(tmp_path, records, proposal_run):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, records, proposal_run)
+    summary = part_ranking.run(cfg, JobContext())
+    folder = part_ranking.work_folder(cfg)
+    meta = json.loads((folder / "centroids.json").read_text())
+    assert meta["checkpoint"] == str(ckpt.checkpoint_path(proposal_run, 20))
+    assert meta["classes_with_parts"], meta
+    centroids, _ = part_ranking.load_centroids(folder)
+    for c in centroids.values():
+        assert c.shape[0] == 2 and np.allclose(np.linalg.norm(c, axis=1), 1, atol=0.2)  # means of unit vectors
+    out = list(RecordStore(cfg.stage.output).iter_records())
+    assert summary.written == len(out) > 0
+    for rec in out:
+        masks = decode_rles(rec["part_masks"], size=tuple(rec["fitted_size"]))
+        obj = decode_rles([rec["object_mask"]], size=tuple(rec["fitted_size"]))[0]
+        assert len(masks) == len(rec["cluster_ids"]) == len(rec["scores"]) == len(rec["area_ratios"])
+        assert set(rec["cluster_ids"].tolist()) <= {0, 1} and len(set(rec["cluster_ids"].tolist())) == len(masks)
+        assert not (masks & ~obj[None]).any()  # restricted to the object
+        assert (masks.sum(0) <= 1).all()  # one label per pixel
+        np.testing.assert_allclose(rec["area_ratios"], masks.reshape(len(masks), -1).sum(1) / obj.sum(), rtol=1e-6)
+        assert rec["class_index"] in centroids
+
+
+def test_classes_with_at_most_k_embeddings_get_no_part_classes(tmp_path, records, proposal_run):
+    # K larger than any class's embeddings (4 images x at most a few proposals each)
+    cfg = _cfg(tmp_path, records, proposal_run, num_clusters=1000, n_init=1)
+    summary = part_ranking.run(cfg, JobContext())
+    meta = json.loads((part_ranking.work_folder(cfg) / "centroids.json").read_text())
+    assert meta["classes_with_parts"] == []
+    assert all(0 < n <= 1000 for n in meta["embeddings_per_class"].values())
+    assert summary.written == 0 and summary.skipped["no_part_classes"] == summary.seen == 8
+
+
+def test_selected_iteration_and_missing_checkpoint(tmp_path, records, proposal_run):
+    cfg = _cfg(tmp_path, records, proposal_run, checkpoint_iteration=10)
+    assert part_ranking.resolve_checkpoint(cfg.stage) == ckpt.checkpoint_path(proposal_run, 10)
+    with pytest.raises(ConfigError, match="checkpoint_iteration=5"):
+        part_ranking.resolve_checkpoint(_cfg(tmp_path, records, proposal_run, checkpoint_iteration=5).stage)
+    with pytest.raises(ConfigError, match="stage.proposal_run"):
+        part_ranking.resolve_checkpoint(_cfg(tmp_path, records, tmp_path / "none").stage)
+
+
+def test_two_jobs_split_the_classes(tmp_path, records, proposal_run):
+    classes = []
+    for index in range(2):
+        cfg = _cfg(tmp_path, records, proposal_run)
+        cfg.shard.index, cfg.shard.count = index, 2
+        part_ranking.run(cfg, JobContext())
+        meta = json.loads((part_ranking.work_folder(cfg) / "centroids.json").read_text())
+        classes.append(set(meta["embeddings_per_class"]))
+    assert classes[0] and classes[1] and not classes[0] & classes[1]
+
+
+KILL_SCRIPT = """
+import sys, torch
+from part_distillation.models import part_ranking as ranking
+from part_distillation.stages import part_ranking
+from part_distillation.launch import JobContext
+from tests.stages.test_part_ranking import _cfg
+from pathlib import Path
+torch.set_num_threads(1)
+count = [0]
+original = ranking.EmbeddingFile.append
+def append(self, rows):
+    count[0] += 1
+    if count[0] == int(sys.argv[4]):
+        # half a row, then die: the torn write a kill leaves behind
+        with open(self.path, "ab") as f:
+            f.write(b"\\0" * 6)
+        import os
+        os._exit(9)
+    return original(self, rows)
+ranking.EmbeddingFile.append = append
+part_ranking.run(_cfg(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), JobContext())
+"""
+
+
+def test_killed_cluster_pass_resumes_to_the_same_result(tmp_path, records, proposal_run):
+    torch.set_num_threads(1)
+    reference = _cfg(tmp_path / "ref", records, proposal_run)
+    part_ranking.run(reference, JobContext())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "run"), str(records),
+                             str(proposal_run), "3"], env=env, cwd=Path(__file__).resolve().parents[2])
+    assert killed.returncode == 9
+    cfg = _cfg(tmp_path / "run", records, proposal_run)
+    folder = part_ranking.work_folder(cfg)
+    assert not (folder / "centroids.json").exists()
+    done_before = len((folder / "progress.tsv").read_text().splitlines())
+    assert done_before >= 2
+    part_ranking.run(cfg, JobContext())
+    ref_folder = part_ranking.work_folder(reference)
+    for path in sorted(ref_folder.glob("class_*.f32")):
+        assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    a, _ = part_ranking.load_centroids(folder)
+    b, _ = part_ranking.load_centroids(ref_folder)
+    assert a.keys() == b.keys()
+    for c in a:
+        np.testing.assert_array_equal(a[c], b[c])
+    got = {r["key"]: r for r in RecordStore(cfg.stage.output).iter_records()}
+    want = {r["key"]: r for r in RecordStore(reference.stage.output).iter_records()}
+    assert got.keys() == want.keys()
+    for key in got:
+        assert got[key]["part_masks"] == want[key]["part_masks"]
+        np.testing.assert_array_equal(got[key]["cluster_ids"], want[key]["cluster_ids"])
+
+
+# --------------------------------------------------------------------------- memory bound
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _peak_rise(fn):
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    out = fn()
+    stop.set()
+    thread.join()
+    return out, max(peak[0], _rss()) - base
+
+
+def test_one_class_of_a_million_embeddings_stays_within_the_memory_bound(tmp_path):
+    """Cluster pass: appending 1M embeddings (2,000 images x 500) raises RSS by < 32 MiB.
+    K-means from the file: < 2.5 x N x D x 4 bytes + 64 MiB (the bound in the stage's docstring)."""
+    torch.set_num_threads(1)
+    n, dim, per_image = 1_000_000, 64, 500
+    work = part_ranking.ClusterWork(tmp_path / "work", Path("model.pth"))
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, dim, generator=generator), dim=1)
+
+    def stream():
+        for i in range(n // per_image):
+            labels = torch.randint(0, 8, (per_image,), generator=generator)
+            x = centres[labels] + 0.05 * torch.randn(per_image, dim, generator=generator)
+            work.add(f"image{i}", 3, torch.nn.functional.normalize(x, dim=1))
+
+    _, stream_rise = _peak_rise(stream)
+    assert len(part_ranking.ranking.EmbeddingFile(work.folder / "class_3.f32", dim)) == n
+    assert stream_rise < 32 * 2**20, stream_rise / 2**20
+    (centroids, counts), cluster_rise = _peak_rise(
+        lambda: part_ranking.cluster_classes(work, [3], 8, 1, 0, torch.device("cpu")))
+    bound = 2.5 * n * dim * 4 + 64 * 2**20
+    assert counts == {3: n} and centroids[3].shape == (8, dim)
+    assert cluster_rise < bound, (cluster_rise / 2**20, bound / 2**20)
+    # the clusters found are the 8 generating centres (means of unit vectors: normalise to compare)
+    found = torch.nn.functional.normalize(torch.from_numpy(centroids[3]), dim=1)
+    nearest = torch.cdist(found, centres).min(1)
+    assert nearest.values.max() < 0.01 and len(set(nearest.indices.tolist())) == 8
+    print(f"memory: stream rise {stream_rise / 2**20:.1f} MiB, k-means rise {cluster_rise / 2**20:.1f} MiB "
+          f"(data {n * dim * 4 / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB)")
