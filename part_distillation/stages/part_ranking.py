@@ -98,7 +98,9 @@ class ImageInput:
 
     def __init__(self, record: dict, size: int):
         self.frame = ImageFrame.from_record(record)
-        parts = decode_rles(record["part_masks"], size=self.frame.fitted)
+        self.part_masks = decode_rles(record["part_masks"], size=self.frame.fitted)  # (P, h, w) bool
+        self.part_ids = np.asarray(record["part_ids"])
+        parts = self.part_masks
         self.object_mask = parts.any(0) if len(parts) else np.zeros(self.frame.fitted, dtype=bool)
         image = load_rgb(record["path"])
         if tuple(image.shape[:2]) != self.frame.original:
