@@ -215,3 +215,93 @@ def test_one_class_of_a_million_embeddings_stays_within_the_memory_bound(tmp_pat
     assert nearest.values.max() < 0.01 and len(set(nearest.indices.tolist())) == 8
     print(f"memory: stream rise {stream_rise / 2**20:.1f} MiB, k-means rise {cluster_rise / 2**20:.1f} MiB "
           f"(data {n * dim * 4 / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB)")
+
+
+# --------------------------------------------------------------------------- purity
+
+def _fake_outputs(num_parts_seen, noise=0.15, dim=16):
+    """A controlled stand-in for the proposal model: one query per true part (its mask as
+    logits ±10, foreground logit 3) with the embedding of that part class (a fixed random
+    prototype per (object class, part id)) plus noise, and two junk queries (nearly empty random
+    masks, foreground logit -3)."""
+    prototypes = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def outputs(model, inputs, device):
+        h, w = inputs.frame.fitted
+        queries, logits, embeddings = [], [], []
+        cls = inputs.class_index
+        for mask, part in zip(inputs.part_masks, inputs.part_ids):
+            key = (cls, int(part))
+            if key not in prototypes:
+                prototypes[key] = torch.randn(dim, generator=generator)
+            queries.append(torch.where(torch.from_numpy(mask), 10.0, -10.0))
+            logits.append([3.0, 0.0])
+            embeddings.append(prototypes[key] + noise * torch.randn(dim, generator=generator))
+            num_parts_seen.add(key)
+        for _ in range(2):
+            queries.append(torch.randn(h, w, generator=generator) * 10 - 25)  # rarely positive
+            logits.append([-3.0, 0.0])
+            embeddings.append(torch.randn(dim, generator=generator))
+        sizes = dict(padded_size=(h, w), image_size=(h, w), output_size=(h, w))
+        return torch.tensor(logits), torch.stack(queries), torch.stack(embeddings), sizes
+
+    return outputs
+
+
+def _purity(confusion: np.ndarray) -> float:
+    """Majority-vote purity of a (clusters x true parts) pixel confusion matrix."""
+    return float(confusion.max(1).sum() / confusion.sum())
+
+
+def test_clusters_match_the_true_part_classes_far_better_than_random(tmp_path, records, proposal_run, monkeypatch):
+    """With embeddings that separate the true parts, the clusters recover them: majority-vote
+    purity (pixels) per class against random cluster ids for the same masks."""
+    seen = set()
+    monkeypatch.setattr(part_ranking, "model_outputs", _fake_outputs(seen))
+    original_init = part_ranking.ImageInput.__init__
+
+    def init(self, record, size):
+        original_init(self, record, size)
+        self.class_index = int(record["class_index"])
+
+    monkeypatch.setattr(part_ranking.ImageInput, "__init__", init)
+    cfg = _cfg(tmp_path, records, proposal_run, num_clusters=4, n_init=10, min_proposal_score=0.3,
+               min_label_score=0.1, classifier="l2")
+    part_ranking.run(cfg, JobContext())
+    truth = {r["key"]: r for r in RecordStore(records).iter_records()}
+    rng = np.random.default_rng(0)
+    purities, random_purities, mask_purities, random_mask_purities = [], [], [], []
+    for cls in sorted({c for c, _ in seen}):
+        parts = sorted(p for c, p in seen if c == cls)
+        confusion = np.zeros((4, len(parts)))
+        random_confusion = np.zeros((20, 4, len(parts)))
+        mask_confusion = np.zeros((4, len(parts)))  # each output mask counted once, by its majority part
+        random_mask_confusion = np.zeros((20, 4, len(parts)))
+        for rec in RecordStore(cfg.stage.output).iter_records():
+            if rec["class_index"] != cls:
+                continue
+            size = tuple(rec["fitted_size"])
+            masks = decode_rles(rec["part_masks"], size=size)
+            true_masks = decode_rles(truth[rec["key"]]["part_masks"], size=size)
+            true_ids = truth[rec["key"]]["part_ids"].tolist()
+            overlap = (masks[:, None] & true_masks[None]).reshape(len(masks), len(true_masks), -1).sum(-1)
+            for i, cluster in enumerate(rec["cluster_ids"]):
+                random_ids = rng.integers(0, 4, size=20)
+                majority = parts.index(true_ids[int(overlap[i].argmax())])
+                mask_confusion[cluster, majority] += 1
+                random_mask_confusion[np.arange(20), random_ids, majority] += 1
+                for j, part in enumerate(true_ids):
+                    confusion[cluster, parts.index(part)] += overlap[i, j]
+                    random_confusion[np.arange(20), random_ids, parts.index(part)] += overlap[i, j]
+        purities.append(_purity(confusion))
+        random_purities.append(np.mean([_purity(c) for c in random_confusion]))
+        mask_purities.append(_purity(mask_confusion))
+        random_mask_purities.append(np.mean([_purity(c) for c in random_mask_confusion]))
+    print(f"purity per class: pixels {np.round(purities, 3).tolist()} (random {np.round(random_purities, 3).tolist()}), "
+          f"masks {np.round(mask_purities, 3).tolist()} (random {np.round(random_mask_purities, 3).tolist()})")
+    assert len(purities) == 2
+    assert min(purities) > 0.95 and min(mask_purities) > 0.9
+    # pixels favour the large body part even at random; per mask the gap is wide
+    assert min(purities) - max(random_purities) > 0.15
+    assert min(mask_purities) - max(random_mask_purities) > 0.4
