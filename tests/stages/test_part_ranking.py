@@ -305,3 +305,23 @@ def test_clusters_match_the_true_part_classes_far_better_than_random(tmp_path, r
     # pixels favour the large body part even at random; per mask the gap is wide
     assert min(purities) - max(random_purities) > 0.15
     assert min(mask_purities) - max(random_mask_purities) > 0.4
+
+
+def test_seed_script_runs_two_jobs_in_process_with_the_demo_settings(tmp_path, records, proposal_run):
+    """sh_files/part_ranking/run.sh with PD_LAUNCHER=basic PD_EXPERIMENT=demo JOBS=2: both
+    jobs of the array run here, with the demo's K=4 and 128-pixel canvas, and exit 0."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PD_LAUNCHER": "basic", "PD_EXPERIMENT": "demo", "JOBS": "2", "PD_PYTHON": sys.executable,
+           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "labels"
+    result = subprocess.run(["bash", str(repo / "sh_files/part_ranking/run.sh"), f"paths.root={tmp_path}",
+                             f"stage.input={records}", f"stage.proposal_run={proposal_run}", f"stage.output={out}",
+                             "stage.min_proposal_score=0", "stage.min_label_score=0",
+                             f"hydra.sweep.dir={tmp_path}/sweep"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metas = [json.loads((out / "part_classes" / f"{i}-of-2" / "centroids.json").read_text()) for i in range(2)]
+    assert [m["num_clusters"] for m in metas] == [4, 4]
+    assert sum(len(m["embeddings_per_class"]) for m in metas) == 2
+    written = list(RecordStore(out).iter_records())
+    assert written and all(set(r["cluster_ids"].tolist()) <= set(range(4)) for r in written)
