@@ -46,7 +46,7 @@ from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models import part_ranking as ranking
 from part_distillation.models.mask2former import preprocess_images
-from part_distillation.progress import StageSummary
+from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, manifest_path
 from part_distillation.store.files import atomic_write_bytes, atomic_write_json
@@ -245,7 +245,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     classes: list[int] = []
     cluster_images = 0
     if not (folder / "centroids.json").exists():
-        for record in records():
+        for record in progress(records(), None, f"{stage.name} cluster pass", stage.progress_every):
             cls = int(record["class_index"])
             if cls not in classes:
                 classes.append(cls)
@@ -262,6 +262,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
             work.add(record["key"], cls, embeddings)
             cluster_images += 1
         # 2. k-means per class
+        log.info("[%s] cluster pass done (%d new images); k-means over %d classes", stage.name, cluster_images,
+                 len(classes))
         centroids, counts = cluster_classes(work, classes, stage.num_clusters, stage.n_init, cfg.seed, device)
         save_centroids(folder, centroids, counts, checkpoint, stage.num_clusters)
     centroids, meta = load_centroids(folder)
@@ -270,7 +272,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
 
     # 3. label pass
     with open_output(cfg, PART_LABELS, context) as writer:
-        for record in records():
+        for record in progress(records(), None, f"{stage.name} label pass", stage.progress_every):
             key = record["key"]
             summary.seen += 1
             if writer.has(key):
