@@ -104,7 +104,7 @@ class ImageInput:
         self.object_mask = parts.any(0) if len(parts) else np.zeros(self.frame.fitted, dtype=bool)
         image = load_rgb(record["path"])
         if tuple(image.shape[:2]) != self.frame.original:
-            raise BadImageError(f"{record['path']}: size changed since stage 1")
+            raise BadImageError(record["path"], "size changed since stage 1")
         self.model_frame = ImageFrame.fit(self.frame.original, size=size, canvas=size)
         self.canvas = self.model_frame.pad_image(self.model_frame.fit_image(image))
 
@@ -227,6 +227,9 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     if not stage.input or not manifest_path(stage.input).is_file():
         raise FileNotFoundError(f"stage.input={stage.input} holds no stage output (no manifest.json): run "
                                 f"dense_crf first, or set stage.input")
+    if cfg.shard.by != "class":
+        raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
+                          f"use shard.by=class")
     checkpoint = resolve_checkpoint(stage)
     device = device_of(cfg)
     model = load_model(cfg, checkpoint, device)

@@ -325,3 +325,11 @@ def test_seed_script_runs_two_jobs_in_process_with_the_demo_settings(tmp_path, r
     assert sum(len(m["embeddings_per_class"]) for m in metas) == 2
     written = list(RecordStore(out).iter_records())
     assert written and all(set(r["cluster_ids"].tolist()) <= set(range(4)) for r in written)
+
+
+def test_refuses_to_split_a_class_over_jobs(tmp_path, records, proposal_run):
+    cfg = _cfg(tmp_path, records, proposal_run)
+    cfg.shard.by = "image"
+    with pytest.raises(ConfigError, match="shard.by=class"):
+        part_ranking.run(cfg, JobContext())
+    assert not (tmp_path / "out").exists()
