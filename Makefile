@@ -18,6 +18,7 @@ $(STAMP): setup.py
 
 demo: venv
 	$(PY) -m part_distillation experiment=demo
+	$(PY) -m part_distillation experiment=photos
 
 test: venv
 	$(PY) -m pytest -q

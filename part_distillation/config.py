@@ -165,6 +165,19 @@ class SamplePhotosStageConfig(StageConfig):
 
 
 @dataclass
+class CollageStageConfig(StageConfig):
+    """Stage ``collage``: PNG collages of stage outputs (``inputs``), a row per class."""
+
+    name: str = "collage"
+    inputs: list[str] = field(default_factory=list)
+    per_class: int = 4
+    classes: int = 8
+    cell: int = 192
+
+    _checks = {"per_class": _at_least(1), "classes": _at_least(1), "cell": _at_least(16)}
+
+
+@dataclass
 class PipelineStageConfig(StageConfig):
     """Stage ``pipeline``: several stages in order, in this process (the demo)."""
 
@@ -406,6 +419,7 @@ class RunConfig:
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "synthetic_data": SyntheticDataStageConfig,
     "sample_photos": SamplePhotosStageConfig,
+    "collage": CollageStageConfig,
     "pipeline": PipelineStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,

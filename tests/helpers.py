@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +27,33 @@ def run_entry(*args: str, cwd: str | Path = REPO_ROOT, check: bool = False, time
         raise AssertionError(f"part_distillation {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+def _env(env: dict | None) -> dict:
+    if env is not None:
+        return env
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def kill_entry_after_first_record(*args: str, shards: str | Path, timeout: float = 600,
+                                  env: dict | None = None) -> bool:
+    """Start ``python -m part_distillation *args``, SIGKILL it as soon as a shard file in
+    the folder ``shards`` holds bytes (a record is being or has been written).
+
+    Returns whether it was killed while still running (False: it ended, or the deadline
+    passed, before any record). Callers assert that the kill landed midway.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "part_distillation", *args], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(env))
+    shards = Path(shards)
+    deadline = time.monotonic() + timeout
+    written = False
+    while time.monotonic() < deadline and proc.poll() is None and not written:
+        written = shards.is_dir() and any(p.stat().st_size > 0 for p in shards.glob("*.rec"))
+        if not written:
+            time.sleep(0.005)
+    running = proc.poll() is None
+    proc.kill()  # no error if it already ended
+    proc.wait()
+    return written and running

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from part_distillation.store import code_version, ensure_manifest
+from part_distillation.store.files import fsync_dir
 
 log = logging.getLogger("part_distillation")
 
@@ -65,20 +66,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------- files
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -121,7 +108,7 @@ def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def remove_stale(run_dir: str | os.PathLike, keep_last: int) -> None:

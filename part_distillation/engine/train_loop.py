@@ -45,7 +45,7 @@ import contextlib
 import logging
 import time
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -12,6 +12,7 @@ from typing import Callable
 STAGES: dict[str, str] = {
     "synthetic_data": "part_distillation.stages.synthetic_data",
     "sample_photos": "part_distillation.stages.sample_photos",
+    "collage": "part_distillation.stages.collage",
     "pipeline": "part_distillation.stages.pipeline",
     "index": "part_distillation.stages.index",
     "proposal_learning": "part_distillation.stages.proposal_learning",

@@ -228,7 +228,7 @@ class _Refiner:
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     stage = cfg.stage
-    summary = StageSummary(stage.name)
+    summary = StageSummary(stage.name, output=stage.output)
     if not stage.input:
         raise ValueError("stage.input is not set: the stage-2 (pixel_grouping) output to refine")
     store = _input_store(stage.input, stage.follow, stage.poll_s)

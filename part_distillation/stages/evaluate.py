@@ -92,6 +92,10 @@ def run(cfg: RunConfig, context) -> StageSummary:
         summary.extra["metrics"] = {p: {k: v for k, v in result[p].items() if not isinstance(v, dict)}
                                     for p in PROTOCOLS}
         summary.extra["metrics_file"] = str(Path(st.output) / "metrics.json")
+        log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, result["images"], st.split,
+                 f" (strict protocol matched on {st.match_split})" if st.match_split else
+                 " (no disjoint matching split: strict mIoU not computed)",
+                 markdown_table(result, tuple(st.top_k)))
     return summary.finish()
 
 

@@ -48,7 +48,7 @@ def frozen_name_keys(stage) -> tuple[str, ...]:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
     if not stage.input:
         raise ValueError("stage.input is not set: give the stage-3 records (dense_crf output) to train on")

@@ -18,6 +18,7 @@ from part_distillation.masks import rle_area, rle_to_bbox
 from part_distillation.store.errors import StoreError
 from part_distillation.store.files import create_tmp, fsync_dir
 from part_distillation.store.reader import RecordStore, _check_store
+from part_distillation.store.schemas import STAGE_RECORDS
 
 logger = logging.getLogger("part_distillation.store")
 
@@ -32,7 +33,7 @@ def _image_size(record: dict) -> tuple[int, int]:
         if record.get(field) is not None:
             h, w = record[field][:2]
             return int(h), int(w)
-    masks = record.get("masks") or []
+    masks = record.get("masks") or record.get("part_masks") or []
     if masks:
         h, w = masks[0]["size"]
         return int(h), int(w)
@@ -80,6 +81,11 @@ def _labels(rec: dict, n: int, category_field: str | None, default_category: str
 class _Exporter:
     def __init__(self, store: RecordStore, shards, category_field, categories, default_category):
         self.store, self.shards = store, shards
+        schema = STAGE_RECORDS.get(store.stage)  # the stage's declared fields; else the generic names
+        self.masks_field = schema.masks_field if schema and schema.masks_field else "masks"
+        self.score_field = schema.score_field if schema else "scores"
+        if category_field is None and schema is not None:
+            category_field = schema.label_field
         self.category_field, self.default_category = category_field, default_category
         self.cats, self.by_name = _category_table(categories)
         self.fixed = categories is not None
@@ -101,13 +107,13 @@ class _Exporter:
         ids: set[int] = set()
         for image_id, rec in self.records():
             h, w = _image_size(rec)
-            masks = list(rec.get("masks") or [])
+            masks = list(rec.get(self.masks_field) or [])
             for m in masks:
                 if [int(s) for s in m["size"]] != [h, w]:
                     raise StoreError(f"record {rec['key']!r}: mask size {m['size']} != image size {[h, w]}")
             n = len(masks)
             labels = _labels(rec, n, self.category_field, self.default_category) if n else []
-            n_scores = len(np.asarray(rec["scores"]).reshape(-1)) if "scores" in rec else n
+            n_scores = len(np.asarray(rec[self.score_field]).reshape(-1)) if self.score_field in rec else n
             if n and (n_scores != n or len(labels) != n):
                 raise StoreError(f"record {rec['key']!r}: {n} masks but {n_scores} scores and "
                                  f"{len(labels)} categories")
@@ -133,12 +139,13 @@ class _Exporter:
         """Pass 2: the annotations (after :meth:`images`, which fixes the categories)."""
         ann_id = 0
         for image_id, rec in self.records():
-            masks = list(rec.get("masks") or [])
+            masks = list(rec.get(self.masks_field) or [])
             if not masks:
                 continue
             h, w = _image_size(rec)
             n = len(masks)
-            scores = np.asarray(rec["scores"], dtype=np.float64).reshape(-1) if "scores" in rec else np.ones(n)
+            scores = (np.asarray(rec[self.score_field], dtype=np.float64).reshape(-1) if self.score_field in rec
+                      else np.ones(n))
             labels = _labels(rec, n, self.category_field, self.default_category)
             areas, boxes = rle_area(masks), rle_to_bbox(masks)
             for m, s, label, area, box in zip(masks, scores, labels, areas, boxes):
@@ -172,6 +179,10 @@ def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathL
     Returns the whole COCO dict when ``out_path`` is None; otherwise streams the file
     (annotations never all in memory) and returns ``{"path", "images", "annotations",
     "categories", "images_left_out"}`` with the counts and the category list.
+
+    Record fields are read by the stage's record schema (``store/schemas.py``
+    ``STAGE_RECORDS``: its ``masks_field``, ``label_field``, ``score_field``); a store of a
+    stage without one is read by the generic names below.
 
     Record fields read:
       - ``file_name`` (else ``path``, else the key) and ``height``/``width`` (else

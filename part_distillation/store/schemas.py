@@ -59,6 +59,10 @@ class RecordSchema:
 
     name: str
     fields: tuple[Field, ...]
+    #: which fields hold the record's masks, their labels and scores (COCO export, drawing)
+    masks_field: str | None = None
+    label_field: str | None = None
+    score_field: str | None = None
 
     def __post_init__(self):
         names = [f.name for f in self.fields]
@@ -131,7 +135,7 @@ OBJECT_MASKS = RecordSchema("object_masks", _IMAGE + _FRAME + (
     Field("scores", "array", "(N,) float detection scores"),
     Field("pred_classes", "array", "(N,) int predicted class ids (global class index; -1 if none)"),
     Field("pred_class_names", "list", "N predicted class names"),
-))
+), masks_field="masks", label_field="pred_classes", score_field="scores")
 
 #: Stages 2 ``pixel_grouping`` and 3 ``dense_crf``: class-agnostic part segments of one object.
 PART_SEGMENTS = RecordSchema("part_segments", _IMAGE + _FRAME + (
@@ -140,7 +144,7 @@ PART_SEGMENTS = RecordSchema("part_segments", _IMAGE + _FRAME + (
     Field("object_ratio", "float", "object area / fitted image area"),
     Field("part_masks", "rles", "part segments (fitted frame), one per part id"),
     Field("part_ids", "array", "(P,) int part ids 1..K (0 is background), kept across stages"),
-))
+), masks_field="part_masks", label_field="part_ids")
 
 #: Stage 5 ``part_ranking``: parts labelled with their object class's global part classes.
 PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
@@ -150,7 +154,7 @@ PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
     Field("cluster_ids", "array", "(P,) int part class within the object class, 0..K-1"),
     Field("scores", "array", "(P,) float scores"),
     Field("area_ratios", "array", "(P,) float part area / object area"),
-))
+), masks_field="part_masks", label_field="cluster_ids", score_field="scores")
 
 #: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).
 EVAL_STATES = RecordSchema("eval_states", (
@@ -161,6 +165,12 @@ EVAL_STATES = RecordSchema("eval_states", (
     Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
 ))
+
+#: The record schema of each stage's output (by the stage name its manifest records).
+STAGE_RECORDS: dict[str, RecordSchema] = {
+    "index": INDEX, "detic_labeling": OBJECT_MASKS, "pixel_grouping": PART_SEGMENTS, "dense_crf": PART_SEGMENTS,
+    "part_ranking": PART_LABELS, "evaluate": EVAL_STATES,
+}
 
 SCHEMAS: dict[str, RecordSchema] = {s.name: s for s in (INDEX, OBJECT_MASKS, PART_SEGMENTS, PART_LABELS,
                                                         EVAL_STATES)}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import kill_entry_after_first_record
 from part_distillation.data.synthetic import make_synthetic_dataset
-from part_distillation.masks import decode_rle, decode_rles, encode_rle
+from part_distillation.masks import decode_rles
 from part_distillation.stages.dense_crf import RefineSettings, in_shard, part_label_map, refine_record
 from part_distillation.store import RecordStore
 from tests.slurm_cluster import slurm_cluster, wait_for
@@ -205,15 +205,7 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(dataset, tmp_path):
     killed = tmp_path / "killed"
     shard = _output(killed) / "shards" / "00000-of-00001.rec"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "part_distillation", *_overrides(dataset, stage2, killed)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if shard.exists() and shard.stat().st_size > 0:
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_entry_after_first_record(*_overrides(dataset, stage2, killed), shards=shard.parent, env=env)
     partial = len(RecordStore(_output(killed)).keys())
     assert 0 < partial < len(expected), "the kill did not land midway"
     result = _entry(*_overrides(dataset, stage2, killed))

@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import kill_entry_after_first_record
 from part_distillation.data.frame import ImageFrame, fitted_size
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rle, decode_rles, mask_iou
@@ -135,15 +134,7 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(synthetic, tmp_path):
 
     killed = tmp_path / "killed"
     shard = killed / OUTPUT / "shards" / "00000-of-00001.rec"
-    proc = subprocess.Popen([sys.executable, "-m", "part_distillation", *_overrides(synthetic, killed, *args)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if shard.exists() and shard.stat().st_size > 0:
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert kill_entry_after_first_record(*_overrides(synthetic, killed, *args), shards=shard.parent)
     partial = shard.stat().st_size if shard.exists() else 0
 
     _entry(*_overrides(synthetic, killed, *args))

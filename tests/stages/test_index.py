@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +10,7 @@ from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.store import RecordStore
-from tests.helpers import run_entry
+from tests.helpers import kill_entry_after_first_record, run_entry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,16 +82,7 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted_run(tree_with_bad_files, 
 
     killed = tmp_path / "killed"
     shard = killed / "pseudo_labels" / "index" / "synthetic_train" / "shards" / "00000-of-00001.rec"
-    proc = subprocess.Popen([sys.executable, "-m", "part_distillation",
-                             *_index_overrides(tree_with_bad_files, killed)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if shard.exists() and shard.stat().st_size > 0:
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert kill_entry_after_first_record(*_index_overrides(tree_with_bad_files, killed), shards=shard.parent)
     partial = shard.stat().st_size if shard.exists() else 0
 
     run_entry(*_index_overrides(tree_with_bad_files, killed), check=True)

@@ -1,6 +1,7 @@
 """The demo pipeline (`experiment=demo`), run the way `make demo` runs it."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +13,45 @@ from part_distillation.store import RecordStore
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: The demo at test size: 2 classes x 3 images, 4 training iterations.
+SMALL_DEMO = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stage.images_per_class=3',"
+              "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
+              "'proposal_learning:stage.checkpoint_period=2']")
+
+
 @pytest.mark.integration
-def test_demo_pipeline_runs_and_is_idempotent(tmp_path):
-    env_root = f"paths.root={tmp_path}"
-    cmd = [sys.executable, "-m", "part_distillation", "experiment=demo", env_root,
-           f"hydra.run.dir={tmp_path}/run"]
+def test_demo_pipeline_runs_every_stage_and_is_idempotent(tmp_path):
+    cmd = [sys.executable, "-m", "part_distillation", "experiment=demo", f"paths.root={tmp_path}",
+           f"hydra.run.dir={tmp_path}/run", SMALL_DEMO]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    store = RecordStore(tmp_path / "pseudo_labels" / "index" / "synthetic_train")
-    records = list(store.iter_records())
-    assert len(records) == 4 * 12 and all(r["ok"] for r in records)
-    assert (tmp_path / "datasets" / "synthetic" / "annotations").is_dir()
+    labels = tmp_path / "pseudo_labels"
+    outputs = {
+        "index": labels / "index" / "synthetic_train",
+        "detic_labeling": labels / "object_labels" / "synthetic_train" / "detic_predictions",
+        "pixel_grouping": labels / "part_labels" / "proposal_generation" / "synthetic_train",
+        "dense_crf": labels / "part_labels" / "proposal_generation_dcrf" / "synthetic_train",
+    }
+    for stage, folder in outputs.items():
+        records = list(RecordStore(folder).iter_records())
+        assert len(records) == 6, stage
+    assert all(r["ok"] for r in RecordStore(outputs["index"]).iter_records())
+    checkpoints = sorted((tmp_path / "outputs" / "proposal_learning" / "synthetic_train" / "checkpoints").glob("*.pth"))
+    assert [p.name for p in checkpoints][-1] == "model_0000004.pth"
+    metrics = json.loads((tmp_path / "outputs" / "evaluate" / "synthetic_train" / "metrics.json").read_text())
+    assert metrics["images"] == 6 and 0 < metrics["reference"]["C-mIoU"] <= 100
+    log = first.stderr + first.stdout
+    assert "| reference |" in log and "| strict |" in log   # the metrics table is printed
 
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "48 already done" in second.stderr + second.stdout
+    log = second.stderr + second.stdout
+    assert "[index] done: 6 inputs seen, 0 records written, 6 already done" in log
+    assert "[dense_crf] done" in log and "0 records written" in log
     # the summary says where each stage's output is
-    assert f"index: {tmp_path}/pseudo_labels/index/synthetic_train" in second.stderr + second.stdout
-    assert len(list(RecordStore(store.path).iter_records())) == 48
+    assert f"index: {outputs['index']}" in log and f"dense_crf: {outputs['dense_crf']}" in log
+    for folder in outputs.values():
+        assert len(list(RecordStore(folder).iter_records())) == 6
 
 
 def test_pipeline_refuses_other_synthetic_settings_in_same_root(tmp_path):

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import submitit
 
+from tests.helpers import kill_entry_after_first_record
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rle, decode_rles
 from part_distillation.store import RecordStore
@@ -86,18 +85,9 @@ def test_bad_feature_level_is_refused_with_the_key_named(tmp_path):
 def test_kill_minus_9_and_rerun_equals_an_uninterrupted_run(done_root, tmp_path):
     root = _make_root(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "part_distillation", *FAST, f"paths.root={root}", f"hydra.run.dir={root}/run",
-           "stage.batch_size=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    shard = root / PARTS / "shards"
-    deadline = time.monotonic() + 600  # generous: start-up is slow on a loaded machine
-    written = False
-    while time.monotonic() < deadline and proc.poll() is None and not written:
-        written = shard.exists() and any(p.stat().st_size > 0 for p in shard.glob("*.rec"))
-        time.sleep(0.05)
-    assert written and proc.poll() is None, "no record before the job ended or the deadline"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = [*FAST, f"paths.root={root}", f"hydra.run.dir={root}/run", "stage.batch_size=1"]
+    assert kill_entry_after_first_record(*args, shards=root / PARTS / "shards", env=env), \
+        "no record before the job ended or the deadline"
     partial = len(RecordStore(root / PARTS))
     assert 1 <= partial < 6
     _entry(root, "stage.batch_size=1")  # same config (the batch size is fingerprinted)

@@ -101,3 +101,22 @@ def test_export_coco_streams_to_its_file(tmp_path):
     assert written["annotations"] == 3000 and size > 3_000_000
     assert peak < size / 4, (peak, size)
     assert len(COCO(str(tmp_path / "out.json")).getAnnIds()) == 3000
+
+
+def test_export_reads_a_stage_output_by_its_schema(tmp_path):
+    """Part segments (stages 2/3) keep their masks in ``part_masks`` and ids in ``part_ids``:
+    the export finds them through the PART_SEGMENTS schema, no field names given."""
+    from part_distillation.store import ShardWriter
+    from part_distillation.store.schemas import PART_SEGMENTS
+
+    rng = np.random.default_rng(2)
+    parts = blob_masks(rng, 2)
+    with ShardWriter(tmp_path / "store", 0, 1, stage="dense_crf", config={}, schema=PART_SEGMENTS) as w:
+        w.write({"key": "n1/a.jpg", "path": "/d/n1/a.jpg", "wnid": "n1", "class_index": 0, "class_name": "x",
+                 "original_size": [24, 32], "fitted_size": list(parts.shape[1:]),
+                 "object_mask": encode_rles(parts.any(0)[None])[0], "object_score": 1.0, "object_ratio": 0.2,
+                 "part_masks": encode_rles(parts), "part_ids": np.array([4, 2])})
+    coco = export_coco(tmp_path / "store")
+    assert [a["category_id"] for a in coco["annotations"]] == [4, 2]
+    assert [a["area"] for a in coco["annotations"]] == [float(m.sum()) for m in parts]
+    assert (coco["images"][0]["height"], coco["images"][0]["width"]) == parts.shape[1:]
