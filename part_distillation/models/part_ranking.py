@@ -11,6 +11,9 @@
   probability x softmax over the class's clusters; top 200 pairs; restricted to the
   object before binarising; one label per pixel; masks of one cluster merged (union, max
   score); area > 5%, score > 0.1; IoU with the object > 0.001.
+
+  Both passes' filters are plain (nothing passes: nothing kept), as section 5 lists them;
+  stage 4's keep-everything fallback is not applied here.
 * :class:`EmbeddingFile`: an append-only float32 file of one class's embeddings, so that
   the cluster pass holds one image at a time whatever the class size; read back as a
   memory map.
@@ -68,6 +71,8 @@ class PassSettings:
     min_area_ratio: float = 0.05
     min_score: float = 0.3
     min_object_iou: float = 0.001
+    #: section 5 lists plain filters (unlike stage 4's, which keep everything when nothing passes)
+    keep_all_if_none_pass: bool = False
 
 
 LABEL_PASS = PassSettings(min_score=0.1)
@@ -83,6 +88,7 @@ def cluster_pass(class_logits: Tensor, mask_logits: Tensor, query_embeddings: Te
                           image_size=image_size, output_size=output_size, object_mask=object_mask,
                           topk=settings.topk, restrict="after", one_label=True, merge_classes=False,
                           min_area_ratio=settings.min_area_ratio, min_score=settings.min_score,
+                          keep_all_if_none_pass=settings.keep_all_if_none_pass,
                           min_object_iou=settings.min_object_iou)
     return normalised(query_embeddings[kept.query_indices.to(query_embeddings.device)]), kept
 
@@ -98,6 +104,7 @@ def label_pass(class_logits: Tensor, mask_logits: Tensor, query_embeddings: Tens
                           output_size=output_size, object_mask=object_mask, topk=settings.topk,
                           restrict="before", one_label=True, merge_classes=True,
                           min_area_ratio=settings.min_area_ratio, min_score=settings.min_score,
+                          keep_all_if_none_pass=settings.keep_all_if_none_pass,
                           min_object_iou=settings.min_object_iou)
 
 

@@ -96,3 +96,11 @@ def test_embedding_file_appends_truncates_and_maps(tmp_path):
     np.testing.assert_array_equal(f.read(), np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         f.append(np.ones((2, 4)))
+
+
+def test_label_pass_keeps_nothing_when_nothing_passes_the_score_filter():
+    obj = torch.ones(4, 4, dtype=torch.bool)
+    logits = torch.full((1, 4, 4), 10.0)
+    parts = ranking.label_pass(torch.tensor([[-3.0, 0.0]]), logits, torch.tensor([[1.0, 0.0]]),
+                               torch.tensor([[1.0, 0.0], [0.0, 1.0]]), obj, padded_size=(4, 4), image_size=(4, 4))
+    assert len(parts) == 0  # fg sigmoid(-3) = 0.047 x softmax < 0.1: no fallback to keeping everything
