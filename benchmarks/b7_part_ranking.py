@@ -3,8 +3,8 @@
 Passes: the tiny proposal model (random weights, the demo's 128-pixel canvas) on
 synthetic stage-3 records, one image at a time on CPU, as the stage runs them: record ->
 image input -> model -> cluster pass (embeddings), and -> label pass (part labels, with
-centroids of the cluster pass's embeddings). The cluster pass's thresholds are lowered so
-the untrained model keeps proposals (the work per image is the same).
+centroids of the cluster pass's embeddings). Both passes' score thresholds are set to 0 so
+the untrained model keeps proposals (the work per image is that of a trained model).
 
 Clustering: the largest synthetic class, N L2-normalised D=256 embeddings (part
 prototypes plus noise, as B5) streamed to the stage's per-class file, then clustered the
@@ -83,7 +83,7 @@ def passes(tmp: Path, images_per_class: int) -> tuple[float, float, int]:
             inputs = stage.ImageInput(record, SIZE)
             logits, masks, queries, sizes = stage.model_outputs(model, inputs, device)
             parts += len(ranking.label_pass(logits, masks, queries, centroids, torch.from_numpy(inputs.object_mask),
-                                            **sizes))
+                                            settings=loose, **sizes))
         return parts
 
     label_s, parts = timed(label_pass)
