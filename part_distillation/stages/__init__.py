@@ -34,8 +34,9 @@ PLANNED: dict[str, str] = {
 READS_IMAGE_TREE: frozenset[str] = frozenset({"index", "detic_labeling"})
 
 #: Stages that load ``model.weights`` (checked before submission: the file must exist).
+#: (``part_ranking`` loads the stage-4 checkpoint instead: its own ``check``.)
 LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "proposal_learning",
-                                           "part_ranking", "part_distillation"})
+                                           "part_distillation"})
 
 
 def loads_weights(run) -> bool:

@@ -76,6 +76,14 @@ def resolve_checkpoint(stage) -> Path:
     return found[stage.checkpoint_iteration]
 
 
+def check(cfg: RunConfig) -> None:
+    """Before submission: the proposal checkpoint exists (``model.weights`` is not used here)."""
+    if cfg.shard.by != "class":
+        raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
+                          f"use shard.by=class")
+    resolve_checkpoint(cfg.stage)
+
+
 def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
     from part_distillation.models import checkpoint as ckpt
     from part_distillation.stages.proposal_learning import build_model
@@ -227,9 +235,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     if not stage.input or not manifest_path(stage.input).is_file():
         raise FileNotFoundError(f"stage.input={stage.input} holds no stage output (no manifest.json): run "
                                 f"dense_crf first, or set stage.input")
-    if cfg.shard.by != "class":
-        raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
-                          f"use shard.by=class")
+    check(cfg)
     checkpoint = resolve_checkpoint(stage)
     device = device_of(cfg)
     model = load_model(cfg, checkpoint, device)

@@ -333,3 +333,13 @@ def test_refuses_to_split_a_class_over_jobs(tmp_path, records, proposal_run):
     with pytest.raises(ConfigError, match="shard.by=class"):
         part_ranking.run(cfg, JobContext())
     assert not (tmp_path / "out").exists()
+
+
+def test_preflight_checks_the_proposal_checkpoint_not_the_coco_weights(tmp_path, records, proposal_run):
+    from part_distillation.launch import check_job
+
+    cfg = _cfg(tmp_path, records, proposal_run)
+    cfg.model.weights = str(tmp_path / "absent.pkl")  # not used by this stage
+    check_job(cfg)
+    with pytest.raises(ConfigError, match="stage.proposal_run"):
+        check_job(_cfg(tmp_path, records, tmp_path / "no_run"))
