@@ -351,16 +351,32 @@ class PartDistillationStageConfig(TrainStageConfig):
 
 @dataclass
 class PartRankingStageConfig(StageConfig):
-    """Stage 5, per-class k-means of proposal embeddings, then relabelling (section 5)."""
+    """Stage 5, per-class k-means of proposal embeddings, then relabelling (section 5).
+
+    The proposal model: ``checkpoint`` (a file) or, when null, the checkpoint of
+    ``proposal_run`` at ``checkpoint_iteration`` (null: the newest; the reference: 40k).
+    ``image_size``: the model's input canvas (reference 640). ``classifier``: ``l2``
+    (the reference, x·c − |x|² − |c|²) or ``dot``.
+    """
 
     name: str = "part_ranking"
+    proposal_run: str = "${paths.outputs}/proposal_learning/${data.name}"
+    checkpoint: Optional[str] = None
+    checkpoint_iteration: Optional[int] = None
+    image_size: int = 640
     num_clusters: int = 8
+    n_init: int = 10
+    classifier: str = "l2"
+    topk: int = 200
     min_area_ratio: float = 0.05
     min_proposal_score: float = 0.3
     min_label_score: float = 0.1
+    min_object_iou: float = 0.001
 
     _checks = {"num_clusters": _at_least(1), "min_area_ratio": _ratio(),
-               "min_proposal_score": _ratio(), "min_label_score": _ratio()}
+               "min_proposal_score": _ratio(), "min_label_score": _ratio(), "min_object_iou": _ratio(),
+               "image_size": _at_least(32), "n_init": _at_least(1), "topk": _at_least(1),
+               "classifier": _one_of("l2", "dot")}
 
 
 @dataclass

@@ -131,11 +131,10 @@ def test_out_of_range_value_is_one_line_without_traceback(tmp_path):
     assert "nothing run: config key 'shard.count' = 0 is invalid" in result.stderr
 
 
-def test_planned_stage_says_it_is_not_implemented_yet(tmp_path):
-    result = run_entry("stage=part_ranking", f"paths.root={tmp_path}", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "not implemented yet" in result.stderr
-    assert "part_ranking" in result.stderr
+def test_unknown_stage_is_one_line_and_runs_nothing(tmp_path):
+    result = run_entry("stage=part_rankin", f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "part_rankin" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "pseudo_labels").exists()
 
 
@@ -230,11 +229,11 @@ def test_progress_every_zero_is_refused_before_running(tmp_path):
         validate(_compose("stage=pixel_grouping", "stage.progress_every=0"))  # subclasses keep the base check
 
 
-def test_a_pipeline_with_a_stage_that_is_not_implemented_runs_nothing(tmp_path):
-    result = run_entry("stage=pipeline", "stage.stages=[synthetic_data,part_ranking]", f"paths.root={tmp_path}",
+def test_a_pipeline_with_an_unknown_stage_runs_nothing(tmp_path):
+    result = run_entry("stage=pipeline", "stage.stages=[synthetic_data,part_rankin]", f"paths.root={tmp_path}",
                        cwd=tmp_path)
     assert result.returncode == 2
-    assert "part_ranking" in _one_line(result.stderr) and "not implemented" in result.stderr
+    assert "unknown stage 'part_rankin'" in _one_line(result.stderr)
     assert not (tmp_path / "datasets").exists()
 
 

@@ -21,12 +21,12 @@ STAGES: dict[str, str] = {
     "dense_crf": "part_distillation.stages.dense_crf",
     "detic_labeling": "part_distillation.stages.detic_labeling",
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
+    "part_ranking": "part_distillation.stages.part_ranking",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
 # them says so plainly instead of failing somewhere deep.
 PLANNED: dict[str, str] = {
-    "part_ranking": "stage 5, part ranking",
 }
 
 
@@ -34,8 +34,9 @@ PLANNED: dict[str, str] = {
 READS_IMAGE_TREE: frozenset[str] = frozenset({"index", "detic_labeling"})
 
 #: Stages that load ``model.weights`` (checked before submission: the file must exist).
+#: (``part_ranking`` loads the stage-4 checkpoint instead: its own ``check``.)
 LOADS_WEIGHTS: frozenset[str] = frozenset({"detic_labeling", "pixel_grouping", "proposal_learning",
-                                           "part_ranking", "part_distillation"})
+                                           "part_distillation"})
 
 
 def loads_weights(run) -> bool:

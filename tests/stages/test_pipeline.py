@@ -38,6 +38,10 @@ def test_demo_pipeline_runs_every_stage_and_is_idempotent(tmp_path):
     assert all(r["ok"] for r in RecordStore(outputs["index"]).iter_records())
     checkpoints = sorted((tmp_path / "outputs" / "proposal_learning" / "synthetic_train" / "checkpoints").glob("*.pth"))
     assert [p.name for p in checkpoints][-1] == "model_0000004.pth"
+    ranking = RecordStore(labels / "part_labels" / "part_ranking" / "synthetic_train")
+    assert len(ranking.keys()) + len(ranking.skipped()) == 6  # labelled, or skipped (class with <= K embeddings)
+    centroids = json.loads((ranking.path / "part_classes" / "0-of-1" / "centroids.json").read_text())
+    assert centroids["num_clusters"] == 4 and centroids["checkpoint"].endswith("model_0000004.pth")
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "synthetic_train" / "metrics.json").read_text())
     assert metrics["images"] == 6 and 0 < metrics["reference"]["C-mIoU"] <= 100
     log = first.stderr + first.stdout

@@ -1,0 +1,152 @@
+"""Part ranking's computations (PIPELINE.md section 5): compute only, no files or config.
+
+* :func:`cluster_logits`: the classifier of a query embedding against a class's centroids,
+  ``dot`` (x·c) or the reference's ``l2`` (x·c − |x|² − |c|², no factor 2: trap 6).
+* :func:`cluster_pass`: the kept proposals' L2-normalised embeddings of one image.
+  Top 200 queries by foreground probability; one label per pixel over the whole image
+  (unmasked logits); area > 5% of the predicted foreground, then score > 0.3; only then
+  restricted to the object, IoU with it > 0.001 (``postprocess.part_inference`` with
+  ``restrict="after"``).
+* :func:`label_pass`: part labels of one image: score(query, cluster) = foreground
+  probability x softmax over the class's clusters; top 200 pairs; restricted to the
+  object before binarising; one label per pixel; masks of one cluster merged (union, max
+  score); area > 5%, score > 0.1; IoU with the object > 0.001.
+
+  Both passes' filters are plain (nothing passes: nothing kept), as section 5 lists them;
+  stage 4's keep-everything fallback is not applied here.
+* :class:`EmbeddingFile`: an append-only float32 file of one class's embeddings, so that
+  the cluster pass holds one image at a time whatever the class size; read back as a
+  memory map.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from part_distillation.postprocess import InstancePredictions, class_probabilities, part_inference
+
+CLASSIFIERS = ("dot", "l2")
+
+
+def cluster_logits(embeddings: Tensor, centroids: Tensor, classifier: str = "l2") -> Tensor:
+    """(Q, D) embeddings x (K, D) centroids -> (Q, K) logits.
+
+    ``dot``: x·c. ``l2``: x·c − |x|² − |c|² (the reference's ranking formula, no factor 2
+    and no temperature, so the softmax over clusters is nearly flat).
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    x, c = embeddings.float(), centroids.float().to(embeddings.device)
+    dots = x @ c.T
+    if classifier == "dot":
+        return dots
+    return dots - (x * x).sum(1, keepdim=True) - (c * c).sum(1)[None]
+
+
+def label_pair_scores(class_logits: Tensor, embeddings: Tensor, centroids: Tensor,
+                      classifier: str = "l2") -> Tensor:
+    """(Q, 2) one-class logits, (Q, D) normalised embeddings, (K, D) centroids -> (Q, K):
+    foreground probability x softmax over the K clusters."""
+    foreground = class_probabilities(class_logits)[:, 0]
+    return foreground[:, None] * cluster_logits(embeddings, centroids, classifier).softmax(-1)
+
+
+def normalised(embeddings: Tensor) -> Tensor:
+    """L2-normalise each row (the reference's ``F.normalize``)."""
+    return F.normalize(embeddings.float(), dim=-1)
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """Thresholds of one pass (defaults: the cluster pass of section 5)."""
+
+    topk: int = 200
+    min_area_ratio: float = 0.05
+    min_score: float = 0.3
+    min_object_iou: float = 0.001
+    #: section 5 lists plain filters (unlike stage 4's, which keep everything when nothing passes)
+    keep_all_if_none_pass: bool = False
+
+
+LABEL_PASS = PassSettings(min_score=0.1)
+
+
+def cluster_pass(class_logits: Tensor, mask_logits: Tensor, query_embeddings: Tensor, object_mask: Tensor, *,
+                 padded_size: Sequence[int], image_size: Sequence[int], output_size: Sequence[int] | None = None,
+                 settings: PassSettings = PassSettings()) -> tuple[Tensor, InstancePredictions]:
+    """One image of the cluster pass: the kept proposals' embeddings (E, D) float32,
+    L2-normalised, and the proposals themselves (masks at ``output_size``, restricted to
+    the object). Inputs are the model's outputs for the image: (Q, 2), (Q, h, w), (Q, D)."""
+    kept = part_inference(class_probabilities(class_logits), mask_logits, padded_size=padded_size,
+                          image_size=image_size, output_size=output_size, object_mask=object_mask,
+                          topk=settings.topk, restrict="after", one_label=True, merge_classes=False,
+                          min_area_ratio=settings.min_area_ratio, min_score=settings.min_score,
+                          keep_all_if_none_pass=settings.keep_all_if_none_pass,
+                          min_object_iou=settings.min_object_iou)
+    return normalised(query_embeddings[kept.query_indices.to(query_embeddings.device)]), kept
+
+
+def label_pass(class_logits: Tensor, mask_logits: Tensor, query_embeddings: Tensor, centroids: Tensor,
+               object_mask: Tensor, *, padded_size: Sequence[int], image_size: Sequence[int],
+               output_size: Sequence[int] | None = None, classifier: str = "l2",
+               settings: PassSettings = LABEL_PASS) -> InstancePredictions:
+    """One image of the label pass: one merged mask per cluster that survives the filters;
+    ``classes`` are cluster ids 0..K-1, sorted by descending score."""
+    scores = label_pair_scores(class_logits, normalised(query_embeddings), centroids, classifier)
+    return part_inference(scores, mask_logits, padded_size=padded_size, image_size=image_size,
+                          output_size=output_size, object_mask=object_mask, topk=settings.topk,
+                          restrict="before", one_label=True, merge_classes=True,
+                          min_area_ratio=settings.min_area_ratio, min_score=settings.min_score,
+                          keep_all_if_none_pass=settings.keep_all_if_none_pass,
+                          min_object_iou=settings.min_object_iou)
+
+
+class EmbeddingFile:
+    """Append-only float32 rows of width ``dim`` in one file (one object class).
+
+    ``append`` writes and returns the file's byte length afterwards; ``truncate(length)``
+    drops rows written after a committed length (resume after a kill); ``read()`` maps
+    the rows copy-on-write (nothing is copied into memory unless written to).
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int):
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.row_bytes = 4 * self.dim
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
+
+    def append(self, rows: np.ndarray | Tensor) -> int:
+        rows = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"{self.path}: rows must be (N, {self.dim}), got {rows.shape}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(rows.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+    def truncate(self, length: int) -> None:
+        if self.path.exists() and self.path.stat().st_size != length:
+            with open(self.path, "r+b") as f:
+                f.truncate(length)
+
+    def read(self) -> np.ndarray:
+        n = len(self)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.memmap(self.path, dtype=np.float32, mode="c", shape=(n, self.dim))  # copy-on-write: no copy
+
+
+__all__ = ["CLASSIFIERS", "EmbeddingFile", "LABEL_PASS", "PassSettings", "cluster_logits", "cluster_pass",
+           "label_pair_scores", "label_pass", "normalised"]

@@ -1,0 +1,322 @@
+"""Stage 5 ``part_ranking``: global part classes per object class (PIPELINE.md section 5).
+
+Input: stage-3 records (``PART_SEGMENTS``, ``stage.input``, default the dense_crf output)
+and the stage-4 proposal model (``stage.checkpoint``, default the newest checkpoint of
+``stage.proposal_run``; ``stage.checkpoint_iteration`` picks another one of that run).
+Object mask = union of the record's part masks; the model sees the image fitted to
+``stage.image_size`` and padded to that square canvas (grey 128); masks come back in the
+record's fitted frame.
+
+Partitioned over object classes: job ``shard.index`` of ``shard.count`` takes the
+classes of ``RecordStore.iter_slice(index, count, by="class")``, so jobs are independent.
+Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<n>/``:
+
+1. Cluster pass: per image the kept proposals' L2-normalised embeddings
+   (``models.part_ranking.cluster_pass``) are appended to ``class_<c>.f32`` (float32,
+   one file per object class) and the image's key with each file's committed length
+   to ``progress.tsv``. A rerun truncates the files to the committed lengths and skips
+   logged keys, so a kill loses at most one image.
+2. K-means per class (the model layer's ``kmeans``, ``stage.n_init`` restarts) from the
+   memory-mapped file. Classes with at most K embeddings get no part classes (never
+   random centroids). ``centroids.npz`` + ``centroids.json`` (counts, the checkpoint
+   used) are written atomically once every class of the job is done.
+3. Label pass (``models.part_ranking.label_pass``): ``PART_LABELS`` records; images of a
+   class with no part classes are skipped with ``no_part_classes``.
+
+Memory: the cluster pass holds one image's model outputs; k-means holds the class's
+embeddings once as float32 (N x D x 4 bytes, read from the file) plus the k-means
+workspace (chunked distances; measured in tests/stages/test_part_ranking.py: peak RSS rise
+below 2.5 x N x D x 4 bytes + 64 MiB for 1M embeddings).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from part_distillation.config import ConfigError, RunConfig
+from part_distillation.context import JobContext
+from part_distillation.data.frame import ImageFrame
+from part_distillation.data.images import BadImageError, load_rgb
+from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation.masks import decode_rles, encode_rles
+from part_distillation.models import part_ranking as ranking
+from part_distillation.models.mask2former import preprocess_images
+from part_distillation.progress import StageSummary, progress
+from part_distillation.stages.common import open_output
+from part_distillation.store import RecordStore, manifest_path
+from part_distillation.store.files import atomic_write_bytes, atomic_write_json
+from part_distillation.store.schemas import PART_LABELS
+
+log = logging.getLogger("part_distillation")
+
+
+# --------------------------------------------------------------------------- settings
+
+def resolve_checkpoint(stage) -> Path:
+    """The proposal checkpoint this job uses (one-line error naming the setting when absent)."""
+    if stage.checkpoint:
+        path = Path(stage.checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"stage.checkpoint={path} not found: give a stage-4 checkpoint file")
+        return path
+    found = dict(train_ckpt.list_checkpoints(stage.proposal_run))
+    if not found:
+        raise ConfigError(f"no checkpoint under stage.proposal_run={stage.proposal_run}/checkpoints: run "
+                          f"proposal_learning first, or set stage.checkpoint=<file>")
+    if stage.checkpoint_iteration is None:
+        return found[max(found)]
+    if stage.checkpoint_iteration not in found:
+        raise ConfigError(f"stage.checkpoint_iteration={stage.checkpoint_iteration}: no such checkpoint in "
+                          f"{stage.proposal_run}/checkpoints (have {sorted(found)})")
+    return found[stage.checkpoint_iteration]
+
+
+def check(cfg: RunConfig) -> None:
+    """Before submission: the proposal checkpoint exists (``model.weights`` is not used here)."""
+    if cfg.shard.by != "class":
+        raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
+                          f"use shard.by=class")
+    resolve_checkpoint(cfg.stage)
+
+
+def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
+    from part_distillation.models import checkpoint as ckpt
+    from part_distillation.stages.proposal_learning import build_model
+
+    model = build_model(cfg.model.size, None, num_classes=1)
+    ckpt.load_project_checkpoint(model, checkpoint)
+    return model.to(device).eval()
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    if cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- one image
+
+class ImageInput:
+    """A record's object mask (fitted frame) and model input (fitted to ``size``, padded)."""
+
+    def __init__(self, record: dict, size: int):
+        self.frame = ImageFrame.from_record(record)
+        self.part_masks = decode_rles(record["part_masks"], size=self.frame.fitted)  # (P, h, w) bool
+        self.part_ids = np.asarray(record["part_ids"])
+        parts = self.part_masks
+        self.object_mask = parts.any(0) if len(parts) else np.zeros(self.frame.fitted, dtype=bool)
+        image = load_rgb(record["path"])
+        if tuple(image.shape[:2]) != self.frame.original:
+            raise BadImageError(record["path"], "size changed since stage 1")
+        self.model_frame = ImageFrame.fit(self.frame.original, size=size, canvas=size)
+        self.canvas = self.model_frame.pad_image(self.model_frame.fit_image(image))
+
+
+@torch.no_grad()
+def model_outputs(model, inputs: ImageInput, device: torch.device):
+    batch = preprocess_images([inputs.canvas], device=device)
+    out = model(batch.pixel_values)
+    sizes = dict(padded_size=batch.padded_size, image_size=inputs.model_frame.fitted,
+                 output_size=inputs.frame.fitted)
+    return out["pred_logits"][0], out["pred_masks"][0], out["query_embeddings"][0], sizes
+
+
+# --------------------------------------------------------------------------- work folder
+
+class ClusterWork:
+    """The job's cluster-pass state: per-class embedding files and the progress log."""
+
+    def __init__(self, folder: Path, checkpoint: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / "checkpoint.txt"
+        if marker.exists() and marker.read_text().strip() != str(checkpoint):
+            raise ConfigError(f"{folder} was made with checkpoint {marker.read_text().strip()}, this run uses "
+                              f"{checkpoint}: delete {folder} (and the output) or set stage.checkpoint to it")
+        if not marker.exists():
+            atomic_write_bytes(marker, f"{checkpoint}\n".encode())
+        self.progress = folder / "progress.tsv"
+        self.done: set[str] = set()
+        self.lengths: dict[int, int] = {}
+        self.dim: int | None = None
+        self._recover()
+
+    def _recover(self) -> None:
+        """Keep the complete log lines; cut every class file back to its committed length."""
+        lines = []
+        if self.progress.exists():
+            for line in self.progress.read_text().splitlines(keepends=True):
+                fields = line.rstrip("\n").split("\t")
+                if not line.endswith("\n") or len(fields) != 4:
+                    break
+                key, cls, length, dim = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+                self.done.add(key)
+                self.lengths[cls] = length
+                self.dim = dim or self.dim
+                lines.append(line)
+            atomic_write_bytes(self.progress, "".join(lines).encode())
+        for path in self.folder.glob("class_*.f32"):
+            cls = int(path.stem.split("_")[1])
+            length = self.lengths.get(cls, 0)
+            if path.stat().st_size != length:
+                with open(path, "r+b") as f:
+                    f.truncate(length)
+
+    def file(self, cls: int, dim: int) -> ranking.EmbeddingFile:
+        return ranking.EmbeddingFile(self.folder / f"class_{cls}.f32", dim)
+
+    def add(self, key: str, cls: int, embeddings: torch.Tensor) -> None:
+        if len(embeddings):
+            self.dim = int(embeddings.shape[1])
+            length = self.file(cls, self.dim).append(embeddings)
+        else:
+            length = self.lengths.get(cls, 0)
+        self.lengths[cls] = length
+        with open(self.progress, "a") as f:
+            f.write(f"{key}\t{cls}\t{length}\t{self.dim or 0}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(key)
+
+
+def cluster_classes(work: ClusterWork, classes: list[int], k: int, n_init: int, seed: int,
+                    device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """K-means per class from its embedding file; classes with <= k embeddings get none."""
+    from part_distillation.models.kmeans import kmeans
+
+    centroids, counts = {}, {}
+    for cls in classes:
+        n = work.lengths.get(cls, 0) // (4 * work.dim) if work.dim else 0
+        counts[cls] = n
+        if n <= k:
+            log.info("class %d: %d embeddings <= K=%d: no part classes", cls, n, k)
+            continue
+        points = torch.from_numpy(work.file(cls, work.dim).read()).to(device)
+        result = kmeans(points, k, n_init=n_init, seed=seed)
+        centroids[cls] = result.centroids.cpu().numpy().astype(np.float32)
+        del points, result
+    return centroids, counts
+
+
+def save_centroids(folder: Path, centroids: dict[int, np.ndarray], counts: dict[int, int], checkpoint: Path,
+                   k: int) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"class_{c}": v for c, v in centroids.items()})
+    atomic_write_bytes(folder / "centroids.npz", buffer.getvalue())
+    atomic_write_json(folder / "centroids.json", {
+        "checkpoint": str(checkpoint), "num_clusters": k,
+        "embeddings_per_class": {str(c): n for c, n in counts.items()},
+        "classes_with_parts": sorted(int(c) for c in centroids)})
+
+
+def load_centroids(folder: Path) -> tuple[dict[int, np.ndarray], dict]:
+    meta = json.loads((folder / "centroids.json").read_text())
+    with np.load(folder / "centroids.npz") as data:
+        centroids = {int(name.split("_")[1]): data[name] for name in data.files}
+    return centroids, meta
+
+
+# --------------------------------------------------------------------------- run
+
+def work_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.stage.output) / "part_classes" / f"{cfg.shard.index}-of-{cfg.shard.count}"
+
+
+def run(cfg: RunConfig, context: JobContext) -> StageSummary:
+    stage = cfg.stage
+    summary = StageSummary(stage.name)
+    if not stage.input or not manifest_path(stage.input).is_file():
+        raise FileNotFoundError(f"stage.input={stage.input} holds no stage output (no manifest.json): run "
+                                f"dense_crf first, or set stage.input")
+    check(cfg)
+    checkpoint = resolve_checkpoint(stage)
+    device = device_of(cfg)
+    model = load_model(cfg, checkpoint, device)
+    store = RecordStore(stage.input)
+    cluster_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_proposal_score,
+                                            stage.min_object_iou)
+    label_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_label_score,
+                                          stage.min_object_iou)
+    folder = work_folder(cfg)
+    work = ClusterWork(folder, checkpoint)
+
+    def records():
+        return store.iter_slice(cfg.shard.index, cfg.shard.count, by="class")
+
+    # 1. cluster pass (skipped entirely once the centroids exist)
+    classes: list[int] = []
+    cluster_images = 0
+    if not (folder / "centroids.json").exists():
+        for record in progress(records(), None, f"{stage.name} cluster pass", stage.progress_every):
+            cls = int(record["class_index"])
+            if cls not in classes:
+                classes.append(cls)
+            if record["key"] in work.done:
+                continue
+            try:
+                inputs = ImageInput(record, stage.image_size)
+            except (BadImageError, FileNotFoundError):
+                work.add(record["key"], cls, torch.zeros((0, 0)))
+                continue
+            logits, masks, queries, sizes = model_outputs(model, inputs, device)
+            embeddings, _ = ranking.cluster_pass(logits, masks, queries, torch.from_numpy(inputs.object_mask),
+                                                 settings=cluster_settings, **sizes)
+            work.add(record["key"], cls, embeddings)
+            cluster_images += 1
+        # 2. k-means per class
+        log.info("[%s] cluster pass done (%d new images); k-means over %d classes", stage.name, cluster_images,
+                 len(classes))
+        centroids, counts = cluster_classes(work, classes, stage.num_clusters, stage.n_init, cfg.seed, device)
+        save_centroids(folder, centroids, counts, checkpoint, stage.num_clusters)
+    centroids, meta = load_centroids(folder)
+    if meta["checkpoint"] != str(checkpoint):
+        raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}")
+
+    # 3. label pass
+    with open_output(cfg, PART_LABELS, context) as writer:
+        for record in progress(records(), None, f"{stage.name} label pass", stage.progress_every):
+            key = record["key"]
+            summary.seen += 1
+            if writer.has(key):
+                summary.already_done += 1
+                continue
+            cls = int(record["class_index"])
+            if cls not in centroids:
+                writer.skip(key, "no_part_classes")
+                summary.skip("no_part_classes")
+                continue
+            try:
+                inputs = ImageInput(record, stage.image_size)
+            except (BadImageError, FileNotFoundError):
+                writer.skip(key, "bad_image")
+                summary.skip("bad_image")
+                continue
+            obj = torch.from_numpy(inputs.object_mask)
+            logits, masks, queries, sizes = model_outputs(model, inputs, device)
+            parts = ranking.label_pass(logits, masks, queries, torch.from_numpy(centroids[cls]).to(device), obj,
+                                       classifier=stage.classifier, settings=label_settings, **sizes)
+            part_masks = parts.masks.cpu().numpy()
+            object_area = max(int(inputs.object_mask.sum()), 1)
+            fitted_area = inputs.frame.fitted[0] * inputs.frame.fitted[1]
+            writer.write({
+                "key": key, **{name: record[name] for name in ("path", "wnid", "class_index", "class_name")},
+                **inputs.frame.as_record(),
+                "object_mask": encode_rles(inputs.object_mask[None])[0],
+                "object_ratio": float(inputs.object_mask.sum()) / fitted_area,
+                "part_masks": encode_rles(part_masks),
+                "cluster_ids": parts.classes.cpu().numpy().astype(np.int64),
+                "scores": parts.scores.cpu().numpy().astype(np.float32),
+                "area_ratios": (part_masks.reshape(len(part_masks), -1).sum(1) / object_area).astype(np.float32),
+            })
+            summary.written += 1
+    summary.output = str(stage.output)
+    summary.extra.update({"checkpoint": str(checkpoint), "cluster_pass_images": cluster_images,
+                          "classes_with_parts": len(centroids), "centroids": str(folder / "centroids.npz")})
+    return summary.finish()
