@@ -59,7 +59,7 @@ def checked_cluster_labels(record, *, num_classes: int, parts_per_class: int):
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name)
+    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
     if not stage.input:
         raise ValueError("stage.input is not set: give the part-ranking records (PART_LABELS) to train on")
