@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 
-.PHONY: demo test venv bench clean-demo
+.PHONY: demo test venv bench clean-demo reliability
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+reliability: venv
+	$(PY) tools/reliability.py
 
 bench: venv
 	for b in benchmarks/b*_*.py; do $(PY) $$b || exit 1; done

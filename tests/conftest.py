@@ -34,6 +34,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The reliability suite runs apart (``make reliability``, tests/reliability/conftest.py).
+collect_ignore = [] if os.environ.get("PD_RELIABILITY") == "1" else ["reliability"]
+
 # kind -> (environment variable that promises it, what to do when it is missing)
 KINDS = {
     "reference": ("CI", "set PD_REFERENCE_DIR to the reference fixtures"),
