@@ -11,7 +11,8 @@ Images are random 640x640 (``--size``); targets 4 random-box parts.
 Baseline in the same run: the forward pass alone in eval mode without gradients (what
 inference costs), so ``train/forward`` says what training adds.
 
-Memory: each config is measured in a fresh spawned process; ``peak_gb`` is that process's
+Wall time is what the machine gave; the process CPU time per step (all threads) is printed
+too, as wall time on a shared, oversubscribed machine says little. Memory: each config is measured in a fresh spawned process; ``peak_gb`` is that process's
 peak resident set (``ru_maxrss``) minus its resident set just before the model is built, so
 it counts the weights, gradients, AdamW state, activations and allocator slack of the step
 (process RSS, not torch's allocator statistics, which CPU tensors do not keep).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -95,17 +97,22 @@ def measure(size_name: str, batch_size: int, size: int, repeats: int, threads: i
             model(batch["pixel_values"])
 
     times = {"train": [], "infer": []}
+    cpu_times = {"train": [], "infer": []}
+    load_before = os.getloadavg()[0]
     train_step()  # warm-up (also allocates the AdamW state)
     infer_step()
     for _ in range(repeats):  # interleaved
         for name, step in (("train", train_step), ("infer", infer_step)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     train_s = statistics.median(times["train"]) / batch_size
     infer_s = statistics.median(times["infer"]) / batch_size
     return {"spec": MODEL_SIZES[size_name], "size": size, "batch": batch_size, "train_s_per_image": train_s,
             "infer_s_per_image": infer_s, "ratio": train_s / infer_s, "train_times": times["train"],
+            "train_cpu_s_per_image": statistics.median(cpu_times["train"]) / batch_size,
+            "load": (load_before, os.getloadavg()[0]),
             "peak_gb": _peak_rss_gb() - rss_before, "params_m": total / 1e6, "trainable_m": trainable / 1e6}
 
 
@@ -126,18 +133,24 @@ def main() -> None:
     mode.add_argument("--full", action="store_true", help="tiny and Swin-L (the default)")
     mode.add_argument("--swinl", action="store_true", help=argparse.SUPPRESS)  # the old flag: now the default
     args = parser.parse_args()
-    rows = [measure_in_child("tiny", args.batch, args.size, args.repeats, args.threads)]
+    configs = [("tiny", args.batch, args.repeats)]
     if not args.quick:
-        rows.append(measure_in_child("swinl", 1, args.size, max(1, args.repeats - 1), args.threads))
-    for r in rows:
+        configs.append(("swinl", 1, max(1, args.repeats - 1)))
+    rows = []
+    for size_name, batch, repeats in configs:
+        r = measure_in_child(size_name, batch, args.size, repeats, args.threads)
+        rows.append(r)
         print(f"{r['spec']:>22} ({r['params_m']:.1f} M parameters, {r['trainable_m']:.1f} M trainable) "
               f"{r['size']}px batch {r['batch']}, {args.threads} threads: train {r['train_s_per_image']:.3f} "
               f"s/image ({1 / r['train_s_per_image']:.2f} images/s; steps "
-              f"{', '.join(f'{t:.2f}' for t in r['train_times'])} s), forward-only {r['infer_s_per_image']:.3f} "
-              f"s/image, train/forward {r['ratio']:.2f}x, peak RSS increase {r['peak_gb']:.2f} GB")
+              f"{', '.join(f'{t:.2f}' for t in r['train_times'])} s; process CPU {r['train_cpu_s_per_image']:.2f} "
+              f"s/image), forward-only {r['infer_s_per_image']:.3f} s/image, train/forward {r['ratio']:.2f}x, "
+              f"peak RSS increase {r['peak_gb']:.2f} GB; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}",
+              flush=True)
     tiny = rows[0]
     swinl = rows[1] if len(rows) > 1 else None
-    swinl_fields = (f"swinl_s_per_image={swinl['train_s_per_image']:.2f} swinl_peak_gb={swinl['peak_gb']:.2f}"
+    swinl_fields = (f"swinl_s_per_image={swinl['train_s_per_image']:.2f} swinl_peak_gb={swinl['peak_gb']:.2f} "
+                    f"swinl_cpu_s_per_image={swinl['train_cpu_s_per_image']:.2f}"
                     if swinl else "swinl_s_per_image=skipped swinl_peak_gb=skipped")
     print(f"B6 tiny_images_per_s={1 / tiny['train_s_per_image']:.2f} tiny_train_over_forward={tiny['ratio']:.2f} "
           f"{swinl_fields}")

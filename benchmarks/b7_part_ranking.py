@@ -1,10 +1,12 @@
 """B7: part ranking (stage 5): images/s of both passes, and one class's k-means vs sklearn.
 
 Passes: the tiny proposal model (random weights, the demo's 128-pixel canvas) on
-synthetic stage-3 records, one image at a time on CPU, as the stage runs them: record ->
-image input -> model -> cluster pass (embeddings), and -> label pass (part labels, with
-centroids of the cluster pass's embeddings). Both passes' score thresholds are set to 0 so
-the untrained model keeps proposals (the work per image is that of a trained model).
+synthetic stage-3 records on CPU, as the stage runs them (``with_model_outputs``): record
+-> image input -> model -> cluster pass (embeddings), and -> label pass (part labels, with
+centroids of the cluster pass's embeddings), once one image per forward (the stage before
+batching) and once ``--batch`` images per forward (default 8, ``stage.batch_size``). Both
+passes' score thresholds are set to 0 so the untrained model keeps proposals (the work per
+image is that of a trained model).
 
 Clustering: the largest synthetic class, N L2-normalised D=256 embeddings (part
 prototypes plus noise, as B5) streamed to the stage's per-class file, then clustered the
@@ -15,6 +17,7 @@ on the same float32 array, same threads. Inertia of both re-evaluated in float64
 
     .venv/bin/python benchmarks/b7_part_ranking.py            # N = 100,000
     .venv/bin/python benchmarks/b7_part_ranking.py --full     # N = 400,000, 16 images per class
+    .venv/bin/python benchmarks/b7_part_ranking.py --batch 4  # the passes at batch 1 and 4
 """
 from __future__ import annotations
 
@@ -55,7 +58,9 @@ def make_class(rng: np.random.Generator, n: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def passes(tmp: Path, images_per_class: int) -> tuple[float, float, int]:
+def passes(tmp: Path, images_per_class: int, batch_size: int) -> dict:
+    """Both passes over the records at batch 1 and at ``batch_size`` (the stage's
+    ``with_model_outputs``), each timed once after a warm-up at that batch size."""
     records = write_part_segments(tmp / "synthetic", tmp / "records", num_classes=2,
                                   images_per_class=images_per_class)
     torch.manual_seed(0)
@@ -63,34 +68,40 @@ def passes(tmp: Path, images_per_class: int) -> tuple[float, float, int]:
     device = torch.device("cpu")
     loose = ranking.PassSettings(min_score=0.0)
     items = list(RecordStore(records).iter_records())
-    stage.model_outputs(model, stage.ImageInput(items[0], SIZE), device)  # warm-up
 
-    def cluster_pass():
+    def outputs(batch):
+        return stage.with_model_outputs(items, lambda r: True, model, device, SIZE, batch)
+
+    def cluster_pass(batch):
         found = []
-        for record in items:
-            inputs = stage.ImageInput(record, SIZE)
-            logits, masks, queries, sizes = stage.model_outputs(model, inputs, device)
+        for _, (inputs, (logits, masks, queries, sizes)) in outputs(batch):
             found.append(ranking.cluster_pass(logits, masks, queries, torch.from_numpy(inputs.object_mask),
                                               settings=loose, **sizes)[0])
         return torch.cat(found)
 
-    cluster_s, embeddings = timed(cluster_pass)
-    centroids = embeddings[torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:K]]
-
-    def label_pass():
+    def label_pass(batch, centroids):
         parts = 0
-        for record in items:
-            inputs = stage.ImageInput(record, SIZE)
-            logits, masks, queries, sizes = stage.model_outputs(model, inputs, device)
+        for _, (inputs, (logits, masks, queries, sizes)) in outputs(batch):
             parts += len(ranking.label_pass(logits, masks, queries, centroids, torch.from_numpy(inputs.object_mask),
                                             settings=loose, **sizes))
         return parts
 
-    label_s, parts = timed(label_pass)
-    print(f"passes: {len(items)} images at {SIZE} px, {len(embeddings)} embeddings, {parts} part labels; "
-          f"cluster pass {cluster_s:.2f} s ({len(items) / cluster_s:.2f} images/s), "
-          f"label pass {label_s:.2f} s ({len(items) / label_s:.2f} images/s)")
-    return len(items) / cluster_s, len(items) / label_s, len(items)
+    rates, found = {}, {}
+    for batch in (1, batch_size):
+        stage.model_outputs(model, [stage.ImageInput(r, SIZE) for r in items[:batch]], device)  # warm-up
+        cluster_s, embeddings = timed(lambda: cluster_pass(batch))
+        centroids = embeddings[torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:K]]
+        label_s, parts = timed(lambda: label_pass(batch, centroids))
+        rates[batch] = (len(items) / cluster_s, len(items) / label_s)
+        found[batch] = (embeddings, parts)
+        print(f"passes at batch {batch}: {len(items)} images at {SIZE} px, {len(embeddings)} embeddings, "
+              f"{parts} part labels; cluster pass {cluster_s:.2f} s ({rates[batch][0]:.2f} images/s), "
+              f"label pass {label_s:.2f} s ({rates[batch][1]:.2f} images/s)")
+    (e1, p1), (en, pn) = found[1], found[batch_size]
+    same = e1.shape == en.shape and p1 == pn
+    print(f"batch {batch_size} vs 1: same embeddings and part counts: {same} "
+          f"(max embedding difference {(e1 - en).abs().max().item() if e1.shape == en.shape else float('nan'):.2e})")
+    return {"rates": rates, "images": len(items)}
 
 
 def clustering(tmp: Path, n: int) -> tuple[float, float]:
@@ -113,12 +124,16 @@ def clustering(tmp: Path, n: int) -> tuple[float, float]:
 
 def main() -> None:
     full = "--full" in sys.argv
+    batch_size = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 8
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cluster_ips, label_ips, _ = passes(tmp, 16 if full else 6)
+        found = passes(tmp, 16 if full else 6, batch_size)
         speedup, ratio = clustering(tmp, 400_000 if full else 100_000)
+    (cluster_1, label_1), (cluster_n, label_n) = found["rates"][1], found["rates"][batch_size]
     print(f"B7 speedup={speedup:.1f}x inertia_ratio={ratio:.4f} "
-          f"cluster_pass_images_per_s={cluster_ips:.2f} label_pass_images_per_s={label_ips:.2f}")
+          f"cluster_pass_images_per_s={cluster_n:.2f} label_pass_images_per_s={label_n:.2f} (batch {batch_size}) "
+          f"cluster_pass_batch1_images_per_s={cluster_1:.2f} label_pass_batch1_images_per_s={label_1:.2f} "
+          f"batching_speedup_cluster={cluster_n / cluster_1:.2f}x batching_speedup_label={label_n / label_1:.2f}x")
 
 
 if __name__ == "__main__":
