@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -49,7 +48,7 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import proposals
-from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, Prediction, metrics
+from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, metrics
 from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
                                                      empty_prediction, prediction_from_record)
 from part_distillation.progress import StageSummary, progress
@@ -116,15 +115,25 @@ def parse_predictors(stage) -> list[PredictorSpec]:
 
 def check(cfg: RunConfig) -> None:
     """Before submission: every predictor entry is valid and its records or checkpoint exist."""
-    from part_distillation import inference
-
     st = cfg.stage
     if manifest_path(st.output).is_file():
         raise ConfigError(f"stage.output={st.output} holds an evaluation of the single-predictor layout "
                           f"(manifest.json at its top): move it away or choose another stage.output")
     for spec in parse_predictors(st):
         if spec.kind in MODEL_KINDS:
-            inference.resolve_checkpoint(spec.path, path_key=f"stage.predictors entry {spec.entry!r}: path")
+            _checkpoint(spec)
+
+
+def _checkpoint(spec: PredictorSpec) -> Path:
+    """The checkpoint file of a model entry; ``ConfigError`` naming the entry (and the setting it defaults to)."""
+    from part_distillation import inference
+
+    default = ":" not in spec.entry
+    key = ("stage.proposal_run" if spec.kind == "proposal" else "stage.part_distillation_run") if default else "path"
+    try:
+        return inference.resolve_checkpoint(spec.path, path_key=key)
+    except ConfigError as err:
+        raise ConfigError(f"stage.predictors entry {spec.entry!r}: {err}") from None
 
 
 def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
@@ -136,7 +145,7 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
         return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
     if spec.kind == "strips":
         return StripsPredictor(st.num_clusters, spec.label)
-    checkpoint = inference.resolve_checkpoint(spec.path, path_key=f"stage.predictors entry {spec.entry!r}: path")
+    checkpoint = _checkpoint(spec)
     model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
     if model.kind != spec.kind:
         raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} is a {model.kind} model, "
@@ -362,6 +371,8 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
 
     check_training_evaluation(stage)
     splits = [stage.eval_split] + ([stage.eval_match_split] if stage.eval_match_split else [])
+    # opened now (json only), so a wrong dataset setting fails before training, not at the first evaluation
+    datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
     cache: dict = {}
     images: dict[str, np.ndarray] = {}
 
@@ -372,7 +383,6 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
 
     def data() -> tuple[dict[str, list[PartSample]], int]:
         if "samples" not in cache:
-            datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
             limit = stage.eval_max_images or None
             cache["samples"] = {s: _first(d.samples(), limit) for s, d in datasets.items()}
             cache["num_parts"] = max(d.num_parts for d in datasets.values())
