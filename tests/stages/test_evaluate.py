@@ -227,3 +227,44 @@ def test_training_evaluation_scores_the_live_model(halves):
     assert got == evaluate.flat_metrics(want)
     with pytest.raises(ConfigError, match="stage.eval_root"):
         evaluate.training_evaluation(ProposalLearningStageConfig(output="x", eval_period=5), "proposal")
+
+
+@pytest.mark.integration
+def test_stage6_scores_its_model_while_training_and_its_run_folder_after(tmp_path, caplog):
+    """A PartDistillation model trained 4 iterations by the stage itself: periodic evaluation logs and
+    writes eval/ scalars at iterations 2 and 4; the run folder then evaluates as a predictor."""
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from part_distillation.data.imagenet import list_image_tree
+    from part_distillation.inference import TrainedModel
+    from part_distillation.stages import part_distillation
+    from tests.data.part_fixtures import write_part_labels
+    from tests.stages.part_distillation_job import config
+
+    torch.set_num_threads(1)
+    data_root = tmp_path / "synthetic"
+    records = write_part_labels(data_root, tmp_path / "records", num_classes=2, images_per_class=2, size=64)
+    write_split_halves(data_root, "train")
+    run_dir = tmp_path / "run"
+    cfg = config(records, data_root, run_dir, max_iter=4, steps=[3], checkpoint_period=4, eval_period=2,
+                 eval_root=str(data_root), eval_split="train_eval", eval_match_split="train_match",
+                 eval_image_root=str(data_root / "train"), eval_max_images=2)
+    with caplog.at_level(logging.INFO, logger="part_distillation"):
+        part_distillation.run(cfg, JobContext())
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[eval] iter")]
+    assert [m.split(":")[0] for m in messages] == ["[eval] iter 2", "[eval] iter 4"]
+    assert "strict/C-mIoU" in messages[-1] and "reference/AR@10" in messages[-1]
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/strict/AR@10")] == [2, 4]
+    assert json.loads((run_dir / "classes.json").read_text())["wnids"] == list(list_image_tree(data_root).wnids)
+    model = TrainedModel.load(run_dir)
+    assert model.kind == "part_distillation" and model.image_size == 64 and model.class_index("n90000002") == 1
+    eval_cfg = _cfg(f"data.root={data_root}", f"paths.root={tmp_path}", f"stage.image_root={data_root}/train",
+                    "stage.split=train_eval", "stage.match_split=train_match", "stage.top_k=[1,10]",
+                    f"stage.predictors=[part_distillation:{run_dir}]", "model.device=cpu")
+    summary = evaluate.run(eval_cfg, JobContext()).as_dict()
+    strict = summary["metrics"]["part_distillation"]["strict"]
+    assert summary["written"] == 4 and np.isfinite([strict["AR@10"], strict["C-mIoU"]]).all()
