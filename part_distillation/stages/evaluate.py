@@ -372,7 +372,11 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
     check_training_evaluation(stage)
     splits = [stage.eval_split] + ([stage.eval_match_split] if stage.eval_match_split else [])
     # opened now (json only), so a wrong dataset setting fails before training, not at the first evaluation
-    datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
+    try:
+        datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"periodic evaluation (stage.eval_root={stage.eval_root}, stage.eval_split="
+                          f"{stage.eval_split}, stage.eval_match_split={stage.eval_match_split}): {err}") from None
     cache: dict = {}
     images: dict[str, np.ndarray] = {}
 

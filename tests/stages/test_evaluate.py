@@ -268,3 +268,11 @@ def test_stage6_scores_its_model_while_training_and_its_run_folder_after(tmp_pat
     summary = evaluate.run(eval_cfg, JobContext()).as_dict()
     strict = summary["metrics"]["part_distillation"]["strict"]
     assert summary["written"] == 4 and np.isfinite([strict["AR@10"], strict["C-mIoU"]]).all()
+
+
+def test_training_evaluation_refuses_a_missing_split_before_training(halves):
+    from part_distillation.config import ProposalLearningStageConfig
+
+    stage = ProposalLearningStageConfig(output="x", eval_period=5, eval_root=str(halves["root"]), eval_split="val")
+    with pytest.raises(ConfigError, match="stage.eval_split=val.*no annotation file for split 'val'"):
+        evaluate.training_evaluation(stage, "proposal")
