@@ -193,4 +193,4 @@ class PeriodicEval(HookBase):
             self.trainer.model.train()
             if ddp_utils.is_main():
                 log.info("[eval] iter %d: %s", self.trainer.iter + 1,
-                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+                         ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
