@@ -1,28 +1,46 @@
-"""B6: training step time and peak memory per image on CPU (forward + backward + AdamW step,
-frozen backbone and pixel-decoder encoder), the engine's real loss and optimiser.
+"""B6: training step time and peak memory per image on CPU (forward + backward + clipping +
+AdamW step), the engine's real loss (``engine.recipe.reference_criterion``: 12544 points per
+mask, oversample 3, importance ratio 0.0) and optimiser, backbone and pixel-decoder encoder
+frozen by name as the reference does (frozen modules follow ``train()``: drop-path acts).
+
+Two configs: the tiny (demo) model at batch ``--batch`` and the Swin-L reference config
+(``swin_l_coco_instance``: 200 queries, 9 decoder layers, one foreground class) at batch 1.
+Weights are random (no checkpoint here): the step's cost does not depend on their values.
+Images are random 640x640 (``--size``); targets 4 random-box parts.
 
 Baseline in the same run: the forward pass alone in eval mode without gradients (what
-inference costs), so the ratio says what training adds. Images are random 640x640
-(``--size``), targets 4 random-box parts, the reference's 12544 points per mask.
+inference costs), so ``train/forward`` says what training adds.
 
-    .venv/bin/python benchmarks/b6_training.py            # the tiny (demo) model
-    .venv/bin/python benchmarks/b6_training.py --swinl    # also Swin-L at batch 1 (slow, ~10 GB)
+Memory: each config is measured in a fresh spawned process; ``peak_gb`` is that process's
+peak resident set (``ru_maxrss``) minus its resident set just before the model is built, so
+it counts the weights, gradients, AdamW state, activations and allocator slack of the step
+(process RSS, not torch's allocator statistics, which CPU tensors do not keep).
+
+    .venv/bin/python benchmarks/b6_training.py            # tiny + Swin-L at batch 1 (minutes, ~10 GB)
+    .venv/bin/python benchmarks/b6_training.py --quick    # tiny only (Swin-L reported as skipped)
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import limit_threads, threads_from_argv  # noqa: E402
 
-from part_distillation.engine.optim import build_adamw, clip_grad_norm
-from part_distillation.engine.recipe import mask2former_loss, reference_criterion
-from part_distillation.models.mask2former import build_mask2former, preprocess_images
+limit_threads(threads_from_argv())
+
+import torch  # noqa: E402
 
 
 def _batch(batch_size: int, size: int) -> dict:
+    from part_distillation.models.mask2former import preprocess_images
+
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(batch_size)]
     targets = []
@@ -36,18 +54,33 @@ def _batch(batch_size: int, size: int) -> dict:
     return {"pixel_values": batch.pixel_values, "targets": targets}
 
 
-def _peak_gb() -> float:
+def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def measure(spec: str, batch_size: int, size: int, repeats: int) -> dict:
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(size_name: str, batch_size: int, size: int, repeats: int, threads: int) -> dict:
+    """One config's step times (median of ``repeats`` after one warm-up) and memory; run in a child."""
+    from part_distillation.engine.optim import build_adamw, clip_grad_norm
+    from part_distillation.engine.recipe import MODEL_SIZES, build_model, mask2former_loss, reference_criterion
+
+    limit_threads(threads)
     torch.manual_seed(0)
-    model = build_mask2former(spec, num_classes=1)
-    model.freeze(backbone=True, pixel_decoder_encoder=True)
+    batch = _batch(batch_size, size)
+    rss_before = _rss_gb()
+    model = build_model(size_name, None, num_classes=1)
+    model.freeze(("backbone", "encoder"), frozen_mode="train")  # the reference's freezing
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     optimizer = build_adamw(model)
     loss_fn = mask2former_loss(reference_criterion(1), torch.device("cpu"))
-    batch = _batch(batch_size, size)
-    rss_before = _peak_gb()
 
     def train_step():
         model.train()
@@ -62,7 +95,7 @@ def measure(spec: str, batch_size: int, size: int, repeats: int) -> dict:
             model(batch["pixel_values"])
 
     times = {"train": [], "infer": []}
-    train_step()  # warm-up
+    train_step()  # warm-up (also allocates the AdamW state)
     infer_step()
     for _ in range(repeats):  # interleaved
         for name, step in (("train", train_step), ("infer", infer_step)):
@@ -71,35 +104,43 @@ def measure(spec: str, batch_size: int, size: int, repeats: int) -> dict:
             times[name].append(time.perf_counter() - t0)
     train_s = statistics.median(times["train"]) / batch_size
     infer_s = statistics.median(times["infer"]) / batch_size
-    return {"spec": spec, "size": size, "batch": batch_size, "train_s_per_image": train_s,
-            "infer_s_per_image": infer_s, "ratio": train_s / infer_s, "peak_gb": _peak_gb(),
-            "peak_gb_before": rss_before}
+    return {"spec": MODEL_SIZES[size_name], "size": size, "batch": batch_size, "train_s_per_image": train_s,
+            "infer_s_per_image": infer_s, "ratio": train_s / infer_s, "train_times": times["train"],
+            "peak_gb": _peak_rss_gb() - rss_before, "params_m": total / 1e6, "trainable_m": trainable / 1e6}
+
+
+def measure_in_child(*args) -> dict:
+    """``measure`` in a fresh spawned process, so that its peak RSS is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2, help="the tiny model's batch (Swin-L: 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--swinl", action="store_true", help="also the Swin-L reference config at batch 1")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny model only; Swin-L is reported as skipped")
+    mode.add_argument("--full", action="store_true", help="tiny and Swin-L (the default)")
+    mode.add_argument("--swinl", action="store_true", help=argparse.SUPPRESS)  # the old flag: now the default
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [measure("demo_cpu", args.batch, args.size, args.repeats)]
-    if args.swinl:
-        rows.append(measure("swin_l_coco_instance", 1, args.size, max(1, args.repeats - 1)))
+    rows = [measure_in_child("tiny", args.batch, args.size, args.repeats, args.threads)]
+    if not args.quick:
+        rows.append(measure_in_child("swinl", 1, args.size, max(1, args.repeats - 1), args.threads))
     for r in rows:
-        print(f"{r['spec']:>22} {r['size']}px batch {r['batch']}: train {r['train_s_per_image']:.3f} s/image "
-              f"({1 / r['train_s_per_image']:.2f} images/s), forward-only {r['infer_s_per_image']:.3f} s/image, "
-              f"train/forward {r['ratio']:.2f}x, peak process RSS {r['peak_gb']:.2f} GB")
+        print(f"{r['spec']:>22} ({r['params_m']:.1f} M parameters, {r['trainable_m']:.1f} M trainable) "
+              f"{r['size']}px batch {r['batch']}, {args.threads} threads: train {r['train_s_per_image']:.3f} "
+              f"s/image ({1 / r['train_s_per_image']:.2f} images/s; steps "
+              f"{', '.join(f'{t:.2f}' for t in r['train_times'])} s), forward-only {r['infer_s_per_image']:.3f} "
+              f"s/image, train/forward {r['ratio']:.2f}x, peak RSS increase {r['peak_gb']:.2f} GB")
     tiny = rows[0]
     swinl = rows[1] if len(rows) > 1 else None
-    print(f"B6 tiny_images_per_s={1 / tiny['train_s_per_image']:.2f} "
-          f"tiny_train_over_forward={tiny['ratio']:.2f} "
-          f"swinl_s_per_image={swinl['train_s_per_image']:.2f} swinl_peak_gb={swinl['peak_gb']:.2f}"
-          if swinl else
-          f"B6 tiny_images_per_s={1 / tiny['train_s_per_image']:.2f} tiny_train_over_forward={tiny['ratio']:.2f} "
-          f"swinl_s_per_image=skipped swinl_peak_gb=skipped")
+    swinl_fields = (f"swinl_s_per_image={swinl['train_s_per_image']:.2f} swinl_peak_gb={swinl['peak_gb']:.2f}"
+                    if swinl else "swinl_s_per_image=skipped swinl_peak_gb=skipped")
+    print(f"B6 tiny_images_per_s={1 / tiny['train_s_per_image']:.2f} tiny_train_over_forward={tiny['ratio']:.2f} "
+          f"{swinl_fields}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def _ratio():
     return lambda v: v is None or 0.0 <= v <= 1.0, "in [0, 1]"
 
 
+def _open_ratio():
+    return lambda v: v is None or 0.0 < v < 1.0, "in (0, 1), both ends excluded"
+
+
 def _one_of(*choices: str):
     return lambda v: v in choices, f"one of {list(choices)}"
 
@@ -256,6 +260,8 @@ class DenseCRFStageConfig(StageConfig):
     benchmark B2's textured 640x640 cases; on degraded synthetic parts fitted to 640
     (tests/stages/fixtures.py, 6 objects) 0.950 (factor 2) and 0.968 (factor 1). Small
     fitted images lose more at factor 2 (0.77 at 128x128): keep factor 1 there.
+    ``gt_prob``: the unary's probability of the given label, in (0, 1) exclusive (pydensecrf's
+    ``unary_from_labels`` asserts it: 1 or 0 gives an infinite -log unary).
     ``input_size``: the fit size stage 2 used; a record in another frame is an error.
     ``workers``: local CRF processes of this job (one writer, in the main process).
     ``follow``: process stage-2 records as they appear, polling the input every
@@ -272,7 +278,7 @@ class DenseCRFStageConfig(StageConfig):
     follow: bool = False
     poll_s: float = 30.0
 
-    _checks = {"gt_prob": _ratio(), "iterations": _at_least(1), "input_size": _at_least(32),
+    _checks = {"gt_prob": _open_ratio(), "iterations": _at_least(1), "input_size": _at_least(32),
                "variant": _one_of("reference", "fast"), "fast_factor": _at_least(1.0),
                "workers": _at_least(1), "poll_s": _at_least(0.0)}
 
@@ -365,7 +371,9 @@ class PartRankingStageConfig(StageConfig):
     The proposal model: ``checkpoint`` (a file) or, when null, the checkpoint of
     ``proposal_run`` at ``checkpoint_iteration`` (null: the newest; the reference: 40k).
     ``image_size``: the model's input canvas (reference 640). ``classifier``: ``l2``
-    (the reference, x·c − |x|² − |c|²) or ``dot``.
+    (the reference, x·c − |x|² − |c|²) or ``dot``. ``batch_size``: images per model
+    forward in both passes (the canvas is fixed, so batching pads nothing and results equal
+    batch 1's; a kill loses at most one batch of the cluster pass).
     """
 
     name: str = "part_ranking"
@@ -381,8 +389,9 @@ class PartRankingStageConfig(StageConfig):
     min_proposal_score: float = 0.3
     min_label_score: float = 0.1
     min_object_iou: float = 0.001
+    batch_size: int = 8
 
-    _checks = {"num_clusters": _at_least(1), "min_area_ratio": _ratio(),
+    _checks = {"num_clusters": _at_least(1), "min_area_ratio": _ratio(), "batch_size": _at_least(1),
                "min_proposal_score": _ratio(), "min_label_score": _ratio(), "min_object_iou": _ratio(),
                "image_size": _at_least(32), "n_init": _at_least(1), "topk": _at_least(1),
                "classifier": _one_of("l2", "dot")}

@@ -141,10 +141,10 @@ def _training_classes(info: RunInfo) -> tuple[str, ...] | None:
     root = info.get("data.root")
     if info.kind != "part_distillation" or not root or not Path(root).is_dir():
         return None
-    from part_distillation.data.imagenet import list_image_tree
+    from part_distillation.data.imagenet import list_classes
 
     try:
-        return list_image_tree(root, split=info.get("data.split"), words_file=info.get("data.words_file")).wnids
+        return list_classes(root, split=info.get("data.split"), words_file=info.get("data.words_file")).wnids or None
     except (OSError, ValueError):
         return None
 

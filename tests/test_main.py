@@ -73,6 +73,8 @@ def test_demo_experiment_runs_the_pipeline_on_the_tiny_model():
     (["stage=pixel_grouping", "stage.assignment=cosine"], "stage.assignment"),
     (["stage=dense_crf", "stage.gt_prob=1.5"], "stage.gt_prob"),
     (["stage=dense_crf", "stage.gt_prob=-0.1"], "stage.gt_prob"),
+    (["stage=dense_crf", "stage.gt_prob=1.0"], "stage.gt_prob"),  # an infinite CRF unary
+    (["stage=dense_crf", "stage.gt_prob=0"], "stage.gt_prob"),
     (["stage=part_ranking", "stage.min_area_ratio=2"], "stage.min_area_ratio"),
     (["launcher.tasks_per_node=0"], "launcher.tasks_per_node"),
     (["model.device=tpu"], "model.device"),
@@ -87,8 +89,8 @@ def test_validate_rejects_out_of_range_values_naming_the_key(overrides, key):
 
 @pytest.mark.parametrize("overrides", [
     ["shard.index=1", "shard.count=2"],
-    ["stage=dense_crf", "stage.gt_prob=1.0"],
-    ["stage=dense_crf", "stage.gt_prob=0"],
+    ["stage=dense_crf", "stage.gt_prob=0.999"],
+    ["stage=dense_crf", "stage.gt_prob=0.001"],
     ["stage=pixel_grouping", "stage.num_parts=1"],
 ])
 def test_validate_accepts_values_on_the_boundary(overrides):

@@ -104,28 +104,42 @@ class ImageTree:
         return counts
 
 
-def list_image_tree(root: PathLike, split: str | None = "train", words_file: PathLike | None = None,
-                    classes: Sequence[str] | None = None,
-                    extensions: Iterable[str] = IMAGE_EXTENSIONS) -> ImageTree:
-    """List the images of an ImageNet-1k or -21k style tree.
+@dataclass(frozen=True)
+class ClassList:
+    """A tree's classes without its images: what ``list_image_tree`` would index them as."""
 
-    ``split`` picks ``root/<split>`` when that folder exists, else ``root`` itself must
-    hold the class folders (21k layout, or a split folder given directly); ``None``
-    always uses ``root``. ``words_file`` names the classes (found next to the tree when
-    not given, see ``find_words_file``); a synset list fixes the classes themselves (see
-    the module notes). ``classes`` restricts the tree to these wnids, which must all
-    exist. Files are matched by extension, case-insensitively; hidden files and
-    sub-folders of class folders are ignored. Raises ``ImageTreeError`` naming the path
-    and the layout expected when the tree holds no images.
-    """
+    root: Path                          #: the split folder that holds the class folders
+    wnids: tuple[str, ...]              #: sorted; position = the global class index
+    names: tuple[str, ...]              #: readable name per wnid (the wnid when unknown)
+
+    def __len__(self) -> int:
+        return len(self.wnids)
+
+
+def list_classes(root: PathLike, split: str | None = "train", words_file: PathLike | None = None,
+                 classes: Sequence[str] | None = None) -> ClassList:
+    """The classes of a tree, in the order (= class index) ``list_image_tree`` gives them,
+    from the class list and one listing of the split folder: no class folder is opened, so
+    it costs the same for ImageNet-21k's 14 M images as for a tiny tree."""
+    split_dir, words_file, known = _split_and_words(root, split, words_file)
+    wnids, _, _ = _classes(split_dir, words_file, known, classes)
+    return ClassList(root=split_dir, wnids=wnids, names=tuple(known.get(w, w) for w in wnids))
+
+
+def _split_and_words(root: PathLike, split: str | None, words_file: PathLike | None):
     split_dir = resolve_split_dir(root, split)
-    exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     if words_file is None:
         words_file = find_words_file(split_dir)
     elif not Path(words_file).is_file():
         raise ImageTreeError(f"class-name file {words_file} (data.words_file) does not exist; set "
                              f"data.words_file=null to look for words.txt or LOC_synset_mapping.txt next to the tree")
     known = read_class_names(words_file) if words_file is not None else {}
+    return split_dir, words_file, known
+
+
+def _classes(split_dir: Path, words_file: PathLike | None, known: dict[str, str],
+             classes: Sequence[str] | None) -> tuple[tuple[str, ...], dict[str, str], list[tuple[str, str]]]:
+    """(sorted class wnids, class folders by name, skipped folders) of a split folder (see the module notes)."""
     skipped: list[tuple[str, str]] = []
     folders = _class_folders(split_dir, skipped)
     if classes is not None:
@@ -150,6 +164,27 @@ def list_image_tree(root: PathLike, split: str | None = "train", words_file: Pat
                                        f"{words_file if words_file is not None else 'the class list'}"))
     for path, reason in skipped:
         logger.warning("skipped while listing classes: %s: %s", path, reason)
+    return wnids, folders, skipped
+
+
+def list_image_tree(root: PathLike, split: str | None = "train", words_file: PathLike | None = None,
+                    classes: Sequence[str] | None = None,
+                    extensions: Iterable[str] = IMAGE_EXTENSIONS) -> ImageTree:
+    """List the images of an ImageNet-1k or -21k style tree.
+
+    ``split`` picks ``root/<split>`` when that folder exists, else ``root`` itself must
+    hold the class folders (21k layout, or a split folder given directly); ``None``
+    always uses ``root``. ``words_file`` names the classes (found next to the tree when
+    not given, see ``find_words_file``); a synset list fixes the classes themselves (see
+    the module notes). ``classes`` restricts the tree to these wnids, which must all
+    exist. Files are matched by extension, case-insensitively; hidden files and
+    sub-folders of class folders are ignored. Raises ``ImageTreeError`` naming the path
+    and the layout expected when the tree holds no images. ``list_classes`` gives the
+    classes alone, without listing the images.
+    """
+    split_dir, words_file, known = _split_and_words(root, split, words_file)
+    exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    wnids, folders, skipped = _classes(split_dir, words_file, known, classes)
 
     images: list[ImageRecordRef] = []
     rejected: list[ImageRecordRef] = []

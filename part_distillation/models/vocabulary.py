@@ -8,14 +8,15 @@ It is either read from such a file or computed from class names with the prompt 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from part_distillation.store.files import atomic_write_bytes
 
 CLIP_EMBED_DIM = 512
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -145,12 +146,9 @@ def cached_vocabulary(
     if array.shape[1] != expected_dim:
         raise ValueError(f"the CLIP model gives {array.shape[1]}-wide embeddings, expected {expected_dim}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)  # atomic: parallel jobs never read a half-written cache
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    # atomic (parallel jobs never read a half-written cache), mode 0o666 & ~umask as the store's
+    # files (mkstemp's 0600 would hide the cache from teammates sharing it)
+    atomic_write_bytes(path, buffer.getvalue())
     return array

@@ -22,7 +22,7 @@ import torch
 
 from part_distillation.config import RunConfig
 from part_distillation.context import JobContext
-from part_distillation.data.imagenet import list_image_tree
+from part_distillation.data.imagenet import ImageTreeError, list_classes
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, cluster_labels
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
@@ -43,12 +43,18 @@ def check(cfg: RunConfig) -> None:
 
 
 def object_classes(cfg: RunConfig) -> tuple[str, ...]:
-    """The object classes (wnids) of ``cfg.data``'s image tree (its class list), in head order."""
-    return list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file).wnids
+    """The object classes (wnids) of ``cfg.data``'s image tree in class-index (= head) order, the
+    class list the records' ``class_index`` comes from (``list_classes``: the class list and one
+    listing of the top folder, never the images; ImageNet-21k's 14 M files are not walked)."""
+    classes = list_classes(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
+    if not len(classes):
+        raise ImageTreeError(f"no class folders in {classes.root} (data.root={cfg.data.root}): stage 6 needs "
+                             f"the image tree the records were made from, to size its class head")
+    return classes.wnids
 
 
 def num_object_classes(cfg: RunConfig) -> int:
-    """C: the number of object classes of ``cfg.data``'s image tree (its class list)."""
+    """C: the number of object classes of ``cfg.data``'s image tree (:func:`object_classes`)."""
     return len(object_classes(cfg))
 
 

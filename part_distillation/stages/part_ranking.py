@@ -15,7 +15,7 @@ Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<
    (``models.part_ranking.cluster_pass``) are appended to ``class_<c>.f32`` (float32,
    one file per object class) and the image's key with each file's committed length
    to ``progress.tsv``. A rerun truncates the files to the committed lengths and skips
-   logged keys, so a kill loses at most one image.
+   logged keys, so a kill loses at most one batch of images.
 2. K-means per class (the model layer's ``kmeans``, ``stage.n_init`` restarts) from the
    memory-mapped file. Classes with at most K embeddings get no part classes (never
    random centroids). ``centroids.npz`` + ``centroids.json`` (counts, the checkpoint
@@ -23,7 +23,11 @@ Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<
 3. Label pass (``models.part_ranking.label_pass``): ``PART_LABELS`` records; images of a
    class with no part classes are skipped with ``no_part_classes``.
 
-Memory: the cluster pass holds one image's model outputs; k-means holds the class's
+Both passes run the model on ``stage.batch_size`` images at a time (``with_model_outputs``;
+every canvas has the same size, so a batch pads nothing and each image's outputs equal a
+batch of one's) and handle the records one by one in their order.
+
+Memory: the cluster pass holds one batch's model outputs; k-means holds the class's
 embeddings once as float32 (N x D x 4 bytes, read from the file) plus the k-means
 workspace (chunked distances; measured in tests/stages/test_part_ranking.py: peak RSS rise
 below 2.5 x N x D x 4 bytes + 64 MiB for 1M embeddings).
@@ -34,6 +38,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,12 +108,48 @@ class ImageInput:
 
 
 @torch.no_grad()
-def model_outputs(model, inputs: ImageInput, device: torch.device):
-    batch = preprocess_images([inputs.canvas], device=device)
-    out = model(batch.pixel_values)
-    sizes = dict(padded_size=batch.padded_size, image_size=inputs.model_frame.fitted,
-                 output_size=inputs.frame.fitted)
-    return out["pred_logits"][0], out["pred_masks"][0], out["query_embeddings"][0], sizes
+def model_outputs(model, batch: Sequence[ImageInput], device: torch.device) -> list[tuple]:
+    """One forward over ``batch``; per image ``(class logits (Q, 2), mask logits (Q, h, w),
+    query embeddings (Q, D), sizes)`` as the passes take them. Every canvas has the same
+    size, so the batch pads nothing and each image's outputs equal a batch of one's."""
+    pixels = preprocess_images([inputs.canvas for inputs in batch], device=device)
+    out = model(pixels.pixel_values)
+    return [(out["pred_logits"][i], out["pred_masks"][i], out["query_embeddings"][i],
+             dict(padded_size=pixels.padded_size, image_size=inputs.model_frame.fitted,
+                  output_size=inputs.frame.fitted))
+            for i, inputs in enumerate(batch)]
+
+
+def with_model_outputs(records: Iterable[dict], wanted: Callable[[dict], bool], model, device: torch.device,
+                       size: int, batch_size: int) -> Iterator[tuple[dict, object]]:
+    """Every record, in order, with what the model made of it: ``(record, (inputs, outputs))``
+    where ``outputs`` are ``model_outputs``'s for its image; ``(record, None)`` for a record
+    ``wanted`` declines; ``(record, error)`` for an image that cannot be read. Wanted
+    records are run through the model ``batch_size`` at a time."""
+    pending: list[tuple[dict, object]] = []  # in record order; ImageInput entries await the model
+    loaded = 0
+
+    def flush():
+        batch = [item for _, item in pending if isinstance(item, ImageInput)]
+        outputs = iter(model_outputs(model, batch, device) if batch else ())
+        for record, item in pending:
+            yield record, ((item, next(outputs)) if isinstance(item, ImageInput) else item)
+        pending.clear()
+
+    for record in records:
+        if not wanted(record):
+            item = None
+        else:
+            try:
+                item = ImageInput(record, size)
+                loaded += 1
+            except (BadImageError, FileNotFoundError) as error:
+                item = error
+        pending.append((record, item))
+        if loaded == batch_size:
+            yield from flush()
+            loaded = 0
+    yield from flush()
 
 
 # --------------------------------------------------------------------------- work folder
@@ -239,18 +280,18 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     classes: list[int] = []
     cluster_images = 0
     if not (folder / "centroids.json").exists():
-        for record in progress(records(), None, f"{stage.name} cluster pass", stage.progress_every):
+        records_seen = progress(records(), None, f"{stage.name} cluster pass", stage.progress_every)
+        for record, result in with_model_outputs(records_seen, lambda r: r["key"] not in work.done, model, device,
+                                                 stage.image_size, stage.batch_size):
             cls = int(record["class_index"])
             if cls not in classes:
                 classes.append(cls)
-            if record["key"] in work.done:
+            if result is None:  # done before a restart
                 continue
-            try:
-                inputs = ImageInput(record, stage.image_size)
-            except (BadImageError, FileNotFoundError):
+            if isinstance(result, Exception):
                 work.add(record["key"], cls, torch.zeros((0, 0)))
                 continue
-            logits, masks, queries, sizes = model_outputs(model, inputs, device)
+            inputs, (logits, masks, queries, sizes) = result
             embeddings, _ = ranking.cluster_pass(logits, masks, queries, torch.from_numpy(inputs.object_mask),
                                                  settings=cluster_settings, **sizes)
             work.add(record["key"], cls, embeddings)
@@ -266,7 +307,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
 
     # 3. label pass
     with open_output(cfg, PART_LABELS, context) as writer:
-        for record in progress(records(), None, f"{stage.name} label pass", stage.progress_every):
+        def wanted(record):
+            return not writer.has(record["key"]) and int(record["class_index"]) in centroids
+
+        records_seen = progress(records(), None, f"{stage.name} label pass", stage.progress_every)
+        for record, result in with_model_outputs(records_seen, wanted, model, device, stage.image_size,
+                                                 stage.batch_size):
             key = record["key"]
             summary.seen += 1
             if writer.has(key):
@@ -277,14 +323,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                 writer.skip(key, "no_part_classes")
                 summary.skip("no_part_classes")
                 continue
-            try:
-                inputs = ImageInput(record, stage.image_size)
-            except (BadImageError, FileNotFoundError):
+            if isinstance(result, Exception):
                 writer.skip(key, "bad_image")
                 summary.skip("bad_image")
                 continue
+            inputs, (logits, masks, queries, sizes) = result
             obj = torch.from_numpy(inputs.object_mask)
-            logits, masks, queries, sizes = model_outputs(model, inputs, device)
             parts = ranking.label_pass(logits, masks, queries, torch.from_numpy(centroids[cls]).to(device), obj,
                                        classifier=stage.classifier, settings=label_settings, **sizes)
             part_masks = parts.masks.cpu().numpy()

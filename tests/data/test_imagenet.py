@@ -302,3 +302,39 @@ def test_a_tree_without_images_is_an_error_naming_the_path_and_layout(tmp_path, 
 def test_check_image_tree_accepts_a_tree_with_images(tmp_path):
     _make_tree(tmp_path / "train")
     assert check_image_tree(tmp_path, split="train") == (tmp_path / "train").resolve()
+
+
+@pytest.mark.parametrize("words", [None, "words.txt", "LOC_synset_mapping.txt"])
+def test_list_classes_gives_the_tree_listing_classes_without_opening_a_class_folder(tmp_path, monkeypatch, words):
+    """Same wnids (= class indices) and names as ``list_image_tree`` (a synset list keeps a class
+    with no folder; words.txt drops a folder it does not name), from one listing of the split
+    folder: scanning any class folder would fail here."""
+    from part_distillation.data import imagenet
+    from part_distillation.data.imagenet import list_classes
+
+    _make_tree(tmp_path / "train")
+    (tmp_path / "train" / "n00000001").mkdir()  # an extra class folder
+    (tmp_path / "train" / "n00000001" / "a.JPEG").write_bytes(b"x")
+    if words == "words.txt":
+        _words(tmp_path / words)
+        (tmp_path / "train" / "not_a_class").mkdir()
+    elif words:
+        _words(tmp_path / words, tab=False, extra=True)  # n99999999 listed without a folder
+    tree = list_image_tree(tmp_path, split="train")
+    split_dir = tmp_path / "train"
+    real_scandir = os.scandir
+    scanned = []
+
+    def scandir(path="."):
+        scanned.append(Path(path))
+        if Path(path) != split_dir:
+            raise AssertionError(f"list_classes opened {path}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(imagenet.os, "scandir", scandir)
+    classes = list_classes(tmp_path, split="train")
+    assert classes.wnids == tree.wnids and classes.names == tree.names and len(classes) == len(tree.wnids)
+    assert scanned == [split_dir] and classes.root == split_dir
+    expected = {None: sorted(CLASSES) + ["n00000001"], "words.txt": sorted(CLASSES) + ["n00000001"],
+                "LOC_synset_mapping.txt": sorted(CLASSES) + ["n99999999"]}[words]
+    assert list(classes.wnids) == sorted(expected)

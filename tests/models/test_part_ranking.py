@@ -104,3 +104,19 @@ def test_label_pass_keeps_nothing_when_nothing_passes_the_score_filter():
     parts = ranking.label_pass(torch.tensor([[-3.0, 0.0]]), logits, torch.tensor([[1.0, 0.0]]),
                                torch.tensor([[1.0, 0.0], [0.0, 1.0]]), obj, padded_size=(4, 4), image_size=(4, 4))
     assert len(parts) == 0  # fg sigmoid(-3) = 0.047 x softmax < 0.1: no fallback to keeping everything
+
+
+def test_cluster_pass_keeps_nothing_when_nothing_passes_the_score_or_area_filter():
+    """Section 5's filters are plain (stage 4's keep-everything fallback is not applied)."""
+    obj = torch.ones(4, 4, dtype=torch.bool)
+    # score: both queries cover the image, foreground sigmoid(-1) = 0.27 < 0.3
+    got, kept = ranking.cluster_pass(torch.tensor([[-1.0, 0.0], [-1.5, 0.0]]), _logits(4, 4, [(0, 4, 0, 2), (0, 4, 2, 4)]),
+                                     torch.ones(2, 3), obj, padded_size=(4, 4), image_size=(4, 4))
+    assert got.shape == (0, 3) and len(kept) == 0
+    # area: 40 x 40 foreground of one big low-score query, the high-score ones own 1 pixel each
+    # (1/1600 < 5%); the big one passes area (~99.9%) but not score (0.12): nothing is left
+    boxes = [(0, 40, 0, 40), (0, 1, 0, 1), (39, 40, 39, 40)]
+    got, kept = ranking.cluster_pass(torch.tensor([[-2.0, 0.0], [3.0, 0.0], [3.0, 0.0]]), _logits(40, 40, boxes),
+                                     torch.ones(3, 3), torch.ones(40, 40, dtype=torch.bool),
+                                     padded_size=(40, 40), image_size=(40, 40))
+    assert got.shape == (0, 3) and len(kept) == 0

@@ -1,6 +1,8 @@
 """CLIP vocabularies: Detic .npy files, the prompt, encoding with a tiny offline CLIP, the cache."""
 from __future__ import annotations
 
+import os
+import stat
 import string
 from pathlib import Path
 
@@ -129,6 +131,21 @@ def test_cache_computes_once_per_vocabulary(tmp_path: Path, tiny_clip):
     cached_vocabulary(["dog", "cat"], cache, CountingEncoder(), tokenizer, model_id="tiny")  # order matters
     assert calls == [2, 2, 2] and len(list(cache.iterdir())) == 3
     assert vocabulary_key(names, "tiny", "a photo of a {}") != vocabulary_key(names, "tiny")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_cache_file_mode_follows_the_umask(tmp_path: Path, tiny_clip, umask):
+    """The cache is shared by every job of a team: 0o666 & ~umask (0644 / 0664), as ``open``
+    creates files, not mkstemp's 0600; and no temporary file is left behind."""
+    model, tokenizer = tiny_clip
+    old = os.umask(umask)
+    try:
+        cached_vocabulary(["cat"], tmp_path / "cache", model, tokenizer, model_id="tiny")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o666 & ~umask
 
 
 def test_cache_from_local_model_directory(tmp_path: Path, tiny_clip):

@@ -147,6 +147,23 @@ def test_class_index_outside_the_dataset_is_a_clear_error(tmp_path, records):
                                                  num_classes=3, parts_per_class=4)
 
 
+def test_number_of_object_classes_comes_from_the_class_folders_not_the_images(tmp_path, records, monkeypatch):
+    """C from the synthetic tree's class list without listing a single image (a 14 M-image
+    tree must not be walked once per process); an empty tree is a clear error."""
+    from part_distillation.config import DataConfig, RunConfig
+    from part_distillation.data import imagenet
+
+    def no_image_listing(*args, **kwargs):
+        raise AssertionError("num_object_classes listed the images of a class folder")
+
+    monkeypatch.setattr(imagenet, "_image_files", no_image_listing)
+    cfg = RunConfig(stage=None, data=DataConfig(name="synthetic", root=str(records[1])))
+    assert part_distillation.num_object_classes(cfg) == NUM_CLASSES
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(imagenet.ImageTreeError, match="no class folders"):
+        part_distillation.num_object_classes(RunConfig(stage=None, data=DataConfig(name="x", root=str(tmp_path / "empty"))))
+
+
 def _job(records, run_dir, *args, expect_kill=False):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "tests.stages.part_distillation_job", str(records[0]),

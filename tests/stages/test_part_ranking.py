@@ -158,6 +158,67 @@ def test_killed_cluster_pass_resumes_to_the_same_result(tmp_path, records, propo
         np.testing.assert_array_equal(got[key]["cluster_ids"], want[key]["cluster_ids"])
 
 
+def test_batched_passes_give_the_results_of_one_image_at_a_time(tmp_path, records, proposal_run):
+    """batch_size 3 (8 images: batches of 3, 3, 2, mixing classes) against batch_size 1:
+    the same embeddings and centroids (float32, atol 1e-5: batched kernels may round
+    differently), and the same part masks and cluster ids (exactly), scores (rtol 1e-5)."""
+    torch.set_num_threads(1)
+    runs = {}
+    for batch_size in (1, 3):
+        cfg = _cfg(tmp_path / f"batch{batch_size}", records, proposal_run, batch_size=batch_size)
+        summary = part_ranking.run(cfg, JobContext())
+        folder = part_ranking.work_folder(cfg)
+        runs[batch_size] = (summary, folder, {r["key"]: r for r in RecordStore(cfg.stage.output).iter_records()})
+    (one, one_folder, one_records), (three, three_folder, three_records) = runs[1], runs[3]
+    assert one.written == three.written > 0 and one.extra["cluster_pass_images"] == 8
+    files = sorted(p.name for p in one_folder.glob("class_*.f32"))
+    assert files and files == sorted(p.name for p in three_folder.glob("class_*.f32"))
+    for name in files:
+        a = np.fromfile(one_folder / name, dtype=np.float32)
+        b = np.fromfile(three_folder / name, dtype=np.float32)
+        assert a.shape == b.shape and len(a) > 0
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    a, _ = part_ranking.load_centroids(one_folder)
+    b, _ = part_ranking.load_centroids(three_folder)
+    assert a.keys() == b.keys() and a
+    for c in a:
+        np.testing.assert_allclose(b[c], a[c], atol=1e-5)
+    assert one_records.keys() == three_records.keys()
+    for key, want in one_records.items():
+        got = three_records[key]
+        assert got["part_masks"] == want["part_masks"], key
+        np.testing.assert_array_equal(got["cluster_ids"], want["cluster_ids"])
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5)
+
+
+def test_model_batches_keep_record_order_and_pass_bad_images_and_declined_records_through(tmp_path, records):
+    """with_model_outputs: every record once, in order; declined ones with None, unreadable
+    images with their error; the model sees batches of at most batch_size images."""
+    items = list(RecordStore(records).iter_records())
+    items[2] = {**items[2], "path": str(tmp_path / "missing.png")}
+    seen_batches = []
+
+    class Model:
+        def __call__(self, pixels):
+            seen_batches.append(pixels.shape[0])
+            b = pixels.shape[0]
+            return {"pred_logits": torch.arange(b, dtype=torch.float32)[:, None, None].expand(b, 3, 2),
+                    "pred_masks": torch.zeros(b, 3, 4, 4), "query_embeddings": torch.zeros(b, 3, 5)}
+
+    declined = {items[0]["key"], items[5]["key"]}
+    out = list(part_ranking.with_model_outputs(items, lambda r: r["key"] not in declined, Model(),
+                                               torch.device("cpu"), 64, 2))
+    assert [r["key"] for r, _ in out] == [r["key"] for r in items]
+    assert out[0][1] is None and out[5][1] is None
+    assert isinstance(out[2][1], (part_ranking.BadImageError, FileNotFoundError))
+    ran = [(r, result) for r, result in out if isinstance(result, tuple)]
+    assert len(ran) == len(items) - 3 and seen_batches == [2, 2, 1]
+    # each image gets its own row of the batch: batch position 0, 1, 0, 1, 0
+    assert [int(result[1][0][0, 0]) for _, result in ran] == [0, 1, 0, 1, 0]
+    for record, (inputs, (_, _, _, sizes)) in ran:
+        assert inputs.frame.fitted == tuple(record["fitted_size"]) and sizes["output_size"] == inputs.frame.fitted
+
+
 # --------------------------------------------------------------------------- memory bound
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -227,7 +288,10 @@ def _fake_outputs(num_parts_seen, noise=0.15, dim=16):
     prototypes = {}
     generator = torch.Generator().manual_seed(0)
 
-    def outputs(model, inputs, device):
+    def outputs(model, batch, device):
+        return [one_image(inputs) for inputs in batch]
+
+    def one_image(inputs):
         h, w = inputs.frame.fitted
         queries, logits, embeddings = [], [], []
         cls = inputs.class_index
