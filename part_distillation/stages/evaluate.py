@@ -18,7 +18,10 @@
 
 Each predictor has a label (``records_<stage>``, ``proposal``, ``part_distillation``,
 ``strips``; unique) and its own sharded, resumable store of per-image evaluation states
-under ``<stage.output>/<label>/`` (``eval_states`` records). Whichever job finds every
+under ``<stage.output>/<label>/`` (``eval_states`` records; its manifest holds what its
+states depend on, so each resumes on its own). ``stage.output`` itself is a store as every
+stage's (the manifest of the whole config, a shard file per job closed when the job's slice
+is done, no records), which is what pipelines and status read. Whichever job finds every
 shard of every predictor closed merges them (a pure function of the states): per
 predictor ``metrics.json``, ``metrics.md``, ``per_class.csv`` in its folder, and in
 ``stage.output`` the combined ``metrics.md`` (a row per predictor and protocol: AR@k,
@@ -52,6 +55,7 @@ from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, met
 from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
                                                      empty_prediction, prediction_from_record)
 from part_distillation.progress import StageSummary, progress
+from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
 
@@ -116,9 +120,6 @@ def parse_predictors(stage) -> list[PredictorSpec]:
 def check(cfg: RunConfig) -> None:
     """Before submission: every predictor entry is valid and its records or checkpoint exist."""
     st = cfg.stage
-    if manifest_path(st.output).is_file():
-        raise ConfigError(f"stage.output={st.output} holds an evaluation of the single-predictor layout "
-                          f"(manifest.json at its top): move it away or choose another stage.output")
     for spec in parse_predictors(st):
         if spec.kind in MODEL_KINDS:
             _checkpoint(spec)
@@ -221,6 +222,9 @@ def run(cfg: RunConfig, context) -> StageSummary:
                   for p in predictors]
     output = Path(st.output)
     with contextlib.ExitStack() as stack:
+        # the job's shard of stage.output itself: its manifest (this config, predictors included) and,
+        # once closed, "this slice is done" as for every stage; the states are in the predictors' stores
+        stack.enter_context(open_output(cfg, EVAL_STATES, context))
         writers = [stack.enter_context(_open_store(cfg, output / spec.label, _predictor_config(spec, p, st), context))
                    for spec, p in zip(specs, predictors)]
         for split, dataset in datasets.items():

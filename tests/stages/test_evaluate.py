@@ -22,7 +22,7 @@ from part_distillation.evaluation.predictors import ModelPredictor
 from part_distillation.launch import JobContext
 from part_distillation.masks import encode_rles
 from part_distillation.stages import evaluate
-from part_distillation.store import ShardWriter
+from part_distillation.store import ConfigMismatchError, RecordStore, ShardWriter
 from part_distillation.store.schemas import PART_SEGMENTS
 
 from tests.model_runs import write_run
@@ -179,6 +179,11 @@ def test_trained_models_records_and_strips_side_by_side(halves, tmp_path):
     # resumable: a second run finds every state written
     again = evaluate.run(cfg, JobContext()).as_dict()
     assert again["written"] == 0 and again["already_done"] == 32
+    # stage.output is a store as every stage's: this config's manifest, closed shards (no records)
+    top = RecordStore(cfg.stage.output).summary()
+    assert top["stage"] == "evaluate" and top["shards_missing_summary"] == [] and top["records"] == 0
+    with pytest.raises(ConfigMismatchError, match="stage.predictors"):   # another list is another config
+        evaluate.run(_model_cfg(halves, tmp_path, "[strips]"), JobContext())
 
 
 def test_check_names_the_bad_entry(halves, tmp_path):
