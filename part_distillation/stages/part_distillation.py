@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -27,20 +28,34 @@ from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
 from part_distillation.engine.recipe import build_model, build_trainer, frozen_name_keys, proposal_preview, \
     reference_criterion
+from part_distillation.inference import CLASSES_FILE
 from part_distillation.progress import StageSummary
+from part_distillation.store.files import atomic_write_json
 
 log = logging.getLogger("part_distillation")
 
 
-def num_object_classes(cfg: RunConfig) -> int:
-    """C: the number of object classes of ``cfg.data``'s image tree, the class list the
-    records' ``class_index`` comes from (``list_classes``: the class list and one listing of
-    the top folder, never the images; ImageNet-21k's 14 M files are not walked)."""
+def check(cfg: RunConfig) -> None:
+    """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
+    from part_distillation.stages.evaluate import check_training_evaluation
+
+    check_training_evaluation(cfg.stage)
+
+
+def object_classes(cfg: RunConfig) -> tuple[str, ...]:
+    """The object classes (wnids) of ``cfg.data``'s image tree in class-index (= head) order, the
+    class list the records' ``class_index`` comes from (``list_classes``: the class list and one
+    listing of the top folder, never the images; ImageNet-21k's 14 M files are not walked)."""
     classes = list_classes(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
     if not len(classes):
         raise ImageTreeError(f"no class folders in {classes.root} (data.root={cfg.data.root}): stage 6 needs "
                              f"the image tree the records were made from, to size its class head")
-    return len(classes)
+    return classes.wnids
+
+
+def num_object_classes(cfg: RunConfig) -> int:
+    """C: the number of object classes of ``cfg.data``'s image tree (:func:`object_classes`)."""
+    return len(object_classes(cfg))
 
 
 def conditioned_forward(device: torch.device):
@@ -71,7 +86,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     device = ddp_utils.training_device(cfg.model.device, context.local_rank)
     if stage.deterministic:
         torch.use_deterministic_algorithms(True)
-    classes, parts = num_object_classes(cfg), stage.parts_per_class
+    wnids = object_classes(cfg)
+    classes, parts = len(wnids), stage.parts_per_class
     dataset = PartRecordDataset(
         [stage.input, *stage.extra_inputs],
         augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
@@ -85,9 +101,16 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
     log.info("[%s] %d object classes x %d parts: class head %d outputs", stage.name, classes, parts,
              classes * parts + 1)
+    evaluator = None
+    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
+        from part_distillation.stages.evaluate import training_evaluation
+
+        evaluator = training_evaluation(stage, "part_distillation", class_wnids=wnids)
     trainer, _ = build_trainer(cfg, context, model, dataset,
                                reference_criterion(num_classes=parts, num_points=stage.num_points),
-                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device))
+                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device), evaluate=evaluator)
+    if context.is_main:  # the head's object classes, for inference (part_distillation.inference)
+        atomic_write_json(Path(stage.output) / CLASSES_FILE, {"wnids": list(wnids)})
     start = trainer.iter
     trainer.train()
     summary.seen = (trainer.iter - start) * stage.batch_size
