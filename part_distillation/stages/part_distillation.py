@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -27,15 +28,21 @@ from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import distributed as ddp_utils
 from part_distillation.engine.recipe import build_model, build_trainer, frozen_name_keys, proposal_preview, \
     reference_criterion
+from part_distillation.inference import CLASSES_FILE
 from part_distillation.progress import StageSummary
+from part_distillation.store.files import atomic_write_json
 
 log = logging.getLogger("part_distillation")
 
 
+def object_classes(cfg: RunConfig) -> tuple[str, ...]:
+    """The object classes (wnids) of ``cfg.data``'s image tree (its class list), in head order."""
+    return list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file).wnids
+
+
 def num_object_classes(cfg: RunConfig) -> int:
     """C: the number of object classes of ``cfg.data``'s image tree (its class list)."""
-    tree = list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file)
-    return len(tree.wnids)
+    return len(object_classes(cfg))
 
 
 def conditioned_forward(device: torch.device):
@@ -66,7 +73,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     device = ddp_utils.training_device(cfg.model.device, context.local_rank)
     if stage.deterministic:
         torch.use_deterministic_algorithms(True)
-    classes, parts = num_object_classes(cfg), stage.parts_per_class
+    wnids = object_classes(cfg)
+    classes, parts = len(wnids), stage.parts_per_class
     dataset = PartRecordDataset(
         [stage.input, *stage.extra_inputs],
         augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
@@ -83,6 +91,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     trainer, _ = build_trainer(cfg, context, model, dataset,
                                reference_criterion(num_classes=parts, num_points=stage.num_points),
                                forward=conditioned_forward(device), preview=proposal_preview(dataset, device))
+    if context.is_main:  # the head's object classes, for inference (part_distillation.inference)
+        atomic_write_json(Path(stage.output) / CLASSES_FILE, {"wnids": list(wnids)})
     start = trainer.iter
     trainer.train()
     summary.seen = (trainer.iter - start) * stage.batch_size

@@ -42,7 +42,7 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
-from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation import inference
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models import part_ranking as ranking
 from part_distillation.models.mask2former import preprocess_images
@@ -64,16 +64,8 @@ def resolve_checkpoint(stage) -> Path:
         if not path.is_file():
             raise ConfigError(f"stage.checkpoint={path} not found: give a stage-4 checkpoint file")
         return path
-    found = dict(train_ckpt.list_checkpoints(stage.proposal_run))
-    if not found:
-        raise ConfigError(f"no checkpoint under stage.proposal_run={stage.proposal_run}/checkpoints: run "
-                          f"proposal_learning first, or set stage.checkpoint=<file>")
-    if stage.checkpoint_iteration is None:
-        return found[max(found)]
-    if stage.checkpoint_iteration not in found:
-        raise ConfigError(f"stage.checkpoint_iteration={stage.checkpoint_iteration}: no such checkpoint in "
-                          f"{stage.proposal_run}/checkpoints (have {sorted(found)})")
-    return found[stage.checkpoint_iteration]
+    return inference.resolve_checkpoint(stage.proposal_run, stage.checkpoint_iteration,
+                                        path_key="stage.proposal_run", iteration_key="stage.checkpoint_iteration")
 
 
 def check(cfg: RunConfig) -> None:
@@ -85,18 +77,11 @@ def check(cfg: RunConfig) -> None:
 
 
 def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
-    from part_distillation.models import checkpoint as ckpt
-    from part_distillation.stages.proposal_learning import build_model
-
-    model = build_model(cfg.model.size, None, num_classes=1)
-    ckpt.load_project_checkpoint(model, checkpoint)
-    return model.to(device).eval()
+    return inference.load_model(checkpoint, device, kind="proposal", size=cfg.model.size)[0]
 
 
 def device_of(cfg: RunConfig) -> torch.device:
-    if cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return inference.choose_device(cfg.model.device)
 
 
 # --------------------------------------------------------------------------- one image

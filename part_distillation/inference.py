@@ -1,0 +1,376 @@
+"""Trained models of stages 4 and 6 as part predictors: load a checkpoint, predict parts of an image.
+
+A stage-4 run (``proposal_learning``) gives a class-agnostic *proposal* model, a stage-6
+run (``part_distillation``) an object-conditioned *part_distillation* model. Either is
+loaded from a checkpoint file or its run folder (the newest checkpoint, or the one at an
+iteration)::
+
+    model = TrainedModel.load("outputs/part_distillation/synthetic_train")
+    prediction = model.predict(image, object_mask, object_class=model.class_index("n90000001"))
+    prediction.masks     # bool (N, H, W) at the image's original size
+    prediction.scores    # float (N,)
+    prediction.clusters  # int64 (N,): part class within the object class (0..K-1)
+
+What a run is comes from its folder: the manifest (stage, model size, image size, K,
+the training image tree) and, for stage 6, ``classes.json`` (the object classes in head
+order, written by the stage). A bare checkpoint file without a run folder is accepted
+too: the architecture is recognised from its weights, the kind from its class head
+(2 outputs: proposals), and what cannot be recognised is passed to :meth:`TrainedModel.load`.
+
+Prediction follows PIPELINE.md: the image is fitted to the model's image size and padded
+grey (128) to the square canvas (``data.frame.ImageFrame``); proposals use
+``postprocess.proposal_inference`` (top 200 by foreground probability, restricted to the
+object, one label per pixel, area > 5% then score > -1); the PartDistillation model uses
+the object class's K + 1 head rows and ``postprocess.part_inference`` (top 200 (query,
+part) pairs of the K + 1 softmax, restricted to the object, one label per pixel, merged
+by part class). Masks are computed in the fitted frame and mapped back to the original
+size (nearest).
+
+This module also holds what stage 5 needs to find and load its proposal checkpoint
+(:func:`resolve_checkpoint`, :func:`load_model`, :func:`choose_device`), written once.
+Models only compute here: no logging, no files written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from part_distillation.config import ConfigError
+from part_distillation.data.frame import ImageFrame
+from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation.evaluation.evaluator import Prediction
+
+#: The model kinds, and the training stage each comes from.
+KINDS = ("proposal", "part_distillation")
+STAGE_KINDS = {"proposal_learning": "proposal", "part_distillation": "part_distillation"}
+#: The stage-6 run folder's list of object classes in head order (``{"wnids": [...]}``).
+CLASSES_FILE = "classes.json"
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------- settings
+
+def choose_device(setting: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` (or ``cuda:N``) -> a device."""
+    if isinstance(setting, torch.device):
+        return setting
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_checkpoint(path: PathLike, iteration: int | None = None, *, path_key: str = "path",
+                       iteration_key: str = "iteration") -> Path:
+    """The checkpoint file ``path`` names: the file itself, or in a run folder the newest
+    checkpoint (or the one at ``iteration``). Errors are one line naming the setting
+    (``path_key``/``iteration_key``: how the caller's config calls them)."""
+    path = Path(path)
+    if path.is_file():
+        if iteration is not None:
+            raise ConfigError(f"{iteration_key}={iteration} but {path_key}={path} is a checkpoint file: give its "
+                              f"run folder to choose an iteration")
+        return path
+    found = dict(train_ckpt.list_checkpoints(path))
+    if not found:
+        raise ConfigError(f"no checkpoint under {path_key}={path}/checkpoints: train it first (proposal_learning "
+                          f"or part_distillation), or give a checkpoint file")
+    if iteration is None:
+        return found[max(found)]
+    if iteration not in found:
+        raise ConfigError(f"{iteration_key}={iteration}: no such checkpoint in {path}/checkpoints "
+                          f"(have {sorted(found)})")
+    return found[iteration]
+
+
+def run_folder_of(checkpoint: PathLike) -> Path | None:
+    """The run folder of a checkpoint at ``<run>/checkpoints/model_<iter>.pth`` (None otherwise)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == "checkpoints" and train_ckpt.CHECKPOINT_RE.match(checkpoint.name):
+        return checkpoint.parent.parent
+    return None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a checkpoint's run folder says about its model (all optional)."""
+
+    stage: str | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    class_wnids: tuple[str, ...] | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return STAGE_KINDS.get(self.stage or "")
+
+    def get(self, dotted: str, default=None):
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def read_run_info(checkpoint: PathLike) -> RunInfo:
+    """The manifest (and ``classes.json``) of the checkpoint's run folder, when there is one."""
+    from part_distillation.store import read_manifest
+    from part_distillation.store.files import manifest_path
+
+    run = run_folder_of(checkpoint)
+    if run is None or not manifest_path(run).is_file():
+        return RunInfo()
+    manifest = read_manifest(run)
+    wnids = None
+    classes = run / CLASSES_FILE
+    if classes.is_file():
+        wnids = tuple(json.loads(classes.read_text())["wnids"])
+    return RunInfo(stage=manifest.get("stage"), config=manifest.get("config", {}), class_wnids=wnids)
+
+
+def _training_classes(info: RunInfo) -> tuple[str, ...] | None:
+    """The object classes of a stage-6 run: its ``classes.json``, else its image tree (when still there)."""
+    if info.class_wnids is not None:
+        return info.class_wnids
+    root = info.get("data.root")
+    if info.kind != "part_distillation" or not root or not Path(root).is_dir():
+        return None
+    from part_distillation.data.imagenet import list_image_tree
+
+    try:
+        return list_image_tree(root, split=info.get("data.split"), words_file=info.get("data.words_file")).wnids
+    except (OSError, ValueError):
+        return None
+
+
+def _state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = train_ckpt.load_checkpoint(checkpoint, map_location="cpu")
+    state = state.get("model", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{checkpoint}: not a model checkpoint (no 'model' state dict)")
+    state = dict(state)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _recognise_size(state: Mapping[str, torch.Tensor], num_classes: int, source: Path) -> str:
+    """The Mask2Former spec whose parameter shapes are those of ``state`` (built on the meta device)."""
+    from part_distillation.models.mask2former import SPECS, build_mask2former
+
+    want = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("class_predictor.")}
+    for name in SPECS:
+        with torch.device("meta"):
+            model = build_mask2former(name, num_classes=num_classes)
+        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("class_predictor.")}
+        if all(have.get(k) == s for k, s in want.items()) and set(want) >= set(have) - _unused_keys():
+            return name
+    raise ValueError(f"{source}: its weights match none of the Mask2Former specs {sorted(SPECS)}; "
+                     f"pass size=<spec> to TrainedModel.load")
+
+
+def _unused_keys() -> set[str]:
+    from part_distillation.models.checkpoint import UNUSED_MODEL_KEYS
+
+    return set(UNUSED_MODEL_KEYS)
+
+
+def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind: str | None = None,
+               size: str | None = None, parts_per_class: int | None = None):
+    """The Mask2Former of a stage-4/6 checkpoint file, in eval mode on ``device``.
+
+    ``kind``/``size``/``parts_per_class`` override what the run folder says (needed for a
+    PartDistillation checkpoint file without its run folder: K). Returns
+    ``(model, kind, info)`` with ``info`` the run folder's :class:`RunInfo`.
+    """
+    from part_distillation.engine.recipe import MODEL_SIZES, build_model
+    from part_distillation.models import checkpoint as ckpt
+
+    checkpoint = Path(checkpoint)
+    info = read_run_info(checkpoint)
+    state = _state_dict(checkpoint)
+    head = state.get("class_predictor.weight")
+    if head is None:
+        raise ValueError(f"{checkpoint}: no class head (class_predictor.weight): not a Mask2Former checkpoint")
+    outputs = int(head.shape[0])
+    kind = kind or info.kind or ("proposal" if outputs == 2 else None)
+    if kind not in KINDS:
+        raise ValueError(f"{checkpoint}: cannot tell whether it is a proposal or a PartDistillation model "
+                         f"(no run folder manifest, {outputs} class outputs): pass kind= one of {list(KINDS)}")
+    if kind == "part_distillation":
+        parts_per_class = parts_per_class or info.get("stage.parts_per_class")
+        if not parts_per_class:
+            raise ValueError(f"{checkpoint}: a PartDistillation checkpoint without its run folder: pass "
+                             f"parts_per_class=K")
+        if (outputs - 1) % int(parts_per_class):
+            raise ValueError(f"{checkpoint}: class head of {outputs} outputs is not C x {parts_per_class} + 1")
+    else:
+        if outputs != 2:
+            raise ValueError(f"{checkpoint}: a proposal model has 2 class outputs (part, no-object), this one "
+                             f"{outputs}")
+        parts_per_class = None
+    size = size or info.get("model.size") or _recognise_size(state, outputs - 1, checkpoint)
+    model = build_model(MODEL_SIZES.get(size, size), None, num_classes=outputs - 1,
+                        parts_per_class=parts_per_class)
+    ckpt.load_project_checkpoint(model, checkpoint)
+    return model.to(choose_device(device)).eval(), kind, info
+
+
+# --------------------------------------------------------------------------- the predictor
+
+@dataclass
+class TrainedModel:
+    """A stage-4 (``proposal``) or stage-6 (``part_distillation``) Mask2Former as a part predictor.
+
+    ``model``: the network (any device; also a model in training, which :meth:`predict`
+    runs in eval mode and leaves as it was); ``image_size``: the square canvas it sees;
+    ``class_wnids``: stage 6's object classes in head order (None: unknown, pass
+    class indices); ``topk``/``one_label``: inference settings (PIPELINE.md: 200, True).
+    """
+
+    model: torch.nn.Module
+    kind: str
+    image_size: int = 640
+    class_wnids: tuple[str, ...] | None = None
+    checkpoint: Path | None = None
+    topk: int = 200
+    one_label: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        conditioned = getattr(self.model, "parts_per_class", None) is not None
+        if conditioned != (self.kind == "part_distillation"):
+            raise ValueError(f"a {self.kind} model needs {'an' if not conditioned else 'no'} object-conditioned head")
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: PathLike, iteration: int | None = None, device: torch.device | str = "cpu", *,
+             kind: str | None = None, size: str | None = None, parts_per_class: int | None = None,
+             image_size: int | None = None, **settings) -> "TrainedModel":
+        """From a checkpoint file or a stage-4/6 run folder (newest checkpoint, or ``iteration``).
+
+        ``kind``, ``size``, ``parts_per_class`` and ``image_size`` override the run folder
+        (a bare checkpoint file without one needs ``parts_per_class`` for stage 6 and
+        gets ``image_size`` 640 unless given); ``settings``: ``topk``, ``one_label``.
+        """
+        checkpoint = resolve_checkpoint(path, iteration)
+        model, kind, info = load_model(checkpoint, device, kind=kind, size=size, parts_per_class=parts_per_class)
+        image_size = int(image_size or info.get("stage.image_size") or 640)
+        wnids = _training_classes(info) if kind == "part_distillation" else None
+        if wnids is not None and len(wnids) * model.parts_per_class != model.num_classes:
+            wnids = None  # the image tree changed since training: classes by index only
+        return cls(model=model, kind=kind, image_size=image_size, class_wnids=wnids, checkpoint=checkpoint,
+                   **settings)
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def parts_per_class(self) -> int | None:
+        """K of a PartDistillation model (None for proposals)."""
+        return getattr(self.model, "parts_per_class", None)
+
+    @property
+    def num_object_classes(self) -> int | None:
+        k = self.parts_per_class
+        return None if k is None else self.model.num_classes // k
+
+    def class_index(self, wnid: str | None) -> int | None:
+        """The training class index of an ImageNet synset (None: not a class of this model)."""
+        if self.class_wnids is None or wnid is None:
+            return None
+        try:
+            return self.class_wnids.index(wnid)
+        except ValueError:
+            return None
+
+    # -- prediction -------------------------------------------------------------------
+    def predict(self, image: np.ndarray, object_mask: np.ndarray | None = None,
+                object_class: int | None = None) -> Prediction:
+        """Parts of one image: ``image`` (H, W, 3) uint8 RGB, ``object_mask`` (H, W) bool or
+        None (no restriction), ``object_class`` the training class index (stage 6 only).
+
+        Returns masks (N, H, W) bool at the image's size, scores (N,) and clusters (N,)
+        int64: for proposals their rank 0..N-1 (each image its own numbering), for
+        PartDistillation the part class within the object class (0..K-1).
+        """
+        return self.predict_batch([image], [object_mask], [object_class])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[np.ndarray], object_masks: Sequence[np.ndarray | None] | None = None,
+                      object_classes: Sequence[int | None] | None = None) -> list[Prediction]:
+        """:meth:`predict` for several images in one forward pass (any sizes)."""
+        from part_distillation.models.mask2former import preprocess_images
+
+        n = len(images)
+        object_masks = list(object_masks) if object_masks is not None else [None] * n
+        object_classes = list(object_classes) if object_classes is not None else [None] * n
+        if not n:
+            return []
+        if len(object_masks) != n or len(object_classes) != n:
+            raise ValueError(f"{n} images but {len(object_masks)} object masks and {len(object_classes)} classes")
+        frames, canvases = [], []
+        for image in images:
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+            frame = ImageFrame.fit(image.shape[:2], size=self.image_size, canvas=self.image_size)
+            frames.append(frame)
+            canvases.append(frame.pad_image(frame.fit_image(image)))
+        device = self.device
+        batch = preprocess_images(canvases, device=device)
+        kwargs = {}
+        if self.kind == "part_distillation":
+            if any(c is None for c in object_classes):
+                raise ValueError("a PartDistillation model needs the object class of every image (object_class=)")
+            classes = [int(c) for c in object_classes]
+            limit = self.num_object_classes
+            bad = [c for c in classes if not 0 <= c < limit]
+            if bad:
+                raise ValueError(f"object class {bad[0]} is outside the model's {limit} classes")
+            kwargs["object_class"] = torch.tensor(classes, dtype=torch.long, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(batch.pixel_values, **kwargs)
+        finally:
+            self.model.train(was_training)
+        return [self._postprocess(out["pred_logits"][i], out["pred_masks"][i], frames[i], object_masks[i],
+                                  batch.padded_size) for i in range(n)]
+
+    def _postprocess(self, logits: torch.Tensor, mask_logits: torch.Tensor, frame: ImageFrame,
+                     object_mask: np.ndarray | None, padded_size: tuple[int, int]) -> Prediction:
+        from part_distillation import postprocess
+
+        obj = None
+        if object_mask is not None:
+            object_mask = np.asarray(object_mask, dtype=bool)
+            if object_mask.shape != frame.original:
+                raise ValueError(f"object mask of size {object_mask.shape} for an image of size {frame.original}")
+            obj = torch.from_numpy(frame.masks_to_fitted(object_mask[None])[0]).to(mask_logits.device)
+        sizes = dict(padded_size=padded_size, image_size=frame.fitted, object_mask=obj, topk=self.topk,
+                     one_label=self.one_label)
+        if self.kind == "proposal":
+            found = postprocess.proposal_inference(logits, mask_logits, **sizes)
+            clusters = np.arange(len(found), dtype=np.int64)
+        else:
+            found = postprocess.part_inference(postprocess.class_probabilities(logits), mask_logits, **sizes,
+                                               restrict="before", merge_classes=True, min_area_ratio=None,
+                                               min_score=None)
+            clusters = found.classes.cpu().numpy().astype(np.int64)
+        masks = frame.masks_to_original(found.masks.cpu().numpy())
+        return Prediction(masks=masks.reshape(len(found), *frame.original),
+                          scores=found.scores.float().cpu().numpy().astype(np.float64), clusters=clusters)
+
+
+__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "choose_device", "load_model",
+           "read_run_info", "resolve_checkpoint", "run_folder_of"]
