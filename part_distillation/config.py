@@ -418,7 +418,9 @@ class PredictStageConfig(StageConfig):
     ``grabcut``, ``annotations`` (a COCO json, ``annotations``) or ``detic`` (``model.weights``
     and the object classes' vocabulary, as in stage 1). ``object_class``: the object class
     (name or index) a PartDistillation model segments the parts of; null: the class the
-    mask source found. Parts scoring below ``min_score`` are dropped, ``max_parts`` kept.
+    mask source found (a wnid or a words-file name is looked up in the model's classes).
+    Parts scoring below ``min_score`` are dropped and the best ``max_parts`` of each object
+    kept (the model gives one label per pixel, so by default every part is kept).
     """
 
     name: str = "predict"
@@ -428,7 +430,7 @@ class PredictStageConfig(StageConfig):
     mask_source: str = "whole_image"
     object_class: Optional[str] = None
     max_objects: int = 1  # the best objects of the mask source, each segmented into parts
-    min_score: float = 0.3
+    min_score: float = 0.0
     max_parts: int = 20
     fit_size: int = 640  # the frame the mask sources work in (data/frame.py)
     annotations: Optional[str] = None  # COCO json for mask_source=annotations

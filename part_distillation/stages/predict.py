@@ -35,7 +35,6 @@ import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
 
 import numpy as np
 
@@ -95,53 +94,93 @@ def overlay_path(output: str | os.PathLike, key: str) -> Path:
 # Object classes and mask sources
 
 
-def class_names(cfg: RunConfig, model=None) -> list[str] | None:
-    """The object classes the model was trained on, in class-index order: the model's own list
-    when it carries one, else ``cfg.data``'s image tree when present, else None."""
-    names = getattr(model, "class_names", None)
-    if names:
-        return list(names)
-    root = getattr(cfg.data, "root", None)
+@dataclasses.dataclass(frozen=True)
+class ObjectClasses:
+    """The object classes a model knows, in its class-index (head) order; either list may be None."""
+
+    names: list[str] | None = None
+    wnids: list[str] | None = None
+
+    def name(self, index: int) -> str:
+        if self.names is not None and 0 <= index < len(self.names):
+            return self.names[index]
+        return f"class {index}"
+
+
+def _tree_classes(root, split, words_file) -> tuple[list[str], list[str]] | None:
+    """(names, wnids) of an image tree, or None when it is not there."""
     if not root or not os.path.isdir(str(root)):
         return None
     from part_distillation.data.imagenet import list_image_tree
 
     try:
-        return list(list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file).names)
-    except (FileNotFoundError, OSError):
+        tree = list_image_tree(root, split=split, words_file=words_file)
+    except (OSError, ValueError):
         return None
+    return list(tree.names), list(tree.wnids)
 
 
-def resolve_object_class(value: str | int | None, names: Sequence[str] | None) -> int | None:
-    """``stage.object_class`` as a class index: an index as is, a name looked up in ``names``."""
+def object_classes(cfg: RunConfig, model=None) -> ObjectClasses:
+    """The model's object classes: a PartDistillation model's own list (``class_wnids``), named
+    by its training image tree (from its run folder) or by ``cfg.data``'s; else ``cfg.data``'s
+    tree when present (the classes a detector or the annotations name)."""
+    wnids = list(getattr(model, "class_wnids", None) or []) or None
+    trees = []
+    checkpoint = getattr(model, "checkpoint", None)
+    if wnids is not None and checkpoint is not None:
+        from part_distillation.inference import read_run_info
+
+        info = read_run_info(checkpoint)
+        trees.append((info.get("data.root"), info.get("data.split"), info.get("data.words_file")))
+    trees.append((getattr(cfg.data, "root", None), cfg.data.split, cfg.data.words_file))
+    for tree in trees:
+        found = _tree_classes(*tree)
+        if found is None:
+            continue
+        names, tree_wnids = found
+        if wnids is None:
+            return ObjectClasses(names, tree_wnids)
+        name_of = dict(zip(tree_wnids, names))
+        if all(w in name_of for w in wnids):
+            return ObjectClasses([name_of[w] for w in wnids], wnids)
+    return ObjectClasses(list(wnids) if wnids else None, wnids)
+
+
+def resolve_object_class(value: str | int | None, classes: ObjectClasses) -> int | None:
+    """``stage.object_class`` as a class index: an index as is; a WordNet id or a name (any of
+    a words-file entry's comma-separated synonyms, any case) looked up in ``classes``."""
     if value is None:
         return None
     text = str(value).strip()
+    count = len(classes.names) if classes.names is not None else None
     if text.lstrip("-").isdigit():
         index = int(text)
-        if index < 0 or (names is not None and index >= len(names)):
+        if index < 0 or (count is not None and index >= count):
             raise ConfigError(f"config key 'stage.object_class' = {value!r} is invalid: expected an index in "
-                              f"[0, {len(names) if names is not None else 'C'}) or a class name")
+                              f"[0, {count if count is not None else 'C'}) or a class name")
         return index
-    if not names:
+    if classes.wnids is not None and text in classes.wnids:
+        return classes.wnids.index(text)
+    if not classes.names:
         raise ConfigError(f"config key 'stage.object_class' = {value!r}: no class list to look the name up in "
                           f"(give the index, or data.root=<the training image tree>)")
-    lowered = [n.lower() for n in names]
+    lowered = [n.lower() for n in classes.names]
     if text.lower() in lowered:
         return lowered.index(text.lower())
     matches = [i for i, n in enumerate(lowered) if text.lower() in [p.strip() for p in n.split(",")]]
     if len(matches) == 1:
         return matches[0]
     raise ConfigError(f"config key 'stage.object_class' = {value!r} is not one of the model's "
-                      f"{len(names)} object classes (e.g. {', '.join(names[:3])})")
+                      f"{count} object classes (e.g. {', '.join(classes.names[:3])})")
 
 
-def build_mask_source(cfg: RunConfig, names: Sequence[str] | None):
-    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``)."""
+def build_mask_source(cfg: RunConfig, classes: ObjectClasses):
+    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``); its
+    class ids are indices of ``classes`` (the Detic vocabulary is their names, in that order)."""
     st = cfg.stage
     if st.mask_source == "whole_image":
         return None
-    if st.mask_source == "detic" and not names:
+    if st.mask_source == "detic" and not classes.names:
         raise ValueError("stage.mask_source=detic needs the object classes for its vocabulary: "
                          "data.root=<the training image tree> (or a model that carries its class names)")
     from part_distillation.stages.detic_labeling import build_source
@@ -153,8 +192,8 @@ def build_mask_source(cfg: RunConfig, names: Sequence[str] | None):
         vocabulary_cache=st.vocabulary_cache, annotations=st.annotations,
         annotations_are_parts=st.annotations_are_parts, grabcut_margin=st.grabcut_margin,
         grabcut_iterations=st.grabcut_iterations, grabcut_work_size=st.grabcut_work_size)
-    classes = list(names or [])
-    return build_source(dataclasses.replace(cfg, stage=labeling), SimpleNamespace(names=classes, wnids=[]))
+    tree = SimpleNamespace(names=list(classes.names or []), wnids=list(classes.wnids or []))
+    return build_source(dataclasses.replace(cfg, stage=labeling), tree)
 
 
 def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_class: int | None,
@@ -187,21 +226,20 @@ class ImageParts:
     names: list[str]         #: P category names
 
 
-def part_categories(clusters: np.ndarray | None, object_class: int | None, parts_per_class: int | None,
-                    names: Sequence[str] | None, count: int) -> tuple[np.ndarray, list[str]]:
-    """COCO category ids and names of ``count`` predicted masks (see the module notes)."""
-    if clusters is None:
-        return np.full(count, PROPOSAL_CATEGORY[0], np.int64), [PROPOSAL_CATEGORY[1]] * count
+def part_categories(kind: str, clusters: np.ndarray, object_class: int | None, parts_per_class: int | None,
+                    classes: ObjectClasses) -> tuple[np.ndarray, list[str]]:
+    """COCO category ids and names of predicted masks (see the module notes)."""
     clusters = np.asarray(clusters, np.int64)
+    if kind == "proposal":
+        return np.full(len(clusters), PROPOSAL_CATEGORY[0], np.int64), [PROPOSAL_CATEGORY[1]] * len(clusters)
     k = int(parts_per_class) if parts_per_class else int(clusters.max(initial=-1)) + 1
     c = int(object_class or 0)
-    object_name = names[c] if names is not None and 0 <= c < len(names) else f"class {c}"
-    return c * k + clusters + 1, [f"{object_name} part {int(i)}" for i in clusters]
+    return c * k + clusters + 1, [f"{classes.name(c)} part {int(i)}" for i in clusters]
 
 
 def predict_parts(model, image: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | None,
                   object_class: int | None, *, min_score: float, max_parts: int,
-                  names: Sequence[str] | None = None) -> ImageParts:
+                  classes: ObjectClasses = ObjectClasses()) -> ImageParts:
     """The model's parts of each object of one image (``objects`` None: the whole image), the
     object's class being ``object_class`` when given, else the one its mask source found."""
     h, w = image.shape[:2]
@@ -213,17 +251,20 @@ def predict_parts(model, image: np.ndarray, objects: tuple[np.ndarray, np.ndarra
     pieces = []
     for mask, found_class in zip(*objects):
         cls = object_class if object_class is not None else (int(found_class) if found_class >= 0 else None)
-        if cls is None and getattr(model, "kind", "proposal") == "part_distillation":
+        if model.kind == "proposal":
+            cls = None  # class-agnostic
+        elif cls is None:
             continue  # an object of no known class: a PartDistillation model has no parts for it
         pred: Prediction = model.predict(image, None if whole else mask, cls)
         masks = np.asarray(pred.masks, bool).reshape(-1, h, w)
         scores = np.asarray(pred.scores, np.float32).reshape(-1)
         keep = np.flatnonzero((scores >= min_score) & masks.reshape(len(masks), -1).any(1))
         keep = keep[np.argsort(-scores[keep], kind="stable")][:max_parts]
-        clusters = None if pred.clusters is None else np.asarray(pred.clusters, np.int64)[keep]
-        cats, cat_names = part_categories(clusters, cls, getattr(model, "parts_per_class", None), names, len(keep))
-        pieces.append(ImageParts(masks[keep], scores[keep],
-                                 np.full(len(keep), -1, np.int64) if clusters is None else clusters, cats, cat_names))
+        proposals = model.kind == "proposal" or pred.clusters is None
+        clusters = np.full(len(keep), -1, np.int64) if proposals else np.asarray(pred.clusters, np.int64)[keep]
+        cats, names = part_categories("proposal" if proposals else model.kind, clusters, cls,
+                                      getattr(model, "parts_per_class", None), classes)
+        pieces.append(ImageParts(masks[keep], scores[keep], clusters, cats, names))
     if not pieces:
         return ImageParts(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros(0, np.int64),
                           np.zeros(0, np.int64), [])
@@ -271,13 +312,10 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 
 def load_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
-    import torch
+    from part_distillation.inference import TrainedModel, choose_device
 
-    from part_distillation.inference import TrainedModel
-
-    want = cfg.model.device
-    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-    return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration, device=device)
+    return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration,
+                             device=choose_device(cfg.model.device))
 
 
 def check(cfg: RunConfig) -> None:
@@ -303,7 +341,8 @@ def run(cfg: RunConfig, context) -> StageSummary:
     summary = StageSummary(st.name, output=st.output)
     images = list_images(st.images)
     mine = images[cfg.shard.index::cfg.shard.count]
-    model = source = names = object_class = None
+    model = source = object_class = None
+    classes = ObjectClasses()
     redrawn = 0
     with open_output(cfg, PART_PREDICTIONS, context) as out:
         todo = []
@@ -322,13 +361,13 @@ def run(cfg: RunConfig, context) -> StageSummary:
         summary.seen = len(mine)
         if todo:
             model = load_model(cfg)
-            names = class_names(cfg, model)
-            object_class = resolve_object_class(st.object_class, names)
+            classes = object_classes(cfg, model)
+            object_class = resolve_object_class(st.object_class, classes)
             if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image",
                                                                                                  "grabcut"):
                 raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
                                   f"parts of a given object class, and mask_source={st.mask_source} finds none")
-            source = build_mask_source(cfg, names)
+            source = build_mask_source(cfg, classes)
         for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
                                   st.progress_every):
             try:
@@ -344,7 +383,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
                 summary.skip("no_object")
                 continue
             parts = predict_parts(model, image, objects, object_class, min_score=st.min_score,
-                                  max_parts=st.max_parts, names=names)
+                                  max_parts=st.max_parts, classes=classes)
             record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
             write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
             out.write(record)

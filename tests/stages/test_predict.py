@@ -3,7 +3,11 @@ masks from the whole image or GrabCut, overlays at the images' sizes, a COCO jso
 pycocotools reads back, a rerun that skips everything, and the short command form."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,11 @@ from part_distillation.__main__ import config_dir, expand_predict
 from part_distillation.config import ConfigError, DataConfig, ModelConfig, PredictStageConfig, RunConfig, validate
 from part_distillation.evaluation.evaluator import Prediction
 from part_distillation.launch import JobContext
+from part_distillation.masks import decode_rles
 from part_distillation.stages import predict
+from part_distillation.store import RecordStore
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The fixture's images: (key, (h, w), object box y0, y1, x0, x1), and one that does not decode.
 IMAGES = {"wide.png": ((48, 96), (10, 40, 20, 80)), "sub/square.jpg": ((64, 64), (12, 52, 16, 48))}
@@ -73,8 +81,7 @@ class FakeModel:
         self.calls.append((image.shape, None if object_mask is None else object_mask.copy(), object_class))
         region = np.ones(image.shape[:2], bool) if object_mask is None else object_mask
         scores = 0.9 - 0.1 * np.arange(K)
-        clusters = np.arange(K) if self.kind == "part_distillation" else None
-        return Prediction(_vertical_strips(region, K), scores, clusters)
+        return Prediction(_vertical_strips(region, K), scores, np.arange(K))  # proposals: their rank
 
 
 def _config(images: Path, output: Path, **stage) -> RunConfig:
@@ -113,26 +120,28 @@ def _empty(images: Path) -> Path:
     return empty
 
 
-def test_object_class_is_an_index_or_a_name_of_the_class_list():
-    names = ["goldfish, Carassius auratus", "dog", "Car"]
-    assert predict.resolve_object_class(None, names) is None
-    assert predict.resolve_object_class("2", names) == 2
-    assert predict.resolve_object_class("dog", names) == 1
-    assert predict.resolve_object_class("car", names) == 2  # case does not matter
-    assert predict.resolve_object_class("goldfish", names) == 0  # one of a words-file entry's synonyms
-    assert predict.resolve_object_class("7", None) == 7  # no list: any index
+def test_object_class_is_an_index_a_wnid_or_a_name_of_the_class_list():
+    classes = predict.ObjectClasses(["goldfish, Carassius auratus", "dog", "Car"], ["n01", "n02", "n03"])
+    assert predict.resolve_object_class(None, classes) is None
+    assert predict.resolve_object_class("2", classes) == 2
+    assert predict.resolve_object_class("n02", classes) == 1
+    assert predict.resolve_object_class("dog", classes) == 1
+    assert predict.resolve_object_class("car", classes) == 2  # case does not matter
+    assert predict.resolve_object_class("goldfish", classes) == 0  # one of a words-file entry's synonyms
+    assert predict.resolve_object_class("7", predict.ObjectClasses()) == 7  # no list: any index
     with pytest.raises(ConfigError, match="stage.object_class"):
-        predict.resolve_object_class("3", names)
+        predict.resolve_object_class("3", classes)
     with pytest.raises(ConfigError, match="not one of the model's 3 object classes"):
-        predict.resolve_object_class("cat", names)
+        predict.resolve_object_class("cat", classes)
     with pytest.raises(ConfigError, match="no class list"):
-        predict.resolve_object_class("cat", None)
+        predict.resolve_object_class("cat", predict.ObjectClasses())
 
 
 def test_part_categories_number_the_part_classes_of_every_object_class():
-    ids, names = predict.part_categories(None, 4, K, None, 2)
+    ids, names = predict.part_categories("proposal", np.array([-1, -1]), None, None, predict.ObjectClasses())
     assert ids.tolist() == [1, 1] and names == ["part", "part"]  # proposals: one class-agnostic category
-    ids, names = predict.part_categories(np.array([2, 0]), 1, 3, ["cat", "dog"], 2)
+    ids, names = predict.part_categories("part_distillation", np.array([2, 0]), 1, 3,
+                                         predict.ObjectClasses(["cat", "dog"]))
     assert ids.tolist() == [1 * 3 + 2 + 1, 1 * 3 + 0 + 1] and names == ["dog part 2", "dog part 0"]
 
 
@@ -244,3 +253,108 @@ def test_the_short_command_without_its_two_paths_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         expand_predict(["predict", "photos"])
     assert exit_info.value.code == 2 and "usage: python -m part_distillation predict" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# With a real (tiny, untrained) model in the training stages' checkpoint format
+
+
+def _tiny_run(run: Path, kind: str, wnids=("n01000001", "n01000002")) -> Path:
+    """A stage-4/6 run folder as the stages leave it: manifest, ``checkpoints/model_*.pth``,
+    stage 6's ``classes.json``; random tiny weights, 64-pixel canvas, K parts per class."""
+    import torch
+
+    from part_distillation.config import PartDistillationStageConfig, ProposalLearningStageConfig
+    from part_distillation.engine import checkpoint as ckpt
+    from part_distillation.engine.recipe import build_model
+    from part_distillation.inference import CLASSES_FILE
+
+    if kind == "proposal":
+        stage, name = ProposalLearningStageConfig(output=str(run), input="records", image_size=64), "proposal_learning"
+    else:
+        stage = PartDistillationStageConfig(output=str(run), input="records", image_size=64, parts_per_class=K)
+        name = "part_distillation"
+    cfg = RunConfig(stage=stage, data=DataConfig(name="synthetic", root=str(run / "no_tree")),
+                    model=ModelConfig(name="mask2former", size="tiny", device="cpu"))
+    ckpt.prepare_run_dir(run, stage=name, config=dataclasses.asdict(cfg))
+    torch.manual_seed(0)
+    if kind == "proposal":
+        model = build_model("tiny", None, num_classes=1)
+    else:
+        (run / CLASSES_FILE).write_text(json.dumps({"wnids": list(wnids)}))
+        model = build_model("tiny", None, num_classes=len(wnids) * K, parts_per_class=K)
+    ckpt.save_atomic({"model": model.state_dict(), "iteration": 3}, ckpt.checkpoint_path(run, 3))
+    return run
+
+
+def _check_coco(path: Path, images: Path, records: dict) -> COCO:
+    """The COCO json read back by pycocotools: one image per decoded file at its original size,
+    every mask decoding to that size and equal to its record's, category ids those of the records."""
+    coco = COCO(str(path))
+    assert len(coco.dataset["images"]) == len(IMAGES)
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    for image in coco.dataset["images"]:
+        key = Path(image["file_name"]).relative_to(images).as_posix()
+        record = records[key]
+        assert (image["height"], image["width"]) == IMAGES[key][0]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        masks = decode_rles(record["part_masks"], size=IMAGES[key][0])
+        assert len(anns) == len(masks)
+        for ann, mask, category, name in zip(anns, masks, record["part_classes"], record["part_class_names"]):
+            assert coco.annToMask(ann).shape == IMAGES[key][0]
+            assert np.array_equal(coco.annToMask(ann).astype(bool), mask)
+            assert ann["category_id"] == int(category) and names[int(category)] == name
+    return coco
+
+
+def test_a_part_distillation_checkpoint_segments_the_parts_of_the_class_asked_for(images, tmp_path):
+    run = _tiny_run(tmp_path / "pd_run", "part_distillation")
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(_config(images, out, object_class="n01000002"), stage=dataclasses.replace(
+        _config(images, out).stage, checkpoint=str(run), object_class="n01000002"))
+    summary = predict.run(cfg, JobContext())
+    assert (summary.written, dict(summary.skipped)) == (2, {"bad_image": 1})
+    records = {r["key"]: r for r in RecordStore(out).iter_records()}
+    for key, (size, _) in IMAGES.items():
+        assert np.asarray(Image.open(predict.overlay_path(out, key))).shape == (*size, 3)
+        record = records[key]
+        assert record["model_kind"] == "part_distillation" and len(record["part_masks"]) > 0
+        clusters = np.asarray(record["clusters"])
+        assert set(clusters.tolist()) <= set(range(K))
+        assert np.array_equal(record["part_classes"], 1 * K + clusters + 1)  # object class 1 of 2
+        masks = decode_rles(record["part_masks"], size=size)
+        assert masks.sum(0).max() <= 1  # one label per pixel
+    coco = _check_coco(out / predict.COCO_FILE, images, records)
+    assert set(coco.getCatIds()) <= {1 * K + k + 1 for k in range(K)}
+    assert all(c["name"].startswith("n01000002 part ") for c in coco.dataset["categories"])
+    again = predict.run(cfg, JobContext())
+    assert (again.written, again.already_done) == (0, 3)
+
+
+def test_the_command_segments_a_folder_with_grabcut_and_a_proposal_checkpoint(images, tmp_path, monkeypatch):
+    run = _tiny_run(tmp_path / "proposal_run", "proposal")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "part_distillation", "predict", str(images), str(run),
+               "stage.mask_source=grabcut", f"paths.root={tmp_path}", "model.device=cpu"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "outputs" / "predict" / images.name
+    records = {r["key"]: r for r in RecordStore(out).iter_records()}
+    assert sorted(records) == sorted(IMAGES)
+    for key, (size, box) in IMAGES.items():
+        assert np.asarray(Image.open(predict.overlay_path(out, key))).shape == (*size, 3)
+        obj = decode_rles(records[key]["object_masks"], size=size)
+        parts = decode_rles(records[key]["part_masks"], size=size)
+        assert len(obj) == 1 and not (parts & ~obj[0]).any()  # proposals restricted to the GrabCut object
+    coco = _check_coco(out / predict.COCO_FILE, images, records)
+    assert coco.dataset["categories"] == [{"id": 1, "name": "part"}]
+    assert f"bad image skipped: {images / BROKEN}" in result.stdout + result.stderr
+    GlobalHydra.instance().clear()  # the same command again (in this process): the output accepts it, all done
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=expand_predict(command[3:])))
+    from part_distillation.stages.common import output_conflict
+
+    assert output_conflict(cfg) is None
+    monkeypatch.setattr(predict, "load_model", _no_model)
+    again = predict.run(cfg, JobContext())
+    assert (again.written, again.already_done, dict(again.skipped)) == (0, 3, {"bad_image": 1})
