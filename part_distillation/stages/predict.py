@@ -174,9 +174,10 @@ def resolve_object_class(value: str | int | None, classes: ObjectClasses) -> int
                       f"{count} object classes (e.g. {', '.join(classes.names[:3])})")
 
 
-def build_mask_source(cfg: RunConfig, classes: ObjectClasses):
+def build_mask_source(cfg: RunConfig, classes: ObjectClasses, own_class_filter: bool = False):
     """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``); its
-    class ids are indices of ``classes`` (the Detic vocabulary is their names, in that order)."""
+    class ids are indices of ``classes`` (the Detic vocabulary is their names, in that order).
+    ``own_class_filter``: prefer the objects of the image's given class (stage 1's rule)."""
     st = cfg.stage
     if st.mask_source == "whole_image":
         return None
@@ -188,7 +189,7 @@ def build_mask_source(cfg: RunConfig, classes: ObjectClasses):
     labeling = DeticStageConfig(
         source=st.mask_source, output=st.output, fit_size=st.fit_size, score_threshold=st.score_threshold,
         nms_threshold=st.nms_threshold, max_detections=st.max_detections, keep_top=st.max_objects,
-        own_class_filter=True, vocabulary=st.vocabulary, clip_model=st.clip_model,
+        own_class_filter=own_class_filter, vocabulary=st.vocabulary, clip_model=st.clip_model,
         vocabulary_cache=st.vocabulary_cache, annotations=st.annotations,
         annotations_are_parts=st.annotations_are_parts, grabcut_margin=st.grabcut_margin,
         grabcut_iterations=st.grabcut_iterations, grabcut_work_size=st.grabcut_work_size)
@@ -367,7 +368,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
                                                                                                  "grabcut"):
                 raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
                                   f"parts of a given object class, and mask_source={st.mask_source} finds none")
-            source = build_mask_source(cfg, classes)
+            source = build_mask_source(cfg, classes, own_class_filter=object_class is not None)
         for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
                                   st.progress_every):
             try:
@@ -379,9 +380,12 @@ def run(cfg: RunConfig, context) -> StageSummary:
                 continue
             objects = find_objects(source, key, image, st.fit_size, object_class, st.max_objects)
             if objects is not None and len(objects[0]) == 0:
+                log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
                 out.skip(key, "no_object")
                 summary.skip("no_object")
                 continue
+            if objects is not None and object_class is not None and model.kind == "part_distillation":
+                objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
             parts = predict_parts(model, image, objects, object_class, min_score=st.min_score,
                                   max_parts=st.max_parts, classes=classes)
             record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)

@@ -214,6 +214,32 @@ def test_grabcut_objects_reach_the_model_at_the_image_size(images, tmp_path, mon
         assert np.asarray(Image.open(predict.overlay_path(out, key))).shape == (*size, 3)
 
 
+def test_annotated_objects_give_the_mask_and_the_object_class(images, tmp_path, monkeypatch):
+    model = FakeModel()
+    model.class_wnids = ("n01000001", "n01000002")  # what a stage-6 run's classes.json gives
+    _use(monkeypatch, model)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 5, "name": "n01000002"}]}
+    for i, (key, (size, (y0, y1, x0, x1))) in enumerate(IMAGES.items(), start=1):
+        coco["images"].append({"id": i, "file_name": key, "height": size[0], "width": size[1]})
+        coco["annotations"].append({"id": i, "image_id": i, "category_id": 5, "iscrowd": 0,
+                                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    annotations = tmp_path / "objects.json"
+    annotations.write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    summary = predict.run(_config(images, out, mask_source="annotations", annotations=str(annotations)),
+                          JobContext())
+    assert summary.written == 2
+    for shape, mask, cls in model.calls:
+        size, box = next(v for v in IMAGES.values() if v[0] == shape[:2])
+        truth = _box_mask(size, box)
+        assert cls == 1 and (mask & truth).sum() / (mask | truth).sum() > 0.9
+    for record in RecordStore(out).iter_records():
+        assert record["object_classes"].tolist() == [1]
+        assert record["part_classes"].tolist() == [1 * K + k + 1 for k in range(K)]
+        assert record["part_class_names"] == [f"n01000002 part {k}" for k in range(K)]
+
+
 def test_a_part_distillation_model_needs_an_object_class_without_a_detector(images, tmp_path, monkeypatch):
     _use(monkeypatch, FakeModel())
     with pytest.raises(ConfigError, match="stage.object_class"):
