@@ -329,6 +329,9 @@ def check(cfg: RunConfig) -> None:
     if not os.path.exists(st.checkpoint):
         raise ConfigError(f"config key 'stage.checkpoint': {st.checkpoint} not found (a stage-4 or stage-6 run "
                           f"folder, or one of its checkpoints/model_*.pth)")
+    from part_distillation.inference import resolve_checkpoint
+
+    resolve_checkpoint(st.checkpoint, st.iteration, path_key="stage.checkpoint", iteration_key="stage.iteration")
     if st.mask_source == "annotations" and not (st.annotations and os.path.isfile(st.annotations)):
         raise ConfigError(f"config key 'stage.annotations': object annotation file {st.annotations} not found "
                           f"(a COCO json; mask_source=annotations needs one)")

@@ -252,6 +252,9 @@ def test_missing_images_or_checkpoint_are_named_before_anything_runs(images, tmp
     with pytest.raises(ConfigError, match="stage.checkpoint"):
         predict.check(_config(images, tmp_path / "out"))
     (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint under stage.checkpoint="):
+        predict.check(dataclasses.replace(_config(images, tmp_path / "out"), stage=PredictStageConfig(
+            images=str(images), checkpoint=str(tmp_path / "out"), output=str(tmp_path / "out"))))
     (tmp_path / "out" / "model.pth").write_bytes(b"")
     with pytest.raises(ConfigError, match="stage.annotations"):
         predict.check(_config(images, tmp_path / "out", mask_source="annotations"))
