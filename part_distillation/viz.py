@@ -187,6 +187,25 @@ class CollageSample(NamedTuple):
     object_mask: np.ndarray | None = None  #: bool (H, W), outlined in both cells when given
 
 
+def collage_sample(image: np.ndarray, sample, prediction, cluster_to_part: Sequence[int] | None = None
+                   ) -> CollageSample:
+    """A :class:`CollageSample` from an evaluation sample (``data.part_sample.PartSample``:
+    ``part_masks``, ``part_ids``, ``object_mask``) and its ``evaluation.evaluator.Prediction``
+    (``masks``, ``clusters``). Predicted masks take the id of the ground-truth part their
+    cluster maps to (``cluster_to_part[cluster]``, so matching parts share a colour), else
+    ``cluster + 1``; proposals without clusters are numbered by rank from 1."""
+    masks = np.asarray(prediction.masks, bool)
+    clusters = getattr(prediction, "clusters", None)
+    if clusters is None:
+        ids = list(range(1, len(masks) + 1))
+    elif cluster_to_part is not None:
+        ids = [int(cluster_to_part[int(c)]) for c in clusters]
+    else:
+        ids = [int(c) + 1 for c in clusters]
+    return CollageSample(np.asarray(image), masks, ids, np.asarray(sample.part_masks, bool),
+                         [int(i) for i in sample.part_ids], np.asarray(sample.object_mask, bool))
+
+
 def best_and_worst(per_class_miou: Mapping[str, float], n: int) -> list[tuple[str, float]]:
     """The ``n`` best and ``n`` worst classes by mIoU, best first, each class once (all of them
     when there are at most ``2n``); classes without a value (None or NaN) are left out; ties by name."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import encode_rle, encode_rles
-from part_distillation.viz import (PALETTE, best_and_worst, class_collage, draw_parts, draw_record,
+from part_distillation.viz import (PALETTE, best_and_worst, class_collage, collage_sample, draw_parts, draw_record,
                                    evaluation_collage, part_colour, read_per_class_miou, score_overlay, write_png)
 from tests.stages.fixtures import write_stage2
 
@@ -206,3 +206,24 @@ def test_read_per_class_miou_takes_one_protocol_of_the_metrics(tmp_path):
     assert read_per_class_miou(metrics, "strict") == {"dog": 30.0}
     with pytest.raises(KeyError, match="no protocol 'lenient'"):
         read_per_class_miou(metrics, "lenient")
+
+
+def test_collage_sample_colours_a_cluster_like_the_ground_truth_part_it_maps_to():
+    from part_distillation.data.part_sample import PartSample
+    from part_distillation.evaluation.evaluator import Prediction
+
+    obj = _square(y0=10, y1=50, x0=10, x1=70)
+    head, body = obj.copy(), obj.copy()
+    head[:, 40:], body[:, :40] = False, False
+    sample = PartSample("k", "x.png", "dog", None, obj, np.stack([head, body]), np.array([3, 7]))
+    prediction = Prediction(np.stack([body, head]), np.array([0.9, 0.8]), np.array([1, 0]))
+    image = np.zeros((64, 80, 3), np.uint8)
+    mapped = collage_sample(image, sample, prediction, cluster_to_part=[3, 7])
+    assert list(mapped.pred_ids) == [7, 3] and list(mapped.gt_ids) == [3, 7]
+    assert np.array_equal(mapped.object_mask, obj)
+    pred_cell = draw_parts(image, mapped.pred_masks, mapped.pred_ids, labels=False)
+    gt_cell = draw_parts(image, mapped.gt_masks, mapped.gt_ids, labels=False)
+    assert np.array_equal(pred_cell, gt_cell)  # the same parts, the same colours
+    assert list(collage_sample(image, sample, prediction).pred_ids) == [2, 1]  # no mapping: cluster + 1
+    proposals = Prediction(np.stack([body, head]), np.array([0.9, 0.8]))
+    assert list(collage_sample(image, sample, proposals).pred_ids) == [1, 2]
