@@ -413,7 +413,9 @@ class EvaluateStageConfig(StageConfig):
 class PredictStageConfig(StageConfig):
     """Stage ``predict``: parts of any images (a file or a folder) with a stage-4 or stage-6 model.
 
-    ``checkpoint``: a run folder (its newest checkpoint, or ``iteration``) or a ``.pth`` file.
+    ``images``: an image file or a folder (searched recursively; default ``<paths.root>/images``).
+    ``checkpoint``: a run folder (its newest checkpoint, or ``iteration``) or a ``.pth`` file
+    (default: the stage-6 run of ``data``).
     ``mask_source``: where each image's object mask comes from: ``whole_image`` (no mask),
     ``grabcut``, ``annotations`` (a COCO json, ``annotations``) or ``detic`` (``model.weights``
     and the object classes' vocabulary, as in stage 1). ``object_class``: the object class
