@@ -317,7 +317,14 @@ class TrainStageConfig(StageConfig):
     keep_last: int = 3
     log_period: int = 20
     preview_period: int = 1000  # 0: no image previews
-    eval_period: int = 0  # 0: no periodic evaluation
+    eval_period: int = 0  # 0: no periodic evaluation; else every eval_period iterations (stages.evaluate)
+    eval_dataset: str = "partimagenet"  # the part dataset periodic evaluation scores against
+    eval_root: Optional[str] = None  # its root (required when eval_period > 0)
+    eval_split: str = "valtest"
+    eval_match_split: Optional[str] = None  # disjoint split for the strict protocol's matching (null: strict mIoU off)
+    eval_image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
+    eval_max_images: int = 0  # images of each split scored (0: all)
+    eval_num_clusters: int = 8  # proposals: the top K per image form the segmentation scored by mIoU
     min_object_area_ratio: float = 0.05
     min_part_area_ratio: float = 0.05
     freeze_backbone: bool = True
@@ -332,7 +339,9 @@ class TrainStageConfig(StageConfig):
                "warmup_iters": _at_least(0), "image_size": _at_least(32), "num_workers": _at_least(0),
                "checkpoint_period": _at_least(1), "checkpoint_minutes": _at_least(0.0),
                "keep_last": _at_least(1), "log_period": _at_least(1),
-               "preview_period": _at_least(0), "eval_period": _at_least(0),
+               "preview_period": _at_least(0), "eval_period": _at_least(0), "eval_max_images": _at_least(0),
+               "eval_num_clusters": _at_least(1),
+               "eval_dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
                "min_object_area_ratio": _ratio(), "min_part_area_ratio": _ratio(), "num_points": _at_least(1)}
 
 
@@ -392,9 +401,17 @@ class PartRankingStageConfig(StageConfig):
 
 @dataclass
 class EvaluateStageConfig(StageConfig):
-    """Stage ``evaluate``: a stage's part records scored against a part dataset (both protocols)."""
+    """Stage ``evaluate``: predictors scored against a part dataset (both protocols).
+
+    ``predictors``: ``<kind>`` or ``<kind>:<path>``; kinds ``records`` (a stage's records,
+    default ``input``), ``proposal`` / ``part_distillation`` (a stage-4/6 checkpoint file
+    or run folder, default that stage's output), ``strips`` (the trivial baseline).
+    """
 
     name: str = "evaluate"
+    predictors: list[str] = field(default_factory=lambda: ["records"])
+    proposal_run: str = "${paths.outputs}/proposal_learning/${data.name}"  # default of `proposal`
+    part_distillation_run: str = "${paths.outputs}/part_distillation/${data.name}"  # default of `part_distillation`
     dataset: str = "partimagenet"
     dataset_root: str = "${data.root}"
     image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)

@@ -199,10 +199,9 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     if head is None:
         raise ValueError(f"{checkpoint}: no class head (class_predictor.weight): not a Mask2Former checkpoint")
     outputs = int(head.shape[0])
-    kind = kind or info.kind or ("proposal" if outputs == 2 else None)
+    kind = kind or info.kind or ("proposal" if outputs == 2 else "part_distillation")
     if kind not in KINDS:
-        raise ValueError(f"{checkpoint}: cannot tell whether it is a proposal or a PartDistillation model "
-                         f"(no run folder manifest, {outputs} class outputs): pass kind= one of {list(KINDS)}")
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     if kind == "part_distillation":
         parts_per_class = parts_per_class or info.get("stage.parts_per_class")
         if not parts_per_class:

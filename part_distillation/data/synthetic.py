@@ -384,3 +384,45 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- disjoint halves
+
+def write_split_halves(out: str | os.PathLike, split: str = "train") -> tuple[Path, Path]:
+    """Two disjoint halves of a written split as PartImageNet-format jsons, for the strict protocol
+    (match clusters to parts on one half, evaluate on the other) on a dataset with one split.
+
+    ``annotations/<split>_match.json`` takes each class's images 0, 2, 4, ... and
+    ``annotations/<split>_eval.json`` images 1, 3, 5, ... (so every class is in both; a
+    class needs at least two images), each with its ``objects_`` file. Images keep their
+    ids and ``file_name`` (relative to ``<out>/<split>``: read the halves with
+    ``image_root=<out>/<split>``), listed round-robin over the classes (the first images of a
+    half cover every class). Deterministic: the same split json gives the same bytes.
+    """
+    ann_dir = Path(out) / "annotations"
+    parts = _read_json(ann_dir / f"{split}.json")
+    objects = _read_json(ann_dir / f"objects_{split}.json")
+    by_class: dict[str, list[dict]] = {}
+    for image in sorted(parts["images"], key=lambda im: int(im["id"])):
+        by_class.setdefault(str(image.get("wnid") or image["file_name"].split("/")[0]), []).append(image)
+    small = [wnid for wnid, images in by_class.items() if len(images) < 2]
+    if small:
+        raise ValueError(f"{ann_dir / f'{split}.json'}: class {small[0]} has fewer than 2 images; both halves "
+                         f"need every class (make the split with images_per_class >= 2)")
+    paths = []
+    for half, offset in (("match", 0), ("eval", 1)):
+        columns = [images[offset::2] for _, images in sorted(by_class.items())]
+        chosen = [im for row in range(max(len(c) for c in columns)) for c in columns if row < len(c)
+                  for im in [c[row]]]
+        ids = {int(im["id"]) for im in chosen}
+        info = {**parts.get("info", {}), "split": f"{split}_{half}", "half_of": split}
+        for source, name in ((parts, f"{split}_{half}.json"), (objects, f"objects_{split}_{half}.json")):
+            _write_json(ann_dir / name, {"info": info, "images": chosen, "categories": source["categories"],
+                                         "annotations": [a for a in source["annotations"]
+                                                         if int(a["image_id"]) in ids]})
+        paths.append(ann_dir / f"{split}_{half}.json")
+    return paths[0], paths[1]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -158,8 +158,10 @@ class TensorBoardWriter(HookBase):
             for name, value in trainer.metrics.items():
                 tag = f"loss/{name}" if name.startswith("loss") or name == "total_loss" else f"train/{name}"
                 self._writer.add_scalar(tag, value, done)
-            for name, value in getattr(trainer, "eval_results", {}).items():
+        if self._writer is not None and getattr(trainer, "eval_iter", None) == done:  # PeriodicEval's, this step
+            for name, value in trainer.eval_results.items():
                 self._writer.add_scalar(f"eval/{name}", value, done)
+            self._writer.flush()
         if self.preview is not None and self._writer is not None and _due(trainer, self.preview_period):
             # rank 0 only: the preview must not run collectives (use trainer.module, not the DDP model)
             for tag, image in self.preview(trainer).items():
@@ -174,8 +176,10 @@ class TensorBoardWriter(HookBase):
 
 
 class PeriodicEval(HookBase):
-    """Call ``evaluate(trainer) -> {name: float}`` every ``period`` iterations (all ranks);
-    the results go to ``trainer.eval_results`` (TensorBoard writes them under ``eval/``)."""
+    """Call ``evaluate(trainer) -> {name: float}`` every ``period`` iterations and after the
+    last one (all ranks); the results go to ``trainer.eval_results`` and are logged;
+    :class:`TensorBoardWriter` (registered after it) writes them under ``eval/`` at that step.
+    Stages 4 and 6 pass ``stages.evaluate.training_evaluation``."""
 
     def __init__(self, evaluate: Callable[[Any], Mapping[str, float]], period: int):
         self.evaluate = evaluate
@@ -185,6 +189,7 @@ class PeriodicEval(HookBase):
         if _due(self.trainer, self.period):
             results = dict(self.evaluate(self.trainer))
             self.trainer.eval_results = results
+            self.trainer.eval_iter = self.trainer.iter + 1  # TensorBoard writes them at this step
             self.trainer.model.train()
             if ddp_utils.is_main():
                 log.info("[eval] iter %d: %s", self.trainer.iter + 1,

@@ -31,7 +31,7 @@ from .train_loop import Trainer
 log = logging.getLogger("part_distillation")
 
 #: Config keys that do not change what is trained (where/how it runs, how often it logs).
-NOT_TRAINING_KEYS = ("stage.num_workers", "stage.log_period", "stage.preview_period", "stage.eval_period",
+NOT_TRAINING_KEYS = ("stage.num_workers", "stage.log_period", "stage.preview_period", "stage.eval_*",
                      "stage.checkpoint_period", "stage.checkpoint_minutes", "stage.keep_last",
                      "stage.per_device_batch")
 

@@ -40,7 +40,8 @@ class Prediction:
 
     masks: np.ndarray                    #: bool (N, H, W)
     scores: np.ndarray                   #: float (N,)
-    clusters: np.ndarray | None = None   #: int (N,) part cluster per mask; None for proposals only
+    #: int (N,) part cluster per mask (0..K-1; -1: scored for recall only); None: proposals only
+    clusters: np.ndarray | None = None
 
 
 def overlaps_ground_truth(masks: np.ndarray, gt_masks: np.ndarray, min_iou: float) -> np.ndarray:
@@ -81,9 +82,10 @@ class PartEvaluator:
             if self.num_clusters is None:
                 raise ValueError("PartEvaluator needs num_clusters to score part clusters")
             clusters = np.asarray(prediction.clusters, dtype=np.int64)
-            keep_seg = overlaps_ground_truth(masks, gt, REFERENCE_SEGMENT_MIN_GT_IOU)
+            segment = clusters >= 0  # -1: a proposal scored for recall only
+            keep_seg = segment & overlaps_ground_truth(masks, gt, REFERENCE_SEGMENT_MIN_GT_IOU)
             state["confusion_strict"] = part_miou.image_confusion(
-                masks, clusters, gt, sample.part_ids, self.num_clusters, self.num_parts)
+                masks[segment], clusters[segment], gt, sample.part_ids, self.num_clusters, self.num_parts)
             state["confusion_reference"] = part_miou.image_confusion(
                 masks[keep_seg], clusters[keep_seg], gt, sample.part_ids, self.num_clusters, self.num_parts)
         self.states.append(state)

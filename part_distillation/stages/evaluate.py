@@ -1,107 +1,265 @@
-"""Stage ``evaluate``: score a stage's part records against a part dataset, both protocols.
+"""Stage ``evaluate``: score predictors against a part dataset, both protocols side by side.
 
-Predictions are the records of a stage output (``stage.input``): pixel grouping or dense
-CRF (``part_segments``: clusters are ``part_ids - 1``, each image's own numbering) or part
-ranking (``part_labels``: ``cluster_ids``, consistent within an object class). Records
-are matched to dataset images by image path; an image without a record counts as a
-model that found nothing. Masks are mapped from the records' fitted frame to the
-image's original size, where the ground truth lives.
+``stage.predictors`` lists what is scored, each entry ``<kind>`` or ``<kind>:<path>``:
 
-Sharded like every stage: each job writes one evaluation state per image of its slice
-(``eval_states`` records, resumable), and whichever job finds every shard closed merges
-them (a pure function of the states) into ``metrics.json``, ``metrics.md`` and
-``per_class.csv`` in the output folder.
+``records``
+    a stage's part records (default ``stage.input``): pixel grouping or dense CRF
+    (``part_segments``: clusters are ``part_ids - 1``, each image's own numbering) or part
+    ranking (``part_labels``: ``cluster_ids``, consistent within an object class), matched
+    to dataset images by image path (an image without a record counts as finding nothing);
+``proposal`` / ``part_distillation``
+    a trained stage-4/6 model (``inference.TrainedModel``: a checkpoint file or a run
+    folder, default ``stage.proposal_run`` / ``stage.part_distillation_run``, its newest
+    checkpoint) run on each image with the sample's object mask (and, for stage 6, its
+    object class mapped to the training class index by synset): the strict protocol's
+    only ground truth;
+``strips``
+    the trivial baseline: the object's box cut into ``stage.num_clusters`` strips.
+
+Each predictor has a label (``records_<stage>``, ``proposal``, ``part_distillation``,
+``strips``; unique) and its own sharded, resumable store of per-image evaluation states
+under ``<stage.output>/<label>/`` (``eval_states`` records). Whichever job finds every
+shard of every predictor closed merges them (a pure function of the states): per
+predictor ``metrics.json``, ``metrics.md``, ``per_class.csv`` in its folder, and in
+``stage.output`` the combined ``metrics.md`` (a row per predictor and protocol: AR@k,
+C-mIoU, A-mIoU), ``metrics.json`` and ``per_class.csv``; the table is logged and put in
+the stage summary.
+
+Training (stages 4 and 6, ``stage.eval_period``) scores the model it is training with the
+same per-image code (:func:`score_sample`, :func:`evaluate_in_memory`):
+:func:`training_evaluation`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from part_distillation.config import RunConfig
-from part_distillation.data.frame import ImageFrame
-from part_distillation.data.part_datasets import open_part_dataset
+from part_distillation.config import ConfigError, RunConfig
+from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
 from part_distillation.data.part_sample import PartSample
-from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, Prediction, metrics
-from part_distillation.masks import decode_rles
+from part_distillation.evaluation import proposals
+from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, metrics
+from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
+                                                     empty_prediction, prediction_from_record)
 from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import open_output
-from part_distillation.store import RecordStore
+from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
 
 log = logging.getLogger("part_distillation")
 
+#: The predictor kinds of ``stage.predictors``.
+PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "strips")
+MODEL_KINDS = ("proposal", "part_distillation")
 
-def prediction_from_record(record: dict, sample: PartSample) -> Prediction:
-    """A stage record's part masks at the sample's original size, with their clusters."""
-    frame = ImageFrame.from_record(record)
-    if tuple(frame.original) != tuple(sample.object_mask.shape):
-        raise ValueError(f"record {record['key']!r} is of an image of size {frame.original}, but the dataset's "
-                         f"{sample.path} is {tuple(sample.object_mask.shape)}")
-    masks = frame.masks_to_original(decode_rles(record["part_masks"], size=frame.fitted))
-    if "cluster_ids" in record:
-        clusters, scores = np.asarray(record["cluster_ids"]), np.asarray(record["scores"], dtype=np.float64)
-    else:
-        clusters, scores = np.asarray(record["part_ids"]) - 1, np.ones(len(masks))
-    return Prediction(masks=masks, scores=scores, clusters=clusters.astype(np.int64))
+__all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
+           "parse_predictors", "prediction_from_record", "run", "score_sample", "training_evaluation"]
 
 
-def _records_by_path(path: str) -> dict[str, dict]:
-    return {os.path.realpath(r["path"]): r for r in RecordStore(path).iter_records()}
+# --------------------------------------------------------------------------- predictors
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """One entry of ``stage.predictors``, resolved: its kind, path (None for strips) and label."""
+
+    kind: str
+    path: str | None
+    label: str
+    entry: str
+
+
+def parse_predictors(stage) -> list[PredictorSpec]:
+    """``stage.predictors`` resolved (default paths, unique labels); one-line ``ConfigError`` naming
+    the entry when a kind is unknown or a records folder holds no stage output."""
+    if not stage.predictors:
+        raise ConfigError("stage.predictors is empty: list at least one of " + ", ".join(PREDICTOR_KINDS))
+    specs: list[PredictorSpec] = []
+    for entry in stage.predictors:
+        kind, _, path = str(entry).partition(":")
+        kind, path = kind.strip(), path.strip() or None
+        where = f"stage.predictors entry {entry!r}"
+        if kind not in PREDICTOR_KINDS:
+            raise ConfigError(f"{where}: unknown kind {kind!r}; expected <kind> or <kind>:<path> with kind one of "
+                              f"{list(PREDICTOR_KINDS)}")
+        if kind == "strips":
+            if path:
+                raise ConfigError(f"{where}: the strip baseline takes no path (write 'strips')")
+            label = "strips"
+        elif kind == "records":
+            path = path or stage.input
+            if not path:
+                raise ConfigError(f"{where}: no records folder: set stage.input or write records:<folder>")
+            if not manifest_path(path).is_file():
+                raise ConfigError(f"{where}: {path} holds no stage output (no manifest.json): run that stage "
+                                  f"first or give another folder")
+            label = f"records_{read_manifest(path).get('stage', 'unknown')}"
+        else:
+            path = path or (stage.proposal_run if kind == "proposal" else stage.part_distillation_run)
+            label = kind
+        unique, n = label, 1
+        while any(s.label == unique for s in specs):
+            n += 1
+            unique = f"{label}_{n}"
+        specs.append(PredictorSpec(kind=kind, path=path, label=unique, entry=str(entry)))
+    return specs
+
+
+def check(cfg: RunConfig) -> None:
+    """Before submission: every predictor entry is valid and its records or checkpoint exist."""
+    st = cfg.stage
+    if manifest_path(st.output).is_file():
+        raise ConfigError(f"stage.output={st.output} holds an evaluation of the single-predictor layout "
+                          f"(manifest.json at its top): move it away or choose another stage.output")
+    for spec in parse_predictors(st):
+        if spec.kind in MODEL_KINDS:
+            _checkpoint(spec)
+
+
+def _checkpoint(spec: PredictorSpec) -> Path:
+    """The checkpoint file of a model entry; ``ConfigError`` naming the entry (and the setting it defaults to)."""
+    from part_distillation import inference
+
+    default = ":" not in spec.entry
+    key = ("stage.proposal_run" if spec.kind == "proposal" else "stage.part_distillation_run") if default else "path"
+    try:
+        return inference.resolve_checkpoint(spec.path, path_key=key)
+    except ConfigError as err:
+        raise ConfigError(f"stage.predictors entry {spec.entry!r}: {err}") from None
+
+
+def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
+    """The predictor of one entry (models loaded on ``model.device``)."""
+    from part_distillation import inference
+
+    st = cfg.stage
+    if spec.kind == "records":
+        return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
+    if spec.kind == "strips":
+        return StripsPredictor(st.num_clusters, spec.label)
+    checkpoint = _checkpoint(spec)
+    model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
+    if model.kind != spec.kind:
+        raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} is a {model.kind} model, "
+                          f"not {spec.kind}")
+    if model.kind == "part_distillation" and model.class_wnids is None:
+        raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} does not say which object class "
+                          f"each head row is ({inference.CLASSES_FILE} missing in its run folder and its image "
+                          f"tree not found): rerun part_distillation to write it")
+    return ModelPredictor(model, spec.label, st.num_clusters)
+
+
+def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
+    """What a predictor's evaluation states depend on (its store's manifest config)."""
+    checkpoint = getattr(getattr(predictor, "model", None), "checkpoint", None)
+    return {"predictor": {"kind": spec.kind, "path": spec.path, "checkpoint": str(checkpoint) if checkpoint else None},
+            "stage": {"dataset": st.dataset, "dataset_root": st.dataset_root, "image_root": st.image_root,
+                      "annotations_root": st.annotations_root, "split": st.split, "match_split": st.match_split,
+                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters}}
+
+
+# --------------------------------------------------------------------------- one sample
+
+def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample) -> tuple[dict, str | None]:
+    """The evaluation state of one sample for one predictor, and why it predicted nothing (or None)."""
+    prediction = predictor(sample)
+    skip = None
+    if prediction is None:
+        skip = predictor.last_skip or "no_prediction"
+        prediction = empty_prediction(sample.object_mask.shape)
+    state = evaluator.process(sample, prediction)
+    evaluator.reset()  # the caller keeps the states (a record store, or a list)
+    return state, skip
+
+
+def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[PartSample]], split: str,
+                       match_split: str | None, num_parts: int, top_k: Sequence[int] = proposals.TOP_K,
+                       mapping: str = "majority") -> dict:
+    """Both protocols' metrics of ``predictor`` over ``samples`` (split -> samples), no files."""
+    evaluator = PartEvaluator(num_parts=num_parts, num_clusters=predictor.num_clusters, top_k=tuple(top_k))
+    states: dict[str, list[dict]] = {}
+    for name, items in samples.items():
+        states[name] = [score_sample(predictor, evaluator, sample)[0] for sample in items]
+    result = metrics(states.get(split, []), states.get(match_split) if match_split else None, top_k=tuple(top_k),
+                     mapping=mapping)
+    result["images"] = len(states.get(split, []))
+    return result
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _open_datasets(kind: str, root, splits: Sequence[str], image_root, annotations_root) -> dict[str, PartDatasetSplit]:
+    return {s: open_part_dataset(kind, root, s, image_root, annotations_root) for s in splits}
+
+
+def _open_store(cfg: RunConfig, folder: Path, config: dict, context) -> ShardWriter:
+    rank = getattr(context, "rank", 0) if context is not None else 0
+    world_size = getattr(context, "world_size", 1) if context is not None else 1
+    return ShardWriter(folder, cfg.shard.index, cfg.shard.count, stage=cfg.stage.name, config=config,
+                       code_version=code_version(), overwrite_config=cfg.overwrite_config, schema=EVAL_STATES,
+                       rank=rank, world_size=world_size)
 
 
 def run(cfg: RunConfig, context) -> StageSummary:
     st = cfg.stage
     summary = StageSummary(st.name, output=st.output)
-    records = _records_by_path(st.input)
+    check(cfg)
+    specs = parse_predictors(st)
+    predictors = [build_predictor(spec, cfg) for spec in specs]
     splits = [st.split] + ([st.match_split] if st.match_split else [])
-    datasets = {s: open_part_dataset(st.dataset, st.dataset_root, s, st.image_root, st.annotations_root)
-                for s in splits}
+    datasets = _open_datasets(st.dataset, st.dataset_root, splits, st.image_root, st.annotations_root)
     num_parts = max(d.num_parts for d in datasets.values())
-    evaluator = PartEvaluator(num_parts=num_parts, num_clusters=st.num_clusters, top_k=tuple(st.top_k))
-    with open_output(cfg, EVAL_STATES) as out:
+    evaluators = [PartEvaluator(num_parts=num_parts, num_clusters=p.num_clusters, top_k=tuple(st.top_k))
+                  for p in predictors]
+    output = Path(st.output)
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(_open_store(cfg, output / spec.label, _predictor_config(spec, p, st), context))
+                   for spec, p in zip(specs, predictors)]
         for split, dataset in datasets.items():
             for i, sample in enumerate(progress(dataset.samples(), None, f"evaluate {split}", st.progress_every)):
                 if i % cfg.shard.count != cfg.shard.index:
                     continue
                 summary.seen += 1
                 key = f"{split}/{sample.key}"
-                if out.has(key):
-                    summary.already_done += 1
-                    continue
-                record = records.get(os.path.realpath(sample.path))
-                if record is None:
-                    summary.skip("no_prediction")
-                    prediction = Prediction(masks=np.zeros((0, *sample.object_mask.shape), bool),
-                                            scores=np.zeros(0), clusters=np.zeros(0, np.int64))
-                else:
-                    prediction = prediction_from_record(record, sample)
-                state = evaluator.process(sample, prediction)
-                out.write({**state, "key": key, "split": split})
-                summary.written += 1
-    store = RecordStore(st.output)
-    if not store.summary()["shards_missing_summary"]:
-        result = merge_and_write(store, Path(st.output), st.split, st.match_split, tuple(st.top_k), st.mapping,
-                                 datasets[st.split].part_names)
-        summary.extra["metrics"] = {p: {k: v for k, v in result[p].items() if not isinstance(v, dict)}
-                                    for p in PROTOCOLS}
-        summary.extra["metrics_file"] = str(Path(st.output) / "metrics.json")
-        log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, result["images"], st.split,
+                for spec, predictor, evaluator, writer in zip(specs, predictors, evaluators, writers):
+                    if writer.has(key):
+                        summary.already_done += 1
+                        continue
+                    state, skip = score_sample(predictor, evaluator, sample)
+                    if skip:
+                        summary.skip(f"{spec.label}:{skip}")
+                    writer.write({**state, "key": key, "split": split})
+                    summary.written += 1
+    stores = {spec.label: RecordStore(output / spec.label) for spec in specs}
+    if all(not store.summary()["shards_missing_summary"] for store in stores.values()):
+        part_names = datasets[st.split].part_names
+        results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
+                                          st.mapping, part_names) for label, store in stores.items()}
+        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k))
+        summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items() if not isinstance(v, (dict, list))}
+                                            for p in PROTOCOLS} for label, r in results.items()}
+        summary.extra["metrics_table"] = table
+        summary.extra["metrics_file"] = str(output / "metrics.json")
+        images = next(iter(results.values()))["images"]
+        log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
                  f" (strict protocol matched on {st.match_split})" if st.match_split else
-                 " (no disjoint matching split: strict mIoU not computed)",
-                 markdown_table(result, tuple(st.top_k)))
+                 " (no disjoint matching split: strict mIoU not computed)", table)
     return summary.finish()
 
 
+# --------------------------------------------------------------------------- merge and files
+
 def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: str | None, top_k: tuple[int, ...],
                     mapping: str, part_names: list[str]) -> dict:
-    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV."""
+    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV in ``folder``."""
     states = list(store.iter_records())
     evaluation = [s for s in states if s["split"] == split]
     matching = [s for s in states if s["split"] == match_split] if match_split else None
@@ -114,8 +272,13 @@ def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: s
     return result
 
 
+def _columns(top_k: tuple[int, ...]) -> list[str]:
+    return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU"]
+
+
 def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
-    columns = [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU"]
+    """One predictor's table: a row per protocol."""
+    columns = _columns(top_k)
     lines = ["| protocol | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for protocol in PROTOCOLS:
         row = result[protocol]
@@ -123,13 +286,44 @@ def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
+    """Every predictor's table: a row per predictor and protocol."""
+    columns = _columns(top_k)
+    lines = ["| predictor | protocol | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for label, result in results.items():
+        for protocol in PROTOCOLS:
+            row = result[protocol]
+            lines.append(f"| {label} | {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
+                   top_k: tuple[int, ...]) -> str:
+    """``metrics.md``, ``metrics.json`` and ``per_class.csv`` over all predictors; returns the table."""
+    table = combined_table(results, top_k)
+    _write_atomic(folder / "metrics.md", table)
+    _write_atomic(folder / "metrics.json", json.dumps(
+        {"split": split, "match_split": match_split, "predictors": dict(results)}, indent=2, default=_json_default))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["predictor", "object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
+    for label, result in results.items():
+        for row in _per_class_rows(result):
+            writer.writerow([label, *row])
+    _write_atomic(folder / "per_class.csv", buffer.getvalue())
+    return table
+
+
+def _per_class_rows(result: dict) -> list[list[str]]:
+    classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
+    return [[c, *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]] for c in classes]
+
+
 def per_class_csv(result: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
-    classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
-    for c in classes:
-        writer.writerow([c, *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]])
+    writer.writerows(_per_class_rows(result))
     return buffer.getvalue()
 
 
@@ -144,6 +338,89 @@ def _json_default(value):
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- during training
+
+def check_training_evaluation(stage) -> None:
+    """Periodic evaluation settings of a training stage (``stage.eval_*``) are usable."""
+    if stage.eval_period and not stage.eval_root:
+        raise ConfigError(f"stage.eval_period={stage.eval_period} needs stage.eval_root (the part dataset to "
+                          f"evaluate on); or set stage.eval_period=0")
+    if stage.eval_period and not Path(stage.eval_root).is_dir():
+        raise ConfigError(f"stage.eval_root={stage.eval_root} does not exist: give the {stage.eval_dataset} "
+                          f"root, or set stage.eval_period=0")
+
+
+def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = None,
+                        top_k: Sequence[int] = proposals.TOP_K) -> Callable:
+    """``evaluate(trainer) -> {"<protocol>/<metric>": value}`` for ``engine.hooks.PeriodicEval``.
+
+    Scores the model being trained (``trainer.module``, run in eval mode, left as it was)
+    as a ``kind`` predictor on ``stage.eval_split`` (and ``stage.eval_match_split`` for the
+    strict protocol's matching), the first ``stage.eval_max_images`` samples of each (0:
+    all; samples and images read once and kept). Rank 0 evaluates; other ranks return {}.
+    """
+    from part_distillation.data.images import load_rgb
+    from part_distillation.engine import distributed as ddp_utils
+    from part_distillation.inference import TrainedModel
+
+    check_training_evaluation(stage)
+    splits = [stage.eval_split] + ([stage.eval_match_split] if stage.eval_match_split else [])
+    # opened now (json only), so a wrong dataset setting fails before training, not at the first evaluation
+    try:
+        datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"periodic evaluation (stage.eval_root={stage.eval_root}, stage.eval_split="
+                          f"{stage.eval_split}, stage.eval_match_split={stage.eval_match_split}): {err}") from None
+    cache: dict = {}
+    images: dict[str, np.ndarray] = {}
+
+    def load_image(path: str) -> np.ndarray:
+        if path not in images:
+            images[path] = load_rgb(path)
+        return images[path]
+
+    def data() -> tuple[dict[str, list[PartSample]], int]:
+        if "samples" not in cache:
+            limit = stage.eval_max_images or None
+            cache["samples"] = {s: _first(d.samples(), limit) for s, d in datasets.items()}
+            cache["num_parts"] = max(d.num_parts for d in datasets.values())
+        return cache["samples"], cache["num_parts"]
+
+    def evaluate(trainer) -> dict[str, float]:
+        if not ddp_utils.is_main():
+            return {}
+        samples, num_parts = data()
+        model = TrainedModel(trainer.module, kind, image_size=stage.image_size,
+                             class_wnids=tuple(class_wnids) if class_wnids is not None else None)
+        predictor = ModelPredictor(model, kind, stage.eval_num_clusters, load_image=load_image)
+        result = evaluate_in_memory(predictor, samples, stage.eval_split, stage.eval_match_split, num_parts,
+                                    top_k=top_k)
+        return flat_metrics(result, top_k)
+
+    return evaluate
+
+
+def flat_metrics(result: dict, top_k: Sequence[int] = proposals.TOP_K) -> dict[str, float]:
+    """``{"reference/AR@10": ..., "strict/C-mIoU": ...}`` without the undefined (NaN) ones."""
+    out = {}
+    for protocol in PROTOCOLS:
+        for column in _columns(tuple(top_k)):
+            value = result[protocol].get(column)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                out[f"{protocol}/{column}"] = float(value)
+    return out
+
+
+def _first(items: Iterable, limit: int | None) -> list:
+    out = []
+    for item in items:
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(item)
+    return out

@@ -35,6 +35,13 @@ from part_distillation.store.files import atomic_write_json
 log = logging.getLogger("part_distillation")
 
 
+def check(cfg: RunConfig) -> None:
+    """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
+    from part_distillation.stages.evaluate import check_training_evaluation
+
+    check_training_evaluation(cfg.stage)
+
+
 def object_classes(cfg: RunConfig) -> tuple[str, ...]:
     """The object classes (wnids) of ``cfg.data``'s image tree (its class list), in head order."""
     return list_image_tree(cfg.data.root, split=cfg.data.split, words_file=cfg.data.words_file).wnids
@@ -88,9 +95,14 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
     log.info("[%s] %d object classes x %d parts: class head %d outputs", stage.name, classes, parts,
              classes * parts + 1)
+    evaluator = None
+    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
+        from part_distillation.stages.evaluate import training_evaluation
+
+        evaluator = training_evaluation(stage, "part_distillation", class_wnids=wnids)
     trainer, _ = build_trainer(cfg, context, model, dataset,
                                reference_criterion(num_classes=parts, num_points=stage.num_points),
-                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device))
+                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device), evaluate=evaluator)
     if context.is_main:  # the head's object classes, for inference (part_distillation.inference)
         atomic_write_json(Path(stage.output) / CLASSES_FILE, {"wnids": list(wnids)})
     start = trainer.iter

@@ -25,6 +25,14 @@ from part_distillation.progress import StageSummary
 
 log = logging.getLogger("part_distillation")
 
+
+def check(cfg: RunConfig) -> None:
+    """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
+    from part_distillation.stages.evaluate import check_training_evaluation
+
+    check_training_evaluation(cfg.stage)
+
+
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
@@ -43,8 +51,13 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
         filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=False),
         labels=class_agnostic_labels, seed=cfg.seed)
+    evaluator = None
+    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
+        from part_distillation.stages.evaluate import training_evaluation
+
+        evaluator = training_evaluation(stage, "proposal")
     trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
-                               preview=proposal_preview(dataset, device))
+                               preview=proposal_preview(dataset, device), evaluate=evaluator)
     start = trainer.iter
     trainer.train()
     summary.seen = (trainer.iter - start) * stage.batch_size

@@ -2,6 +2,11 @@
 
 Idempotent: when the dataset is already there with the same settings it is left as
 is; with other settings it is refused (``overwrite_config=true`` regenerates it).
+
+Also writes two disjoint halves of the split as PartImageNet jsons
+(``annotations/<split>_match.json``, ``annotations/<split>_eval.json``, every class in
+both; ``data.synthetic.write_split_halves``) when they are missing, so the evaluate
+stage's strict protocol can match on one half and evaluate on the other.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 from pathlib import Path
 
 from part_distillation.config import RunConfig
-from part_distillation.data.synthetic import make_synthetic_dataset
+from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
@@ -29,6 +34,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         if made == settings:
             log.info("synthetic dataset already at %s (%s)", cfg.data.root, settings)
             summary.already_done = st.classes * st.images_per_class
+            _write_halves(cfg, split, context, summary, only_if_missing=True)
             return summary.finish()
         if not cfg.overwrite_config:
             raise FileExistsError(
@@ -39,7 +45,22 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                                       images_per_class=st.images_per_class, size=st.size, seed=st.seed,
                                       parts_per_class=st.parts_per_class, split=split,
                                       overwrite=marker.is_file() or cfg.overwrite_config)
-        marker.write_text(json.dumps(settings))
         summary.written = made.num_images
         summary.extra["part_annotations"] = made.num_part_annotations
+        _write_halves(cfg, split, context, summary, only_if_missing=False)
+        marker.write_text(json.dumps(settings))
     return summary.finish()
+
+
+def _write_halves(cfg: RunConfig, split: str, context: JobContext, summary: StageSummary,
+                  only_if_missing: bool) -> None:
+    root = Path(cfg.data.root)
+    wanted = [root / "annotations" / f"{split}_{half}.json" for half in ("match", "eval")]
+    if not context.is_main or (only_if_missing and all(p.is_file() for p in wanted)):
+        return
+    if cfg.stage.images_per_class < 2:
+        log.warning("synthetic dataset: images_per_class=%d < 2, no disjoint halves of %s for the strict "
+                    "protocol", cfg.stage.images_per_class, split)
+        return
+    match, evaluation = write_split_halves(root, split)
+    summary.extra["halves"] = [str(match), str(evaluation)]

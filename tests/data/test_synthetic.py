@@ -186,3 +186,40 @@ def test_shared_appearance_keeps_the_shapes_and_gives_every_part_the_body_colour
     hue_dirs = colours / np.linalg.norm(colours, axis=1, keepdims=True)
     cos = (inside / np.linalg.norm(inside, axis=1, keepdims=True)) @ hue_dirs.T
     assert np.mean(cos.max(1) > 0.97) > 0.97
+
+
+def test_disjoint_halves_for_the_strict_protocol(dataset):
+    from part_distillation.data.part_datasets import open_part_dataset
+    from part_distillation.data.synthetic import write_split_halves
+
+    match, evaluation = write_split_halves(dataset.root, "train")
+    assert (match.name, evaluation.name) == ("train_match.json", "train_eval.json")
+    first = match.read_bytes(), evaluation.read_bytes()
+    write_split_halves(dataset.root, "train")
+    assert (match.read_bytes(), evaluation.read_bytes()) == first   # deterministic
+    full = json.loads(dataset.parts_json.read_text())
+    halves = [json.loads(p.read_text()) for p in (match, evaluation)]
+    ids = [{im["id"] for im in h["images"]} for h in halves]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {im["id"] for im in full["images"]}
+    for h, chosen in zip(halves, ids):
+        assert {a["image_id"] for a in h["annotations"]} <= chosen
+        assert len(h["annotations"]) == sum(a["image_id"] in chosen for a in full["annotations"])
+        assert h["categories"] == full["categories"]
+    splits = {name: open_part_dataset("partimagenet", dataset.root, name, image_root=dataset.root / "train")
+              for name in ("train_match", "train_eval")}
+    for name, split in splits.items():
+        samples = list(split.samples())
+        assert len(samples) == 6   # 3 classes x 2 of their 4 images
+        # round-robin over the classes: the first 3 samples are one of each
+        assert len({s.object_class for s in samples[:3]}) == 3
+        assert all(Path(s.path).is_file() and s.part_masks.shape[1:] == (64, 64) for s in samples)
+    objects = json.loads((dataset.root / "annotations" / "objects_train_eval.json").read_text())
+    assert {a["image_id"] for a in objects["annotations"]} == ids[1]
+
+
+def test_halves_need_two_images_per_class(tmp_path):
+    from part_distillation.data.synthetic import write_split_halves
+
+    make_synthetic_dataset(tmp_path, num_classes=2, images_per_class=1, size=32)
+    with pytest.raises(ValueError, match="fewer than 2 images"):
+        write_split_halves(tmp_path, "train")

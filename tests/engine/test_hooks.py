@@ -39,3 +39,19 @@ def test_periodic_eval_and_progress_line(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[train] iter ")]
     assert len(lines) == 3 and "iter 5/5" in lines[-1] and "eta 0:00:00" in lines[-1]
     assert "img/s" in lines[0] and "data" in lines[0]
+
+
+def test_eval_results_go_to_tensorboard_at_the_step_they_were_made(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def evaluate(trainer):
+        return {"strict/AR@10": (trainer.iter + 1) / 10}
+
+    with caplog.at_level(logging.INFO, logger="part_distillation"):
+        toy.train(tmp_path, max_iter=7, period=100,
+                  extra_hooks=[PeriodicEval(evaluate, period=3), hooks.TensorBoardWriter(tmp_path / "tb", period=100)])
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = [(e.step, round(e.value, 4)) for e in events.Scalars("eval/strict/AR@10")]
+    assert scalars == [(3, 0.3), (6, 0.6), (7, 0.7)]   # the log period (100) does not delay them
+    assert "[eval] iter 6: strict/AR@10 0.6000" in [r.getMessage() for r in caplog.records]

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: The demo at test size: 2 classes x 3 images, 4 training iterations.
 SMALL_DEMO = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stage.images_per_class=3',"
               "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
-              "'proposal_learning:stage.checkpoint_period=2']")
+              "'proposal_learning:stage.checkpoint_period=2','evaluate:stage.predictors=[proposal,records,strips]']")
 #: Stage 6 is left out at this size: a 4-iteration proposal model gives part ranking too
 #: few embeddings per class for part classes (tests/stages/test_part_distillation.py
 #: trains stage 6 on fixture records; `make demo` runs it on part ranking's records).
@@ -48,7 +48,9 @@ def test_demo_pipeline_runs_every_stage_and_is_idempotent(tmp_path):
     centroids = json.loads((ranking.path / "part_classes" / "0-of-1" / "centroids.json").read_text())
     assert centroids["num_clusters"] == 4 and centroids["checkpoint"].endswith("model_0000004.pth")
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "synthetic_train" / "metrics.json").read_text())
-    assert metrics["images"] == 6 and 0 < metrics["reference"]["C-mIoU"] <= 100
+    assert list(metrics["predictors"]) == ["proposal", "records_dense_crf", "strips"]
+    records = metrics["predictors"]["records_dense_crf"]   # evaluated on train_eval: 1 of each class's 3 images
+    assert records["images"] == 2 and 0 < records["reference"]["C-mIoU"] <= 100
     log = first.stderr + first.stdout
     assert "| reference |" in log and "| strict |" in log   # the metrics table is printed
 

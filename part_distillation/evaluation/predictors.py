@@ -1,0 +1,149 @@
+"""What the evaluation scores: anything that turns a dataset sample into a :class:`Prediction`.
+
+A predictor is called with a :class:`~part_distillation.data.part_sample.PartSample` and
+sees only what the strict protocol allows: the image and its object mask (plus the object
+class, mapped to the model's training class index). Three kinds:
+
+* :class:`RecordsPredictor`: a stage's stored part records (pixel grouping, dense CRF,
+  part ranking), matched to the sample by image path;
+* :class:`ModelPredictor`: a trained stage-4/6 model (``inference.TrainedModel``, from a
+  checkpoint or a model still in training);
+* :class:`StripsPredictor`: the trivial baseline, the object's box cut into K strips.
+
+Each has a ``label`` (its folder and row name) and ``num_clusters`` (the cluster ids its
+predictions use: 0..num_clusters-1). A cluster id of -1 marks a mask that counts for
+proposal recall only, not for the part segmentation (a proposal model's masks beyond its
+top ``num_clusters``). A predictor that cannot predict a sample returns ``None`` with
+:attr:`last_skip` saying why; the sample then counts as finding nothing.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from part_distillation.data.frame import ImageFrame
+from part_distillation.data.part_sample import PartSample
+from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.masks import decode_rles
+
+
+def empty_prediction(shape: tuple[int, int], with_clusters: bool = True) -> Prediction:
+    """A model that found nothing, at an image of ``shape``."""
+    return Prediction(masks=np.zeros((0, *shape), dtype=bool), scores=np.zeros(0),
+                      clusters=np.zeros(0, dtype=np.int64) if with_clusters else None)
+
+
+def prediction_from_record(record: dict, sample: PartSample) -> Prediction:
+    """A stage record's part masks at the sample's original size, with their clusters.
+
+    ``part_labels`` records (part ranking) carry ``cluster_ids`` (consistent within an
+    object class) and scores; ``part_segments`` records (pixel grouping, dense CRF) carry
+    ``part_ids`` 1..K, each image its own numbering (clusters = ids - 1, scores 1).
+    """
+    frame = ImageFrame.from_record(record)
+    if tuple(frame.original) != tuple(sample.object_mask.shape):
+        raise ValueError(f"record {record['key']!r} is of an image of size {frame.original}, but the dataset's "
+                         f"{sample.path} is {tuple(sample.object_mask.shape)}")
+    masks = frame.masks_to_original(decode_rles(record["part_masks"], size=frame.fitted))
+    if "cluster_ids" in record:
+        clusters, scores = np.asarray(record["cluster_ids"]), np.asarray(record["scores"], dtype=np.float64)
+    else:
+        clusters, scores = np.asarray(record["part_ids"]) - 1, np.ones(len(masks))
+    return Prediction(masks=masks, scores=scores, clusters=clusters.astype(np.int64))
+
+
+class Predictor:
+    """Base: ``predictor(sample) -> Prediction | None`` (None: see :attr:`last_skip`)."""
+
+    label: str = "predictor"
+    num_clusters: int = 1
+    last_skip: str | None = None
+
+    def __call__(self, sample: PartSample) -> Prediction | None:
+        raise NotImplementedError
+
+
+class RecordsPredictor(Predictor):
+    """A stage's records, found by the sample's image path (real path)."""
+
+    def __init__(self, records: dict[str, dict], label: str, num_clusters: int):
+        self.records, self.label, self.num_clusters = records, label, int(num_clusters)
+
+    @classmethod
+    def from_store(cls, path: str | os.PathLike, label: str, num_clusters: int) -> "RecordsPredictor":
+        from part_distillation.store import RecordStore
+
+        records = {os.path.realpath(r["path"]): r for r in RecordStore(path).iter_records()}
+        return cls(records, label, num_clusters)
+
+    def __call__(self, sample: PartSample) -> Prediction | None:
+        record = self.records.get(os.path.realpath(sample.path))
+        if record is None:
+            self.last_skip = "no_prediction"
+            return None
+        prediction = prediction_from_record(record, sample)
+        if len(prediction.clusters) and prediction.clusters.max() >= self.num_clusters:
+            raise ValueError(f"{self.label}: record {record['key']!r} has cluster {prediction.clusters.max()} but "
+                             f"stage.num_clusters={self.num_clusters}: set it to the records' number of parts")
+        return prediction
+
+
+class ModelPredictor(Predictor):
+    """A trained model on the sample's image, restricted to its object mask.
+
+    ``load_image(path) -> (H, W, 3) uint8`` (default ``data.images.load_rgb``). A
+    PartDistillation model gets the sample's object class as its training class index
+    (by synset); a sample of a class the model was not trained on is skipped
+    (``object_class_not_in_model``). Proposals: clusters are the per-image rank, the top
+    ``num_clusters`` kept for the segmentation (the rest -1, recall only).
+    """
+
+    def __init__(self, model, label: str, num_clusters: int | None = None,
+                 load_image: Callable[[str], np.ndarray] | None = None):
+        from part_distillation.data.images import load_rgb
+
+        self.model, self.label = model, label
+        self.num_clusters = int(model.parts_per_class if model.kind == "part_distillation" else num_clusters or 8)
+        self.load_image = load_image or load_rgb
+
+    def __call__(self, sample: PartSample) -> Prediction | None:
+        object_class = None
+        if self.model.kind == "part_distillation":
+            object_class = self.model.class_index(sample.wnid)
+            if object_class is None:
+                self.last_skip = "object_class_not_in_model"
+                return None
+        image = self.load_image(sample.path)
+        if tuple(image.shape[:2]) != tuple(sample.object_mask.shape):
+            raise ValueError(f"{sample.path}: image of size {tuple(image.shape[:2])}, its annotation "
+                             f"{tuple(sample.object_mask.shape)}")
+        prediction = self.model.predict(image, sample.object_mask, object_class)
+        if self.model.kind == "proposal":
+            clusters = np.where(prediction.clusters < self.num_clusters, prediction.clusters, -1)
+            prediction = Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters)
+        return prediction
+
+
+class StripsPredictor(Predictor):
+    """The object's box cut into ``num_clusters`` equal strips along its longer side
+    (``models.baselines.strip_labels``); cluster k = the k-th strip from the top/left,
+    score 1 each. Needs nothing but the object mask."""
+
+    def __init__(self, num_clusters: int, label: str = "strips"):
+        self.num_clusters, self.label = int(num_clusters), label
+
+    def __call__(self, sample: PartSample) -> Prediction:
+        from part_distillation.models.baselines import strip_labels
+
+        labels = strip_labels(sample.object_mask, self.num_clusters)
+        ids = np.arange(1, self.num_clusters + 1)
+        masks = labels[None] == ids[:, None, None]
+        present = masks.reshape(len(ids), -1).any(1)
+        return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
+                          clusters=(ids[present] - 1).astype(np.int64))
+
+
+__all__ = ["ModelPredictor", "Predictor", "RecordsPredictor", "StripsPredictor", "empty_prediction",
+           "prediction_from_record"]

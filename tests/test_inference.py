@@ -1,0 +1,139 @@
+"""Trained models as part predictors: loading by run folder and by file, masks at the image's size,
+the object class selecting the PartDistillation head rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from part_distillation import postprocess
+from part_distillation.config import ConfigError
+from part_distillation.data.frame import ImageFrame
+from part_distillation.engine import checkpoint as ckpt
+from part_distillation.inference import TrainedModel, resolve_checkpoint
+from part_distillation.models.mask2former import preprocess_images
+
+from tests.model_runs import write_run
+
+WNIDS = ("n90000001", "n90000002", "n90000003")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    torch.set_num_threads(1)
+    return {"proposal": write_run(root / "proposal", "proposal", data_root=root, iterations=(5, 10)),
+            "part_distillation": write_run(root / "pd", "part_distillation", data_root=root, wnids=WNIDS,
+                                           parts_per_class=3, iterations=(7,))}
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    obj = np.zeros((50, 90), dtype=bool)
+    obj[8:44, 15:80] = True
+    return img, obj
+
+
+def test_loads_by_run_folder_and_by_file(runs):
+    newest = TrainedModel.load(runs["proposal"])
+    assert newest.kind == "proposal" and newest.image_size == 64 and newest.parts_per_class is None
+    assert newest.checkpoint == ckpt.checkpoint_path(runs["proposal"], 10)
+    older = TrainedModel.load(runs["proposal"], iteration=5)
+    assert older.checkpoint == ckpt.checkpoint_path(runs["proposal"], 5)
+    by_file = TrainedModel.load(ckpt.checkpoint_path(runs["proposal"], 5))
+    for a, b in zip(older.model.state_dict().values(), by_file.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(older.model.class_predictor.weight, newest.model.class_predictor.weight)
+    pd = TrainedModel.load(runs["part_distillation"])
+    assert pd.kind == "part_distillation" and pd.parts_per_class == 3 and pd.num_object_classes == 3
+    assert pd.class_wnids == WNIDS and pd.class_index("n90000002") == 1 and pd.class_index("n1") is None
+
+
+def test_bare_checkpoint_file_and_errors(runs, tmp_path):
+    state = torch.load(ckpt.checkpoint_path(runs["part_distillation"], 7), weights_only=True)
+    bare = tmp_path / "pd.pth"
+    torch.save(state, bare)
+    with pytest.raises(ValueError, match="parts_per_class"):
+        TrainedModel.load(bare)   # no run folder: K cannot be known
+    model = TrainedModel.load(bare, parts_per_class=3)
+    assert model.kind == "part_distillation" and model.image_size == 640 and model.class_wnids is None
+    torch.save(torch.load(ckpt.checkpoint_path(runs["proposal"], 5), weights_only=True), tmp_path / "p.pth")
+    assert TrainedModel.load(tmp_path / "p.pth").kind == "proposal"   # 2 class outputs, spec recognised
+    with pytest.raises(ConfigError, match="iteration=3"):
+        resolve_checkpoint(runs["proposal"], 3)
+    with pytest.raises(ConfigError, match="no checkpoint under"):
+        resolve_checkpoint(tmp_path / "nothing")
+
+
+def test_proposals_at_the_original_size_inside_the_object(runs, image):
+    img, obj = image
+    model = TrainedModel.load(runs["proposal"])
+    got = model.predict(img, obj)
+    n = len(got.scores)
+    assert n >= 1 and got.masks.shape == (n, 50, 90) and got.masks.dtype == bool
+    assert got.clusters.tolist() == list(range(n)) and got.clusters.dtype == np.int64
+    assert np.all(np.diff(got.scores) <= 0)                         # best first
+    assert not (got.masks & ~obj).any()                             # restricted to the object
+    assert got.masks.sum(0).max() <= 1                              # one label per pixel
+    # the same masks as the steps done by hand: fitted frame, grey canvas, network, back to 50 x 90
+    frame = ImageFrame.fit((50, 90), size=64, canvas=64)
+    canvas = frame.pad_image(frame.fit_image(img))
+    assert (canvas[frame.fitted[0]:] == 128).all()
+    batch = preprocess_images([canvas])
+    with torch.no_grad():
+        out = model.model(batch.pixel_values)
+    fitted = postprocess.proposal_inference(out["pred_logits"][0], out["pred_masks"][0], padded_size=(64, 64),
+                                            image_size=frame.fitted,
+                                            object_mask=torch.from_numpy(frame.masks_to_fitted(obj[None])[0]))
+    np.testing.assert_array_equal(got.masks, frame.masks_to_original(fitted.masks.numpy()))
+    # overlapping proposals when asked; no object: the whole image is the region
+    overlapping = TrainedModel.load(runs["proposal"], one_label=False).predict(img, obj)
+    assert len(overlapping.scores) >= n
+    free = model.predict(img, None)
+    assert free.masks.shape[1:] == (50, 90) and free.masks[:, ~obj].any()
+
+
+def test_part_distillation_selects_its_object_class_rows(runs, image):
+    img, obj = image
+    model = TrainedModel.load(runs["part_distillation"])
+    predictions = [model.predict(img, obj, object_class=c) for c in range(3)]
+    for p in predictions:
+        assert p.masks.shape[1:] == (50, 90) and not (p.masks & ~obj).any()
+        assert set(p.clusters.tolist()) <= {0, 1, 2} and len(set(p.clusters.tolist())) == len(p.clusters)
+    assert not np.array_equal(predictions[0].scores, predictions[1].scores)
+    # class 1's scores are the softmax of head rows 3..5 and the last one, computed from the full head
+    frame = ImageFrame.fit((50, 90), size=64, canvas=64)
+    batch = preprocess_images([frame.pad_image(frame.fit_image(img))])
+    with torch.no_grad():
+        out = model.model(batch.pixel_values, object_class=torch.tensor([1]))
+        full = model.model.class_predictor(out["query_embeddings"][0])   # (Q, 3 * 3 + 1)
+    rows = torch.cat([full[:, 3:6], full[:, -1:]], dim=1)
+    torch.testing.assert_close(out["pred_logits"][0], rows)
+    probs = rows.softmax(-1)[:, :-1]
+    assert predictions[1].scores.max() == pytest.approx(float(probs.max()), rel=1e-5)
+    with pytest.raises(ValueError, match="object class"):
+        model.predict(img, obj)
+    with pytest.raises(ValueError, match="outside"):
+        model.predict(img, obj, object_class=3)
+
+
+def test_batch_equals_single_images(runs, image):
+    img, obj = image
+    model = TrainedModel.load(runs["part_distillation"])
+    other = np.ascontiguousarray(img[:40, :30])
+    other_obj = obj[:40, :30]
+    batch = model.predict_batch([img, other], [obj, other_obj], [2, 0])
+    for got, want in zip(batch, [model.predict(img, obj, 2), model.predict(other, other_obj, 0)]):
+        assert got.masks.shape == want.masks.shape
+        np.testing.assert_array_equal(got.masks, want.masks)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_leaves_a_training_model_in_training(runs, image):
+    img, obj = image
+    model = TrainedModel.load(runs["proposal"])
+    model.model.train()
+    model.predict(img, obj)
+    assert model.model.training
