@@ -24,6 +24,7 @@ from part_distillation.launch import JobContext
 from part_distillation.masks import decode_rles
 from part_distillation.stages import predict
 from part_distillation.store import RecordStore
+from tests.model_runs import write_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -288,32 +289,11 @@ def test_the_short_command_without_its_two_paths_prints_the_usage(capsys):
 # With a real (tiny, untrained) model in the training stages' checkpoint format
 
 
-def _tiny_run(run: Path, kind: str, wnids=("n01000001", "n01000002")) -> Path:
-    """A stage-4/6 run folder as the stages leave it: manifest, ``checkpoints/model_*.pth``,
-    stage 6's ``classes.json``; random tiny weights, 64-pixel canvas, K parts per class."""
-    import torch
-
-    from part_distillation.config import PartDistillationStageConfig, ProposalLearningStageConfig
-    from part_distillation.engine import checkpoint as ckpt
-    from part_distillation.engine.recipe import build_model
-    from part_distillation.inference import CLASSES_FILE
-
-    if kind == "proposal":
-        stage, name = ProposalLearningStageConfig(output=str(run), input="records", image_size=64), "proposal_learning"
-    else:
-        stage = PartDistillationStageConfig(output=str(run), input="records", image_size=64, parts_per_class=K)
-        name = "part_distillation"
-    cfg = RunConfig(stage=stage, data=DataConfig(name="synthetic", root=str(run / "no_tree")),
-                    model=ModelConfig(name="mask2former", size="tiny", device="cpu"))
-    ckpt.prepare_run_dir(run, stage=name, config=dataclasses.asdict(cfg))
-    torch.manual_seed(0)
-    if kind == "proposal":
-        model = build_model("tiny", None, num_classes=1)
-    else:
-        (run / CLASSES_FILE).write_text(json.dumps({"wnids": list(wnids)}))
-        model = build_model("tiny", None, num_classes=len(wnids) * K, parts_per_class=K)
-    ckpt.save_atomic({"model": model.state_dict(), "iteration": 3}, ckpt.checkpoint_path(run, 3))
-    return run
+def _tiny_run(run: Path, kind: str) -> Path:
+    """A stage-4/6 run folder as the stages leave it (``tests/model_runs.py``): random tiny
+    weights, a 64-pixel canvas, K parts for each of two object classes."""
+    return write_run(run, kind, data_root=run / "no_tree", wnids=("n01000001", "n01000002"), parts_per_class=K,
+                     image_size=64)
 
 
 def _check_coco(path: Path, images: Path, records: dict) -> COCO:
