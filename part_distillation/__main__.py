@@ -47,12 +47,37 @@ def _hydra_main(cfg: DictConfig):
         sys.exit(1)
 
 
+PREDICT_USAGE = ("usage: python -m part_distillation predict <image file or folder> <run folder or checkpoint> "
+                 "[overrides, e.g. stage.mask_source=grabcut stage.object_class=dog]")
+
+
+def _override_value(text: str) -> str:
+    """``text`` as a Hydra override value: quoted unless it is plain (paths with spaces, commas...)."""
+    if text and all(c.isalnum() or c in "_./-~+" for c in text):
+        return text
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def expand_predict(args: list[str]) -> list[str]:
+    """``predict <images> <checkpoint> [overrides]`` -> ``stage=predict stage.images=... stage.checkpoint=...``
+    (other arguments unchanged)."""
+    if args[:1] != ["predict"]:
+        return args
+    if len(args) < 3 or any("=" in a or a.startswith("-") for a in args[1:3]):
+        print(PREDICT_USAGE, file=sys.stderr)
+        sys.exit(2)
+    return ["stage=predict", f"stage.images={_override_value(args[1])}",
+            f"stage.checkpoint={_override_value(args[2])}", *args[3:]]
+
+
 def main() -> None:
     """Check the whole configuration (every job of a sweep) first, then hand over to Hydra.
 
     A bad value is reported in one line, naming the key, before anything runs or is
     submitted. Runs with other Hydra flags (``--cfg``, ``--help``, ``-cn``) skip the check.
+    ``predict <images> <checkpoint> [overrides]`` is short for the predict stage's overrides.
     """
+    sys.argv[1:] = expand_predict(sys.argv[1:])
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("-")}
     if flags <= {"-m", "--multirun"}:

@@ -43,6 +43,17 @@ def _one_of(*choices: str):
     return lambda v: v in choices, f"one of {list(choices)}"
 
 
+def _stem(path: str) -> str:
+    """``${pd.stem:<path>}``: a file's or folder's name without its suffix (default output names)."""
+    import os
+
+    return os.path.splitext(os.path.basename(os.path.abspath(str(path))))[0] or "root"
+
+
+if not OmegaConf.has_resolver("pd.stem"):
+    OmegaConf.register_new_resolver("pd.stem", _stem)
+
+
 # ---------------------------------------------------------------------------------
 # Shared groups
 # ---------------------------------------------------------------------------------
@@ -425,6 +436,51 @@ class EvaluateStageConfig(StageConfig):
 
 
 @dataclass
+class PredictStageConfig(StageConfig):
+    """Stage ``predict``: parts of any images (a file or a folder) with a stage-4 or stage-6 model.
+
+    ``images``: an image file or a folder (searched recursively; default ``<paths.root>/images``).
+    ``checkpoint``: a run folder (its newest checkpoint, or ``iteration``) or a ``.pth`` file
+    (default: the stage-6 run of ``data``).
+    ``mask_source``: where each image's object mask comes from: ``whole_image`` (no mask),
+    ``grabcut``, ``annotations`` (a COCO json, ``annotations``) or ``detic`` (``model.weights``
+    and the object classes' vocabulary, as in stage 1). ``object_class``: the object class
+    (name or index) a PartDistillation model segments the parts of; null: the class the
+    mask source found (a wnid or a words-file name is looked up in the model's classes).
+    Parts scoring below ``min_score`` are dropped and the best ``max_parts`` of each object
+    kept (the model gives one label per pixel, so by default every part is kept).
+    """
+
+    name: str = "predict"
+    images: str = MISSING
+    checkpoint: str = MISSING
+    iteration: Optional[int] = None
+    mask_source: str = "whole_image"
+    object_class: Optional[str] = None
+    max_objects: int = 1  # the best objects of the mask source, each segmented into parts
+    min_score: float = 0.0
+    max_parts: int = 20
+    fit_size: int = 640  # the frame the mask sources work in (data/frame.py)
+    annotations: Optional[str] = None  # COCO json for mask_source=annotations
+    annotations_are_parts: bool = False
+    grabcut_margin: float = 0.1
+    grabcut_iterations: int = 5
+    grabcut_work_size: Optional[int] = 320
+    score_threshold: float = 0.02  # Detic's, as in stage 1
+    nms_threshold: float = 0.5
+    max_detections: int = 1000
+    vocabulary: Optional[str] = None
+    clip_model: str = "${paths.weights}/clip/clip-vit-base-patch32"
+    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"
+
+    _checks = {"mask_source": _one_of("whole_image", "grabcut", "annotations", "detic"),
+               "iteration": _at_least(0), "max_objects": _at_least(1), "min_score": _ratio(),
+               "max_parts": _at_least(1), "fit_size": _at_least(32), "grabcut_margin": _ratio(),
+               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16),
+               "score_threshold": _ratio(), "nms_threshold": _ratio(), "max_detections": _at_least(1)}
+
+
+@dataclass
 class RunConfig:
     """The whole composed configuration of one job."""
 
@@ -455,6 +511,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "part_ranking": PartRankingStageConfig,
     "part_distillation": PartDistillationStageConfig,
     "evaluate": EvaluateStageConfig,
+    "predict": PredictStageConfig,
 }
 
 

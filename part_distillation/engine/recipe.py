@@ -18,6 +18,7 @@ from torch import nn
 
 from part_distillation.data.part_records import PartRecordDataset, collate
 from part_distillation.models.criterion import HungarianMatcher, SetCriterion
+from part_distillation.viz import score_overlay
 
 from . import distributed as ddp_utils
 from .checkpoint import prepare_run_dir
@@ -112,15 +113,10 @@ def data_loader_factory(dataset: PartRecordDataset, global_batch: int, per_devic
 def overlay_preview(image: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, max_masks: int = 8,
                     alpha: float = 0.5) -> np.ndarray:
     """(3, H, W) uint8 image with the ``max_masks`` best-scoring masks (N, H, W bool) painted
-    in fixed colours (the highest score on top); returns (3, H, W) uint8."""
-    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.float32)
-    out = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-    order = torch.argsort(scores, descending=True)[:max_masks].tolist()
-    for rank, i in reversed(list(enumerate(order))):
-        m = masks[i].cpu().numpy()
-        out[m] = (1 - alpha) * out[m] + alpha * palette[rank % len(palette)]
-    return np.clip(out, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    by rank, the highest score on top (``viz.score_overlay``); returns (3, H, W) uint8."""
+    drawn = score_overlay(image.permute(1, 2, 0).cpu().numpy().astype(np.uint8), masks.cpu().numpy().astype(bool),
+                          scores.float().cpu().numpy(), max_masks=max_masks, alpha=alpha)
+    return np.ascontiguousarray(drawn.transpose(2, 0, 1))
 
 
 def proposal_preview(dataset: PartRecordDataset, device: torch.device, index: int = 0):

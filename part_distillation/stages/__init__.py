@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "detic_labeling": "part_distillation.stages.detic_labeling",
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
     "part_ranking": "part_distillation.stages.part_ranking",
+    "predict": "part_distillation.stages.predict",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling
@@ -43,6 +44,8 @@ def loads_weights(run) -> bool:
     """Whether this job loads ``model.weights``: stage 1 only with the detic and mask2former sources."""
     if run.stage.name == "detic_labeling":
         return getattr(run.stage, "source", "detic") in ("detic", "mask2former")
+    if run.stage.name == "predict":  # the trained model is stage.checkpoint; model.weights is Detic's
+        return run.stage.mask_source == "detic"
     return run.stage.name in LOADS_WEIGHTS
 
 

@@ -166,11 +166,27 @@ EVAL_STATES = RecordSchema("eval_states", (
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
 ))
 
+#: Stage ``predict``: a trained model's parts of one image of any folder (masks at the image's size).
+PART_PREDICTIONS = RecordSchema("part_predictions", (
+    Field("path", "str", "the image file"),
+    Field("height", "int", "decoded image height: the frame of every mask in the record"),
+    Field("width", "int", "decoded image width"),
+    Field("mask_source", "str", "where the object masks came from: whole_image | grabcut | annotations | detic"),
+    Field("model_kind", "str", "proposal (stage 4) or part_distillation (stage 6)"),
+    Field("object_masks", "rles", "the objects whose parts were predicted (empty for whole_image)"),
+    Field("object_classes", "array", "(O,) int object class index of each object (-1: none)"),
+    Field("part_masks", "rles", "predicted part masks, by descending score"),
+    Field("scores", "array", "(P,) float part scores"),
+    Field("clusters", "array", "(P,) int part cluster within the object class (-1 for proposals)"),
+    Field("part_classes", "array", "(P,) int part class: the COCO category id (1 for proposals)"),
+    Field("part_class_names", "list", "P part class names (COCO category names)"),
+), masks_field="part_masks", label_field="part_classes", score_field="scores")
+
 #: The record schema of each stage's output (by the stage name its manifest records).
 STAGE_RECORDS: dict[str, RecordSchema] = {
     "index": INDEX, "detic_labeling": OBJECT_MASKS, "pixel_grouping": PART_SEGMENTS, "dense_crf": PART_SEGMENTS,
-    "part_ranking": PART_LABELS, "evaluate": EVAL_STATES,
+    "part_ranking": PART_LABELS, "evaluate": EVAL_STATES, "predict": PART_PREDICTIONS,
 }
 
 SCHEMAS: dict[str, RecordSchema] = {s.name: s for s in (INDEX, OBJECT_MASKS, PART_SEGMENTS, PART_LABELS,
-                                                        EVAL_STATES)}
+                                                        EVAL_STATES, PART_PREDICTIONS)}

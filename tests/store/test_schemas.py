@@ -19,7 +19,8 @@ def _object_record(**changes):
 
 
 def test_every_schema_is_registered_by_name():
-    assert set(SCHEMAS) == {"index", "object_masks", "part_segments", "part_labels", "eval_states"}
+    assert set(SCHEMAS) == {"index", "object_masks", "part_segments", "part_labels", "eval_states",
+                            "part_predictions"}
 
 
 def test_writer_accepts_matching_record_and_reads_it_back(tmp_path):
