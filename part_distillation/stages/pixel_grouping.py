@@ -82,11 +82,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         st.features, st.feature_levels, pretrained=st.pretrained,
         weights=cfg.model.weights if st.features == "mask2former" else None,
         mask2former_spec=_MASK2FORMER_SPECS.get(cfg.model.size, cfg.model.size)).to(device)
-    records = shard_input_records(RecordStore(st.input), cfg.shard.index, cfg.shard.count, cfg.shard.by)
+    store = RecordStore(st.input)
+    records = shard_input_records(store, cfg.shard.index, cfg.shard.count, cfg.shard.by)
+    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class" if cfg.shard.by == "class" else "key")
     with open_output(cfg, PART_SEGMENTS, context) as out:
-        todo = _pending(records, out, st.objects, summary)
-        for batch in _batches(progress(todo, None, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}",
-                                       st.progress_every), st.batch_size):
+        records = progress(records, total, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}", st.progress_every)
+        for batch in _batches(_pending(records, out, st.objects, summary), st.batch_size):
             _group_batch(batch, source, cfg, out, summary, device)
     summary.extra["features"] = f"{st.features}:{'+'.join(st.feature_levels)}"
     return summary.finish()
