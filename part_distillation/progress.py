@@ -183,9 +183,11 @@ def progress(items: Iterable[T], total: int | None, desc: str, every: int = 200,
 
 
 def progress_line(desc: str, done: int, total: int | None, elapsed_s: float) -> str:
-    """``[desc] done/total (rate/s, eta ...)``; no ETA without a total."""
+    """``[desc] done/total (rate/s, eta ...)`` (``s each`` below one item a second); no ETA
+    without a total."""
     rate = done / max(elapsed_s, 1e-9)
+    speed = f"{rate:.1f}/s" if rate >= 1 or done == 0 else f"{elapsed_s / done:.1f} s each"
     if total is None:
-        return f"[{desc}] {done}/? ({rate:.1f}/s)"
+        return f"[{desc}] {done}/? ({speed})"
     eta = format_eta((total - done) / rate) if done < total and rate > 0 else "0s"
-    return f"[{desc}] {done}/{total} ({rate:.1f}/s, eta {eta})"
+    return f"[{desc}] {done}/{total} ({speed}, eta {eta})"
