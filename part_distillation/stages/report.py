@@ -191,21 +191,23 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluation_table(evaluate_output: str | None) -> tuple[str | None, str]:
-    """(the evaluation table in Markdown or None, where it came from / why there is none)."""
+def evaluation_table(evaluate_output: str | None, folder: Path) -> tuple[str | None, str]:
+    """(the evaluation table in Markdown or None, where it came from or why there is none),
+    paths as seen from ``folder``."""
     if evaluate_output is None:
         return None, "no evaluate stage in this experiment"
-    folder = Path(evaluate_output)
-    md, js = folder / "metrics.md", folder / "metrics.json"
+    where = Path(evaluate_output)
+    md, js = where / "metrics.md", where / "metrics.json"
     try:
         if md.is_file():
-            return md.read_text(encoding="utf-8").strip() + "\n", str(md)
+            return md.read_text(encoding="utf-8").strip() + "\n", _link_text(md, folder)
         if js.is_file():
             table = metrics_table(json.loads(js.read_text(encoding="utf-8")))
-            return (table, str(js)) if table else (None, f"{js} holds no AR or mIoU values")
+            return (table, _link_text(js, folder)) if table else (None, f"{_link_text(js, folder)} holds no "
+                                                                         f"AR or mIoU values")
     except (OSError, ValueError) as err:
-        return None, f"the metrics in {folder} cannot be read: {err}"
-    return None, f"not run (no metrics in {folder})"
+        return None, f"the metrics in {_link_text(where, folder)} cannot be read: {err}"
+    return None, f"not run (no metrics in {_link_text(where, folder)})"
 
 
 # --------------------------------------------------------------------------- links
@@ -247,14 +249,14 @@ def build_report(plans: list[ExperimentPlan], folder: str | os.PathLike) -> tupl
     for plan in plans:
         if plan.problem or plan.output_of("evaluate") is None:
             continue
-        table, source = evaluation_table(plan.output_of("evaluate"))
+        table, source = evaluation_table(plan.output_of("evaluate"), folder)
         out.append(f"### {plan.experiment} ({plan.data})")
         out.append("")
         if table is None:
             out += [f"Evaluation {source}.", ""]
         else:
             tables.append((plan.experiment, table))
-            out += [f"From {_link_text(source, folder)}:", "", table.rstrip("\n"), ""]
+            out += [f"From {source}:", "", table.rstrip("\n"), ""]
         for png in _pngs(plan.output_of("evaluate")):
             out += [f"**{png.stem}**", "", image_link(png, folder, f"{plan.experiment} evaluation {png.stem}"), ""]
     if not any(p.output_of("evaluate") for p in plans if not p.problem):
