@@ -190,10 +190,12 @@ class PipelineStageConfig(StageConfig):
 
 @dataclass
 class ReportStageConfig(StageConfig):
-    """Stage ``report``: ``<output>/report.md``, the evaluation table, each stage's summary and
-    the collages of the pipelines of ``experiments`` (empty: this run's experiment)."""
+    """Stage ``report``: ``file`` (a Markdown page), the evaluation table, each stage's summary
+    and the collages of the pipelines of ``experiments`` (empty: this run's experiment).
+    ``output``: the stage's own folder (its saved summary)."""
 
     name: str = "report"
+    file: str = "${paths.root}/report.md"
     experiments: list[str] = field(default_factory=list)
 
 

@@ -1,4 +1,5 @@
-"""Stage ``report``: one Markdown page of what a run produced, ``<stage.output>/report.md``.
+"""Stage ``report``: one Markdown page of what a run produced, ``stage.file``
+(``${paths.root}/report.md``).
 
 For each experiment of ``stage.experiments`` (default: this run's), the stages of its
 pipeline are composed (as the pipeline composes them, with this run's overrides) to find
@@ -30,7 +31,6 @@ from part_distillation.progress import StageSummary, format_eta, read_summaries
 
 log = logging.getLogger("part_distillation")
 
-REPORT_FILE = "report.md"
 #: stages that are not reported as stages of a pipeline (they contain or describe the others)
 NOT_REPORTED = frozenset({"pipeline", "report", "status"})
 
@@ -298,8 +298,8 @@ def run(cfg: RunConfig, context) -> StageSummary:
         return summary.finish()
     base = _own_overrides()
     plans = [plan_experiment(name, base) for name in (st.experiments or [cfg.experiment])]
-    text, tables = build_report(plans, st.output)
-    path = Path(st.output) / REPORT_FILE
+    path = Path(st.file)
+    text, tables = build_report(plans, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.encode("utf-8"))
     summary.seen = len(plans)
