@@ -250,13 +250,11 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     def records():
         return store.iter_slice(cfg.shard.index, cfg.shard.count, by="class")
 
-    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class")
-
     # 1. cluster pass (skipped entirely once the centroids exist)
     classes: list[int] = []
     cluster_images = 0
     if not (folder / "centroids.json").exists():
-        for record in progress(records(), total, f"{stage.name} cluster pass", stage.progress_every):
+        for record in progress(records(), None, f"{stage.name} cluster pass", stage.progress_every):
             cls = int(record["class_index"])
             if cls not in classes:
                 classes.append(cls)
@@ -283,7 +281,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
 
     # 3. label pass
     with open_output(cfg, PART_LABELS, context) as writer:
-        for record in progress(records(), total, f"{stage.name} label pass", stage.progress_every):
+        for record in progress(records(), None, f"{stage.name} label pass", stage.progress_every):
             key = record["key"]
             summary.seen += 1
             if writer.has(key):
