@@ -204,6 +204,17 @@ class PipelineStageConfig(StageConfig):
 
 
 @dataclass
+class ReportStageConfig(StageConfig):
+    """Stage ``report``: ``file`` (a Markdown page), the evaluation table, each stage's summary
+    and the collages of the pipelines of ``experiments`` (empty: this run's experiment).
+    ``output``: the stage's own folder (its saved summary)."""
+
+    name: str = "report"
+    file: str = "${paths.root}/report.md"
+    experiments: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DeticStageConfig(StageConfig):
     """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
 
@@ -503,6 +514,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "sample_photos": SamplePhotosStageConfig,
     "collage": CollageStageConfig,
     "pipeline": PipelineStageConfig,
+    "report": ReportStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,
     "pixel_grouping": PixelGroupingStageConfig,

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from part_distillation import stages
 from part_distillation.config import ConfigError, RunConfig, validate
 from part_distillation.context import JobContext  # re-exported: launch.JobContext
+from part_distillation.progress import record_summary
 
 log = logging.getLogger("part_distillation")
 
@@ -108,7 +109,8 @@ def configure_logging(level: str) -> None:
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg``, run its stage in this process, return the stage summary.
+    """Validate ``cfg``, run its stage in this process, return the stage summary (also saved
+    as JSON next to the stage's output: ``progress.record_summary``).
 
     A fault of the environment (unwritable or full output, missing file, wrong weights,
     an output made with another config) ends the job with :class:`JobFailed`, one line
@@ -121,6 +123,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     try:
         with distributed_context() as context:
             summary = stage_run(run, context)
+            summary_file = record_summary(run, summary, context)
     except Exception as exc:
         message = job_error_message(exc, run)
         if message is None:
@@ -129,6 +132,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         log.error("%s", message)
         raise JobFailed(f"part_distillation: job failed: {message}") from None
     summary.log()
+    if summary_file is not None:
+        log.debug("summary saved to %s", summary_file)
     return summary.as_dict()
 
 

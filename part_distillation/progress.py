@@ -2,16 +2,23 @@
 
 Every stage ends with one summary (inputs seen, records written, skipped with reasons,
 wall time, throughput). Progress is a tqdm bar on an interactive console and periodic
-log lines otherwise (SLURM logs), so logs stay readable at ImageNet scale.
+log lines otherwise (SLURM logs), with an ETA when the total is known, so logs stay
+readable at ImageNet scale. Each job's summary is also saved as JSON next to its output
+(:func:`record_summary`), where the report and a status command read it back.
 """
 from __future__ import annotations
 
 import collections
+import datetime
+import json
 import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("part_distillation")
@@ -28,6 +35,10 @@ class StageSummary:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     started: float = field(default_factory=time.monotonic)
     wall_s: float = 0.0
+    #: CPU seconds of this process (all its threads) during the stage: a time that a busy
+    #: shared machine inflates less than the wall time
+    cpu_started: float = field(default_factory=time.process_time)
+    cpu_s: float = 0.0
     extra: dict = field(default_factory=dict)
     output: str | None = None  #: where this stage's results are
     #: a pipeline's stages, in order: their counts are reported apart, never added up
@@ -38,6 +49,7 @@ class StageSummary:
 
     def finish(self) -> "StageSummary":
         self.wall_s = time.monotonic() - self.started
+        self.cpu_s = time.process_time() - self.cpu_started
         return self
 
     @property
@@ -50,7 +62,8 @@ class StageSummary:
                     "stages": {part.stage: part.as_dict() for part in self.parts}, **self.extra}
         return {"stage": self.stage, "seen": self.seen, "written": self.written,
                 "already_done": self.already_done, "skipped": dict(self.skipped),
-                "wall_s": round(self.wall_s, 3), "per_s": round(self.throughput, 2), "output": self.output,
+                "wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3), "per_s": round(self.throughput, 2),
+                "output": self.output,
                 **self.extra}
 
     def log(self) -> None:
@@ -66,16 +79,115 @@ class StageSummary:
                  f"; output: {self.output}" if self.output else "")
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, every: int = 200) -> Iterator[T]:
-    """Iterate with a tqdm bar on a terminal, else a log line every ``every`` items."""
+#: Folder of a stage output holding the stage's persisted summaries, one JSON per job.
+SUMMARY_FOLDER = "summaries"
+#: ... when the output is an image tree (``synthetic_data``, ``sample_photos``): a hidden folder,
+#: which the image-tree lister skips, so it never becomes a class folder.
+HIDDEN_SUMMARY_FOLDER = ".summaries"
+
+
+def _is_within(path: str | os.PathLike, folder: str | os.PathLike | None) -> bool:
+    if not folder:
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def summary_path(cfg, rank: int = 0, world_size: int = 1) -> Path:
+    """Where the job of ``cfg`` (a ``RunConfig``) keeps its summary:
+    ``<stage.output>/summaries/<stage>-shard<index>-of-<count>.json`` (``.rank<r>`` added for
+    each process of a multi-process job; ``.summaries`` when the output is the image tree)."""
+    output = Path(cfg.stage.output)
+    folder = HIDDEN_SUMMARY_FOLDER if _is_within(output, getattr(cfg.data, "root", None)) else SUMMARY_FOLDER
+    name = f"{cfg.stage.name}-shard{cfg.shard.index}-of-{cfg.shard.count}"
+    if world_size > 1:
+        name += f".rank{rank}"
+    return output / folder / f"{name}.json"
+
+
+def record_summary(cfg, summary: StageSummary, context=None) -> Path | None:
+    """Persist one job's summary as JSON (atomically: readers see the old file or the new
+    one) next to its output, so a report or a status command can read every stage's counts,
+    skip reasons and time after the fact, from any process or SLURM job. A rerun replaces
+    the file; shards (and ranks) have a file each. Returns the path, or None when it could
+    not be written (logged; the stage's own output is complete either way).
+    """
+    from part_distillation.store import atomic_write_json
+
+    rank = getattr(context, "rank", 0) if context is not None else 0
+    world_size = getattr(context, "world_size", 1) if context is not None else 1
+    path = summary_path(cfg, rank, world_size)
+    job = {"shard_index": cfg.shard.index, "shard_count": cfg.shard.count, "rank": rank,
+           "world_size": world_size, "data": getattr(cfg.data, "name", None), "experiment": cfg.experiment,
+           "job_id": getattr(context, "job_id", None) if context is not None else None,
+           "host": socket.gethostname(),
+           "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**summary.as_dict(), "job": job})
+    except OSError as err:
+        log.warning("[%s] summary not saved to %s: %s", summary.stage, path, err)
+        return None
+    return path
+
+
+def read_summaries(output: str | os.PathLike, stage: str | None = None) -> list[dict]:
+    """The persisted summaries of one stage output (every shard and rank), in shard order;
+    ``stage`` keeps only that stage's. A file that cannot be read is left out (logged)."""
+    found = []
+    for folder in (SUMMARY_FOLDER, HIDDEN_SUMMARY_FOLDER):
+        for path in sorted((Path(output) / folder).glob("*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                log.warning("summary %s cannot be read: %s", path, err)
+                continue
+            if isinstance(data, dict) and (stage is None or data.get("stage") == stage):
+                found.append(data)
+    job = lambda d: (d.get("job") or {})  # noqa: E731
+    return sorted(found, key=lambda d: (job(d).get("shard_index", 0), job(d).get("rank", 0)))
+
+
+def format_eta(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``: short enough for a log line."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress(items: Iterable[T], total: int | None, desc: str, every: int = 200, *,
+             interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
+    """Iterate with a tqdm bar on a terminal, else a log line every ``every`` items or
+    ``interval_s`` seconds, whichever comes first.
+
+    A line reads ``[desc] 400/1000 (12.5/s, eta 48s)``; the ETA (items left / rate so far)
+    is there when ``total`` is known. ``clock`` is injectable for tests.
+    """
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True)
         return
-    start = time.monotonic()
+    start = last = clock()
     for i, item in enumerate(items, 1):
         yield item
-        if i % every == 0:
-            rate = i / max(time.monotonic() - start, 1e-9)
-            log.info("[%s] %d/%s (%.1f/s)", desc, i, total if total is not None else "?", rate)
+        now = clock()
+        if i % every == 0 or now - last >= interval_s:
+            last = now
+            log.info("%s", progress_line(desc, i, total, now - start))
+
+
+def progress_line(desc: str, done: int, total: int | None, elapsed_s: float) -> str:
+    """``[desc] done/total (rate/s, eta ...)`` (``s each`` below one item a second); no ETA
+    without a total."""
+    rate = done / max(elapsed_s, 1e-9)
+    speed = f"{rate:.1f}/s" if rate >= 1 or done == 0 else f"{elapsed_s / done:.1f} s each"
+    if total is None:
+        return f"[{desc}] {done}/? ({speed})"
+    eta = format_eta((total - done) / rate) if done < total and rate > 0 else "0s"
+    return f"[{desc}] {done}/{total} ({speed}, eta {eta})"

@@ -6,9 +6,12 @@ matching that exactly is what makes outputs agree with the official checkpoints.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+from torch import Tensor
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -29,3 +32,45 @@ def pad_batch(tensors: Sequence[torch.Tensor], size_divisibility: int = SIZE_DIV
     for i, t in enumerate(tensors):
         batch[i, :, : t.shape[-2], : t.shape[-1]] = t
     return batch
+
+
+@dataclass
+class ImageBatch:
+    """Model input: normalised, zero-padded images and each image's size before padding."""
+
+    pixel_values: Tensor  # (B, 3, Hp, Wp)
+    image_sizes: list[tuple[int, int]]  # (h, w) per image
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return int(self.pixel_values.shape[-2]), int(self.pixel_values.shape[-1])
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray | Tensor],
+    *,
+    size_divisibility: int = SIZE_DIVISIBILITY,
+    device: torch.device | str | None = None,
+) -> ImageBatch:
+    """Normalise RGB images (values 0..255) and zero-pad them bottom/right into one batch.
+
+    Accepts (H, W, 3) numpy arrays or (3, H, W) tensors. The padded size is the largest
+    height/width in the batch rounded up to ``size_divisibility``; padding happens after
+    normalisation (pad value 0), as detectron2's ``ImageList.from_tensors``.
+    """
+    if len(images) == 0:
+        raise ValueError("preprocess_images needs at least one image")
+    tensors = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        elif image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"tensor images must be (3, H, W) RGB, got shape {tuple(image.shape)}")
+        tensors.append(image.to(device=device, dtype=torch.float32))
+    mean = torch.tensor(PIXEL_MEAN, device=tensors[0].device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=tensors[0].device).view(3, 1, 1)
+    sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+    batch = pad_batch([(t - mean) / std for t in tensors], size_divisibility)
+    return ImageBatch(pixel_values=batch, image_sizes=sizes)

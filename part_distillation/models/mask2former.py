@@ -23,12 +23,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-import torch
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
-from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, pad_batch
+# re-exported: the image batching lives in batching.py, importable without transformers
+from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, ImageBatch, preprocess_images  # noqa: F401
 from .conditioned import conditioned_head
 
 LEVEL_NAMES = ("res2", "res3", "res4", "res5")
@@ -352,48 +351,6 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
             for module in self.frozen_modules().values():
                 module.eval()
         return self
-
-
-@dataclass
-class ImageBatch:
-    """Model input: normalised, zero-padded images and each image's size before padding."""
-
-    pixel_values: Tensor  # (B, 3, Hp, Wp)
-    image_sizes: list[tuple[int, int]]  # (h, w) per image
-
-    @property
-    def padded_size(self) -> tuple[int, int]:
-        return int(self.pixel_values.shape[-2]), int(self.pixel_values.shape[-1])
-
-
-def preprocess_images(
-    images: Sequence[np.ndarray | Tensor],
-    *,
-    size_divisibility: int = SIZE_DIVISIBILITY,
-    device: torch.device | str | None = None,
-) -> ImageBatch:
-    """Normalise RGB images (values 0..255) and zero-pad them bottom/right into one batch.
-
-    Accepts (H, W, 3) numpy arrays or (3, H, W) tensors. The padded size is the largest
-    height/width in the batch rounded up to ``size_divisibility``; padding happens after
-    normalisation (pad value 0), as detectron2's ``ImageList.from_tensors``.
-    """
-    if len(images) == 0:
-        raise ValueError("preprocess_images needs at least one image")
-    tensors = []
-    for image in images:
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"numpy images must be (H, W, 3) RGB, got shape {image.shape}")
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        elif image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"tensor images must be (3, H, W) RGB, got shape {tuple(image.shape)}")
-        tensors.append(image.to(device=device, dtype=torch.float32))
-    mean = torch.tensor(PIXEL_MEAN, device=tensors[0].device).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=tensors[0].device).view(3, 1, 1)
-    sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
-    batch = pad_batch([(t - mean) / std for t in tensors], size_divisibility)
-    return ImageBatch(pixel_values=batch, image_sizes=sizes)
 
 
 def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_classes: int | None = None,

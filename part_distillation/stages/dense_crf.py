@@ -39,7 +39,7 @@ from part_distillation.data.frame import ImageFrame, fitted_size
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.launch import JobContext
 from part_distillation.masks import decode_rles, encode_rles
-from part_distillation.progress import StageSummary
+from part_distillation.progress import StageSummary, progress_line
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, key_hash, manifest_path
 from part_distillation.store.schemas import PART_SEGMENTS
@@ -236,6 +236,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     index, count = cfg.shard.index, cfg.shard.count
     refiner = _Refiner(settings, stage.workers)
     started, computed, last_log = time.monotonic(), 0, time.monotonic()
+    total = None if stage.follow else store.slice_size(index, count, by="key")  # for the ETA
     seen_keys: set[str] = set()
     try:
         with open_output(cfg, PART_SEGMENTS, context) as out:
@@ -263,8 +264,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                     computed += 1
                 if computed and time.monotonic() - last_log > 60:
                     last_log = time.monotonic()
-                    log.info("[dense_crf %d/%d] %d refined (%.2f images/s)", index, count, computed,
-                             computed / (last_log - started))
+                    log.info("%s; %d refined", progress_line(f"dense_crf {index}/{count}", summary.seen, total,
+                                                             last_log - started), computed)
     finally:
         refiner.close()
     summary.finish()

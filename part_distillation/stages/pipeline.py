@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from part_distillation import stages
 from part_distillation.config import RunConfig, validate
 from part_distillation.context import JobContext
-from part_distillation.progress import StageSummary
+from part_distillation.progress import StageSummary, record_summary
 
 log = logging.getLogger("part_distillation")
 
@@ -52,6 +52,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         sub_cfg = validate(compose(config_name="config", overrides=base + [f"stage={name}"] + per_stage.get(name, [])))
         result = stages.get(name)(sub_cfg, context).finish()
         result.log()
+        record_summary(sub_cfg, result, context)  # saved next to the stage's output, as run_job does
         summary.parts.append(result)  # reported per stage: counts of different things never add up
     summary.output = summary.parts[-1].output if summary.parts else None
     return summary.finish()

@@ -23,7 +23,7 @@ from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
-from part_distillation.models.mask2former import preprocess_images
+from part_distillation.models.batching import preprocess_images
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore
@@ -82,11 +82,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         st.features, st.feature_levels, pretrained=st.pretrained,
         weights=cfg.model.weights if st.features == "mask2former" else None,
         mask2former_spec=_MASK2FORMER_SPECS.get(cfg.model.size, cfg.model.size)).to(device)
-    records = shard_input_records(RecordStore(st.input), cfg.shard.index, cfg.shard.count, cfg.shard.by)
+    store = RecordStore(st.input)
+    records = shard_input_records(store, cfg.shard.index, cfg.shard.count, cfg.shard.by)
+    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class" if cfg.shard.by == "class" else "key")
     with open_output(cfg, PART_SEGMENTS, context) as out:
-        todo = _pending(records, out, st.objects, summary)
-        for batch in _batches(progress(todo, None, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}",
-                                       st.progress_every), st.batch_size):
+        records = progress(records, total, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}", st.progress_every)
+        for batch in _batches(_pending(records, out, st.objects, summary), st.batch_size):
             _group_batch(batch, source, cfg, out, summary, device)
     summary.extra["features"] = f"{st.features}:{'+'.join(st.feature_levels)}"
     return summary.finish()

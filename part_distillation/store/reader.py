@@ -251,14 +251,16 @@ class RecordStore:
         (see the module docstring); ``by="key"``: ``key_hash(key) % count == index``.
         Streams: memory is one shard file's key table plus 8 bytes per record for one pass.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"slice count must be a positive integer, got {count!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            raise ValueError(f"slice index must be an integer in [0, {count}), got {index!r}")
-        if by not in ("class", "key"):
-            raise ValueError(f"slice by must be 'class' or 'key', got {by!r}")
+        _check_slice(index, count, by)
         for _, _, buf, pos, _, meta, after in self._iter_frames(None, on_corrupt, slice_=(index, count, by)):
             yield decode_record(buf, pos, meta, after)
+
+    def slice_size(self, index: int, count: int, by: str = "class", *, on_corrupt: str = "raise") -> int:
+        """How many records ``iter_slice(index, count, by)`` yields, from the key tables alone
+        (no record is read; cheap enough for a progress total). A key written to two files
+        counts twice here (the iteration keeps one)."""
+        _check_slice(index, count, by)
+        return sum(len(entries) for _, entries, _ in self._plan(None, on_corrupt, slice_=(index, count, by)))
 
     def iter_keys(self, shards: Iterable[int] | None = None, *, on_corrupt: str = "raise") -> Iterator[str]:
         """Record keys without decoding values (cheap)."""
@@ -406,6 +408,15 @@ class RecordStore:
 
     def __repr__(self) -> str:
         return f"RecordStore({str(self.path)!r}, stage={self.stage!r}, num_shards={self.num_shards})"
+
+
+def _check_slice(index: int, count: int, by: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"slice count must be a positive integer, got {count!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"slice index must be an integer in [0, {count}), got {index!r}")
+    if by not in ("class", "key"):
+        raise ValueError(f"slice by must be 'class' or 'key', got {by!r}")
 
 
 def _file_closed(path: Path) -> bool:

@@ -84,9 +84,9 @@ def test_one_list_of_not_fingerprinted_keys_covers_the_run_config():
     assert not hasattr(common, "NOT_FINGERPRINTED")
     assert "shard.index" in store.DEFAULT_IGNORE_KEYS and "shard.count" in store.DEFAULT_IGNORE_KEYS
     job0 = {"shard": {"index": 0, "count": 4, "by": "class"}, "stage": {"name": "index", "progress_every": 1,
-            "output": "/a", "redo_changed": False}, "model": {"device": "cuda", "k": 3}, "log_level": "INFO"}
+            "output": "/a", "redo_changed": False, "workers": 1}, "model": {"device": "cuda", "k": 3}, "log_level": "INFO"}
     job3 = {"shard": {"index": 3, "count": 4, "by": "class"}, "stage": {"name": "index", "progress_every": 50,
-            "output": "/b", "redo_changed": True}, "model": {"device": "cpu", "k": 3}, "log_level": "DEBUG"}
+            "output": "/b", "redo_changed": True, "workers": 2}, "model": {"device": "cpu", "k": 3}, "log_level": "DEBUG"}
     assert config_fingerprint(job0) == config_fingerprint(job3)
     assert config_fingerprint(job0) != config_fingerprint({**job0, "shard": {"index": 0, "count": 4, "by": "image"}})
 

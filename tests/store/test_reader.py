@@ -205,7 +205,12 @@ def test_slices_by_class_match_the_class_partition_of_the_tree(tmp_path):
         for index in range(count):
             got = [r["key"] for r in store.iter_slice(index, count, by="class")]
             assert sorted(got) == [r.key for r in shard(refs, index, count, by="class")]
+            # the size of a slice (a progress total) from the key tables, without reading records
+            assert store.slice_size(index, count, by="class") == len(got)
+            assert store.slice_size(index, count, by="key") == sum(1 for _ in store.iter_slice(index, count, by="key"))
     with pytest.raises(ValueError, match="slice index"):
         next(store.iter_slice(3, 3))
     with pytest.raises(ValueError, match="'class' or 'key'"):
         next(store.iter_slice(0, 3, by="image"))
+    with pytest.raises(ValueError, match="slice index"):
+        store.slice_size(3, 3)
