@@ -30,12 +30,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import submitit
 import yaml
 
 from part_distillation.engine import checkpoint as ckpt
 from part_distillation.store import RecordStore
 from tests.data.part_fixtures import write_part_labels, write_part_segments
-from tests.slurm_cluster import job_logs
+from tests.slurm_cluster import final_state, job_logs, job_state, submitit_job_ids
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "sh_files"
@@ -102,14 +103,10 @@ def test_seed_scripts_run_stages_4_to_6_in_process(tmp_path):
 
 def _slurm_jobs(sweep: Path) -> list[str]:
     """Job ids submitit made for one script (``12`` or ``12_0``, ``12_1``)."""
-    from tests.slurm_cluster import submitit_job_ids
-
     return submitit_job_ids(sweep / ".submitit")
 
 
 def _scontrol(job_id: str) -> dict[str, str]:
-    from tests.slurm_cluster import job_state
-
     state = job_state(job_id)
     assert state, f"scontrol no longer knows job {job_id}"
     return state
@@ -152,6 +149,8 @@ def _check_slurm_jobs(stage: str, sweep: Path) -> None:
         assert len(ids) == array and {j.split("_")[0] for j in ids} == {ids[0].split("_")[0]}, ids
         assert sorted(int(j.split("_")[1]) for j in ids) == list(range(array))
     for num, job_id in enumerate(ids):
+        # the launcher reads results a moment before SLURM marks the job finished
+        assert final_state(submitit.SlurmJob(folder=sweep / ".submitit" / "%j", job_id=job_id)) == "COMPLETED"
         info, acct = _scontrol(job_id), _sacct(job_id)
         assert info["JobName"] == acct["JobName"] == name
         assert info["JobState"] == acct["State"] == "COMPLETED", (info["JobState"], acct)
