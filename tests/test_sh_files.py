@@ -145,7 +145,8 @@ def _check_slurm_jobs(stage: str, sweep: Path) -> None:
     ids = _slurm_jobs(sweep)
     if array is None:
         assert len(ids) == 1 and "_" not in ids[0], ids
-    else:  # one array, one task per shard
+    else:  # one array, one task per shard (submitit also makes a folder for the array's own id)
+        ids = [j for j in ids if "_" in j]
         assert len(ids) == array and {j.split("_")[0] for j in ids} == {ids[0].split("_")[0]}, ids
         assert sorted(int(j.split("_")[1]) for j in ids) == list(range(array))
     for num, job_id in enumerate(ids):
