@@ -12,10 +12,12 @@ complete, so a requeued job needs no state of its own.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -125,6 +127,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             summary = stage_run(run, context)
             summary_file = record_summary(run, summary, context)
     except Exception as exc:
+        fail_submitit_job_at_exit()
         message = job_error_message(exc, run)
         if message is None:
             raise
@@ -136,6 +139,32 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         log.debug("summary saved to %s", summary_file)
     return summary.as_dict()
 
+
+def fail_submitit_job_at_exit() -> None:
+    """Make a failed stage's submitit job (SLURM or local) end with exit status 1.
+
+    Hydra's launcher catches the stage's exception and returns it in its ``JobReturn``,
+    so submitit stores a successful result and the job would exit 0: SLURM's accounting
+    would say COMPLETED for a failed shard, ``afterok`` dependents would start, and a
+    status read from ``sacct`` would be wrong. The launcher still reads the stored result
+    (and prints the one-line error); the process exits 1 once submitit has stored it.
+    Outside a submitit job (in-process runs, tests) this does nothing.
+    """
+    global _EXIT_HOOKED
+    if "SUBMITIT_EXECUTOR" not in os.environ or _EXIT_HOOKED:
+        return
+
+    def exit_failed() -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(exit_failed)
+    _EXIT_HOOKED = True
+
+
+_EXIT_HOOKED = False
 
 _OUTPUT_HINT = "choose another paths.root (or stage.output)"
 _ERRNO_HINTS = {
