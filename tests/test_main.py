@@ -76,6 +76,7 @@ def test_demo_experiment_runs_the_pipeline_on_the_tiny_model():
     (["stage=dense_crf", "stage.gt_prob=1.0"], "stage.gt_prob"),  # an infinite CRF unary
     (["stage=dense_crf", "stage.gt_prob=0"], "stage.gt_prob"),
     (["stage=part_ranking", "stage.min_area_ratio=2"], "stage.min_area_ratio"),
+    (["stage=part_ranking", "stage.batch_size=0"], "stage.batch_size"),
     (["launcher.tasks_per_node=0"], "launcher.tasks_per_node"),
     (["model.device=tpu"], "model.device"),
     (["log_level=LOUD"], "log_level"),
