@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "sample_photos": "part_distillation.stages.sample_photos",
     "collage": "part_distillation.stages.collage",
     "pipeline": "part_distillation.stages.pipeline",
+    "status": "part_distillation.stages.status",
     "index": "part_distillation.stages.index",
     "proposal_learning": "part_distillation.stages.proposal_learning",
     "part_distillation": "part_distillation.stages.part_distillation",
