@@ -282,6 +282,8 @@ def _any_locked(files: list[Path]) -> bool:
         try:
             if _writer_active(fd):
                 return True
+        except OSError:  # not a shard file (a folder in its place): no writer
+            continue
         finally:
             os.close(fd)
     return False
@@ -573,7 +575,7 @@ def submit(cfg: RunConfig, planned: list[PlannedStage], submit_fn=None, queue_fn
             summary.parts.append(StageSummary(stage.name, output=stage.output,
                                               extra={"job_id": job_id, "shards": shards, "after": dependencies}))
     for line in lines:
-        log.info("[pipeline] %s", line)
+        log.debug("[pipeline] %s", line)
         print(f"[pipeline] {line}", flush=True)
     print(f"[pipeline] job logs: {Path(pipeline_output) / 'submitit'}; where each stage stands: "
           f"python -m part_distillation stage=status {' '.join(_own_overrides())}".rstrip(), flush=True)

@@ -60,7 +60,7 @@ def last_error_line(text: str) -> str:
     """The last line of a job log that names an error (else its last non-empty line)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
-        if _ERROR_LINE.search(line) and not line.startswith("submitit"):
+        if _ERROR_LINE.search(line) and not line.startswith(("submitit", "srun:", "slurmstepd:")):
             return line
     return lines[-1] if lines else ""
 
@@ -102,6 +102,8 @@ def stage_status(stage: pipeline.PlannedStage, pipeline_output: str, ledger: lis
         elif index in state.failed:
             row.failed.append(index)
             errors.append(f"shard {index}: {state.failed[index]}")
+        elif stage.name in local_errors:  # a local run of the stage stopped on an error
+            row.failed.append(index)
         elif index in accounting and accounting[index][1] in FAILED_STATES and accounting[index][2]:
             row.failed.append(index)
             job_id, job_state, _ = accounting[index]
@@ -120,13 +122,14 @@ def stage_status(stage: pipeline.PlannedStage, pipeline_output: str, ledger: lis
     return row
 
 
-def collect(cfg: RunConfig) -> list[StageStatus]:
+def collect(cfg: RunConfig, base: list[str] | None = None) -> list[StageStatus]:
     """The status of every stage of the pipeline whose folder is ``cfg.stage.output``: the stages
-    of its last run (its saved plan), else of ``stage=pipeline`` with this run's overrides."""
+    of its last run (its saved plan), else of ``stage=pipeline`` with ``base`` (default: this
+    run's own overrides)."""
     pipeline_output = cfg.stage.output
     saved = pipeline.load_plan(pipeline_output)
     if saved is None:
-        base = pipeline._own_overrides()
+        base = pipeline._own_overrides() if base is None else list(base)
         pipeline_cfg = pipeline.compose_stage(base + ["stage=pipeline"])
         saved = {"base": base, "stages": list(pipeline_cfg.stage.stages),
                  "overrides": list(pipeline_cfg.stage.overrides), "shards": dict(pipeline_cfg.stage.shards)}
