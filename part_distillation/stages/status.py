@@ -25,6 +25,7 @@ log = logging.getLogger("part_distillation")
 #: SLURM states of a job that ended without success.
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                  "PREEMPTED"}
+_EXCEPTION_PREFIX = re.compile(r"^(\w+\.)*JobFailed: ")
 _ERROR_LINE = re.compile(r"(error|exception|killed|traceback|failed)", re.IGNORECASE)
 
 
@@ -57,12 +58,15 @@ class StageStatus:
 
 
 def last_error_line(text: str) -> str:
-    """The last line of a job log that names an error (else its last non-empty line)."""
+    """The last line of a job log that names an error (else its last non-empty line), without
+    the exception's module path (``part_distillation.launch.JobFailed: ...`` -> its message)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = lines[-1] if lines else ""
     for line in reversed(lines):
         if _ERROR_LINE.search(line) and not line.startswith(("submitit", "srun:", "slurmstepd:")):
-            return line
-    return lines[-1] if lines else ""
+            found = line
+            break
+    return _EXCEPTION_PREFIX.sub("", found)
 
 
 def _log_error(entry: dict, job_id: str) -> str:
@@ -154,7 +158,7 @@ def format_table(rows: list[StageStatus]) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(r.bad_inputs.items(), key=lambda kv: -kv[1])[:3])
         table.append([str(r.position), r.name, f"{len(r.done)}/{r.shards}", str(len(r.running)), str(len(r.failed)),
                       str(len(r.pending)), str(r.records) + (f" ({r.detail})" if r.detail else ""),
-                      str(bad) + (f" ({reasons})" if reasons else ""), r.error[:160]])
+                      str(bad) + (f" ({reasons})" if reasons else ""), r.error[:400]])
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = []
     for row in table:
