@@ -55,8 +55,11 @@ def test_demo_pipeline_runs_every_stage_and_is_idempotent(tmp_path):
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stderr + second.stdout
-    assert "[index] done: 6 inputs seen, 0 records written, 6 already done" in log
-    assert "[dense_crf] done" in log and "0 records written" in log
+    # every stage is complete: none runs again (not even to skip its records one by one)
+    assert "[pipeline] stage 2/9 index: complete, skipped" in log and "[index] done" not in log
+    assert "[pipeline] stage 6/9 proposal_learning: complete, skipped" in log
+    assert "[pipeline] stage 8/9 evaluate: complete, skipped" in log
+    assert log.count("complete, skipped") == 9
     # the summary says where each stage's output is
     assert f"index: {outputs['index']}" in log and f"dense_crf: {outputs['dense_crf']}" in log
     for folder in outputs.values():
@@ -212,3 +215,19 @@ def test_slurm_launcher_without_slurm_tools_says_so_before_anything(tmp_path, mo
     with pytest.raises(Exception, match="SLURM tools"):
         pipeline.submit(cfg, _plan(tmp_path, ["synthetic_data"]))
     assert not (tmp_path / "outputs" / "pipeline" / "submissions.json").exists()
+
+
+def test_reference_experiments_are_configurations_of_the_same_pipeline(tmp_path):
+    cfg = _compose(tmp_path, "stage=pipeline", "experiment=in22k")
+    planned = pipeline.plan(["experiment=in22k", f"paths.root={tmp_path}"], list(cfg.stage.stages),
+                            list(cfg.stage.overrides), dict(cfg.stage.shards))
+    by_name = {p.name: p for p in planned}
+    # the job counts and resources of sh_files/*
+    assert {n: p.shards for n, p in by_name.items() if p.kind == "sharded"} == {
+        "index": 20, "detic_labeling": 60, "pixel_grouping": 40, "dense_crf": 100, "part_ranking": 50}
+    assert by_name["detic_labeling"].run.model.name == "detic" and by_name["detic_labeling"].run.launcher.gpus_per_node == 1
+    training = by_name["proposal_learning"].run.launcher
+    assert (training.nodes, training.tasks_per_node, training.gpus_per_node) == (4, 8, 8)
+    assert by_name["part_ranking"].after == ["dense_crf", "proposal_learning"]
+    assert by_name["part_distillation"].after == ["part_ranking"]
+    assert by_name["dense_crf"].overrides_for(7)[-2:] == ["shard.count=100", "shard.index=7"]
