@@ -87,9 +87,9 @@ def _status(root: Path) -> dict:
 
 
 def _normalised(value, root: str):
-    """A record with numpy arrays as (dtype, shape, bytes) and ``root`` out of its paths."""
-    if isinstance(value, dict):
-        return {k: _normalised(v, root) for k, v in value.items()}
+    """A record with numpy arrays as (dtype, shape, bytes), ``root`` out of its paths and no mtime."""
+    if isinstance(value, dict):  # (an index record's mtime is the image file's: two runs, two files)
+        return {k: _normalised(v, root) for k, v in value.items() if k != "mtime"}
     if isinstance(value, (list, tuple)):
         return [_normalised(v, root) for v in value]
     if isinstance(value, np.ndarray):
