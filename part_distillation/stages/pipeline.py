@@ -317,8 +317,11 @@ def queued_jobs(names: list[str]) -> list[tuple[str, str, str]]:
         return []
     out = subprocess.run(["squeue", "-h", "-r", f"--name={','.join(sorted(set(names)))}", "-o", "%F|%K|%T"],
                          capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise RuntimeError(f"squeue failed: {out.stderr.strip()}")
+    if out.returncode != 0:  # without the queue a rerun could submit a running stage twice: stop here
+        from part_distillation.launch import PreflightError
+
+        raise PreflightError(f"squeue failed ({out.stderr.strip() or out.returncode}): cannot tell which jobs of "
+                             f"this pipeline still run; nothing submitted")
     rows = []
     for line in out.stdout.splitlines():
         parts = line.strip().split("|")
@@ -557,7 +560,7 @@ def submit(cfg: RunConfig, planned: list[PlannedStage], submit_fn=None, queue_fn
             summary.parts.append(StageSummary(stage.name, output=stage.output, extra={"complete": True}))
             continue
         if still:
-            lines.append(f"stage {stage.position}/{total} {stage.name}: shards {_ranges(sorted(still))} still "
+            lines.append(f"stage {stage.position}/{total} {stage.name}: shard(s) {_ranges(sorted(still))} still "
                          f"queued or running (jobs {', '.join(waits[stage.name])})")
         shards = todo[stage.name]
         if shards:
