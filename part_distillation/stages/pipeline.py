@@ -200,6 +200,13 @@ def marker_content(stage: PlannedStage) -> dict:
 def stage_state(stage: PlannedStage, pipeline_output: str) -> StageState:
     """Where ``stage`` stands according to its output (see the module notes)."""
     state = StageState(shards=stage.shards)
+    if stage.kind != "single":
+        changed = _config_change(stage)
+        if changed is not None:
+            if not stage.run.overwrite_config:
+                state.problem = changed  # complete or not, its output is not this configuration's
+                return state
+            return state  # overwrite_config: the stage starts afresh (the store moves the old output aside)
     if stage.kind == "training":
         from part_distillation.engine.checkpoint import CHECKPOINT_RE, checkpoint_path
 
@@ -225,6 +232,16 @@ def stage_state(stage: PlannedStage, pipeline_output: str) -> StageState:
     if stage.name == "evaluate" and not state.missing and not (Path(stage.output) / "metrics.json").is_file():
         state.needs_rerun = True  # the merge into metrics.json did not happen: one shard job does it
     return state
+
+
+def _config_change(stage: PlannedStage) -> str | None:
+    """Why the stage's existing output is not this configuration's (``common.output_conflict``
+    ignoring ``overwrite_config``), or None."""
+    from part_distillation.stages.common import output_conflict
+
+    if not stage.run.overwrite_config:
+        return output_conflict(stage.run)
+    return output_conflict(dataclasses.replace(stage.run, overwrite_config=False))
 
 
 def _read_shards(stage: PlannedStage, state: StageState) -> None:

@@ -231,3 +231,18 @@ def test_reference_experiments_are_configurations_of_the_same_pipeline(tmp_path)
     assert by_name["part_ranking"].after == ["dense_crf", "proposal_learning"]
     assert by_name["part_distillation"].after == ["part_ranking"]
     assert by_name["dense_crf"].overrides_for(7)[-2:] == ["shard.count=100", "shard.index=7"]
+
+
+def test_a_complete_stage_made_with_another_config_is_not_taken_as_done(tmp_path):
+    out = str(tmp_path / "outputs" / "pipeline")
+    grouping, = _plan(tmp_path, ["pixel_grouping"])
+    _closed_shard(grouping, 0)
+    assert pipeline.stage_state(grouping, out).complete
+    changed, = _plan(tmp_path, ["pixel_grouping"], entries=["pixel_grouping:stage.num_parts=5"])
+    state = pipeline.stage_state(changed, out)
+    assert not state.complete and "different config" in state.problem and "num_parts" in state.problem
+    with pytest.raises(Exception, match="different config"):
+        pipeline.preflight([changed], {"pixel_grouping": state})
+    again, = _plan(tmp_path, ["pixel_grouping"], entries=["pixel_grouping:stage.num_parts=5",
+                                                          "pixel_grouping:overwrite_config=true"])
+    assert pipeline.stage_state(again, out).missing == [0]  # redone from scratch
