@@ -85,6 +85,7 @@ SMALL_DATA = "stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:
 FIRST_STAGES = "stage.stages=[synthetic_data,index,detic_labeling]"
 
 
+@pytest.mark.integration
 def test_local_rerun_skips_complete_stages_and_redoes_a_killed_one(tmp_path):
     args = ["experiment=demo", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run", SMALL_DATA, FIRST_STAGES]
     detic = tmp_path / "pseudo_labels" / "object_labels" / "synthetic_train" / "detic_predictions"
