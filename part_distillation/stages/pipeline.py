@@ -548,7 +548,12 @@ def submit(cfg: RunConfig, planned: list[PlannedStage], submit_fn=None, queue_fn
                              "run on a SLURM login node, or use stage.launcher=local")
     states = {p.name: stage_state(p, pipeline_output) for p in planned}
     ledger = read_ledger(pipeline_output)
-    queue = queue_fn([p.job_name() for p in planned]) if ledger else []
+    queue = queue_fn([p.job_name() for p in planned])
+    unknown = sorted({job for job, _, _ in queue} - {e["job_id"] for e in ledger})
+    if unknown:  # submitted by a run whose ledger is gone: they would be submitted twice
+        raise PreflightError(f"SLURM jobs {', '.join(unknown)} of this pipeline (names pd_<stage>_<hash>) are queued "
+                             f"or running but not in {Path(pipeline_output) / LEDGER_FILE}: wait for them to end "
+                             f"or scancel them, then rerun; nothing submitted")
     active = {p.name: active_shards([e for e in ledger if e["stage"] == p.name], queue) for p in planned}
     todo = {p.name: [i for i in states[p.name].missing if i not in active[p.name]] for p in planned}
     preflight(planned, states, to_run={name for name, shards in todo.items() if shards})

@@ -181,6 +181,14 @@ def test_slurm_submission_waits_for_the_stages_each_reads_and_resumes_only_what_
     assert [c[0] for c in slurm.calls] == ["detic_labeling", "pixel_grouping", "dense_crf"]
     assert slurm.calls[1][2] == ["107"] and slurm.calls[2][2] == ["108"]
 
+    # jobs of this pipeline in the queue that the ledger does not know: refused, nothing submitted
+    (Path(cfg.stage.output) / "submissions.json").unlink()
+    slurm.calls.clear()
+    slurm.queue = [("108", "", "RUNNING")]
+    with pytest.raises(Exception, match="108 of this pipeline .* not in"):
+        pipeline.submit(cfg, planned, submit_fn=slurm.submit, queue_fn=slurm.squeue)
+    assert slurm.calls == []
+
 
 def test_a_complete_training_or_evaluation_is_not_redone(tmp_path):
     out = str(tmp_path / "outputs" / "pipeline")
