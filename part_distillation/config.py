@@ -194,13 +194,35 @@ class CollageStageConfig(StageConfig):
 
 @dataclass
 class PipelineStageConfig(StageConfig):
-    """Stage ``pipeline``: several stages in order, in this process (the demo)."""
+    """Stage ``pipeline``: several stages in order, in this process or as dependent SLURM jobs.
+
+    ``launcher``: ``local`` runs the stages here one after another; ``slurm`` submits every
+    stage at once (arrays over ``shard.index`` for the sharded stages, ``shards[<stage>]``
+    jobs each; one job with the stage's ``launcher.*`` for training), chained by SLURM
+    dependencies, and exits. Either way a complete stage is skipped and a stage with some
+    shards done runs only the missing ones. ``output``: the pipeline's own folder (plan,
+    submission ledger, job logs).
+    """
 
     name: str = "pipeline"
     stages: list[str] = field(default_factory=lambda: ["synthetic_data", "index", "detic_labeling"])
     #: extra overrides for one sub-stage, "<stage>:<override>", e.g. "proposal_learning:stage.max_iter=10"
     #: (this run's own ``stage.*`` overrides configure the pipeline, not its stages)
     overrides: list[str] = field(default_factory=list)
+    launcher: str = "local"
+    #: jobs (``shard.count``) per sharded stage; a stage not named runs as one shard
+    shards: dict[str, int] = field(default_factory=dict)
+
+    _checks = {"launcher": _one_of("local", "slurm")}
+
+
+@dataclass
+class StatusStageConfig(StageConfig):
+    """Stage ``status``: per stage of the pipeline, shards done / running / failed / pending,
+    records, bad inputs and the last error, from the stores (and SLURM's accounting when
+    there is one). ``output``: the pipeline's folder (``stage.output`` of ``stage=pipeline``)."""
+
+    name: str = "status"
 
 
 @dataclass
@@ -515,6 +537,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "collage": CollageStageConfig,
     "pipeline": PipelineStageConfig,
     "report": ReportStageConfig,
+    "status": StatusStageConfig,
     "index": IndexStageConfig,
     "detic_labeling": DeticStageConfig,
     "pixel_grouping": PixelGroupingStageConfig,

@@ -32,8 +32,8 @@ from part_distillation.progress import record_summary
 
 log = logging.getLogger("part_distillation")
 
-__all__ = ["JobContext", "JobFailed", "PreflightError", "check_job", "distributed_context", "preflight_sweep",
-           "run_job"]
+__all__ = ["JobContext", "JobFailed", "PreflightError", "StageJob", "check_job", "compose_config",
+           "distributed_context", "preflight_sweep", "run_job"]
 
 #: Appended to a data-tree error: what a new user runs instead.
 DATA_HINT = ("for the demo run `make demo` (python -m part_distillation experiment=demo); "
@@ -235,7 +235,7 @@ def preflight_sweep(config_dir: str, overrides: list[str]) -> int:
     return jobs
 
 
-def check_job(run: RunConfig) -> None:
+def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
     """Everything about one job that can be checked before it is submitted.
 
     The stage (and a pipeline's stages) exist; the image tree holds images; the input
@@ -243,7 +243,13 @@ def check_job(run: RunConfig) -> None:
     file is there; the output folder is writable and, when it exists, was made with this
     config and shard count. Raises :class:`PreflightError` (or ``StageNotAvailable``)
     with one line naming the path or key.
+
+    ``pending``: folders that jobs submitted before this one will write (a pipeline's
+    earlier stages); a file or folder at or under one of them is not required yet.
     """
+    def coming(path) -> bool:
+        return bool(path) and _under_any(str(path), pending)
+
     stages.get(run.stage.name)
     if run.stage.name == "pipeline":
         for name in run.stage.stages:
@@ -251,7 +257,7 @@ def check_job(run: RunConfig) -> None:
                 raise PreflightError("config key 'stage.stages' may not contain 'pipeline' itself")
             stages.get(name)
         return  # each sub-stage is composed and checked when the pipeline reaches it
-    if run.stage.name in stages.READS_IMAGE_TREE:
+    if run.stage.name in stages.READS_IMAGE_TREE and not coming(run.data.root):
         from part_distillation.data.imagenet import check_image_tree
 
         try:
@@ -261,13 +267,16 @@ def check_job(run: RunConfig) -> None:
         except OSError as err:  # e.g. a folder that cannot be listed
             raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
     following = getattr(run.stage, "follow", False)  # waits for an input that is still to come
-    if run.stage.input is not None and not following and not os.path.isdir(run.stage.input):
+    if (run.stage.input is not None and not following and not coming(run.stage.input)
+            and not os.path.isdir(run.stage.input)):
         raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
                              f"it first, or set stage.input=<its output folder>")
-    if stages.loads_weights(run) and run.model.weights and not os.path.isfile(run.model.weights):
+    if (stages.loads_weights(run) and run.model.weights and not coming(run.model.weights)
+            and not os.path.isfile(run.model.weights)):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
                              f"(weights/README.md says where to get it) or set paths.weights=<folder>")
-    stages.check(run)
+    if not any(coming(path) for path in _paths_read(run)):  # a stage's own checks look at its input files
+        stages.check(run)
     _check_writable(run.stage.output)
     from part_distillation.stages.common import output_conflict
 
@@ -290,3 +299,74 @@ def _check_writable(folder: str) -> None:
                              f"{err.strerror or err}): {_OUTPUT_HINT}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _under_any(path: str, folders) -> bool:
+    """``path`` is one of ``folders`` or inside one of them (absolute, normalised paths)."""
+    path = os.path.abspath(path)
+    for folder in folders:
+        folder = os.path.abspath(folder)
+        if path == folder or path.startswith(folder.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _paths_read(run: RunConfig) -> list[str]:
+    """Every path-like setting a job may read: its stage's strings (output and name aside),
+    ``data.root`` and ``model.weights``."""
+    import dataclasses
+
+    found = [run.data.root, run.model.weights or ""]
+    for f in dataclasses.fields(run.stage):
+        if f.name in ("name", "output"):
+            continue
+        value = getattr(run.stage, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and os.sep in item:
+                found.append(item)
+    return [p for p in found if p]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The configuration ``python -m part_distillation <overrides>`` would run, composed here
+    (in a job, or in a pipeline outside its own Hydra app)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from part_distillation.__main__ import config_dir  # also registers the schemas
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=list(overrides))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+class StageJob:
+    """One stage job as submitit runs it for the pipeline: compose the stage's config from
+    ``overrides`` (plus ``shard.index`` for an array task) inside the job and :func:`run_job`
+    it, the same job ``python -m part_distillation <overrides>`` runs.
+
+    Preemption and time-outs: submitit calls :meth:`checkpoint`, which requeues the same call
+    (as Hydra's submitit launcher does); the stage resumes from its store or checkpoints.
+    ``done_marker``: a JSON file written after success (stages without a record store).
+    """
+
+    def __init__(self, overrides: list[str], done_marker: str | None = None, marker_content: dict | None = None):
+        self.overrides = list(overrides)
+        self.done_marker = done_marker
+        self.marker_content = marker_content or {}
+
+    def __call__(self, shard_index: int | None = None) -> dict[str, Any]:
+        overrides = self.overrides + ([f"shard.index={shard_index}"] if shard_index is not None else [])
+        result = run_job(compose_config(overrides))
+        if self.done_marker:
+            from part_distillation.store import atomic_write_json
+
+            os.makedirs(os.path.dirname(self.done_marker), exist_ok=True)
+            atomic_write_json(self.done_marker, self.marker_content)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

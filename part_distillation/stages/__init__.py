@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "collage": "part_distillation.stages.collage",
     "pipeline": "part_distillation.stages.pipeline",
     "report": "part_distillation.stages.report",
+    "status": "part_distillation.stages.status",
     "index": "part_distillation.stages.index",
     "proposal_learning": "part_distillation.stages.proposal_learning",
     "part_distillation": "part_distillation.stages.part_distillation",
