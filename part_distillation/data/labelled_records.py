@@ -73,7 +73,7 @@ def _image_record(key: str, group: list[PartSample], fit_size: int, merge_parts:
         masks, ids = merge_by_part_class(masks, ids, shape)
     frame = ImageFrame.fit(shape, size=fit_size)
     fitted = frame.masks_to_fitted(masks) if len(masks) else np.zeros((0, *frame.fitted), dtype=bool)
-    present = fitted.reshape(len(fitted), -1).any(1)
+    present = fitted.any(axis=(1, 2))
     if not present.any():
         return None
     objects = np.zeros(shape, dtype=bool)
