@@ -127,3 +127,19 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, dataset, pd_run):
     run_dir = tmp_path / "outputs" / "fewshot_learning" / "partimagenet_semantic_25.0pct_seed0"
     assert [i for i, _ in ckpt.list_checkpoints(run_dir)] == [2]
     assert len(json.loads((run_dir / fewshot_learning.SUBSET_FILE).read_text())) == 3  # 25% of 12
+
+
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema")
+def test_seed_script_composes_the_reference_job(tmp_path):
+    from part_distillation.engine.sampler import accumulation_steps
+
+    from .test_supervised_learning import _composed
+
+    run, plugin = _composed(tmp_path, "fewshot_learning", "stage.percent=10")
+    assert {k: plugin.params[k] for k in ("nodes", "tasks_per_node", "gpus_per_node")} == {
+        "nodes": 1, "tasks_per_node": 8, "gpus_per_node": 8}
+    st = run.stage
+    assert (st.name, st.variant, st.percent, st.subset_seed, st.batch_size) == ("fewshot_learning", "semantic", 10, 0, 32)
+    assert accumulation_steps(st.batch_size, 8, st.per_device_batch) == 1
+    assert st.checkpoint == "/scratch/pd/outputs/part_distillation/imagenet_22k_train"
+    assert st.output == "/scratch/pd/outputs/fewshot_learning/partimagenet_semantic_10.0pct_seed0"

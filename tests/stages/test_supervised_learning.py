@@ -101,3 +101,44 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, dataset):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config"]["model"]["size"] == "tiny" and manifest["config"]["stage"]["lr"] == 1e-3
     assert manifest["config"]["stage"]["variant"] == "proposal"
+
+
+def _composed(tmp_path, script, *args):
+    """The job ``script`` composes by default (PD_PYTHON replaced by a script that prints its arguments)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    import part_distillation.__main__ as entry
+    from part_distillation.config import register_configs, validate
+
+    echo = tmp_path / "echo_python"
+    echo.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    echo.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "sh_files" / script / "train.sh"), *args, "paths.root=/scratch/pd"],
+                            env={**os.environ, "PD_PYTHON": str(echo)}, capture_output=True, text=True, check=True)
+    overrides = result.stdout.splitlines()[3:]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=entry.config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + ["hydra.sweep.dir=/scratch/pd/sweep"], return_hydra_config=True)
+        run = validate(compose("config", overrides=overrides))
+    return run, instantiate(cfg.hydra.launcher)
+
+
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema")
+@pytest.mark.parametrize("args, variant", [((), "semantic"), (("proposal",), "proposal")])
+def test_seed_script_composes_the_reference_job(tmp_path, args, variant):
+    from part_distillation.engine.sampler import accumulation_steps
+
+    run, plugin = _composed(tmp_path, "supervised_learning", *args)
+    assert type(plugin).__name__ == "SlurmLauncher"
+    assert {k: plugin.params[k] for k in ("nodes", "tasks_per_node", "gpus_per_node")} == {
+        "nodes": 4, "tasks_per_node": 8, "gpus_per_node": 8}
+    st = run.stage
+    assert (st.name, st.variant, run.model.size, run.model.weights.endswith("swinL_i21k_q200_e100.pkl")) == (
+        "supervised_learning", variant, "swinl", True)
+    assert (st.batch_size, st.lr, st.max_iter, st.importance_sample_ratio) == (128, 1e-4, 20_000, 0.75)
+    assert (st.freeze_backbone, st.freeze_encoder) == (False, False)  # the reference froze nothing
+    assert accumulation_steps(st.batch_size, 4 * 8, st.per_device_batch) == 1
+    assert st.output == f"/scratch/pd/outputs/supervised_learning/partimagenet_{variant}"
