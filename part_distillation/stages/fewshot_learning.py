@@ -49,7 +49,8 @@ def resolve_checkpoint(stage) -> Path:
 
 
 def check(cfg: RunConfig) -> None:
-    """Before submission: the PartDistillation checkpoint exists."""
+    """Before submission: the dataset folder and the PartDistillation checkpoint exist."""
+    supervised.check_dataset(cfg.stage)
     resolve_checkpoint(cfg.stage)
 
 

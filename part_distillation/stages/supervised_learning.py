@@ -117,8 +117,16 @@ def train(cfg: RunConfig, baseline: Baseline, summary: StageSummary) -> StageSum
     return summary.finish()
 
 
+def check_dataset(stage) -> None:
+    """Before submission: the dataset folder exists (its layout is checked when it is opened)."""
+    if not Path(stage.dataset_root).is_dir():
+        raise ConfigError(f"config key 'stage.dataset_root': {stage.dataset_root} is not a folder; give the "
+                          f"{stage.dataset} dataset's root (README: Baselines, Evaluation)")
+
+
 def check(cfg: RunConfig) -> None:
-    """Before submission: the weights file, when given, exists."""
+    """Before submission: the dataset folder and the weights file, when given, exist."""
+    check_dataset(cfg.stage)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"config key 'model.weights': {cfg.model.weights} not found (the COCO instance "
                           f"weights, see weights/README.md; model=mask2former_tiny trains from scratch)")
@@ -131,5 +139,5 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     return train(cfg, baseline, summary)
 
 
-__all__ = ["Baseline", "PART_CLASSES_FILE", "num_model_classes", "open_split", "prepare", "run", "train",
+__all__ = ["Baseline", "PART_CLASSES_FILE", "check", "check_dataset", "num_model_classes", "open_split", "prepare", "run", "train",
            "training_records"]

@@ -114,6 +114,8 @@ def test_a_missing_checkpoint_is_one_line_naming_the_key(tmp_path, dataset):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(ConfigError, match="no checkpoint under"):
         fewshot_learning.check(_cfg(tmp_path, dataset, tmp_path / "empty_run"))
+    with pytest.raises(ConfigError, match="stage.dataset_root"):
+        fewshot_learning.check(_cfg(tmp_path, tmp_path / "no_dataset", tmp_path / "empty_run"))
 
 
 def test_seed_script_runs_the_demo_in_process(tmp_path, dataset, pd_run):

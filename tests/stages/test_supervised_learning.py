@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from part_distillation.config import DataConfig, ModelConfig, RunConfig, SupervisedLearningStageConfig
+from part_distillation.config import ConfigError, DataConfig, ModelConfig, RunConfig, SupervisedLearningStageConfig
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.engine import checkpoint as ckpt
 from part_distillation.engine.recipe import build_model
@@ -84,6 +84,8 @@ def test_both_variants_train_and_write_loadable_checkpoints(tmp_path, dataset, v
 
 
 def test_a_missing_dataset_is_one_line_naming_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="stage.dataset_root"):
+        supervised_learning.check(_cfg(tmp_path, tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         supervised_learning.run(_cfg(tmp_path, tmp_path / "nowhere"), JobContext())
 
