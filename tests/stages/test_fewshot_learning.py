@@ -145,3 +145,15 @@ def test_seed_script_composes_the_reference_job(tmp_path):
     assert accumulation_steps(st.batch_size, 8, st.per_device_batch) == 1
     assert st.checkpoint == "/scratch/pd/outputs/part_distillation/imagenet_22k_train"
     assert st.output == "/scratch/pd/outputs/fewshot_learning/partimagenet_semantic_10.0pct_seed0"
+
+
+@pytest.mark.parametrize("settings, key", [({"percent": 0}, "stage.percent"), ({"percent": 150}, "stage.percent"),
+                                           ({"variant": "instance"}, "stage.variant"),
+                                           ({"importance_sample_ratio": 2.0}, "stage.importance_sample_ratio")])
+def test_settings_out_of_range_are_refused_naming_the_key(tmp_path, settings, key):
+    from omegaconf import OmegaConf
+
+    from part_distillation.config import validate
+
+    with pytest.raises(ConfigError, match=key):
+        validate(OmegaConf.structured(_cfg(tmp_path, tmp_path, tmp_path, **settings)))
