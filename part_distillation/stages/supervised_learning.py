@@ -18,7 +18,6 @@ the demo's tiny model from scratch). Output under ``stage.output`` as stages 4/6
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
