@@ -105,6 +105,7 @@ def prepare(cfg: RunConfig, context: JobContext, split: PartDatasetSplit, record
 
 
 def train(cfg: RunConfig, baseline: Baseline, summary: StageSummary) -> StageSummary:
+    """Train to ``stage.max_iter`` (from where the run folder stopped) and fill the summary."""
     trainer = baseline.trainer
     start = trainer.iter
     trainer.train()
