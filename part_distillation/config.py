@@ -514,6 +514,56 @@ class PredictStageConfig(StageConfig):
 
 
 @dataclass
+class SupervisedLearningStageConfig(TrainStageConfig):
+    """The supervised baseline: Mask2Former trained on a part dataset's labelled split.
+
+    ``variant``: ``proposal`` (one class-agnostic foreground class, like stage 4) or
+    ``semantic`` (one class per part class of the dataset, not object-conditioned: the
+    reference's ``NUM_CLASSES`` head). Reference (``supervised_learning/*.sh``): from the
+    COCO instance weights, nothing frozen, batch 128 on 4 x 8 GPUs, lr 1e-4, 20k
+    iterations (its steps at 40k/45k never act), importance-sample ratio 0.75.
+    """
+
+    name: str = "supervised_learning"
+    variant: str = "semantic"
+    dataset: str = "partimagenet"
+    dataset_root: str = "${data.root}"
+    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
+    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
+    split: str = "train"
+    batch_size: int = 128
+    per_device_batch: int = 4
+    max_iter: int = 20_000
+    steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
+    min_object_area_ratio: float = 0.0  # ground truth: every labelled object is used
+    min_part_area_ratio: float = 0.0  # after augmentation keep every non-empty part
+    freeze_backbone: bool = False
+    freeze_encoder: bool = False
+    importance_sample_ratio: float = 0.75
+
+    _checks = {"variant": _one_of("proposal", "semantic"),
+               "dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
+               "importance_sample_ratio": _ratio()}
+
+
+@dataclass
+class FewshotLearningStageConfig(SupervisedLearningStageConfig):
+    """The few-shot baseline: a PartDistillation model (``checkpoint``: a stage-6 run folder,
+    its newest checkpoint, or a checkpoint file) fine-tuned on ``percent`` % of the labelled
+    images of ``split``, chosen by ``subset_seed`` (``data.labelled_records.fewshot_subset``)
+    and saved as ``fewshot_subset.json`` in the run folder. Class head re-initialised for the
+    variant's classes. Reference (``fewshot_learning/*.sh``): 1 node x 8 GPUs, batch 32."""
+
+    name: str = "fewshot_learning"
+    checkpoint: str = "${paths.outputs}/part_distillation/${data.name}"
+    percent: float = 1.0
+    subset_seed: int = 0
+    batch_size: int = 32
+
+    _checks = {"percent": (lambda v: 0 < v <= 100, "in (0, 100]")}
+
+
+@dataclass
 class RunConfig:
     """The whole composed configuration of one job."""
 
@@ -547,6 +597,8 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "part_distillation": PartDistillationStageConfig,
     "evaluate": EvaluateStageConfig,
     "predict": PredictStageConfig,
+    "supervised_learning": SupervisedLearningStageConfig,
+    "fewshot_learning": FewshotLearningStageConfig,
 }
 
 

@@ -95,7 +95,9 @@ def map_record(record: Mapping[str, Any], rng: np.random.Generator, augment: Aug
 
 @dataclass
 class PartRecordDataset(torch.utils.data.Dataset):
-    """The training records of ``inputs`` (record-store folders), indexed 0..len-1.
+    """The training records of ``inputs`` (record-store folders, or in-memory record sources
+    with ``iter_records()``, ``get(key)`` and ``key in source``, e.g.
+    ``data.labelled_records.RecordList``), indexed 0..len-1.
 
     ``dataset[(epoch, index)]`` is the mapped sample; its augmentation depends only on
     ``(seed, epoch, index)``.
@@ -110,7 +112,7 @@ class PartRecordDataset(torch.utils.data.Dataset):
     def __post_init__(self):
         if not self.inputs:
             raise ValueError("no training record sets given (stage.input)")
-        self.stores = [RecordStore(path) for path in self.inputs]
+        self.stores = [path if hasattr(path, "iter_records") else RecordStore(path) for path in self.inputs]
         self.entries: list[tuple[int, str]] = []
         self.filtered_out = 0
         for store_index, store in enumerate(self.stores):

@@ -25,6 +25,8 @@ STAGES: dict[str, str] = {
     "pixel_grouping": "part_distillation.stages.pixel_grouping",
     "part_ranking": "part_distillation.stages.part_ranking",
     "predict": "part_distillation.stages.predict",
+    "supervised_learning": "part_distillation.stages.supervised_learning",
+    "fewshot_learning": "part_distillation.stages.fewshot_learning",
 }
 
 # Stages whose issue has not landed yet: the seed's scripts name them, and calling

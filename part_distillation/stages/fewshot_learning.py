@@ -1,0 +1,90 @@
+"""Stage ``fewshot_learning``: the few-shot baseline, a PartDistillation model fine-tuned on
+a few labelled images.
+
+``stage.checkpoint`` (a stage-6 run folder, whose newest checkpoint is used, or a
+checkpoint file) initialises everything but the class head, which starts afresh for the
+variant's classes (as ``supervised_learning``: ``proposal`` or ``semantic``). The images
+trained on are ``stage.percent`` % of the labelled images of ``stage.split``, chosen by
+``data.labelled_records.fewshot_subset`` from the sorted image keys with
+``stage.subset_seed`` (every object class covered when the count allows), and saved as
+``fewshot_subset.json`` (a JSON list of image keys) next to the checkpoints. A rerun
+with the same settings reuses the run; one with other settings is refused by the run
+folder's manifest (naming the key), and one whose subset differs from the saved one
+(the dataset changed) is refused naming the file. Training as ``supervised_learning``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from part_distillation.config import ConfigError, RunConfig
+from part_distillation.context import JobContext
+from part_distillation.data.labelled_records import fewshot_subset
+from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation.engine import distributed as ddp_utils
+from part_distillation.progress import StageSummary
+from part_distillation.store.files import atomic_write_json
+
+from . import supervised_learning as supervised
+
+log = logging.getLogger("part_distillation")
+
+SUBSET_FILE = "fewshot_subset.json"
+
+
+def resolve_checkpoint(stage) -> Path:
+    """The PartDistillation checkpoint file (one-line error naming the setting when absent)."""
+    path = Path(stage.checkpoint)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = train_ckpt.latest_checkpoint(path)
+        if latest is None:
+            raise ConfigError(f"config key 'stage.checkpoint': no checkpoint under {path}/checkpoints; run "
+                              f"part_distillation first or give a checkpoint file")
+        return latest
+    raise ConfigError(f"config key 'stage.checkpoint': {path} not found (a part_distillation run folder or "
+                      f"checkpoint file)")
+
+
+def check(cfg: RunConfig) -> None:
+    """Before submission: the dataset folder and the PartDistillation checkpoint exist."""
+    supervised.check_dataset(cfg.stage)
+    resolve_checkpoint(cfg.stage)
+
+
+def keep_subset(run_dir: Path, subset: list[str], context: JobContext) -> None:
+    """Save the subset in a new run folder; refuse a run folder holding another one."""
+    path = Path(run_dir) / SUBSET_FILE
+    if context.is_main and not path.exists():
+        atomic_write_json(path, subset)
+    ddp_utils.barrier()
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}): delete it to choose the subset again") from err
+    if saved != subset:
+        raise ConfigError(f"{path} holds another few-shot subset ({len(saved)} images) than this run's "
+                          f"({len(subset)} images: the labelled split changed): use a new stage.output")
+
+
+def run(cfg: RunConfig, context: JobContext) -> StageSummary:
+    stage = cfg.stage
+    summary = StageSummary(stage.name, output=stage.output)
+    checkpoint = resolve_checkpoint(stage)
+    split = supervised.open_split(stage)
+    records = supervised.training_records(stage, split)
+    subset = fewshot_subset({r["key"]: r["object_classes"] for r in records}, stage.percent, stage.subset_seed)
+    chosen = set(subset)
+    log.info("[%s] %g%% of %d labelled images (seed %d): %d images; from %s", stage.name, stage.percent,
+             len(records), stage.subset_seed, len(subset), checkpoint)
+    baseline = supervised.prepare(cfg, context, split, [r for r in records if r["key"] in chosen],
+                                  weights=str(checkpoint))
+    keep_subset(Path(stage.output), subset, context)  # after the manifest check: other settings named first
+    summary.extra.update({"checkpoint": str(checkpoint), "subset_images": len(subset),
+                          "labelled_images": len(records)})
+    return supervised.train(cfg, baseline, summary)
+
+
+__all__ = ["SUBSET_FILE", "check", "keep_subset", "resolve_checkpoint", "run"]
