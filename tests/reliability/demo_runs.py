@@ -87,13 +87,12 @@ class PipelineProcess:
 
     def kill(self) -> str | None:
         """SIGKILL now; the stage it was in, or None if it had already ended."""
-        stage = self.stage
         if self.proc.poll() is not None:
             return None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self._reader.join(10)
-        return stage if self.proc.returncode == -signal.SIGKILL else None
+        self._reader.join(10)  # every line it wrote before dying: the last stage line is where it was
+        return self.stage if self.proc.returncode == -signal.SIGKILL else None
 
     def finish(self, timeout: float = RUN_TIMEOUT) -> None:
         rc = self.proc.wait(timeout)
