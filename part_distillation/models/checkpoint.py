@@ -344,7 +344,7 @@ def load_tensor_file(path: str | os.PathLike) -> Any:
     (:class:`UnsafePickleError`), a truncated or foreign file is a :class:`CheckpointMismatchError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only refused a global: loading it could run code
+    except pickle.UnpicklingError:  # weights_only refused a global: loading it could run code
         raise UnsafePickleError(f"{path}: refusing to load: the file asks for more than tensors and may execute "
                                 f"code when loaded. Do not load it.") from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
