@@ -70,6 +70,23 @@ def expand_predict(args: list[str]) -> list[str]:
             f"stage.checkpoint={_override_value(args[2])}", *args[3:]]
 
 
+_DETAIL_LINES = ("full_key:", "reference_type=", "object_type=")
+
+
+def one_line(err: BaseException) -> str:
+    """A configuration error in one line: Hydra's and OmegaConf's multi-line messages
+    (an unknown key says where to look, not to append it with ``+``) joined."""
+    message = str(err).strip()
+    if err.__cause__ is not None and str(err.__cause__) not in message:
+        message += f"\n{err.__cause__}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    if full_key and any(line.startswith("Key '") and " not in " in line for line in lines):
+        return (f"config key '{full_key}' is unknown: no schema has it (a typo? `python -m part_distillation "
+                f"--cfg job stage=<name>` shows the keys)")
+    return "; ".join(line for line in lines if not line.startswith(_DETAIL_LINES))
+
+
 def main() -> None:
     """Check the whole configuration (every job of a sweep) first, then hand over to Hydra.
 
@@ -90,11 +107,7 @@ def main() -> None:
         try:
             preflight_sweep(config_dir(), [a for a in args if a not in flags])
         except (ConfigError, StageNotAvailable, KeyError, HydraException, OmegaConfBaseException) as err:
-            message = str(err).strip()
-            if err.__cause__ is not None and str(err.__cause__) not in message:
-                message += f"\n{err.__cause__}"
-            message = message.replace("\n", "\n  ")
-            print(f"part_distillation: nothing {'submitted' if flags else 'run'}: {message}", file=sys.stderr)
+            print(f"part_distillation: nothing {'submitted' if flags else 'run'}: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
     _hydra_main()
 

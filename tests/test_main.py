@@ -338,3 +338,13 @@ def test_a_missing_input_is_named_before_running(tmp_path):
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert "stage.input" in line and f"{tmp_path}/pseudo_labels/part_labels/proposal_generation_dcrf" in line
+
+
+def test_multi_line_configuration_errors_are_printed_in_one_line():
+    unknown = ValueError("Could not override 'stage.max_pixelz'.\nTo append to your config use +stage.max_pixelz=5\n"
+                         "Key 'max_pixelz' not in 'IndexStageConfig'\n    full_key: stage.max_pixelz\n"
+                         "    reference_type=StageConfig\n    object_type=IndexStageConfig")
+    line = entry.one_line(unknown)
+    assert line.startswith("config key 'stage.max_pixelz' is unknown") and "--cfg job" in line and "\n" not in line
+    assert entry.one_line(ValueError("Error merging override a=x\nValue 'x' could not be converted")) == (
+        "Error merging override a=x; Value 'x' could not be converted")

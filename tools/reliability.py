@@ -21,7 +21,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tally_file = Path(tmp) / "tally.json"
         env = {**os.environ, "PD_RELIABILITY": "1", "PD_RELIABILITY_TALLY": str(tally_file)}
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/reliability", *argv],
+        # a private basetemp: pytest prunes other sessions' folders under the shared default
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/reliability",
+                              f"--basetemp={tmp}/pytest", *argv],
                              cwd=REPO_ROOT, env=env)
         counts = json.loads(tally_file.read_text()) if tally_file.is_file() else {}
     print("RELIABILITY " + " ".join(f"{k}={counts.get(k, 0)}" for k in KINDS), flush=True)

@@ -208,11 +208,13 @@ def list_image_tree(root: PathLike, split: str | None = "train", words_file: Pat
         counts[ref.wnid] += 1
     empty = [w for w, n in counts.items() if n == 0]
     if empty:
-        logger.warning("%d class folders in %s hold no images (e.g. %s)", len(empty), split_dir, empty[0])
+        logger.warning("%d class folders in %s hold no images (e.g. %s): their classes keep their index but get "
+                       "no records; add images or remove the folders", len(empty), split_dir, empty[0])
     unnamed = [w for w in wnids if w not in known]
     if unnamed:
-        logger.warning("%d of %d classes have no name%s; their wnid is used (e.g. %s)", len(unnamed), len(wnids),
-                       f" in {words_file}" if words_file else " (no words file found)", unnamed[0])
+        logger.warning("%d of %d classes have no name%s; their wnid is used (e.g. %s): add them to %s to name "
+                       "them", len(unnamed), len(wnids), f" in {words_file}" if words_file else " (no words file found)",
+                       unnamed[0], words_file if words_file else "a words.txt next to the class folders")
     names = tuple(known.get(w, w) for w in wnids)
     return ImageTree(root=split_dir, wnids=wnids, names=names, images=tuple(images),
                      rejected=tuple(rejected), skipped=tuple(skipped))

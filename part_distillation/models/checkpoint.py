@@ -114,7 +114,13 @@ def read_detectron2_pickle(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     _require_file(path, kind="detectron2 Mask2Former weights (.pkl)")
     with open(path, "rb") as f:
-        obj = _RestrictedUnpickler(f, str(path)).load()
+        try:
+            obj = _RestrictedUnpickler(f, str(path)).load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
+            raise CheckpointMismatchError(f"{path}: not a readable pickle (truncated or damaged: "
+                                          f"{_first_line(error)}); download it again") from None
     if not isinstance(obj, dict):
         raise CheckpointMismatchError(f"{path}: expected a dict at the top of the pickle, got {type(obj).__name__}")
     return obj
@@ -327,6 +333,27 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def load_tensor_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file: a file
+    that asks for more than tensors and plain containers is refused unexecuted
+    (:class:`UnsafePickleError`), a truncated or foreign file is a :class:`CheckpointMismatchError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: loading it could run code
+        raise UnsafePickleError(f"{path}: refusing to load: the file asks for more than tensors and may execute "
+                                f"code when loaded. Do not load it.") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise
+        raise CheckpointMismatchError(f"{path}: not a readable PyTorch file (truncated or damaged: "
+                                      f"{_first_line(error).split('. ')[0]}); write or download it again") from None
+
+
 def _require_file(path: Path, kind: str) -> None:
     if path.is_file():
         return
@@ -451,7 +478,7 @@ def load_project_checkpoint(
     """Load a project checkpoint: ``torch.save`` of a state dict, or of ``{"model": state_dict, ...}``."""
     path = Path(path)
     _require_file(path, kind="project checkpoint")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_tensor_file(path)
     state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")

@@ -74,7 +74,9 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
             else:
                 probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
                 if not probe.ok:
-                    log.warning("bad image: %s: %s", ref.path, probe.reason)
+                    log.warning("bad image: %s: %s (recorded as bad and skipped by later stages; replace the "
+                                "file and rerun with stage.redo_changed=true to index it again)", ref.path,
+                                probe.reason)
             out.write({"key": ref.key, "path": ref.path, "wnid": ref.wnid, "class_index": ref.class_index,
                        "class_name": tree.names[ref.class_index], "height": probe.height,
                        "width": probe.width, "ok": probe.ok, "reason": probe.reason,

@@ -150,6 +150,29 @@ def test_unpickler_refuses_code_execution(tmp_path):
     assert not marker.exists()
 
 
+def test_project_checkpoint_that_would_run_code_is_refused_unexecuted(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "x": _Exploit(marker)}, path)
+    with pytest.raises(UnsafePickleError, match=f"{path}: refusing to load.*Do not load it"):
+        load_project_checkpoint(build_mask2former(TINY_FIXTURE), path)
+    assert not marker.exists()
+
+
+def test_truncated_weight_files_are_one_line_errors_naming_the_file(tiny_state, tmp_path):
+    whole = tmp_path / "model.pth"
+    torch.save(tiny_state, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_project_checkpoint(build_mask2former(TINY_FIXTURE), cut)
+    assert str(error.value).startswith(f"{cut}: not a readable PyTorch file") and "\n" not in str(error.value)
+    pkl = tmp_path / "cut.pkl"
+    pkl.write_bytes(pickle.dumps({"model": OrderedDict(w=np.zeros(64))}, protocol=2)[:60])
+    with pytest.raises(CheckpointMismatchError, match=f"{pkl}: not a readable pickle .*download it again"):
+        read_detectron2_pickle(pkl)
+
+
 @pytest.mark.parametrize("payload", [
     lambda: {"model": {"w": torch.zeros(2)}},  # a torch tensor needs torch's rebuild functions
     lambda: {"model": {}, "f": eval},  # builtins.eval

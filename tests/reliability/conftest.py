@@ -51,3 +51,17 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(dict(_TALLY.counts), f)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The demo pipeline at test size run once from scratch (``demo_runs.Snapshot``): the
+    reference of the kill tests, and stage outputs for the bad-input tests (read only)."""
+    from tests.reliability.demo_runs import run_uninterrupted
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    snap = run_uninterrupted(root)
+    assert (root / "outputs" / "evaluate" / "synthetic_train" / "metrics.json").is_file()
+    assert all(len(records) == 6 for name, (records, _) in snap.records.items()
+               if "part_ranking" not in name), {k: len(r) for k, (r, _) in snap.records.items()}
+    return snap
