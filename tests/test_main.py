@@ -313,6 +313,10 @@ def test_errors_of_the_environment_become_one_line_and_bugs_keep_their_traceback
     read_only = OSError(errno.EROFS, "Read-only file system", "/scratch/pd/out/manifest.json")
     assert "/scratch/pd/out/manifest.json: the file system is read-only" in launch.job_error_message(read_only, run)
     assert launch.job_error_message(ZeroDivisionError("bug"), run) is None
+    from part_distillation.store.errors import EmptyInputError
+
+    empty = EmptyInputError("no training record passes the filters in ['/in'] (3 filtered out)")
+    assert launch.job_error_message(empty, run) == "no training record passes the filters in ['/in'] (3 filtered out)"
 
     def failing_stage(cfg, context):
         raise full

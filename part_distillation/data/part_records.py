@@ -26,6 +26,7 @@ import torch
 from part_distillation.masks import decode_rles
 from part_distillation.models.mask2former import preprocess_images
 from part_distillation.store import RecordStore
+from part_distillation.store.errors import EmptyInputError
 
 from .frame import ImageFrame
 from .images import load_rgb
@@ -124,8 +125,10 @@ class PartRecordDataset(torch.utils.data.Dataset):
         for store in self.stores:  # build each store's key index here, once, before workers fork
             _ = "" in store  # a key lookup builds the index
         if not self.entries:
-            raise ValueError(f"no training record passes the filters in {[str(p) for p in self.inputs]} "
-                             f"({self.filtered_out} filtered out: object_ratio / part ratio too small)")
+            raise EmptyInputError(
+                f"no training record passes the filters in {[str(p) for p in self.inputs]} "
+                f"({self.filtered_out} filtered out: object_ratio / part ratio too small); check that the "
+                f"previous stage wrote parts, or lower stage.min_object_area_ratio / stage.min_part_area_ratio")
 
     def __len__(self) -> int:
         return len(self.entries)

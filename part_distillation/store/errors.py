@@ -36,3 +36,7 @@ class DuplicateKeyError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class EmptyInputError(StoreError, ValueError):
+    """An input record set holds nothing the stage can use (e.g. every record filtered out)."""
