@@ -24,6 +24,12 @@ T = TypeVar("T")
 log = logging.getLogger("part_distillation")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @dataclass
 class StageSummary:
     """Counts of one stage job; ``as_dict()`` is what the job returns and logs."""
@@ -35,9 +41,9 @@ class StageSummary:
     skipped: collections.Counter = field(default_factory=collections.Counter)
     started: float = field(default_factory=time.monotonic)
     wall_s: float = 0.0
-    #: CPU seconds of this process (all its threads) during the stage: a time that a busy
-    #: shared machine inflates less than the wall time
-    cpu_started: float = field(default_factory=time.process_time)
+    #: CPU seconds of this process (all its threads) and of its finished child processes
+    #: (e.g. CRF workers) during the stage: a time a busy shared machine inflates less than the wall time
+    cpu_started: float = field(default_factory=lambda: _cpu_seconds())
     cpu_s: float = 0.0
     extra: dict = field(default_factory=dict)
     output: str | None = None  #: where this stage's results are
@@ -49,7 +55,7 @@ class StageSummary:
 
     def finish(self) -> "StageSummary":
         self.wall_s = time.monotonic() - self.started
-        self.cpu_s = time.process_time() - self.cpu_started
+        self.cpu_s = _cpu_seconds() - self.cpu_started
         return self
 
     @property

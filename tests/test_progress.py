@@ -184,3 +184,13 @@ def test_a_summary_that_cannot_be_saved_leaves_the_old_one_and_does_not_fail_the
         assert record_summary(cfg, StageSummary("index", written=0, already_done=3).finish()) is None
     assert "summary not saved" in caplog.text and "No space left" in caplog.text
     assert json.loads(path.read_text())["written"] == 3  # the old summary, whole
+
+
+def test_cpu_time_counts_child_processes_that_ended():
+    import subprocess
+    import sys
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    summary = StageSummary("dense_crf")
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    assert summary.finish().cpu_s >= 0.5  # the child's half second of CPU, though this process idled

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from part_distillation.progress import StageSummary, record_summary
-from part_distillation.stages.report import ExperimentPlan, StageOutput, build_report, metrics_table
+from part_distillation.stages.report import ExperimentPlan, StageOutput, build_report, metrics_table, plan_experiment
 from tests.helpers import run_entry
 
 METRICS_MD = """| predictor | protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |
@@ -92,6 +92,13 @@ def test_a_run_with_nothing_done_yet_says_not_run_everywhere(tmp_path):
 
 
 def test_an_experiment_whose_stages_cannot_be_listed_is_said_and_the_others_reported(tmp_path):
+    unknown = plan_experiment("no_such_experiment", [f"paths.root={tmp_path}"])
+    assert unknown.stages == [] and "could not be composed" in unknown.problem and "no_such_experiment" in \
+        unknown.problem
+    photos = plan_experiment("photos", ["experiment=demo", f"paths.root={tmp_path}"])  # this run's experiment=
+    assert [s.name for s in photos.stages] == ["sample_photos", "detic_labeling", "pixel_grouping", "dense_crf",
+                                               "collage"]
+    assert photos.output_of("collage") == f"{tmp_path}/outputs/collages/photos_train" and photos.data == "photos_train"
     broken = ExperimentPlan("photos", "?", problem="its stages could not be composed: no such experiment")
     text, _ = build_report([_plan(tmp_path), broken], tmp_path)
     assert "Not reported: its stages could not be composed: no such experiment." in text
