@@ -276,11 +276,13 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     def records():
         return store.iter_slice(cfg.shard.index, cfg.shard.count, by="class")
 
+    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class")  # for the progress ETA
+
     # 1. cluster pass (skipped entirely once the centroids exist)
     classes: list[int] = []
     cluster_images = 0
     if not (folder / "centroids.json").exists():
-        records_seen = progress(records(), None, f"{stage.name} cluster pass", stage.progress_every)
+        records_seen = progress(records(), total, f"{stage.name} cluster pass", stage.progress_every)
         for record, result in with_model_outputs(records_seen, lambda r: r["key"] not in work.done, model, device,
                                                  stage.image_size, stage.batch_size):
             cls = int(record["class_index"])
@@ -310,7 +312,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         def wanted(record):
             return not writer.has(record["key"]) and int(record["class_index"]) in centroids
 
-        records_seen = progress(records(), None, f"{stage.name} label pass", stage.progress_every)
+        records_seen = progress(records(), total, f"{stage.name} label pass", stage.progress_every)
         for record, result in with_model_outputs(records_seen, wanted, model, device, stage.image_size,
                                                  stage.batch_size):
             key = record["key"]
