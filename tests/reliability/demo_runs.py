@@ -36,7 +36,7 @@ OVERRIDES = ("stage.overrides=["
              "'part_distillation:stage.steps=[5]','part_distillation:stage.checkpoint_period=3',"
              "'part_distillation:stage.deterministic=true']")
 STAGE_LIST = "stage.stages=[" + ",".join(STAGES) + "]"
-STAGE_LINE = re.compile(r"pipeline: stage (\w+)")
+STAGE_LINE = re.compile(r"\[pipeline\] stage \d+/\d+ (\w+): started")
 RUN_TIMEOUT = 600
 #: Training runs (relative to the root) whose last checkpoint's weights are compared.
 TRAIN_RUNS = ("outputs/proposal_learning/synthetic_train", "outputs/part_distillation/synthetic_train")

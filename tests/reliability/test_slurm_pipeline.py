@@ -32,7 +32,8 @@ STAGES = "stage.stages=[synthetic_data,index,detic_labeling,pixel_grouping,dense
 SMALL = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stage.images_per_class=3',"
          "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
          "'proposal_learning:stage.checkpoint_period=2','proposal_learning:stage.image_size=64',"
-         "'proposal_learning:stage.num_points=256','part_ranking:stage.image_size=64']")
+         "'proposal_learning:stage.num_points=256','part_ranking:stage.image_size=64',"
+         "'evaluate:stage.predictors=[proposal,records,strips]']")
 LABELS = Path("pseudo_labels")
 RECORD_OUTPUTS = {
     "index": LABELS / "index" / "synthetic_train",
