@@ -463,9 +463,12 @@ class EvaluateStageConfig(StageConfig):
     num_clusters: int = 8
     top_k: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200])
     mapping: str = "majority"
+    collage_classes: int = 4  # the best and the worst classes drawn per predictor (collage_<label>.png); 0: none
+    collage_per_class: int = 2  # images per class in that collage
 
     _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
-               "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian")}
+               "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian"),
+               "collage_classes": _at_least(0), "collage_per_class": _at_least(1)}
 
 
 @dataclass

@@ -252,6 +252,10 @@ def run(cfg: RunConfig, context) -> StageSummary:
                                             for p in PROTOCOLS} for label, r in results.items()}
         summary.extra["metrics_table"] = table
         summary.extra["metrics_file"] = str(output / "metrics.json")
+        if st.collage_classes and context.is_main:
+            summary.extra["collages"] = [str(p) for p in write_collages(
+                output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
+                st.collage_classes, st.collage_per_class)]
         images = next(iter(results.values()))["images"]
         log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
                  f" (strict protocol matched on {st.match_split})" if st.match_split else
@@ -260,6 +264,30 @@ def run(cfg: RunConfig, context) -> StageSummary:
 
 
 # --------------------------------------------------------------------------- merge and files
+
+def write_collages(folder: Path, predictors: Mapping[str, Predictor], results: Mapping[str, dict],
+                   dataset: PartDatasetSplit, classes: int, per_class: int) -> list[Path]:
+    """``collage_<label>.png`` per predictor: its ``classes`` best and worst object classes by
+    reference-protocol mIoU, each row the prediction next to the ground truth (``viz``)."""
+    from part_distillation.data.images import load_rgb
+    from part_distillation.viz import collage_sample, evaluation_collage, write_png
+
+    def samples_of(predictor: Predictor, name: str):
+        for sample in dataset.samples():
+            if sample.object_class == name:
+                prediction = predictor(sample) or empty_prediction(sample.object_mask.shape)
+                yield collage_sample(load_rgb(sample.path), sample, prediction)
+
+    written = []
+    for label, predictor in predictors.items():
+        miou = results[label]["reference"].get("per_class_mIoU") or {}
+        if not miou:
+            continue
+        image = evaluation_collage(miou, lambda name, p=predictor: samples_of(p, name), n=classes,
+                                   per_class=per_class)
+        written.append(write_png(folder / f"collage_{label}.png", image))
+    return written
+
 
 def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: str | None, top_k: tuple[int, ...],
                     mapping: str, part_names: list[str]) -> dict:

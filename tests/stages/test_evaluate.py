@@ -176,6 +176,13 @@ def test_trained_models_records_and_strips_side_by_side(halves, tmp_path):
     assert len(set(figures.values())) == 4   # every predictor scores differently
     table = (Path(cfg.stage.output) / "metrics.md").read_text()
     assert all(f"| {label} | {p} |" in table for label in labels for p in ("reference", "strict"))
+    # a best/worst-class collage per predictor: 2 classes -> 2 rows, each 2 images x (prediction, truth)
+    from PIL import Image
+
+    for label in labels:
+        collage = Path(cfg.stage.output) / f"collage_{label}.png"
+        assert str(collage) in summary["collages"]
+        assert Image.open(collage).size == (140 + 2 * 2 * (192 + 4), 2 * (192 + 4))
     # resumable: a second run finds every state written
     again = evaluate.run(cfg, JobContext()).as_dict()
     assert again["written"] == 0 and again["already_done"] == 32
