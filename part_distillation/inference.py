@@ -46,9 +46,12 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.evaluation.evaluator import Prediction
 
-#: The model kinds, and the training stage each comes from.
-KINDS = ("proposal", "part_distillation")
+#: The model kinds, and the training stage each comes from. ``semantic``: the supervised and
+#: few-shot baselines' plain head, one output per part class of their dataset (not conditioned);
+#: those stages' ``stage.variant`` says which of ``proposal`` / ``semantic`` their run is.
+KINDS = ("proposal", "part_distillation", "semantic")
 STAGE_KINDS = {"proposal_learning": "proposal", "part_distillation": "part_distillation"}
+BASELINE_STAGES = ("supervised_learning", "fewshot_learning")
 #: The stage-6 run folder's list of object classes in head order (``{"wnids": [...]}``).
 CLASSES_FILE = "classes.json"
 
@@ -107,6 +110,8 @@ class RunInfo:
 
     @property
     def kind(self) -> str | None:
+        if self.stage in BASELINE_STAGES:
+            return "proposal" if self.get("stage.variant") == "proposal" else "semantic"
         return STAGE_KINDS.get(self.stage or "")
 
     def get(self, dotted: str, default=None):
@@ -209,6 +214,10 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
                              f"parts_per_class=K")
         if (outputs - 1) % int(parts_per_class):
             raise ValueError(f"{checkpoint}: class head of {outputs} outputs is not C x {parts_per_class} + 1")
+    elif kind == "semantic":
+        if outputs < 2:
+            raise ValueError(f"{checkpoint}: a semantic part model needs at least 2 class outputs, this one {outputs}")
+        parts_per_class = None
     else:
         if outputs != 2:
             raise ValueError(f"{checkpoint}: a proposal model has 2 class outputs (part, no-object), this one "
@@ -300,7 +309,8 @@ class TrainedModel:
 
         Returns masks (N, H, W) bool at the image's size, scores (N,) and clusters (N,)
         int64: for proposals their rank 0..N-1 (each image its own numbering), for
-        PartDistillation the part class within the object class (0..K-1).
+        PartDistillation the part class within the object class (0..K-1), for a semantic
+        baseline the part class of its dataset (the head's index).
         """
         return self.predict_batch([image], [object_mask], [object_class])[0]
 

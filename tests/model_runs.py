@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from part_distillation.config import (DataConfig, ModelConfig, PartDistillationStageConfig,
-                                      ProposalLearningStageConfig, RunConfig)
+                                      ProposalLearningStageConfig, RunConfig, SupervisedLearningStageConfig)
 from part_distillation.engine import checkpoint as ckpt
 from part_distillation.engine.recipe import build_model
 from part_distillation.inference import CLASSES_FILE
@@ -22,9 +22,13 @@ from part_distillation.store.files import atomic_write_json
 
 def write_run(run: Path, kind: str, *, data_root: Path, wnids: tuple[str, ...] = (), parts_per_class: int = 3,
               image_size: int = 64, iterations: tuple[int, ...] = (5,), seed: int = 0) -> Path:
-    """A run folder of ``kind`` (``proposal`` or ``part_distillation``); one checkpoint per iteration
-    (weights seeded by ``seed + iteration``)."""
-    if kind == "proposal":
+    """A run folder of ``kind`` (``proposal``, ``part_distillation`` or ``semantic``: the supervised
+    baseline with ``parts_per_class`` part classes); one checkpoint per iteration (weights seeded
+    by ``seed + iteration``)."""
+    if kind == "semantic":
+        stage = SupervisedLearningStageConfig(output=str(run), image_size=image_size, variant="semantic")
+        name = "supervised_learning"
+    elif kind == "proposal":
         stage = ProposalLearningStageConfig(output=str(run), input="records", image_size=image_size)
         name = "proposal_learning"
     else:
@@ -40,6 +44,8 @@ def write_run(run: Path, kind: str, *, data_root: Path, wnids: tuple[str, ...] =
         torch.manual_seed(seed + iteration)
         if kind == "proposal":
             model = build_model("tiny", None, num_classes=1)
+        elif kind == "semantic":
+            model = build_model("tiny", None, num_classes=parts_per_class)
         else:
             model = build_model("tiny", None, num_classes=len(wnids) * parts_per_class,
                                 parts_per_class=parts_per_class)

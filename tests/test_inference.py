@@ -137,3 +137,18 @@ def test_predict_leaves_a_training_model_in_training(runs, image):
     model.model.train()
     model.predict(img, obj)
     assert model.model.training
+
+
+def test_semantic_baseline_predicts_its_dataset_part_classes(tmp_path, image):
+    """A supervised_learning run (variant semantic) loads as kind ``semantic``: clusters are its
+    head's part classes, masks inside the object at the image's size."""
+    from part_distillation.evaluation.predictors import ModelPredictor
+
+    run = write_run(tmp_path / "semantic", "semantic", data_root=tmp_path, parts_per_class=5)
+    model = TrainedModel.load(run)
+    assert model.kind == "semantic" and model.parts_per_class is None and model.model.num_classes == 5
+    img, obj = image
+    got = model.predict(img, obj)
+    assert got.masks.shape[1:] == (50, 90) and not (got.masks & ~obj).any()
+    assert set(got.clusters.tolist()) <= set(range(5)) and len(set(got.clusters.tolist())) == len(got.clusters)
+    assert ModelPredictor(model, "semantic").num_clusters == 5

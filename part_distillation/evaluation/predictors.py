@@ -105,7 +105,12 @@ class ModelPredictor(Predictor):
         from part_distillation.data.images import load_rgb
 
         self.model, self.label = model, label
-        self.num_clusters = int(model.parts_per_class if model.kind == "part_distillation" else num_clusters or 8)
+        if model.kind == "part_distillation":
+            self.num_clusters = int(model.parts_per_class)
+        elif model.kind == "semantic":  # clusters are the head's part classes
+            self.num_clusters = int(model.model.num_classes)
+        else:
+            self.num_clusters = int(num_clusters or 8)
         self.load_image = load_image or load_rgb
 
     def __call__(self, sample: PartSample) -> Prediction | None:

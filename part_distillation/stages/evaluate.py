@@ -13,6 +13,9 @@
     checkpoint) run on each image with the sample's object mask (and, for stage 6, its
     object class mapped to the training class index by synset): the strict protocol's
     only ground truth;
+``semantic:<path>``
+    a semantic-part baseline (``supervised_learning`` / ``fewshot_learning`` with
+    ``stage.variant=semantic``): its run folder; clusters are its dataset's part classes;
 ``strips``
     the trivial baseline: the object's box cut into ``stage.num_clusters`` strips.
 
@@ -62,8 +65,8 @@ from part_distillation.store.schemas import EVAL_STATES
 log = logging.getLogger("part_distillation")
 
 #: The predictor kinds of ``stage.predictors``.
-PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "strips")
-MODEL_KINDS = ("proposal", "part_distillation")
+PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "strips")
+MODEL_KINDS = ("proposal", "part_distillation", "semantic")
 
 __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
            "parse_predictors", "prediction_from_record", "run", "score_sample", "training_evaluation"]
@@ -106,6 +109,10 @@ def parse_predictors(stage) -> list[PredictorSpec]:
                 raise ConfigError(f"{where}: {path} holds no stage output (no manifest.json): run that stage "
                                   f"first or give another folder")
             label = f"records_{read_manifest(path).get('stage', 'unknown')}"
+        elif kind == "semantic":
+            if not path:
+                raise ConfigError(f"{where}: a semantic baseline needs its run folder (write semantic:<folder>)")
+            label = kind
         else:
             path = path or (stage.proposal_run if kind == "proposal" else stage.part_distillation_run)
             label = kind

@@ -288,3 +288,15 @@ def test_training_evaluation_refuses_a_missing_split_before_training(halves):
     stage = ProposalLearningStageConfig(output="x", eval_period=5, eval_root=str(halves["root"]), eval_split="val")
     with pytest.raises(ConfigError, match="stage.eval_split=val.*no annotation file for split 'val'"):
         evaluate.training_evaluation(stage, "proposal")
+
+
+@pytest.mark.integration
+def test_semantic_baseline_run_is_a_predictor(halves, tmp_path):
+    """A supervised semantic-part run scores like any model; without its folder the entry is refused."""
+    run = write_run(tmp_path / "semantic", "semantic", data_root=halves["root"], parts_per_class=6)
+    cfg = _model_cfg(halves, tmp_path, f"[semantic:{run}]")
+    evaluate.run(cfg, JobContext())
+    result = json.loads((Path(cfg.stage.output) / "metrics.json").read_text())["predictors"]["semantic"]
+    assert result["images"] == 4 and np.isfinite(result["reference"]["AR@10"])
+    with pytest.raises(ConfigError, match="needs its run folder"):
+        evaluate.check(_model_cfg(halves, tmp_path / "other", "[semantic]"))
