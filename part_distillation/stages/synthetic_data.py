@@ -18,6 +18,7 @@ from part_distillation.config import RunConfig
 from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
+from part_distillation.store.files import atomic_write_json
 
 log = logging.getLogger("part_distillation")
 
@@ -41,14 +42,23 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                 f"{cfg.data.root} holds a synthetic dataset made with {made}, not {settings}; "
                 f"choose another data.root or set overwrite_config=true to regenerate it")
     if context.is_main:
+        # a run killed midway left the split half written: its "started" marker (same settings)
+        # says the files are this stage's own, so they are regenerated rather than refused
+        started = marker.with_name(f".synthetic_{split}.started.json")
+        interrupted = started.is_file() and json.loads(started.read_text()) == settings
+        if interrupted:
+            log.info("synthetic dataset at %s: an interrupted run of the same settings is redone", cfg.data.root)
+        Path(cfg.data.root).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(started, settings)
         made = make_synthetic_dataset(cfg.data.root, num_classes=st.classes,
                                       images_per_class=st.images_per_class, size=st.size, seed=st.seed,
                                       parts_per_class=st.parts_per_class, split=split,
-                                      overwrite=marker.is_file() or cfg.overwrite_config)
+                                      overwrite=marker.is_file() or interrupted or cfg.overwrite_config)
         summary.written = made.num_images
         summary.extra["part_annotations"] = made.num_part_annotations
         _write_halves(cfg, split, context, summary, only_if_missing=False)
-        marker.write_text(json.dumps(settings))
+        atomic_write_json(marker, settings)
+        started.unlink()
     return summary.finish()
 
 
