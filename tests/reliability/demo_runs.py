@@ -40,8 +40,9 @@ STAGE_LINE = re.compile(r"\[pipeline\] stage \d+/\d+ (\w+): started")
 RUN_TIMEOUT = 600
 #: Training runs (relative to the root) whose last checkpoint's weights are compared.
 TRAIN_RUNS = ("outputs/proposal_learning/synthetic_train", "outputs/part_distillation/synthetic_train")
-#: Files that legitimately differ from run to run (event files are named by time and pid).
-VOLATILE = re.compile(r"(^|/)(run|tensorboard)/")
+#: Files that legitimately differ from run to run (event files are named by time and pid; saved
+#: job summaries hold times and this run's counts).
+VOLATILE = re.compile(r"(^|/)\.?(run|tensorboard|summaries)/")
 
 
 def pipeline_command(root: Path) -> list[str]:

@@ -32,7 +32,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.requires("
 __all__ = ["slurm_cluster"]
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_ITER = 40
+#: Long enough that the job is still training when SLURM kills it: submitit ignores SIGTERM,
+#: so a requeued or cancelled job trains on for KillWait (5 s on the test cluster, about
+#: 50 iterations of this tiny model on a quiet CPU) before SIGKILL.
+MAX_ITER = 240
 PERIOD = 4  # checkpoint every 4 iterations: the first lands a few seconds into training
 #: Seconds allowed for one launcher or job step (generous: the 2 CPUs may be shared)
 SLOW = 300
@@ -42,7 +45,7 @@ def _training_overrides(records: Path, data_root: Path, output: Path) -> list[st
     """The job's settings: a tiny deterministic CPU run of stage 4 on the fixture records."""
     return ["stage=proposal_learning", "model=mask2former_tiny", f"stage.input={records}",
             f"stage.output={output}", f"data.root={data_root}", f"paths.root={output.parent / 'paths'}",
-            "stage.batch_size=2", "stage.per_device_batch=2", f"stage.max_iter={MAX_ITER}", "stage.steps=[30]",
+            "stage.batch_size=2", "stage.per_device_batch=2", f"stage.max_iter={MAX_ITER}", "stage.steps=[200]",
             "stage.lr=0.001", "stage.image_size=64", "stage.num_workers=0", "stage.num_points=256",
             f"stage.checkpoint_period={PERIOD}", "stage.checkpoint_minutes=0", "stage.keep_last=2",
             "stage.preview_period=0", "stage.log_period=4", "stage.deterministic=true", "model.device=cpu",
