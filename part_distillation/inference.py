@@ -52,6 +52,8 @@ from part_distillation.evaluation.evaluator import Prediction
 KINDS = ("proposal", "part_distillation", "semantic")
 STAGE_KINDS = {"proposal_learning": "proposal", "part_distillation": "part_distillation"}
 BASELINE_STAGES = ("supervised_learning", "fewshot_learning")
+#: PartDistillation's test resolution in the reference: shortest side 640, longer side <= 1333.
+PD_TEST_SIZE, PD_TEST_MAX_SIZE = 640, 1333
 #: The stage-6 run folder's list of object classes in head order (``{"wnids": [...]}``).
 CLASSES_FILE = "classes.json"
 
@@ -232,6 +234,12 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
 
 # --------------------------------------------------------------------------- the predictor
 
+def eval_max_size(kind: str, image_size: int) -> int | None:
+    """The longer-side cap at test time: PartDistillation's reference 1333 for a shortest side of
+    640, scaled to ``image_size``; None (the square canvas, longer side ``image_size``) otherwise."""
+    return round(image_size * PD_TEST_MAX_SIZE / PD_TEST_SIZE) if kind == "part_distillation" else None
+
+
 @dataclass
 class TrainedModel:
     """A stage-4 (``proposal``) or stage-6 (``part_distillation``) Mask2Former as a part predictor.
@@ -239,12 +247,17 @@ class TrainedModel:
     ``model``: the network (any device; also a model in training, which :meth:`predict`
     runs in eval mode and leaves as it was); ``image_size``: the square canvas it sees;
     ``class_wnids``: stage 6's object classes in head order (None: unknown, pass
-    class indices); ``topk``/``one_label``: inference settings (PIPELINE.md: 200, True).
+    class indices); ``topk``/``one_label``: inference settings (PIPELINE.md: 200, True);
+    ``max_size``: see the field.
     """
 
     model: torch.nn.Module
     kind: str
     image_size: int = 640
+    #: test-time resolution (PIPELINE.md "Evaluation"): shortest side ``image_size``, longer side
+    #: capped at ``max_size``; None: the longer side fitted to ``image_size`` on a square canvas
+    #: (proposal models: the same size, 640 / 640). :meth:`load` sets it for PartDistillation.
+    max_size: int | None = None
     class_wnids: tuple[str, ...] | None = None
     checkpoint: Path | None = None
     topk: int = 200
@@ -271,6 +284,7 @@ class TrainedModel:
         checkpoint = resolve_checkpoint(path, iteration)
         model, kind, info = load_model(checkpoint, device, kind=kind, size=size, parts_per_class=parts_per_class)
         image_size = int(image_size or info.get("stage.image_size") or 640)
+        settings.setdefault("max_size", eval_max_size(kind, image_size))
         wnids = _training_classes(info) if kind == "part_distillation" else None
         if wnids is not None and len(wnids) * model.parts_per_class != model.num_classes:
             wnids = None  # the image tree changed since training: classes by index only
@@ -314,10 +328,19 @@ class TrainedModel:
         """
         return self.predict_batch([image], [object_mask], [object_class])[0]
 
+    def frame(self, shape: tuple[int, int]) -> ImageFrame:
+        """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``)."""
+        if self.max_size is None:
+            return ImageFrame.fit(shape, size=self.image_size, canvas=self.image_size)
+        h, w = int(shape[0]), int(shape[1])
+        scale = min(self.image_size / min(h, w), self.max_size / max(h, w))
+        return ImageFrame(tuple(shape), (max(1, round(h * scale)), max(1, round(w * scale))), None)
+
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], object_masks: Sequence[np.ndarray | None] | None = None,
                       object_classes: Sequence[int | None] | None = None) -> list[Prediction]:
-        """:meth:`predict` for several images in one forward pass (any sizes)."""
+        """:meth:`predict` for several images, one forward pass per frame size (any sizes): images
+        of different sizes are never padded together, so a batch gives what single images give."""
         from part_distillation.models.mask2former import preprocess_images
 
         n = len(images)
@@ -332,11 +355,9 @@ class TrainedModel:
             image = np.asarray(image)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-            frame = ImageFrame.fit(image.shape[:2], size=self.image_size, canvas=self.image_size)
-            frames.append(frame)
+            frames.append(frame := self.frame(image.shape[:2]))
             canvases.append(frame.pad_image(frame.fit_image(image)))
         device = self.device
-        batch = preprocess_images(canvases, device=device)
         kwargs = {}
         if self.kind == "part_distillation":
             if any(c is None for c in object_classes):
@@ -347,14 +368,22 @@ class TrainedModel:
             if bad:
                 raise ValueError(f"object class {bad[0]} is outside the model's {limit} classes")
             kwargs["object_class"] = torch.tensor(classes, dtype=torch.long, device=device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, canvas in enumerate(canvases):
+            groups.setdefault(canvas.shape[:2], []).append(i)
+        results: list[Prediction | None] = [None] * n
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model(batch.pixel_values, **kwargs)
+            for members in groups.values():
+                batch = preprocess_images([canvases[i] for i in members], device=device)
+                out = self.model(batch.pixel_values, **{k: v[members] for k, v in kwargs.items()})
+                for j, i in enumerate(members):
+                    results[i] = self._postprocess(out["pred_logits"][j], out["pred_masks"][j], frames[i],
+                                                   object_masks[i], batch.padded_size)
         finally:
             self.model.train(was_training)
-        return [self._postprocess(out["pred_logits"][i], out["pred_masks"][i], frames[i], object_masks[i],
-                                  batch.padded_size) for i in range(n)]
+        return results
 
     def _postprocess(self, logits: torch.Tensor, mask_logits: torch.Tensor, frame: ImageFrame,
                      object_mask: np.ndarray | None, padded_size: tuple[int, int]) -> Prediction:
@@ -382,4 +411,4 @@ class TrainedModel:
 
 
 __all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "choose_device", "load_model",
-           "read_run_info", "resolve_checkpoint", "run_folder_of"]
+           "read_run_info", "resolve_checkpoint", "run_folder_of", "eval_max_size"]

@@ -103,9 +103,13 @@ def test_part_distillation_selects_its_object_class_rows(runs, image):
         assert p.masks.shape[1:] == (50, 90) and not (p.masks & ~obj).any()
         assert set(p.clusters.tolist()) <= {0, 1, 2} and len(set(p.clusters.tolist())) == len(p.clusters)
     assert not np.array_equal(predictions[0].scores, predictions[1].scores)
+    # the reference's test resolution: shortest side 64 (the training canvas), longer side <= 64 x 1333 / 640
+    frame = model.frame((50, 90))
+    assert model.max_size == 133 and frame.fitted == (64, 115) and frame.canvas is None
+    assert TrainedModel.load(runs["proposal"]).frame((50, 90)).fitted == (36, 64)   # proposals: longer side 64
     # class 1's scores are the softmax of head rows 3..5 and the last one, computed from the full head
-    frame = ImageFrame.fit((50, 90), size=64, canvas=64)
-    batch = preprocess_images([frame.pad_image(frame.fit_image(img))])
+    batch = preprocess_images([frame.fit_image(img)])
+    assert batch.padded_size == (64, 128)
     with torch.no_grad():
         out = model.model(batch.pixel_values, object_class=torch.tensor([1]))
         full = model.model.class_predictor(out["query_embeddings"][0])   # (Q, 3 * 3 + 1)

@@ -406,7 +406,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
     """
     from part_distillation.data.images import load_rgb
     from part_distillation.engine import distributed as ddp_utils
-    from part_distillation.inference import TrainedModel
+    from part_distillation.inference import TrainedModel, eval_max_size
 
     check_training_evaluation(stage)
     splits = [stage.eval_split] + ([stage.eval_match_split] if stage.eval_match_split else [])
@@ -436,6 +436,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
             return {}
         samples, num_parts = data()
         model = TrainedModel(trainer.module, kind, image_size=stage.image_size,
+                             max_size=eval_max_size(kind, stage.image_size),
                              class_wnids=tuple(class_wnids) if class_wnids is not None else None)
         predictor = ModelPredictor(model, kind, stage.eval_num_clusters, load_image=load_image)
         result = evaluate_in_memory(predictor, samples, stage.eval_split, stage.eval_match_split, num_parts,
