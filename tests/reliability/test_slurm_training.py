@@ -170,7 +170,7 @@ def test_requeued_training_job_resumes_to_the_uninterrupted_weights(slurm_cluste
         first = _wait_for_first_checkpoint(launcher, run_dir, job_id)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30, capture_output=True)
         output = launcher.finish(timeout=2 * SLOW)
-    logs = job_logs(sweep / ".submitit")
+    logs = job_logs(sweep / ".submitit", tail=10**8)  # whole logs: the resume line is near the start
     assert launcher.proc.returncode == 0, output[-3000:] + logs
 
     # SLURM restarted the job once; the second run resumed from a checkpoint midway
