@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-12)
 
-.PHONY: demo test venv bench clean-demo reliability
+.PHONY: demo test test-fast venv bench clean-demo reliability
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The edit-run loop: every test that runs no stage, subprocess or training loop
+# (the integration tier is decided by tests/tiers.py).
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration"
 
 reliability: venv
 	$(PY) tools/reliability.py

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Thread settings, once for every test and the processes tests start: at most 2 threads
+# (the CI machine's cores), so concurrent tests and child jobs do not oversubscribe them.
+TEST_THREADS = str(min(2, os.cpu_count() or 1))
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, TEST_THREADS)
 
 # The reliability suite runs apart (``make reliability``, tests/reliability/conftest.py).
 collect_ignore = [] if os.environ.get("PD_RELIABILITY") == "1" else ["reliability"]
@@ -82,6 +90,23 @@ def probe(kind: str) -> tuple[bool, str]:
 
     info, why = probe_cluster()
     return info is not None, why
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The integration tier is decided from the code (tests/tiers.py), not by hand."""
+    tiers.mark_integration(items)
+
+
+def fast_tier(config: pytest.Config) -> bool:
+    """Whether this run leaves the integration tier out (``make test-fast``)."""
+    return "not integration" in (config.option.markexpr or "")
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the fast tier a test that starts a subprocess, a stage job or a training loop fails."""
+    if fast_tier(request.config) and not request.node.get_closest_marker("integration"):
+        tiers.guard(monkeypatch, request.node.nodeid)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
