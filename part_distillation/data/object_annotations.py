@@ -4,7 +4,10 @@ Two kinds of file are read:
 - an object file (the synthetic dataset's ``annotations/objects_<split>.json``, any COCO
   instance json): every annotation is one object, its category names the class;
 - a part file (PartImageNet's json, ``parts=True``): the object is the union of the image's
-  part masks, its class the parts' ``supercategory``.
+  part masks; its class is the image's ImageNet class (its wnid: the image's ``wnid`` key,
+  else the ``n01234567_`` prefix of its file name, else the image's folder in the tree), as
+  the evaluator keys it. The parts' ``supercategory`` (Quadruped, ...) is kept as the name
+  only: several ImageNet classes share one, so it never names the class.
 
 Images are matched to a tree's keys (``<wnid>/<file>``) by ``file_name``, or by the bare
 file name when the json stores only that (PartImageNet). Masks stay RLEs, in the frame of
@@ -14,13 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from pycocotools import mask as _coco
 
-from part_distillation.data.partimagenet import _segmentation_rle
+from part_distillation.data.partimagenet import _segmentation_rle, _wnid_from_file_name
+
+_WNID = re.compile(r"^n\d{8}$")
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,10 @@ class AnnotatedObjects:
     size: tuple[int, int]  #: (h, w) of the image the masks were drawn on
     rles: tuple[dict, ...]  #: one COCO RLE per object
     names: tuple[str, ...]  #: category name per object (the object class)
-    wnids: tuple[str | None, ...]  #: WordNet id per object, when the category gives one
+    wnids: tuple[str | None, ...]  #: WordNet id per object, when the category (or image) gives one
+    #: the one object is the whole image's (a part file): its class is the image's wnid, taken
+    #: from the tree key when the json gives none
+    whole_image: bool = False
 
 
 class ObjectAnnotations:
@@ -47,6 +56,16 @@ class ObjectAnnotations:
     def get(self, key: str) -> AnnotatedObjects | None:
         found = self._by_file.get(key)
         return found if found is not None else self._by_basename.get(os.path.basename(key))
+
+
+def wnid_of_key(key: str) -> str | None:
+    """The ImageNet class of an image from its key or path: the ``n01234567_`` prefix of the
+    file name, else the nearest folder named like a wnid; None when neither is there."""
+    found = _wnid_from_file_name(key)
+    if found is not None:
+        return found
+    folders = str(key).replace("\\", "/").split("/")[:-1]
+    return next((part for part in reversed(folders) if _WNID.match(part)), None)
 
 
 def read_object_annotations(path: str | os.PathLike, parts: bool = False) -> ObjectAnnotations:
@@ -72,11 +91,12 @@ def read_object_annotations(path: str | os.PathLike, parts: bool = False) -> Obj
         rles = [_segmentation_rle(a["segmentation"], h, w) for a in anns]
         rles = [_coco.frPyObjects(r, h, w) if isinstance(r.get("counts"), list) else r for r in rles]
         cats = [categories.get(int(a["category_id"]), {}) for a in anns]
-        if parts:  # one object: the union of the parts, named by their supercategory
+        if parts:  # one object: the union of the parts, of the image's class (its wnid)
             merged = _coco.merge([_as_bytes(r) for r in rles])
             first = cats[0] if cats else {}
             name = str(first.get("supercategory") or first.get("name", "")).strip()
-            objects = AnnotatedObjects((h, w), (_as_text(merged),), (name,), (image.get("wnid"),))
+            wnid = image.get("wnid") or wnid_of_key(str(image["file_name"]))
+            objects = AnnotatedObjects((h, w), (_as_text(merged),), (name,), (wnid,), whole_image=True)
         else:
             objects = AnnotatedObjects((h, w), tuple(_as_text(_as_bytes(r)) for r in rles),
                                        tuple(str(c.get("name", "")) for c in cats),

@@ -134,7 +134,9 @@ class DeticSource:
 class AnnotationSource:
     """Object masks given with the dataset (``data.object_annotations.ObjectAnnotations``).
 
-    ``class_index_of`` maps a category's wnid or name to the global class index (else -1).
+    ``class_index_of`` maps a category's wnid or name to the global class index (else -1). The
+    object of a part file (PartImageNet) is of the image's class: its wnid, from the json or
+    else from the image's key (file name prefix or folder), never the parts' super-category.
     """
 
     name = "annotations"
@@ -158,8 +160,13 @@ class AnnotationSource:
                              f"to {im.frame.original[0]}x{im.frame.original[1]}")
         masks = im.frame.masks_to_fitted(decode_rles(list(given.rles), size=given.size))
         keep = masks.reshape(len(masks), -1).any(1)
+        wnids = list(given.wnids)
+        if given.whole_image:  # a part file's object: the image's class, from its key when the json has none
+            from part_distillation.data.object_annotations import wnid_of_key
+
+            wnids = [w or wnid_of_key(im.key) for w in wnids]
         classes = np.array([self.class_index_of.get(w or "", self.class_index_of.get(n, -1))
-                            for w, n in zip(given.wnids, given.names)], dtype=np.int64)
+                            for w, n in zip(wnids, given.names)], dtype=np.int64)
         found = ObjectMasks(masks, boxes_from_masks(masks), np.ones(len(masks), np.float32), classes,
                             list(given.names)).select(np.flatnonzero(keep))
         return found.select(select_own_class_top(found.classes, found.scores, im.class_index, self.keep_top,

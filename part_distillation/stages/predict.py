@@ -25,11 +25,17 @@ Output under ``stage.output``:
   of a PartDistillation model with K parts per class.
 
 A file that does not decode is one warning line and skipped (``bad_image``); an image where
-the mask source finds no object is skipped (``no_object``); both are remembered by the
-store, so a rerun skips them too. Images are spread over ``shard.count`` jobs by position.
+the mask source finds no object is skipped (``no_object``); with a PartDistillation model and
+no ``stage.object_class``, an object whose class the model does not know is a warning line
+and left out, an image left with none skipped (``unknown_object_class``). Skips are
+remembered by the store, so a rerun skips them too. With ``mask_source=annotations`` an
+object's class is the image's ImageNet class (its wnid, as the evaluator keys it): a
+PartImageNet json's super-category never names it. A run in which no image yields a part
+ends with one warning line counting why. Images are spread over ``shard.count`` jobs by position.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -172,6 +178,14 @@ def resolve_object_class(value: str | int | None, classes: ObjectClasses) -> int
         return matches[0]
     raise ConfigError(f"config key 'stage.object_class' = {value!r} is not one of the model's "
                       f"{count} object classes (e.g. {', '.join(classes.names[:3])})")
+
+
+def _known_classes(classes: ObjectClasses) -> str:
+    """A few of the model's classes, for a message."""
+    listed = classes.wnids or classes.names
+    if not listed:
+        return "the model carries no class list"
+    return f"{len(listed)} classes, e.g. {', '.join(listed[:3])}"
 
 
 def build_mask_source(cfg: RunConfig, classes: ObjectClasses, own_class_filter: bool = False):
@@ -347,7 +361,8 @@ def run(cfg: RunConfig, context) -> StageSummary:
     mine = images[cfg.shard.index::cfg.shard.count]
     model = source = object_class = None
     classes = ObjectClasses()
-    redrawn = 0
+    redrawn = with_parts = unknown_objects = 0
+    why: collections.Counter = collections.Counter()  # this run's images without parts, by reason
     with open_output(cfg, PART_PREDICTIONS, context) as out:
         todo = []
         for key, path in mine:
@@ -380,26 +395,49 @@ def run(cfg: RunConfig, context) -> StageSummary:
                 log.warning("bad image skipped: %s: %s", path, getattr(err, "reason", "file not found"))
                 out.skip(key, "bad_image")
                 summary.skip("bad_image")
+                why["bad_image"] += 1
                 continue
             objects = find_objects(source, key, image, st.fit_size, object_class, st.max_objects)
             if objects is not None and len(objects[0]) == 0:
                 log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
                 out.skip(key, "no_object")
                 summary.skip("no_object")
+                why[f"no_object (mask_source={st.mask_source})"] += 1
                 continue
             if objects is not None and object_class is not None and model.kind == "part_distillation":
                 objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
+            elif objects is not None and model.kind == "part_distillation":
+                known = objects[1] >= 0
+                if not known.all():
+                    log.warning("%s: %d of its %d objects are of no class the model knows (%s): skipped; the "
+                                "class is the image's wnid (json 'wnid', file name n01234567_*, or its folder), "
+                                "or give stage.object_class", path, int((~known).sum()), len(known),
+                                _known_classes(classes))
+                    unknown_objects += int((~known).sum())
+                if not known.any():
+                    out.skip(key, "unknown_object_class")
+                    summary.skip("unknown_object_class")
+                    why["unknown_object_class"] += 1
+                    continue
+                objects = (objects[0][known], objects[1][known])
             parts = predict_parts(model, image, objects, object_class, min_score=st.min_score,
                                   max_parts=st.max_parts, classes=classes)
             record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
             write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
             out.write(record)
             summary.written += 1
+            if len(parts.scores):
+                with_parts += 1
+            else:
+                why[f"no part scored >= stage.min_score={st.min_score:g}"] += 1
         counts = out.counts
+    if todo and not with_parts:
+        log.warning("[predict] no part found in any of the %d images: %s", len(todo),
+                    ", ".join(f"{n} {reason}" for reason, n in why.most_common()))
     summary.skipped.clear()  # whole-shard counts: a resumed run reports earlier skips too
     summary.skipped.update(counts["skipped"])
     summary.extra.update(overlays=str(Path(st.output) / OVERLAYS), overlays_redrawn=redrawn,
-                         images_found=len(images))
+                         images_found=len(images), objects_of_unknown_class=unknown_objects)
     coco = Path(st.output) / COCO_FILE
     store = RecordStore(st.output)
     if getattr(context, "is_main", True) and not store.summary()["shards_missing_summary"]:

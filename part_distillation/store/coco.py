@@ -3,6 +3,12 @@
 Written to a file, the json is produced in two passes over the records (images and
 categories first, then annotations), one record at a time: memory does not grow with
 the number of annotations. Without a file the whole dict is returned (small outputs).
+
+Stages 1-3 store masks in the fitted frame (longer side 640) while ``file_name`` names
+the original image; a COCO tool overlays masks on that file, so they are exported in the
+original frame by default (brought back with ``ImageFrame.from_record``). The fitted frame
+is exported only on request (``frame="fitted"``), and then every image entry gives that
+frame's ``height``/``width``, ``"frame": "fitted"`` and the original size beside it.
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from part_distillation.masks import rle_area, rle_to_bbox
+from part_distillation.data.frame import ImageFrame
+from part_distillation.masks import decode_rles, encode_rles, rle_area, rle_to_bbox
 from part_distillation.store.errors import StoreError
 from part_distillation.store.files import create_tmp, fsync_dir
 from part_distillation.store.reader import RecordStore, _check_store
@@ -23,6 +30,8 @@ from part_distillation.store.schemas import STAGE_RECORDS
 logger = logging.getLogger("part_distillation.store")
 
 _CATEGORY_FIELDS = ("category_ids", "classes")
+#: The frames an export can be written in.
+FRAMES = ("original", "fitted")
 
 
 def _image_size(record: dict) -> tuple[int, int]:
@@ -38,6 +47,14 @@ def _image_size(record: dict) -> tuple[int, int]:
         h, w = masks[0]["size"]
         return int(h), int(w)
     raise StoreError(f"record {record['key']!r} has no height/width, fitted_size, image_size or masks")
+
+
+def _record_frame(record: dict) -> ImageFrame | None:
+    """The record's fitted frame when it says so (``original_size`` and ``fitted_size``), else None:
+    its masks are then in the frame of its ``height``/``width`` (e.g. predict's, at the image's size)."""
+    if record.get("original_size") is None or record.get("fitted_size") is None:
+        return None
+    return ImageFrame.from_record(record)
 
 
 def _decoded(record: dict) -> bool:
@@ -79,8 +96,11 @@ def _labels(rec: dict, n: int, category_field: str | None, default_category: str
 
 
 class _Exporter:
-    def __init__(self, store: RecordStore, shards, category_field, categories, default_category):
-        self.store, self.shards = store, shards
+    def __init__(self, store: RecordStore, shards, category_field, categories, default_category,
+                 frame: str = "original"):
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+        self.store, self.shards, self.frame = store, shards, frame
         schema = STAGE_RECORDS.get(store.stage)  # the stage's declared fields; else the generic names
         self.masks_field = schema.masks_field if schema and schema.masks_field else "masks"
         self.score_field = schema.score_field if schema else "scores"
@@ -125,7 +145,7 @@ class _Exporter:
                 else:
                     ids.add(int(label))
             yield {"id": image_id, "file_name": str(rec.get("file_name") or rec.get("path") or rec["key"]),
-                   "height": h, "width": w}
+                   **self._frame_fields(rec)}
         if names and ids:
             raise StoreError("category values mix ids (int) and names (str)")
         if not self.fixed:
@@ -135,6 +155,28 @@ class _Exporter:
             else:
                 self.cats = [{"id": i, "name": str(i)} for i in sorted(ids)]
 
+    def _frame_fields(self, rec: dict) -> dict:
+        """``height``/``width`` of the exported frame and which frame it is."""
+        frame = _record_frame(rec)
+        if frame is None:
+            if self.frame == "fitted":
+                raise StoreError(f"record {rec['key']!r} has no fitted frame (no original_size/fitted_size): "
+                                 f"its masks are at the image's size; export it in the original frame")
+            h, w = _image_size(rec)
+            return {"height": h, "width": w, "frame": "original"}
+        if self.frame == "fitted":
+            return {"height": frame.fitted[0], "width": frame.fitted[1], "frame": "fitted",
+                    "original_height": frame.original[0], "original_width": frame.original[1]}
+        return {"height": frame.original[0], "width": frame.original[1], "frame": "original"}
+
+    def _masks(self, rec: dict, masks: list[dict]) -> tuple[list[dict], tuple[int, int]]:
+        """The record's masks in the exported frame, and that frame's (h, w)."""
+        frame = _record_frame(rec)
+        if frame is None or self.frame == "fitted":
+            return masks, _image_size(rec)
+        decoded = decode_rles(masks, size=_image_size(rec))
+        return encode_rles(frame.masks_to_original(decoded)), frame.original
+
     def annotations(self) -> Iterator[dict]:
         """Pass 2: the annotations (after :meth:`images`, which fixes the categories)."""
         ann_id = 0
@@ -142,7 +184,7 @@ class _Exporter:
             masks = list(rec.get(self.masks_field) or [])
             if not masks:
                 continue
-            h, w = _image_size(rec)
+            masks, (h, w) = self._masks(rec, masks)
             n = len(masks)
             scores = (np.asarray(rec[self.score_field], dtype=np.float64).reshape(-1) if self.score_field in rec
                       else np.ones(n))
@@ -157,6 +199,7 @@ class _Exporter:
 
     def info(self) -> dict:
         return {"description": f"records of stage {self.store.stage} from {self.store.path}",
+                "frame": self.frame,
                 "config_fingerprint": self.store.manifest.get("config_fingerprint"),
                 "code_version": self.store.manifest.get("code_version"),
                 "images_left_out_not_decoded": self.left_out}
@@ -173,7 +216,7 @@ def _write_list(f, items: Iterable[dict]) -> int:
 
 def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathLike | None = None, *,
                 category_field: str | None = None, categories=None, default_category: str = "object",
-                shards: Iterable[int] | None = None) -> dict:
+                shards: Iterable[int] | None = None, frame: str = "original") -> dict:
     """Write a stage output's records as one COCO instance-segmentation json.
 
     Returns the whole COCO dict when ``out_path`` is None; otherwise streams the file
@@ -197,11 +240,17 @@ def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathL
         whole image. Ints are category ids; strings are category names. Without a field
         every mask gets ``default_category``.
 
+    ``frame``: ``"original"`` (default) exports the masks of a record written in the fitted
+    frame (``original_size`` and ``fitted_size``) at the original image's size, which
+    ``file_name`` names; ``"fitted"`` exports them as stored, each image entry then giving
+    the fitted ``height``/``width``, ``"frame": "fitted"`` and ``original_height``/
+    ``original_width``. Every image entry and ``info`` say which frame (``"frame"``).
+
     ``categories`` fixes the category list: a list of ``{"id", "name"}`` dicts, a list
     of names (ids 1..n) or a dict id -> name. Otherwise it is built from the values seen
     (names get ids 1..n in sorted order).
     """
-    ex = _Exporter(_check_store(store), shards, category_field, categories, default_category)
+    ex = _Exporter(_check_store(store), shards, category_field, categories, default_category, frame)
     if out_path is None:
         images = list(ex.images())
         return {"info": ex.info(), "images": images, "annotations": list(ex.annotations()), "categories": ex.cats}

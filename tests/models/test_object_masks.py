@@ -104,9 +104,38 @@ def test_part_file_gives_the_union_of_parts_as_one_object(tmp_path):
     assert objects.names == ("Quadruped",) and len(objects.rles) == 1
     found = AnnotationSource(given, {})([ImageInput("n01/x.JPEG", np.zeros((640, 640, 3), np.uint8),
                                                     ImageFrame.fit((h, w)), 0)])[0]
-    assert found.classes.tolist() == [-1]  # a supercategory is not a dataset class
+    assert found.classes.tolist() == [-1]  # a supercategory is not a dataset class, nor "n01" a wnid
     union = found.masks[0]
     assert union[:192, :192].all() and union[320:576, 320:576].any() and not union[400:, :300].any()
+
+
+def test_part_file_object_is_of_the_images_imagenet_class_not_its_supercategory(tmp_path):
+    """PartImageNet: two dog breeds share the super-category Quadruped; each image's object is of
+    its own wnid, from the file name's prefix, or from its folder in the tree when the name has none."""
+    from part_distillation.data.object_annotations import wnid_of_key
+
+    h, w = 8, 8
+    mask = np.zeros((h, w), bool)
+    mask[2:6, 2:6] = True
+    images = [{"id": 1, "file_name": "n02085620_17.JPEG", "height": h, "width": w},
+              {"id": 2, "file_name": "n02085782_4.JPEG", "height": h, "width": w},
+              {"id": 3, "file_name": "photo.JPEG", "height": h, "width": w}]
+    anns = [{"id": i, "image_id": i, "category_id": 1 + i % 2, "segmentation": encode_rle(mask)} for i in (1, 2, 3)]
+    cats = [{"id": 1, "name": "Quadruped Head", "supercategory": "Quadruped"},
+            {"id": 2, "name": "Quadruped Body", "supercategory": "Quadruped"}]
+    given = read_object_annotations(_coco(tmp_path / "parts.json", images, anns, cats), parts=True)
+    assert given.get("n02085620_17.JPEG").wnids == ("n02085620",)
+    assert given.get("photo.JPEG").wnids == (None,)
+    # the model's classes, in head order; "Quadruped" is not one of them
+    source = AnnotationSource(given, {"n02085782": 0, "n02085620": 1, "n02086240": 2})
+    frame, image = ImageFrame.fit((h, w)), np.zeros((640, 640, 3), np.uint8)
+    found = source([ImageInput("n02085620/n02085620_17.JPEG", image, frame, -1),
+                    ImageInput("n02085782_4.JPEG", image, frame, -1),
+                    ImageInput("n02086240/photo.JPEG", image, frame, -1)])
+    assert [f.classes.tolist() for f in found] == [[1], [0], [2]]
+    assert found[0].class_names == ["Quadruped"]
+    assert wnid_of_key("a/n02086240/b/photo.png") == "n02086240" and wnid_of_key("x/photo.png") is None
+    assert wnid_of_key("n02086240_3.JPEG") == "n02086240"
 
 
 # --------------------------------------------------------------------------- GrabCut

@@ -241,6 +241,76 @@ def test_annotated_objects_give_the_mask_and_the_object_class(images, tmp_path, 
         assert record["part_class_names"] == [f"n01000002 part {k}" for k in range(K)]
 
 
+def _partimagenet_tree(root: Path, wnids) -> Path:
+    """An ImageNet-style folder (``<wnid>/<wnid>_<n>.JPEG``) and its PartImageNet-style json: bare
+    file names, no ``wnid`` key, every part of the super-category Quadruped."""
+    size, (y0, y1, x0, x1) = IMAGES["sub/square.jpg"]
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": 1, "name": "Quadruped Head", "supercategory": "Quadruped"},
+                           {"id": 2, "name": "Quadruped Body", "supercategory": "Quadruped"}]}
+    for i, wnid in enumerate(wnids, start=1):
+        name = f"{wnid}_{i}.JPEG"
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_picture(size, (y0, y1, x0, x1))).save(root / wnid / name, quality=95)
+        coco["images"].append({"id": i, "file_name": name, "height": size[0], "width": size[1]})
+        for part, (top, bottom) in enumerate(((y0, (y0 + y1) // 2), ((y0 + y1) // 2, y1)), start=1):
+            coco["annotations"].append({"id": 2 * i + part, "image_id": i, "category_id": part, "iscrowd": 0,
+                                        "segmentation": [[x0, top, x1, top, x1, bottom, x0, bottom]]})
+    (root / "parts.json").write_text(json.dumps(coco))
+    return root / "parts.json"
+
+
+def test_partimagenet_json_objects_are_of_the_images_wnid(tmp_path, monkeypatch, caplog):
+    """The class of a PartImageNet json's object is the image's wnid (its file name), never the
+    shared super-category: every image of a known class gets parts; one of a class the model does
+    not know is a warning line and a counted skip."""
+    model = FakeModel()
+    model.class_wnids = ("n02085620", "n02085782")
+    _use(monkeypatch, model)
+    tree = tmp_path / "tree"
+    parts = _partimagenet_tree(tree, ["n02085620", "n02085782", "n02085620", "n09999999"])
+    out = tmp_path / "out"
+    cfg = _config(tree, out, mask_source="annotations", annotations=str(parts), annotations_are_parts=True)
+    with caplog.at_level("WARNING", logger="part_distillation"):
+        summary = predict.run(cfg, JobContext())
+    assert (summary.written, dict(summary.skipped)) == (3, {"unknown_object_class": 1})
+    assert summary.extra["objects_of_unknown_class"] == 1
+    unknown = [r.getMessage() for r in caplog.records if "of no class the model knows" in r.getMessage()]
+    assert len(unknown) == 1 and "n09999999_4.JPEG" in unknown[0]
+    assert sorted(cls for _, _, cls in model.calls) == [0, 0, 1]
+    records = {r["key"]: r for r in RecordStore(out).iter_records()}
+    assert sorted(records) == ["n02085620/n02085620_1.JPEG", "n02085620/n02085620_3.JPEG",
+                               "n02085782/n02085782_2.JPEG"]
+    for key, record in records.items():
+        cls = model.class_wnids.index(key.split("/")[0])
+        assert record["object_classes"].tolist() == [cls] and len(record["part_masks"]) == K
+        assert record["part_classes"].tolist() == [cls * K + k + 1 for k in range(K)]
+    assert not any("no part found in any" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_where_no_image_yields_a_part_ends_with_a_warning_saying_why(tmp_path, monkeypatch, caplog):
+    model = FakeModel()
+    model.class_wnids = ("n01000001",)  # knows none of the tree's classes
+    _use(monkeypatch, model)
+    tree = tmp_path / "tree"
+    parts = _partimagenet_tree(tree, ["n02085620", "n02085782"])
+    cfg = _config(tree, tmp_path / "out", mask_source="annotations", annotations=str(parts),
+                  annotations_are_parts=True)
+    with caplog.at_level("WARNING", logger="part_distillation"):
+        summary = predict.run(cfg, JobContext())
+    assert (summary.written, dict(summary.skipped)) == (0, {"unknown_object_class": 2}) and not model.calls
+    final = [r.getMessage() for r in caplog.records if "no part found in any" in r.getMessage()]
+    assert final == ["[predict] no part found in any of the 2 images: 2 unknown_object_class"]
+
+    caplog.clear()
+    _use(monkeypatch, FakeModel(kind="proposal"))
+    with caplog.at_level("WARNING", logger="part_distillation"):  # every part below min_score
+        predict.run(dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, output=str(tmp_path / "o2"),
+                                                                       min_score=0.95)), JobContext())
+    final = [r.getMessage() for r in caplog.records if "no part found in any" in r.getMessage()]
+    assert final == ["[predict] no part found in any of the 2 images: 2 no part scored >= stage.min_score=0.95"]
+
+
 def test_a_part_distillation_model_needs_an_object_class_without_a_detector(images, tmp_path, monkeypatch):
     _use(monkeypatch, FakeModel())
     with pytest.raises(ConfigError, match="stage.object_class"):

@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 from part_distillation.masks import encode_rles, rle_area, rle_to_bbox
 from part_distillation.store import coco_results, export_coco
+from part_distillation.store.errors import StoreError
 from tests.store.helpers import REPO, blob_masks, writer
 
 
@@ -116,7 +117,65 @@ def test_export_reads_a_stage_output_by_its_schema(tmp_path):
                  "original_size": [24, 32], "fitted_size": list(parts.shape[1:]),
                  "object_mask": encode_rles(parts.any(0)[None])[0], "object_score": 1.0, "object_ratio": 0.2,
                  "part_masks": encode_rles(parts), "part_ids": np.array([4, 2])})
-    coco = export_coco(tmp_path / "store")
+    from part_distillation.data.frame import ImageFrame
+
+    coco = export_coco(tmp_path / "store")  # the original frame, which file_name's image is in
     assert [a["category_id"] for a in coco["annotations"]] == [4, 2]
-    assert [a["area"] for a in coco["annotations"]] == [float(m.sum()) for m in parts]
-    assert (coco["images"][0]["height"], coco["images"][0]["width"]) == parts.shape[1:]
+    original = ImageFrame((24, 32), parts.shape[1:]).masks_to_original(parts)
+    assert [a["area"] for a in coco["annotations"]] == [float(m.sum()) for m in original]
+    assert (coco["images"][0]["height"], coco["images"][0]["width"]) == (24, 32)
+    fitted = export_coco(tmp_path / "store", frame="fitted")  # as stored
+    assert [a["area"] for a in fitted["annotations"]] == [float(m.sum()) for m in parts]
+    assert (fitted["images"][0]["height"], fitted["images"][0]["width"]) == parts.shape[1:]
+
+
+def _fitted_frame_store(path):
+    """A stage-1-like store: a 30x40 image fitted to 480x640, masks stored in the fitted frame."""
+    from part_distillation.data.frame import ImageFrame
+
+    frame = ImageFrame.fit((30, 40))
+    original = np.zeros((2, 30, 40), bool)
+    original[0, 3:12, 5:20] = True
+    original[1, 20:28, 30:39] = True
+    with writer(path) as w:
+        w.write({"key": "n01/n01_1.JPEG", "path": "/images/n01/n01_1.JPEG", **frame.as_record(),
+                 "masks": encode_rles(frame.masks_to_fitted(original)), "scores": np.array([0.9, 0.4], np.float32)})
+    return frame, original
+
+
+def test_export_coco_writes_fitted_frame_records_in_the_original_frame_by_default(tmp_path):
+    frame, original = _fitted_frame_store(tmp_path / "store")
+    assert frame.fitted == (480, 640)
+    written = export_coco(tmp_path / "store", tmp_path / "out.json")
+    assert written["annotations"] == 2
+    coco = COCO(str(tmp_path / "out.json"))
+    image = coco.loadImgs(1)[0]
+    assert (image["height"], image["width"], image["frame"]) == (30, 40, "original")  # file_name's pixels
+    assert image["file_name"] == "/images/n01/n01_1.JPEG" and coco.dataset["info"]["frame"] == "original"
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[1]))
+    for ann, mask in zip(anns, original):
+        decoded = coco.annToMask(ann).astype(bool)
+        assert decoded.shape == (30, 40) and np.array_equal(decoded, mask)  # aligned with the image
+        assert ann["area"] == mask.sum() and ann["bbox"] == [float(x) for x in rle_to_bbox(encode_rles(mask[None]))[0]]
+
+
+def test_export_coco_fitted_frame_on_request_says_so(tmp_path):
+    frame, original = _fitted_frame_store(tmp_path / "store")
+    coco = export_coco(tmp_path / "store", None, frame="fitted")
+    assert coco["images"][0] == {"id": 1, "file_name": "/images/n01/n01_1.JPEG", "height": 480, "width": 640,
+                                 "frame": "fitted", "original_height": 30, "original_width": 40}
+    assert coco["info"]["frame"] == "fitted"
+    assert [a["segmentation"]["size"] for a in coco["annotations"]] == [[480, 640], [480, 640]]
+    assert coco["annotations"][0]["area"] == frame.masks_to_fitted(original[0]).sum()
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "export_coco.py"), str(tmp_path / "store"),
+                          str(tmp_path / "fitted.json"), "--frame", "fitted"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "fitted frame" in out.stdout
+    assert json.loads((tmp_path / "fitted.json").read_text())["images"][0]["height"] == 480
+
+    with writer(tmp_path / "predict") as w:  # masks at the image's size: no fitted frame to export
+        w.write({"key": "a.jpg", "height": 48, "width": 64, "masks": encode_rles(blob_masks(np.random.default_rng(4), 1))})
+    assert export_coco(tmp_path / "predict", None)["images"][0]["height"] == 48
+    with pytest.raises(StoreError, match="no fitted frame"):
+        export_coco(tmp_path / "predict", None, frame="fitted")
