@@ -30,8 +30,8 @@ def test_reference_drops_proposals_that_miss_every_part_before_ar():
     evaluator.process(_sample("a"), Prediction(masks=np.stack([np.zeros(SHAPE, bool), LEFT]),
                                                scores=np.array([0.9, 0.5])))
     result = evaluator.evaluate()
-    assert result["strict"]["AR@1"] == pytest.approx(0.0)
-    assert result["reference"]["AR@1"] == pytest.approx(50.0)   # LEFT found, RIGHT missed
+    assert result["strict"]["one-label"]["AR@1"] == pytest.approx(0.0)
+    assert result["reference"]["one-label"]["AR@1"] == pytest.approx(50.0)   # LEFT found, RIGHT missed
 
 
 def test_reference_matches_on_the_evaluation_split_strict_needs_another():
@@ -80,7 +80,7 @@ def test_sharded_states_give_the_same_metrics():
     shards = evaluator.states[5:] + evaluator.states[:5]
     again = metrics(shards, match_states=shards, top_k=(1, 10))
     for protocol in ("reference", "strict"):
-        assert again[protocol]["AR@10"] == pytest.approx(whole[protocol]["AR@10"])
+        assert again[protocol]["one-label"]["AR@10"] == pytest.approx(whole[protocol]["one-label"]["AR@10"])
         assert again[protocol]["C-mIoU"] == pytest.approx(whole[protocol]["C-mIoU"])
 
 
