@@ -182,7 +182,10 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
     return {"predictor": {"kind": spec.kind, "path": spec.path, "checkpoint": str(checkpoint) if checkpoint else None},
             "stage": {"dataset": st.dataset, "dataset_root": st.dataset_root, "image_root": st.image_root,
                       "annotations_root": st.annotations_root, "split": st.split, "match_split": st.match_split,
-                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters}}
+                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters,
+                      # the state layout: AR per image in these settings (a store of the per-object,
+                      # one-setting layout is another config, never mixed in)
+                      "ar": {"per": "image", "settings": list(predictor.ar_settings)}}}
 
 
 # --------------------------------------------------------------------------- one sample
