@@ -116,7 +116,8 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     combined = (Path(cfg.stage.output) / "metrics.md").read_text()
     assert combined.startswith("| predictor | protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
     over, one = strict["overlapping"], strict["one-label"]
-    assert f"| records_dense_crf | strict | overlapping | {over['AR@1']:.1f} | {over['AR@10']:.1f} | – | – |" in combined
+    assert (f"| records_dense_crf | strict | overlapping | {over['AR@1']:.1f} | {over['AR@10']:.1f} | – | – |"
+            in combined)
     assert (f"| records_dense_crf | strict | one-label | {one['AR@1']:.1f} | {one['AR@10']:.1f} | "
             f"{strict['C-mIoU']:.1f} |") in combined
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
