@@ -123,3 +123,22 @@ def test_an_image_of_several_objects_has_one_ar_state_and_a_confusion_per_object
     assert result["overlapping"]["AR@1"] == pytest.approx(5.0)   # both fish as one: IoU 0.5 with one of them
     with pytest.raises(ValueError, match="ar_settings"):
         PartEvaluator(num_parts=1, ar_settings=("one_label",))
+
+
+def test_the_instances_of_a_cityscapes_image_are_one_image_for_ar(tmp_path):
+    from PIL import Image
+
+    from part_distillation.data.cityscapes_part import CityscapesPartDataset
+
+    city = tmp_path / "gtFinePanopticParts" / "val" / "lindau"
+    city.mkdir(parents=True)
+    for frame, car in (("000019", 2600201), ("000020", 2600301)):
+        labels = np.full((4, 6), 7, np.int32)
+        labels[0:2, 0:2] = 2400101   # person 1: torso
+        labels[2:4, 3:6] = car       # a car: window
+        Image.fromarray(labels, mode="I").save(city / f"lindau_000000_{frame}_gtFinePanopticParts.tif")
+    groups = list(image_groups(CityscapesPartDataset(tmp_path, "val")))
+    assert [[s.key for s in g] for g in groups] == [["lindau_000000_000019/24_1", "lindau_000000_000019/26_2"],
+                                                    ["lindau_000000_000020/24_1", "lindau_000000_000020/26_3"]]
+    union = union_sample(groups[0])
+    assert union.object_mask.sum() == 4 + 6 and union.part_masks.shape == (2, 4, 6)
