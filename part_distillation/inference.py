@@ -19,8 +19,9 @@ too: the architecture is recognised from its weights, the kind from its class he
 
 Prediction follows PIPELINE.md: the image is fitted to the model's image size and padded
 grey (128) to the square canvas (``data.frame.ImageFrame``); proposals use
-``postprocess.proposal_inference`` (top 200 by foreground probability, restricted to the
-object, one label per pixel, area > 5% then score > -1); the PartDistillation model uses
+``postprocess.proposal_inference_settings`` (top 200 by foreground probability, restricted
+to the object, one label per pixel (optionally also the overlapping masks of the same
+forward pass), area > 5% then score > -1); the PartDistillation model uses
 the object class's K + 1 head rows and ``postprocess.part_inference`` (top 200 (query,
 part) pairs of the K + 1 softmax, restricted to the object, one label per pixel, merged
 by part class). Masks are computed in the fitted frame and mapped back to the original
@@ -317,16 +318,18 @@ class TrainedModel:
 
     # -- prediction -------------------------------------------------------------------
     def predict(self, image: np.ndarray, object_mask: np.ndarray | None = None,
-                object_class: int | None = None) -> Prediction:
+                object_class: int | None = None, *, with_overlapping: bool = False) -> Prediction:
         """Parts of one image: ``image`` (H, W, 3) uint8 RGB, ``object_mask`` (H, W) bool or
         None (no restriction), ``object_class`` the training class index (stage 6 only).
 
         Returns masks (N, H, W) bool at the image's size, scores (N,) and clusters (N,)
         int64: for proposals their rank 0..N-1 (each image its own numbering), for
         PartDistillation the part class within the object class (0..K-1), for a semantic
-        baseline the part class of its dataset (the head's index).
+        baseline the part class of its dataset (the head's index). ``with_overlapping``: a
+        proposal model with ``one_label`` also gives the same forward pass's proposals
+        without one label per pixel (``Prediction.overlapping``, the published AR setting).
         """
-        return self.predict_batch([image], [object_mask], [object_class])[0]
+        return self.predict_batch([image], [object_mask], [object_class], with_overlapping=with_overlapping)[0]
 
     def frame(self, shape: tuple[int, int]) -> ImageFrame:
         """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``)."""
@@ -338,7 +341,8 @@ class TrainedModel:
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], object_masks: Sequence[np.ndarray | None] | None = None,
-                      object_classes: Sequence[int | None] | None = None) -> list[Prediction]:
+                      object_classes: Sequence[int | None] | None = None, *,
+                      with_overlapping: bool = False) -> list[Prediction]:
         """:meth:`predict` for several images, one forward pass per frame size (any sizes): images
         of different sizes are never padded together, so a batch gives what single images give."""
         from part_distillation.models.mask2former import preprocess_images
@@ -380,13 +384,14 @@ class TrainedModel:
                 out = self.model(batch.pixel_values, **{k: v[members] for k, v in kwargs.items()})
                 for j, i in enumerate(members):
                     results[i] = self._postprocess(out["pred_logits"][j], out["pred_masks"][j], frames[i],
-                                                   object_masks[i], batch.padded_size)
+                                                   object_masks[i], batch.padded_size, with_overlapping)
         finally:
             self.model.train(was_training)
         return results
 
     def _postprocess(self, logits: torch.Tensor, mask_logits: torch.Tensor, frame: ImageFrame,
-                     object_mask: np.ndarray | None, padded_size: tuple[int, int]) -> Prediction:
+                     object_mask: np.ndarray | None, padded_size: tuple[int, int],
+                     with_overlapping: bool = False) -> Prediction:
         from part_distillation import postprocess
 
         obj = None
@@ -395,19 +400,31 @@ class TrainedModel:
             if object_mask.shape != frame.original:
                 raise ValueError(f"object mask of size {object_mask.shape} for an image of size {frame.original}")
             obj = torch.from_numpy(frame.masks_to_fitted(object_mask[None])[0]).to(mask_logits.device)
-        sizes = dict(padded_size=padded_size, image_size=frame.fitted, object_mask=obj, topk=self.topk,
-                     one_label=self.one_label)
+        sizes = dict(padded_size=padded_size, image_size=frame.fitted, object_mask=obj, topk=self.topk)
+        overlapping = None
         if self.kind == "proposal":
-            found = postprocess.proposal_inference(logits, mask_logits, **sizes)
+            setting = "one-label" if self.one_label else "overlapping"
+            settings = (setting, "overlapping") if with_overlapping and self.one_label else (setting,)
+            sets = postprocess.proposal_inference_settings(logits, mask_logits, **sizes, settings=settings)
+            found = sets[setting]
             clusters = np.arange(len(found), dtype=np.int64)
+            if len(sets) > 1:
+                overlapping = self._to_original(sets["overlapping"], frame)
         else:
             found = postprocess.part_inference(postprocess.class_probabilities(logits), mask_logits, **sizes,
-                                               restrict="before", merge_classes=True, min_area_ratio=None,
-                                               min_score=None)
+                                               one_label=self.one_label, restrict="before", merge_classes=True,
+                                               min_area_ratio=None, min_score=None)
             clusters = found.classes.cpu().numpy().astype(np.int64)
+        prediction = self._to_original(found, frame)
+        return Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters,
+                          overlapping=overlapping)
+
+    @staticmethod
+    def _to_original(found, frame: ImageFrame) -> Prediction:
+        """Instances of the fitted frame as masks (at the original size) and scores."""
         masks = frame.masks_to_original(found.masks.cpu().numpy())
         return Prediction(masks=masks.reshape(len(found), *frame.original),
-                          scores=found.scores.float().cpu().numpy().astype(np.float64), clusters=clusters)
+                          scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 
 __all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "choose_device", "load_model",

@@ -272,6 +272,28 @@ def part_inference(
     Returns the kept predictions sorted by descending score; ``classes`` are the pair's
     class ids, ``query_indices`` the query of each (for merged masks: the best member's).
     """
+    top = _top_logits(pair_scores, mask_logits, padded_size=padded_size, image_size=image_size,
+                      output_size=output_size, object_mask=object_mask, topk=topk, restrict=restrict,
+                      min_object_iou=min_object_iou)
+    return _select(top, one_label=one_label, merge_classes=merge_classes, min_area_ratio=min_area_ratio,
+                   min_score=min_score, keep_all_if_none_pass=keep_all_if_none_pass, min_object_iou=min_object_iou)
+
+
+@dataclass
+class _TopLogits:
+    """Steps 1-4 of :func:`part_inference` (shared by its one-label and overlapping forms)."""
+
+    scores: Tensor
+    classes: Tensor
+    queries: Tensor
+    logits: Tensor
+    region: Tensor
+    object_mask: Tensor | None
+    restrict: str
+
+
+def _top_logits(pair_scores, mask_logits, *, padded_size, image_size, output_size, object_mask, topk, restrict,
+                min_object_iou) -> _TopLogits:
     if restrict not in RESTRICT_MODES:
         raise ValueError(f"restrict must be one of {RESTRICT_MODES}, got {restrict!r}")
     if object_mask is None and min_object_iou is not None:
@@ -281,23 +303,62 @@ def part_inference(
     obj = None if object_mask is None else _tensor(object_mask).bool().to(logits.device)
     if obj is not None and restrict == "before":
         logits = restrict_to_object(logits, obj)
-    region = foreground(logits)
-    masks = one_label_per_pixel(logits, scores, region) if one_label else logits > 0
+    return _TopLogits(scores, classes, queries, logits, foreground(logits), obj, restrict)
+
+
+def _select(top: _TopLogits, *, one_label, merge_classes, min_area_ratio, min_score, keep_all_if_none_pass,
+            min_object_iou) -> InstancePredictions:
+    """Steps 4-9 of :func:`part_inference` on the top pairs' logits."""
+    scores, classes, queries, obj = top.scores, top.classes, top.queries, top.object_mask
+    masks = one_label_per_pixel(top.logits, scores, top.region) if one_label else top.logits > 0
     if merge_classes:
         masks, classes, scores, best = merge_by_class(masks, classes, scores)
         queries = queries[best]
     predictions = InstancePredictions(masks=masks, scores=scores, classes=classes, query_indices=queries)
     if min_area_ratio is not None:
         predictions = predictions.select(keep_by_area_ratio(
-            predictions.masks, region, min_area_ratio, fallback_to_all=keep_all_if_none_pass))
+            predictions.masks, top.region, min_area_ratio, fallback_to_all=keep_all_if_none_pass))
     if min_score is not None:
         predictions = predictions.select(keep_by_score(
             predictions.scores, min_score, fallback_to_all=keep_all_if_none_pass))
-    if obj is not None and restrict == "after":
+    if obj is not None and top.restrict == "after":
         predictions.masks = predictions.masks & obj[None]
     if min_object_iou is not None:
         predictions = predictions.select(keep_by_object_iou(predictions.masks, obj, min_object_iou))
     return predictions.sorted_by_score()
+
+
+#: The two proposal settings of the evaluation (PIPELINE.md "Evaluation"): the top-k masks as
+#: they are (the published AR), and one label per pixel.
+PROPOSAL_SETTINGS = ("overlapping", "one-label")
+
+
+def proposal_inference_settings(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    *,
+    padded_size: Sequence[int],
+    image_size: Sequence[int],
+    output_size: Sequence[int] | None = None,
+    object_mask: Tensor | None = None,
+    topk: int = 200,
+    settings: Sequence[str] = PROPOSAL_SETTINGS,
+    min_area_ratio: float | None = 0.05,
+    min_score: float | None = -1.0,
+) -> dict[str, InstancePredictions]:
+    """Part proposals of the stage-one model (PIPELINE.md section 4) in each of ``settings``
+    (``overlapping``: each mask its pair's logit > 0; ``one-label``: one label per pixel),
+    from one top-k selection and one resize of the logits: top ``topk`` queries by softmax
+    foreground probability, restricted to ``object_mask`` before binarising, area > 5% of the
+    predicted region, then score > -1 (each keeping everything when nothing passes)."""
+    unknown = [s for s in settings if s not in PROPOSAL_SETTINGS]
+    if unknown:
+        raise ValueError(f"proposal settings must be among {PROPOSAL_SETTINGS}, got {unknown}")
+    top = _top_logits(class_probabilities(class_logits), mask_logits, padded_size=padded_size,
+                      image_size=image_size, output_size=output_size, object_mask=object_mask, topk=topk,
+                      restrict="before", min_object_iou=None)
+    return {s: _select(top, one_label=s == "one-label", merge_classes=False, min_area_ratio=min_area_ratio,
+                       min_score=min_score, keep_all_if_none_pass=True, min_object_iou=None) for s in settings}
 
 
 def proposal_inference(
@@ -313,19 +374,19 @@ def proposal_inference(
     min_area_ratio: float | None = 0.05,
     min_score: float | None = -1.0,
 ) -> InstancePredictions:
-    """Part proposals of the stage-one model (PIPELINE.md section 4): top ``topk`` queries
-    by softmax foreground probability, restricted to ``object_mask`` before binarising,
-    one label per pixel, area > 5% of the predicted region, then score > -1 (each keeping
-    everything when nothing passes). ``one_label=False`` gives the overlapping proposals."""
-    return part_inference(class_probabilities(class_logits), mask_logits, padded_size=padded_size,
-                          image_size=image_size, output_size=output_size, object_mask=object_mask,
-                          topk=topk, restrict="before", one_label=one_label,
-                          min_area_ratio=min_area_ratio, min_score=min_score)
+    """:func:`proposal_inference_settings` in one setting: one label per pixel, or
+    ``one_label=False`` the overlapping proposals."""
+    setting = "one-label" if one_label else "overlapping"
+    return proposal_inference_settings(class_logits, mask_logits, padded_size=padded_size, image_size=image_size,
+                                       output_size=output_size, object_mask=object_mask, topk=topk,
+                                       settings=(setting,), min_area_ratio=min_area_ratio,
+                                       min_score=min_score)[setting]
 
 
 __all__ = [
-    "InstancePredictions", "RESTRICT_MODES", "area_ratio", "class_probabilities", "foreground",
+    "InstancePredictions", "PROPOSAL_SETTINGS", "RESTRICT_MODES", "area_ratio", "class_probabilities", "foreground",
     "instance_inference", "keep_by_area_ratio", "keep_by_object_iou", "keep_by_score", "mean_mask_probability",
-    "merge_by_class", "one_label_per_pixel", "part_inference", "proposal_inference", "resize_mask_logits",
+    "merge_by_class", "one_label_per_pixel", "part_inference", "proposal_inference",
+    "proposal_inference_settings", "resize_mask_logits",
     "restrict_to_object", "topk_class_scores", "topk_pairs",
 ]

@@ -91,6 +91,12 @@ def test_proposals_at_the_original_size_inside_the_object(runs, image):
     # overlapping proposals when asked; no object: the whole image is the region
     overlapping = TrainedModel.load(runs["proposal"], one_label=False).predict(img, obj)
     assert len(overlapping.scores) >= n
+    # both settings from one forward pass: the one-label set as above, the overlapping one as its own call
+    both = model.predict(img, obj, with_overlapping=True)
+    np.testing.assert_array_equal(both.masks, got.masks)
+    np.testing.assert_array_equal(both.overlapping.masks, overlapping.masks)
+    np.testing.assert_allclose(both.overlapping.scores, overlapping.scores)
+    assert got.overlapping is None and overlapping.overlapping is None
     free = model.predict(img, None)
     assert free.masks.shape[1:] == (50, 90) and free.masks[:, ~obj].any()
 

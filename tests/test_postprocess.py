@@ -17,6 +17,7 @@ from part_distillation.postprocess import (
     one_label_per_pixel,
     part_inference,
     proposal_inference,
+    proposal_inference_settings,
     resize_mask_logits,
     restrict_to_object,
     topk_class_scores,
@@ -219,6 +220,13 @@ def test_proposal_inference_on_a_hand_worked_image():
     over = proposal_inference(class_logits, mask_logits, one_label=False, **common)
     assert over.query_indices.tolist() == [0, 1]
     assert [int(m.sum()) for m in over.masks] == [18, 12]
+    # both settings from one top-k selection: the same as each alone
+    both = proposal_inference_settings(class_logits, mask_logits, **common)
+    assert list(both) == ["overlapping", "one-label"]
+    for setting, alone in (("overlapping", over), ("one-label", got)):
+        assert torch.equal(both[setting].masks, alone.masks) and torch.equal(both[setting].scores, alone.scores)
+    with pytest.raises(ValueError, match="proposal settings"):
+        proposal_inference_settings(class_logits, mask_logits, **common, settings=("one_label",))
     # without the object, query 1 keeps columns 4-5 (one label per pixel over the whole image)
     free = proposal_inference(class_logits, mask_logits, **{**common, "object_mask": None})
     assert free.masks[1].tolist() == [[False, False, True, True, True, True]] * 6

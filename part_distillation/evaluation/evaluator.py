@@ -16,11 +16,20 @@ Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
     No ground-truth information beyond the object mask: no filters, and clusters are
     matched on a split disjoint from the evaluation split (``match_states``); without
     one, strict mIoU is not reported (NaN) rather than silently matched on the test data.
+
+Proposal AR comes in two settings (PIPELINE.md "Evaluation"), reported side by side for
+proposal-type predictors: ``overlapping`` (the top-k masks as they are: the published
+stage-one AR) and ``one-label`` (one label per pixel); other predictors have their masks
+as they are, labelled ``one-label``. AR is per image: all objects of an image together,
+their parts the ground truth and one prediction on the union of their masks (proposals)
+or their predictions pooled (class-conditioned models), top-k per image, as the reference
+scores Pascal-Part and Cityscapes-Part; mIoU stays per object (:meth:`PartEvaluator.process_image`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from itertools import groupby
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +41,10 @@ from part_distillation.masks import mask_iou
 REFERENCE_PROPOSAL_MIN_GT_IOU = 0.001
 REFERENCE_SEGMENT_MIN_GT_IOU = 0.1
 PROTOCOLS = ("reference", "strict")
+#: AR settings: the top-k proposal masks as they are (the published AR), one label per pixel.
+AR_SETTINGS = ("overlapping", "one-label")
+#: The AR setting of a predictor whose masks are its only set (part segmentations).
+DEFAULT_AR_SETTINGS = ("one-label",)
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,47 @@ class Prediction:
     scores: np.ndarray                   #: float (N,)
     #: int (N,) part cluster per mask (0..K-1; -1: scored for recall only); None: proposals only
     clusters: np.ndarray | None = None
+    #: the same forward pass's proposals without one label per pixel (a proposal model's
+    #: ``overlapping`` AR setting); None: the masks above are the only set (they do not overlap)
+    overlapping: "Prediction | None" = None
+
+    def ar_masks(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
+        """(masks, scores) scored for AR in ``setting`` (one of :data:`AR_SETTINGS`)."""
+        if setting not in AR_SETTINGS:
+            raise ValueError(f"AR setting must be one of {AR_SETTINGS}, got {setting!r}")
+        chosen = self.overlapping if setting == "overlapping" and self.overlapping is not None else self
+        return np.asarray(chosen.masks, dtype=bool), np.asarray(chosen.scores, dtype=np.float64)
+
+
+def image_key(sample: PartSample) -> str:
+    """The image a sample (an object) belongs to: its image file."""
+    return f"image:{sample.path}"
+
+
+def image_groups(samples: Iterable[PartSample]) -> Iterator[list[PartSample]]:
+    """The samples of each image together (the datasets yield the objects of an image in a row)."""
+    for _, group in groupby(samples, key=lambda s: s.path):
+        yield list(group)
+
+
+def union_sample(samples: Sequence[PartSample]) -> PartSample:
+    """All objects of one image as one sample: object mask = their union, every object's parts
+    (each object's own, not merged across objects); key :func:`image_key`. Object class and
+    synset are the first object's (a proposal predictor uses neither)."""
+    first = samples[0]
+    if len(samples) == 1:
+        return first
+    return replace(first, key=image_key(first), object_mask=np.any([s.object_mask for s in samples], axis=0),
+                   part_masks=np.concatenate([np.asarray(s.part_masks, dtype=bool) for s in samples]),
+                   part_ids=np.concatenate([np.asarray(s.part_ids, dtype=np.int64) for s in samples]))
+
+
+def pooled_prediction(predictions: Sequence[Prediction]) -> Prediction:
+    """The per-object predictions of one image as one set (per-image AR of a class-conditioned model)."""
+    if len(predictions) == 1:
+        return predictions[0]
+    return Prediction(masks=np.concatenate([np.asarray(p.masks, dtype=bool) for p in predictions]),
+                      scores=np.concatenate([np.asarray(p.scores, dtype=np.float64) for p in predictions]))
 
 
 def overlaps_ground_truth(masks: np.ndarray, gt_masks: np.ndarray, min_iou: float) -> np.ndarray:
@@ -59,37 +113,72 @@ class PartEvaluator:
     """
 
     def __init__(self, num_parts: int, num_clusters: int | None = None,
-                 top_k: Sequence[int] = proposals.TOP_K):
+                 top_k: Sequence[int] = proposals.TOP_K, ar_settings: Sequence[str] = DEFAULT_AR_SETTINGS):
         self.num_parts, self.num_clusters, self.top_k = int(num_parts), num_clusters, tuple(top_k)
+        unknown = [s for s in ar_settings if s not in AR_SETTINGS]
+        if unknown or not ar_settings:
+            raise ValueError(f"ar_settings must be among {AR_SETTINGS}, got {list(ar_settings)}")
+        self.ar_settings = tuple(ar_settings)
         self.reset()
 
     def reset(self) -> None:
         self.states: list[dict] = []
 
     def process(self, sample: PartSample, prediction: Prediction) -> dict:
-        """The state of one image (JSON/array values, ready to be written as a record)."""
+        """The state of one image holding one object (JSON/array values, ready to be written as a record)."""
+        return self.process_image([sample], [prediction])[0]
+
+    def process_image(self, samples: Sequence[PartSample], predictions: Sequence[Prediction],
+                      image_prediction: Prediction | None = None) -> list[dict]:
+        """The states of one image's objects (``samples``, each with its ``predictions``).
+
+        mIoU is per object (a confusion per sample); AR is per image: ground truth = every
+        object's parts, predictions = ``image_prediction`` (made on the union of the object
+        masks: :func:`union_sample`), default the objects' predictions pooled. One object:
+        one state holding both, keyed by the sample; several: an image state (AR, keyed by
+        :func:`image_key`) then a state per object (confusions).
+        """
+        samples, predictions = list(samples), list(predictions)
+        if len(samples) != len(predictions) or not samples:
+            raise ValueError(f"{len(samples)} samples and {len(predictions)} predictions of one image")
+        for sample in samples:
+            if (np.asarray(sample.part_ids) >= self.num_parts).any():
+                raise ValueError(f"sample {sample.key}: part ids {sorted(set(sample.part_ids))} outside "
+                                 f"[0, {self.num_parts})")
+        image = union_sample(samples)
+        ar = self._ar_state(image, image_prediction or pooled_prediction(predictions))
+        objects = [{"key": s.key, "object_class": s.object_class, **self._confusion_state(s, p)}
+                   for s, p in zip(samples, predictions)]
+        states = [{**objects[0], **ar}] if len(samples) == 1 else [{"key": image.key, **ar}, *objects]
+        self.states.extend(states)
+        return states
+
+    def _ar_state(self, sample: PartSample, prediction: Prediction) -> dict:
+        gt = np.asarray(sample.part_masks, dtype=bool)
+        state: dict = {"ar_strict": {}, "ar_reference": {}}
+        for setting in self.ar_settings:
+            masks, scores = prediction.ar_masks(setting)
+            masks = masks.reshape(-1, *sample.object_mask.shape)
+            keep_ref = overlaps_ground_truth(masks, gt, REFERENCE_PROPOSAL_MIN_GT_IOU)
+            state["ar_strict"][setting] = proposals.image_overlaps(masks, scores, gt, self.top_k)
+            state["ar_reference"][setting] = proposals.image_overlaps(masks[keep_ref], scores[keep_ref], gt,
+                                                                      self.top_k)
+        return state
+
+    def _confusion_state(self, sample: PartSample, prediction: Prediction) -> dict:
+        if prediction.clusters is None:
+            return {}
+        if self.num_clusters is None:
+            raise ValueError("PartEvaluator needs num_clusters to score part clusters")
         gt = np.asarray(sample.part_masks, dtype=bool)
         masks = np.asarray(prediction.masks, dtype=bool).reshape(-1, *sample.object_mask.shape)
-        scores = np.asarray(prediction.scores, dtype=np.float64)
-        if (np.asarray(sample.part_ids) >= self.num_parts).any():
-            raise ValueError(f"sample {sample.key}: part ids {sorted(set(sample.part_ids))} outside "
-                             f"[0, {self.num_parts})")
-        keep_ref = overlaps_ground_truth(masks, gt, REFERENCE_PROPOSAL_MIN_GT_IOU)
-        state = {"key": sample.key, "object_class": sample.object_class,
-                 "ar_strict": proposals.image_overlaps(masks, scores, gt, self.top_k),
-                 "ar_reference": proposals.image_overlaps(masks[keep_ref], scores[keep_ref], gt, self.top_k)}
-        if prediction.clusters is not None:
-            if self.num_clusters is None:
-                raise ValueError("PartEvaluator needs num_clusters to score part clusters")
-            clusters = np.asarray(prediction.clusters, dtype=np.int64)
-            segment = clusters >= 0  # -1: a proposal scored for recall only
-            keep_seg = segment & overlaps_ground_truth(masks, gt, REFERENCE_SEGMENT_MIN_GT_IOU)
-            state["confusion_strict"] = part_miou.image_confusion(
-                masks[segment], clusters[segment], gt, sample.part_ids, self.num_clusters, self.num_parts)
-            state["confusion_reference"] = part_miou.image_confusion(
-                masks[keep_seg], clusters[keep_seg], gt, sample.part_ids, self.num_clusters, self.num_parts)
-        self.states.append(state)
-        return state
+        clusters = np.asarray(prediction.clusters, dtype=np.int64)
+        segment = clusters >= 0  # -1: a proposal scored for recall only
+        keep_seg = segment & overlaps_ground_truth(masks, gt, REFERENCE_SEGMENT_MIN_GT_IOU)
+        return {"confusion_strict": part_miou.image_confusion(
+                    masks[segment], clusters[segment], gt, sample.part_ids, self.num_clusters, self.num_parts),
+                "confusion_reference": part_miou.image_confusion(
+                    masks[keep_seg], clusters[keep_seg], gt, sample.part_ids, self.num_clusters, self.num_parts)}
 
     def evaluate(self, match_states: Iterable[Mapping] | None = None) -> dict:
         return metrics(self.states, match_states, top_k=self.top_k)
@@ -100,17 +189,33 @@ def _confusions(states: Iterable[Mapping], protocol: str) -> dict[str, np.ndarra
     return part_miou.merge({s["object_class"]: s[key]} for s in states if key in s)
 
 
+def _ar_states(states: Iterable[Mapping], protocol: str) -> dict[str, list]:
+    """Per AR setting, the AR states of ``protocol`` (a state without AR is an object of a
+    several-object image; a state of the earlier one-setting layout counts as ``one-label``)."""
+    out: dict[str, list] = {}
+    for state in states:
+        ar = state.get(f"ar_{protocol}")
+        if ar is None:
+            continue
+        for setting, value in ({"one-label": ar} if "overlaps" in ar else ar).items():
+            out.setdefault(setting, []).append(value)
+    return out
+
+
 def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = None,
             top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority") -> dict:
     """Both protocols' AR@k and mIoU from per-image states (any sharding, any order).
 
-    ``match_states``: states of a disjoint split for the strict protocol's matching.
+    ``match_states``: states of a disjoint split for the strict protocol's matching. Per
+    protocol: ``{"overlapping": {"AR@k": ...}, "one-label": {...}, "C-mIoU": ..., ...}``
+    (an AR setting only where the states have it).
     """
     states = list(states)
     out: dict[str, dict] = {}
     for protocol in PROTOCOLS:
-        ar = proposals.summarize([s[f"ar_{protocol}"] for s in states], top_k=top_k, areas=("all",))
-        result: dict = dict(ar.ar)
+        by_setting = _ar_states(states, protocol)
+        result: dict = {setting: dict(proposals.summarize(by_setting[setting], top_k=top_k, areas=("all",)).ar)
+                        for setting in AR_SETTINGS if setting in by_setting}
         evaluation = _confusions(states, protocol)
         if evaluation:
             if protocol == "reference":

@@ -15,6 +15,12 @@ predictions use: 0..num_clusters-1). A cluster id of -1 marks a mask that counts
 proposal recall only, not for the part segmentation (a proposal model's masks beyond its
 top ``num_clusters``). A predictor that cannot predict a sample returns ``None`` with
 :attr:`last_skip` saying why; the sample then counts as finding nothing.
+
+Proposal-type predictors (a proposal model, stage records, strips) are scored for AR in
+both settings (``ar_settings``: ``overlapping`` and ``one-label``; a proposal model gives
+both sets from one forward pass, records and strips do not overlap, so both are their
+masks) and, for an image of several objects, predict once more on the union of the object
+masks (:meth:`Predictor.image_prediction`, per-image AR as the reference).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.part_sample import PartSample
-from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.evaluation.evaluator import AR_SETTINGS, DEFAULT_AR_SETTINGS, Prediction, union_sample
 from part_distillation.masks import decode_rles
 
 
@@ -60,16 +66,36 @@ class Predictor:
     label: str = "predictor"
     num_clusters: int = 1
     last_skip: str | None = None
+    #: the AR settings its predictions are scored in (proposal-type: both)
+    ar_settings: tuple[str, ...] = DEFAULT_AR_SETTINGS
 
     def __call__(self, sample: PartSample) -> Prediction | None:
         raise NotImplementedError
+
+    @property
+    def proposal_type(self) -> bool:
+        return "overlapping" in self.ar_settings
+
+    def image_prediction(self, samples: list[PartSample], predictions: list[Prediction]) -> Prediction | None:
+        """What per-image AR scores for an image of several objects: a proposal-type predictor's
+        prediction on the union of their masks (None: it predicted nothing); a class-conditioned
+        one's are its per-object predictions pooled (returns None; the evaluator pools them)."""
+        if len(samples) == 1 or not self.proposal_type:
+            return None
+        return self(union_sample(samples))
 
 
 class RecordsPredictor(Predictor):
     """A stage's records, found by the sample's image path (real path)."""
 
+    ar_settings = AR_SETTINGS
+
     def __init__(self, records: dict[str, dict], label: str, num_clusters: int):
         self.records, self.label, self.num_clusters = records, label, int(num_clusters)
+
+    def image_prediction(self, samples: list[PartSample], predictions: list[Prediction]) -> Prediction | None:
+        """A record is of the whole image: every object of it got that same prediction."""
+        return predictions[0] if len(samples) > 1 else None
 
     @classmethod
     def from_store(cls, path: str | os.PathLike, label: str, num_clusters: int) -> "RecordsPredictor":
@@ -105,6 +131,11 @@ class ModelPredictor(Predictor):
         from part_distillation.data.images import load_rgb
 
         self.model, self.label = model, label
+        if model.kind == "proposal":
+            if not model.one_label:
+                raise ValueError(f"{label}: a proposal model is scored with one label per pixel and, from the "
+                                 f"same forward pass, overlapping: load it with one_label=True")
+            self.ar_settings = AR_SETTINGS
         if model.kind == "part_distillation":
             self.num_clusters = int(model.parts_per_class)
         elif model.kind == "semantic":  # clusters are the head's part classes
@@ -124,17 +155,20 @@ class ModelPredictor(Predictor):
         if tuple(image.shape[:2]) != tuple(sample.object_mask.shape):
             raise ValueError(f"{sample.path}: image of size {tuple(image.shape[:2])}, its annotation "
                              f"{tuple(sample.object_mask.shape)}")
-        prediction = self.model.predict(image, sample.object_mask, object_class)
-        if self.model.kind == "proposal":
-            clusters = np.where(prediction.clusters < self.num_clusters, prediction.clusters, -1)
-            prediction = Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters)
-        return prediction
+        if self.model.kind != "proposal":
+            return self.model.predict(image, sample.object_mask, object_class)
+        prediction = self.model.predict(image, sample.object_mask, with_overlapping=True)
+        clusters = np.where(prediction.clusters < self.num_clusters, prediction.clusters, -1)
+        return Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters,
+                          overlapping=prediction.overlapping)
 
 
 class StripsPredictor(Predictor):
     """The object's box cut into ``num_clusters`` equal strips along its longer side
     (``models.baselines.strip_labels``); cluster k = the k-th strip from the top/left,
     score 1 each. Needs nothing but the object mask."""
+
+    ar_settings = AR_SETTINGS
 
     def __init__(self, num_clusters: int, label: str = "strips"):
         self.num_clusters, self.label = int(num_clusters), label

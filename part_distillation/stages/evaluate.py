@@ -27,9 +27,18 @@ stage's (the manifest of the whole config, a shard file per job closed when the 
 is done, no records), which is what pipelines and status read. Whichever job finds every
 shard of every predictor closed merges them (a pure function of the states): per
 predictor ``metrics.json``, ``metrics.md``, ``per_class.csv`` in its folder, and in
-``stage.output`` the combined ``metrics.md`` (a row per predictor and protocol: AR@k,
-C-mIoU, A-mIoU), ``metrics.json`` and ``per_class.csv``; the table is logged and put in
-the stage summary.
+``stage.output`` the combined ``metrics.md`` (a row per predictor, protocol and AR
+setting: AR@k, C-mIoU, A-mIoU), ``metrics.json`` and ``per_class.csv``; the table is
+logged and put in the stage summary.
+
+AR settings (PIPELINE.md "Evaluation"): proposal-type predictors (``proposal``, ``records``,
+``strips``) get two rows per protocol, ``overlapping`` (the top-k masks as they are: the
+setting of the published stage-one AR, the one to compare with the paper) and
+``one-label`` (one label per pixel; their mIoU is of these masks, so it is on this row);
+the others one ``one-label`` row. AR is per image (every object of an image together, one
+prediction on the union of their masks, top-k per image, as the reference scores
+Pascal-Part and Cityscapes-Part), mIoU per object: jobs take whole images, and an image of
+several objects has an AR state keyed ``<split>/image:<path>`` besides its objects' states.
 
 Training (stages 4 and 6, ``stage.eval_period``) scores the model it is training with the
 same per-image code (:func:`score_sample`, :func:`evaluate_in_memory`):
@@ -54,7 +63,8 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import proposals
-from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, metrics
+from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, PartEvaluator, image_groups, image_key,
+                                                    metrics)
 from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
                                                      empty_prediction, prediction_from_record)
 from part_distillation.progress import StageSummary, progress
@@ -69,7 +79,8 @@ PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "stri
 MODEL_KINDS = ("proposal", "part_distillation", "semantic")
 
 __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
-           "parse_predictors", "prediction_from_record", "run", "score_sample", "training_evaluation"]
+           "parse_predictors", "prediction_from_record", "run", "score_image", "score_sample", "state_keys",
+           "training_evaluation"]
 
 
 # --------------------------------------------------------------------------- predictors
@@ -171,34 +182,70 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
     return {"predictor": {"kind": spec.kind, "path": spec.path, "checkpoint": str(checkpoint) if checkpoint else None},
             "stage": {"dataset": st.dataset, "dataset_root": st.dataset_root, "image_root": st.image_root,
                       "annotations_root": st.annotations_root, "split": st.split, "match_split": st.match_split,
-                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters}}
+                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters,
+                      # the state layout: AR per image in these settings (a store of the per-object,
+                      # one-setting layout is another config, never mixed in)
+                      "ar": {"per": "image", "settings": list(predictor.ar_settings)}}}
 
 
 # --------------------------------------------------------------------------- one sample
 
-def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample) -> tuple[dict, str | None]:
-    """The evaluation state of one sample for one predictor, and why it predicted nothing (or None)."""
+def _predict(predictor: Predictor, sample: PartSample) -> tuple:
     prediction = predictor(sample)
-    skip = None
     if prediction is None:
-        skip = predictor.last_skip or "no_prediction"
-        prediction = empty_prediction(sample.object_mask.shape)
-    state = evaluator.process(sample, prediction)
+        return empty_prediction(sample.object_mask.shape), predictor.last_skip or "no_prediction"
+    return prediction, None
+
+
+def score_image(predictor: Predictor, evaluator: PartEvaluator,
+                samples: Sequence[PartSample]) -> tuple[list[dict], list[str]]:
+    """The evaluation states of one image's objects for one predictor (:meth:`PartEvaluator.process_image`:
+    per-object confusions, per-image AR), and why it predicted nothing, per object that got nothing."""
+    found = [_predict(predictor, sample) for sample in samples]
+    predictions, skips = [p for p, _ in found], [s for _, s in found if s]
+    image_prediction = None
+    if len(samples) > 1 and predictor.proposal_type:
+        image_prediction = predictor.image_prediction(list(samples), predictions)
+        if image_prediction is None:
+            image_prediction = empty_prediction(samples[0].object_mask.shape)
+    states = evaluator.process_image(samples, predictions, image_prediction)
     evaluator.reset()  # the caller keeps the states (a record store, or a list)
-    return state, skip
+    return states, skips
+
+
+def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample) -> tuple[dict, str | None]:
+    """The evaluation state of an image holding one object (``sample``), and why it predicted nothing (or None)."""
+    states, skips = score_image(predictor, evaluator, [sample])
+    return states[0], (skips[0] if skips else None)
+
+
+def state_keys(samples: Sequence[PartSample]) -> list[str]:
+    """The keys of the states :func:`score_image` gives for one image's samples (in its order)."""
+    keys = [s.key for s in samples]
+    return keys if len(samples) == 1 else [image_key(samples[0]), *keys]
+
+
+def _evaluator(predictor: Predictor, num_parts: int, top_k: Sequence[int]) -> PartEvaluator:
+    return PartEvaluator(num_parts=num_parts, num_clusters=predictor.num_clusters, top_k=tuple(top_k),
+                         ar_settings=predictor.ar_settings)
 
 
 def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[PartSample]], split: str,
                        match_split: str | None, num_parts: int, top_k: Sequence[int] = proposals.TOP_K,
                        mapping: str = "majority") -> dict:
     """Both protocols' metrics of ``predictor`` over ``samples`` (split -> samples), no files."""
-    evaluator = PartEvaluator(num_parts=num_parts, num_clusters=predictor.num_clusters, top_k=tuple(top_k))
+    evaluator = _evaluator(predictor, num_parts, top_k)
     states: dict[str, list[dict]] = {}
+    images: dict[str, int] = {}
     for name, items in samples.items():
-        states[name] = [score_sample(predictor, evaluator, sample)[0] for sample in items]
+        states[name] = []
+        for group in image_groups(items):
+            states[name] += score_image(predictor, evaluator, group)[0]
+            images[name] = images.get(name, 0) + 1
     result = metrics(states.get(split, []), states.get(match_split) if match_split else None, top_k=tuple(top_k),
                      mapping=mapping)
-    result["images"] = len(states.get(split, []))
+    result["images"] = images.get(split, 0)
+    result["objects"] = _count_objects(states.get(split, []))
     return result
 
 
@@ -225,8 +272,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
     splits = [st.split] + ([st.match_split] if st.match_split else [])
     datasets = _open_datasets(st.dataset, st.dataset_root, splits, st.image_root, st.annotations_root)
     num_parts = max(d.num_parts for d in datasets.values())
-    evaluators = [PartEvaluator(num_parts=num_parts, num_clusters=p.num_clusters, top_k=tuple(st.top_k))
-                  for p in predictors]
+    evaluators = [_evaluator(p, num_parts, st.top_k) for p in predictors]
     output = Path(st.output)
     with contextlib.ExitStack() as stack:
         # the job's shard of stage.output itself: its manifest (this config, predictors included) and,
@@ -235,27 +281,31 @@ def run(cfg: RunConfig, context) -> StageSummary:
         writers = [stack.enter_context(_open_store(cfg, output / spec.label, _predictor_config(spec, p, st), context))
                    for spec, p in zip(specs, predictors)]
         for split, dataset in datasets.items():
-            for i, sample in enumerate(progress(dataset.samples(), None, f"evaluate {split}", st.progress_every)):
+            samples = progress(dataset.samples(), None, f"evaluate {split}", st.progress_every)
+            for i, group in enumerate(image_groups(samples)):  # whole images: AR is per image
                 if i % cfg.shard.count != cfg.shard.index:
                     continue
-                summary.seen += 1
-                key = f"{split}/{sample.key}"
+                summary.seen += len(group)
+                keys = [f"{split}/{key}" for key in state_keys(group)]
                 for spec, predictor, evaluator, writer in zip(specs, predictors, evaluators, writers):
-                    if writer.has(key):
-                        summary.already_done += 1
+                    if all(writer.has(key) for key in keys):
+                        summary.already_done += len(keys)
                         continue
-                    state, skip = score_sample(predictor, evaluator, sample)
-                    if skip:
+                    states, skips = score_image(predictor, evaluator, group)
+                    for skip in skips:
                         summary.skip(f"{spec.label}:{skip}")
-                    writer.write({**state, "key": key, "split": split})
-                    summary.written += 1
+                    for key, state in zip(keys, states):
+                        if not writer.has(key):
+                            writer.write({**state, "key": key, "split": split})
+                            summary.written += 1
     stores = {spec.label: RecordStore(output / spec.label) for spec in specs}
     if all(not store.summary()["shards_missing_summary"] for store in stores.values()):
         part_names = datasets[st.split].part_names
         results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
                                           st.mapping, part_names) for label, store in stores.items()}
         table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k))
-        summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items() if not isinstance(v, (dict, list))}
+        summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items()
+                                                if k in AR_SETTINGS or not isinstance(v, (dict, list))}
                                             for p in PROTOCOLS} for label, r in results.items()}
         summary.extra["metrics_table"] = table
         summary.extra["metrics_file"] = str(output / "metrics.json")
@@ -263,7 +313,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
             summary.extra["collages"] = [str(p) for p in write_collages(
                 output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
                 st.collage_classes, st.collage_per_class)]
-        images = next(iter(results.values()))["images"]
+        images = next(iter(results.values()))["images"]  # samples (objects) of the split
         log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
                  f" (strict protocol matched on {st.match_split})" if st.match_split else
                  " (no disjoint matching split: strict mIoU not computed)", table)
@@ -303,7 +353,8 @@ def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: s
     evaluation = [s for s in states if s["split"] == split]
     matching = [s for s in states if s["split"] == match_split] if match_split else None
     result = metrics(evaluation, matching, top_k=top_k, mapping=mapping)
-    result["images"] = len(evaluation)
+    result["images"] = sum(1 for s in evaluation if "ar_strict" in s)  # one AR state per image
+    result["objects"] = _count_objects(evaluation)
     result["split"], result["match_split"] = split, match_split
     _write_atomic(folder / "metrics.json", json.dumps(result, indent=2, default=_json_default))
     _write_atomic(folder / "metrics.md", markdown_table(result, top_k))
@@ -311,28 +362,45 @@ def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: s
     return result
 
 
+def _count_objects(states: Iterable[Mapping]) -> int:
+    """The samples (objects) among states: an image's AR-only state is none."""
+    return sum(1 for s in states if "object_class" in s)
+
+
 def _columns(top_k: tuple[int, ...]) -> list[str]:
     return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU"]
 
 
-def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
-    """One predictor's table: a row per protocol."""
-    columns = _columns(top_k)
-    lines = ["| protocol | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+def _rows(result: dict, top_k: tuple[int, ...]) -> list[tuple[str, str, list[str]]]:
+    """(protocol, AR setting, cells) per row: a row per protocol and AR setting, overlapping first;
+    the mIoU on the ``one-label`` row (the masks it is computed from)."""
+    rows = []
     for protocol in PROTOCOLS:
         row = result[protocol]
-        lines.append(f"| {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        for setting in [s for s in AR_SETTINGS if s in row] or ["one-label"]:
+            ar = row.get(setting, {})
+            miou = setting == "one-label"
+            rows.append((protocol, setting, [_fmt(ar.get(f"AR@{k}")) for k in top_k] +
+                         [_fmt(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU")]))
+    return rows
+
+
+def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
+    """One predictor's table: a row per protocol and AR setting (``masks``)."""
+    columns = _columns(top_k)
+    lines = ["| protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for protocol, setting, cells in _rows(result, top_k):
+        lines.append(f"| {protocol} | {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
-    """Every predictor's table: a row per predictor and protocol."""
+    """Every predictor's table: a row per predictor, protocol and AR setting (``masks``)."""
     columns = _columns(top_k)
-    lines = ["| predictor | protocol | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    lines = ["| predictor | protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for label, result in results.items():
-        for protocol in PROTOCOLS:
-            row = result[protocol]
-            lines.append(f"| {label} | {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        for protocol, setting, cells in _rows(result, top_k):
+            lines.append(f"| {label} | {protocol} | {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -447,13 +515,21 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
 
 
 def flat_metrics(result: dict, top_k: Sequence[int] = proposals.TOP_K) -> dict[str, float]:
-    """``{"reference/AR@10": ..., "strict/C-mIoU": ...}`` without the undefined (NaN) ones."""
+    """``{"reference/overlapping/AR@10": ..., "reference/one-label/AR@10": ..., "strict/C-mIoU": ...}``
+    without the undefined (NaN) ones."""
     out = {}
+
+    def put(name: str, value) -> None:
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            out[name] = float(value)
+
     for protocol in PROTOCOLS:
-        for column in _columns(tuple(top_k)):
-            value = result[protocol].get(column)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                out[f"{protocol}/{column}"] = float(value)
+        row = result[protocol]
+        for setting in AR_SETTINGS:
+            for k in top_k:
+                put(f"{protocol}/{setting}/AR@{k}", row.get(setting, {}).get(f"AR@{k}"))
+        for column in ("C-mIoU", "A-mIoU"):
+            put(f"{protocol}/{column}", row.get(column))
     return out
 
 

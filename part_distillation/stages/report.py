@@ -168,8 +168,7 @@ def metrics_table(metrics: dict) -> str:
     def walk(node: dict, path: list[str]) -> None:
         if any(_AR.match(k) or k.endswith("mIoU") for k in node):
             rows.append((" / ".join(path) or "all", node))
-            return
-        for key, value in node.items():
+        for key, value in node.items():  # and below: a protocol's AR settings (overlapping, one-label)
             if isinstance(value, dict):
                 walk(value, path + [str(key)])
 

@@ -159,9 +159,12 @@ PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
 #: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).
 EVAL_STATES = RecordSchema("eval_states", (
     Field("split", "str", "which split the image belongs to: the evaluation or the matching split"),
-    Field("object_class", "str", "the dataset's object class of the sample"),
-    Field("ar_strict", "dict", "matched IoU per ground-truth part for each k, and part areas (no filter)"),
-    Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter"),
+    Field("object_class", "str", "the dataset's object class of the sample (absent in an image's AR state)",
+          optional=True),
+    Field("ar_strict", "dict", "per AR setting (overlapping, one-label), matched IoU per ground-truth part for "
+          "each k and part areas, over the whole image (no filter); absent in an object state of an image "
+          "with several objects", optional=True),
+    Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter", optional=True),
     Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
 ))

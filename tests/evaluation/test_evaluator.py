@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from part_distillation.data.part_sample import PartSample
-from part_distillation.evaluation.evaluator import PartEvaluator, Prediction, metrics
+from part_distillation.evaluation.evaluator import (PartEvaluator, Prediction, image_groups, metrics,
+                                                    union_sample)
 
 
 def _box(shape, y0, y1, x0, x1):
@@ -30,8 +31,8 @@ def test_reference_drops_proposals_that_miss_every_part_before_ar():
     evaluator.process(_sample("a"), Prediction(masks=np.stack([np.zeros(SHAPE, bool), LEFT]),
                                                scores=np.array([0.9, 0.5])))
     result = evaluator.evaluate()
-    assert result["strict"]["AR@1"] == pytest.approx(0.0)
-    assert result["reference"]["AR@1"] == pytest.approx(50.0)   # LEFT found, RIGHT missed
+    assert result["strict"]["one-label"]["AR@1"] == pytest.approx(0.0)
+    assert result["reference"]["one-label"]["AR@1"] == pytest.approx(50.0)   # LEFT found, RIGHT missed
 
 
 def test_reference_matches_on_the_evaluation_split_strict_needs_another():
@@ -80,7 +81,7 @@ def test_sharded_states_give_the_same_metrics():
     shards = evaluator.states[5:] + evaluator.states[:5]
     again = metrics(shards, match_states=shards, top_k=(1, 10))
     for protocol in ("reference", "strict"):
-        assert again[protocol]["AR@10"] == pytest.approx(whole[protocol]["AR@10"])
+        assert again[protocol]["one-label"]["AR@10"] == pytest.approx(whole[protocol]["one-label"]["AR@10"])
         assert again[protocol]["C-mIoU"] == pytest.approx(whole[protocol]["C-mIoU"])
 
 
@@ -88,3 +89,56 @@ def test_part_ids_outside_the_dataset_are_refused():
     evaluator = PartEvaluator(num_parts=1)
     with pytest.raises(ValueError, match="outside"):
         evaluator.process(_sample("a"), Prediction(masks=np.zeros((0, *SHAPE), bool), scores=np.zeros(0)))
+
+
+def test_an_image_of_several_objects_has_one_ar_state_and_a_confusion_per_object():
+    """Two fish of one image, each one half: per object the top-1 proposal finds its fish (AR@1 100
+    each); per image the two compete for one slot (AR@1 50), while each object keeps its confusion."""
+    left = PartSample(key="img/0", path="img.jpg", object_class="fish", wnid=None, object_mask=LEFT,
+                      part_masks=LEFT[None], part_ids=np.array([0]))
+    right = PartSample(key="img/1", path="img.jpg", object_class="fish", wnid=None, object_mask=RIGHT,
+                       part_masks=RIGHT[None], part_ids=np.array([0]))
+    other = _sample("other")
+    assert [[s.key for s in g] for g in image_groups([left, right, other])] == [["img/0", "img/1"], ["other"]]
+    union = union_sample([left, right])
+    assert union.key == "image:img.jpg" and union.object_mask.all() and union.part_masks.shape == (2, *SHAPE)
+    predictions = [Prediction(masks=m[None], scores=np.ones(1), clusters=np.zeros(1, np.int64)) for m in (LEFT, RIGHT)]
+    per_object = PartEvaluator(num_parts=1, num_clusters=1, top_k=(1,))
+    for sample, prediction in zip((left, right), predictions):
+        per_object.process(sample, prediction)
+    assert metrics(per_object.states, top_k=(1,))["strict"]["one-label"]["AR@1"] == pytest.approx(100.0)
+    per_image = PartEvaluator(num_parts=1, num_clusters=1, top_k=(1,))
+    states = per_image.process_image([left, right], predictions)   # pooled: no image prediction
+    assert [s["key"] for s in states] == ["image:img.jpg", "img/0", "img/1"]
+    assert "confusion_strict" not in states[0] and all("ar_strict" not in s for s in states[1:])
+    result = metrics(states, top_k=(1,))
+    assert result["strict"]["one-label"]["AR@1"] == pytest.approx(50.0)
+    assert result["reference"]["C-mIoU"] == metrics(per_object.states, top_k=(1,))["reference"]["C-mIoU"]
+    # a proposal predictor's own prediction on the union: both AR settings
+    both = PartEvaluator(num_parts=1, num_clusters=1, top_k=(1,), ar_settings=("overlapping", "one-label"))
+    image = Prediction(masks=np.stack([LEFT, RIGHT]), scores=np.array([0.6, 0.5]),
+                       overlapping=Prediction(masks=np.stack([LEFT | RIGHT, LEFT]), scores=np.array([0.9, 0.5])))
+    result = metrics(both.process_image([left, right], predictions, image), top_k=(1,))["strict"]
+    assert result["one-label"]["AR@1"] == pytest.approx(50.0)
+    assert result["overlapping"]["AR@1"] == pytest.approx(5.0)   # both fish as one: IoU 0.5 with one of them
+    with pytest.raises(ValueError, match="ar_settings"):
+        PartEvaluator(num_parts=1, ar_settings=("one_label",))
+
+
+def test_the_instances_of_a_cityscapes_image_are_one_image_for_ar(tmp_path):
+    from PIL import Image
+
+    from part_distillation.data.cityscapes_part import CityscapesPartDataset
+
+    city = tmp_path / "gtFinePanopticParts" / "val" / "lindau"
+    city.mkdir(parents=True)
+    for frame, car in (("000019", 2600201), ("000020", 2600301)):
+        labels = np.full((4, 6), 7, np.int32)
+        labels[0:2, 0:2] = 2400101   # person 1: torso
+        labels[2:4, 3:6] = car       # a car: window
+        Image.fromarray(labels, mode="I").save(city / f"lindau_000000_{frame}_gtFinePanopticParts.tif")
+    groups = list(image_groups(CityscapesPartDataset(tmp_path, "val")))
+    assert [[s.key for s in g] for g in groups] == [["lindau_000000_000019/24_1", "lindau_000000_000019/26_2"],
+                                                    ["lindau_000000_000020/24_1", "lindau_000000_000020/26_3"]]
+    union = union_sample(groups[0])
+    assert union.object_mask.sum() == 4 + 6 and union.part_masks.shape == (2, 4, 6)

@@ -96,21 +96,30 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     metrics = _metrics(cfg)
     assert metrics["images"] == 6
     reference, strict = metrics["reference"], metrics["strict"]
+    # records are one label per pixel: both AR settings are their masks
+    for setting in ("overlapping", "one-label"):
+        assert reference[setting] == strict[setting]   # every record mask overlaps a part
+        assert reference[setting] == reference["one-label"]
     if how == "truth":
-        assert reference["AR@10"] == pytest.approx(100.0)
+        assert reference["overlapping"]["AR@10"] == pytest.approx(100.0)
         assert reference["C-mIoU"] == pytest.approx(100.0)
-        assert strict["AR@10"] == pytest.approx(100.0)
+        assert strict["overlapping"]["AR@10"] == pytest.approx(100.0)
         assert strict["C-mIoU"] == pytest.approx(100.0)   # matched on val, evaluated on train
         assert summary["skipped"] == {}
     else:
-        assert 0 < reference["C-mIoU"] < 90 and 0 < reference["AR@10"] < 90
+        assert 0 < reference["C-mIoU"] < 90 and 0 < reference["overlapping"]["AR@10"] < 90
     folder = Path(cfg.stage.output) / "records_dense_crf"
     table = (folder / "metrics.md").read_text()
-    assert table.startswith("| protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |") and "| strict |" in table
+    assert table.startswith("| protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
+    assert "| strict | overlapping |" in table and "| strict | one-label |" in table
     assert (folder / "per_class.csv").read_text().startswith("object_class,mIoU_reference,mIoU_strict")
     combined = (Path(cfg.stage.output) / "metrics.md").read_text()
-    assert combined.startswith("| predictor | protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |")
-    assert f"| records_dense_crf | strict | {strict['AR@1']:.1f} | {strict['AR@10']:.1f} |" in combined
+    assert combined.startswith("| predictor | protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
+    over, one = strict["overlapping"], strict["one-label"]
+    assert (f"| records_dense_crf | strict | overlapping | {over['AR@1']:.1f} | {over['AR@10']:.1f} | – | – |"
+            in combined)
+    assert (f"| records_dense_crf | strict | one-label | {one['AR@1']:.1f} | {one['AR@10']:.1f} | "
+            f"{strict['C-mIoU']:.1f} |") in combined
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
     assert summary["metrics_table"] == combined
     assert (Path(cfg.stage.output) / "per_class.csv").read_text().startswith(
@@ -169,13 +178,19 @@ def test_trained_models_records_and_strips_side_by_side(halves, tmp_path):
     for label in labels:
         one = result["predictors"][label]
         assert one["images"] == 4   # the 4 images of train_eval; train_match only matches
-        assert one["strict"]["AR@10"] == _metrics(cfg, label)["strict"]["AR@10"]
-        figures[label] = tuple(one[p][m] for p in ("reference", "strict") for m in ("AR@1", "AR@10", "C-mIoU", "A-mIoU"))
+        settings = ["one-label"] if label == "part_distillation" else ["overlapping", "one-label"]
+        assert [s for s in ("overlapping", "one-label") if s in one["strict"]] == settings
+        assert one["strict"]["one-label"] == _metrics(cfg, label)["strict"]["one-label"]
+        figures[label] = tuple([one[p]["one-label"][m] for p in ("reference", "strict") for m in ("AR@1", "AR@10")] +
+                               [one[p][m] for p in ("reference", "strict") for m in ("C-mIoU", "A-mIoU")])
         assert all(np.isfinite(figures[label])), (label, figures[label])
-    assert figures["records_dense_crf"][1:4] == pytest.approx((100.0, 100.0, 100.0))  # the true parts (3 per image)
+    assert figures["records_dense_crf"][1] == pytest.approx(100.0)  # the true parts (3 per image)
+    assert figures["records_dense_crf"][4] == pytest.approx(100.0)
     assert len(set(figures.values())) == 4   # every predictor scores differently
     table = (Path(cfg.stage.output) / "metrics.md").read_text()
-    assert all(f"| {label} | {p} |" in table for label in labels for p in ("reference", "strict"))
+    assert all(f"| {label} | {p} | one-label |" in table for label in labels for p in ("reference", "strict"))
+    assert all((f"| {label} | {p} | overlapping |" in table) == (label != "part_distillation")
+               for label in labels for p in ("reference", "strict"))
     # a best/worst-class collage per predictor: 2 classes -> 2 rows, each 2 images x (prediction, truth)
     from PIL import Image
 
@@ -226,7 +241,8 @@ def test_training_evaluation_scores_the_live_model(halves):
     got = evaluate_fn(SimpleNamespace(module=model))
     assert model.training
     assert set(got) == {f"{p}/{m}" for p in ("reference", "strict")
-                        for m in ("AR@1", "AR@10", "AR@50", "AR@100", "AR@200", "C-mIoU", "A-mIoU")}
+                        for m in ("one-label/AR@1", "one-label/AR@10", "one-label/AR@50", "one-label/AR@100",
+                                  "one-label/AR@200", "C-mIoU", "A-mIoU")}
     assert all(0 <= v <= 100 for v in got.values())
     # the same figures as the stage's code on the same two images of each half
     predictor = ModelPredictor(TrainedModel(model, "part_distillation", image_size=64,
@@ -267,10 +283,10 @@ def test_stage6_scores_its_model_while_training_and_its_run_folder_after(tmp_pat
         part_distillation.run(cfg, JobContext())
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[eval] iter")]
     assert [m.split(":")[0] for m in messages] == ["[eval] iter 2", "[eval] iter 4"]
-    assert "strict/C-mIoU" in messages[-1] and "reference/AR@10" in messages[-1]
+    assert "strict/C-mIoU" in messages[-1] and "reference/one-label/AR@10" in messages[-1]
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("eval/strict/AR@10")] == [2, 4]
+    assert [e.step for e in events.Scalars("eval/strict/one-label/AR@10")] == [2, 4]
     assert json.loads((run_dir / "classes.json").read_text())["wnids"] == list(list_image_tree(data_root).wnids)
     model = TrainedModel.load(run_dir)
     assert model.kind == "part_distillation" and model.image_size == 64 and model.class_index("n90000002") == 1
@@ -279,7 +295,7 @@ def test_stage6_scores_its_model_while_training_and_its_run_folder_after(tmp_pat
                     f"stage.predictors=[part_distillation:{run_dir}]", "model.device=cpu")
     summary = evaluate.run(eval_cfg, JobContext()).as_dict()
     strict = summary["metrics"]["part_distillation"]["strict"]
-    assert summary["written"] == 4 and np.isfinite([strict["AR@10"], strict["C-mIoU"]]).all()
+    assert summary["written"] == 4 and np.isfinite([strict["one-label"]["AR@10"], strict["C-mIoU"]]).all()
 
 
 def test_training_evaluation_refuses_a_missing_split_before_training(halves):
@@ -297,6 +313,142 @@ def test_semantic_baseline_run_is_a_predictor(halves, tmp_path):
     cfg = _model_cfg(halves, tmp_path, f"[semantic:{run}]")
     evaluate.run(cfg, JobContext())
     result = json.loads((Path(cfg.stage.output) / "metrics.json").read_text())["predictors"]["semantic"]
-    assert result["images"] == 4 and np.isfinite(result["reference"]["AR@10"])
+    assert result["images"] == 4 and np.isfinite(result["reference"]["one-label"]["AR@10"])
     with pytest.raises(ConfigError, match="needs its run folder"):
         evaluate.check(_model_cfg(halves, tmp_path / "other", "[semantic]"))
+
+
+# --------------------------------------------------------------------------- per-image AR, AR settings
+
+def _pascal_two_objects(tmp_path) -> tuple[Path, Path]:
+    """Pascal-Part: image 1 holds two dogs side by side (their torso = the whole dog), image 2 one
+    dog whose left half is its torso and right half its tail; 8 x 10 pixels each."""
+    from PIL import Image
+
+    from tests.data.test_pascal_part import write_mat
+
+    voc, parts = tmp_path / "VOC2012", tmp_path / "Annotations_Part"
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    parts.mkdir()
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("2008_000001\n2008_000002\n")
+    left, right = np.zeros((8, 10), bool), np.zeros((8, 10), bool)
+    left[2:6, 0:5], right[2:6, 5:10] = True, True
+    write_mat(parts / "2008_000001.mat", [("dog", left, [("torso", left)]), ("dog", right, [("torso", right)])])
+    write_mat(parts / "2008_000002.mat", [("dog", left | right, [("torso", left), ("tail", right)])])
+    for name in ("2008_000001", "2008_000002"):
+        Image.fromarray(np.full((8, 10, 3), 90, np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
+    return voc, parts
+
+
+def test_pascal_part_ar_is_per_image_sharded_and_resumable(tmp_path):
+    """Two strips of the union of image 1's dogs are exactly the two dogs: per image, top-1 finds
+    one of its 2 parts and top-10 both (AR@1 50, AR@10 100 over the 4 parts). Scored per object
+    (the old way), each dog's own two strips cut it unevenly (IoU 0.4 and 0.6): AR@1 40, AR@10 65."""
+    voc, parts = _pascal_two_objects(tmp_path)
+    common = [f"data.root={voc}", f"paths.root={tmp_path}", "stage.dataset=pascal_part",
+              f"stage.dataset_root={voc}", f"stage.annotations_root={parts}", "stage.split=val",
+              "stage.predictors=[strips]", "stage.num_clusters=2", "stage.top_k=[1,10]", "shard.count=2"]
+    first = evaluate.run(_cfg(*common, "shard.index=0"), JobContext()).as_dict()
+    assert first["seen"] == 2 and first["written"] == 3   # image 1: its AR state and one state per dog
+    second = evaluate.run(cfg := _cfg(*common, "shard.index=1"), JobContext()).as_dict()
+    assert second["seen"] == 1 and second["written"] == 1  # image 2: one object, one state
+    result = _metrics(cfg, "strips")
+    assert result["images"] == 2 and result["objects"] == 3
+    for protocol in ("reference", "strict"):
+        for setting in ("overlapping", "one-label"):
+            assert result[protocol][setting]["AR@1"] == pytest.approx(50.0)
+            assert result[protocol][setting]["AR@10"] == pytest.approx(100.0)
+    assert np.isfinite(result["reference"]["C-mIoU"])   # mIoU per object, matched on the same split
+    table = (Path(cfg.stage.output) / "metrics.md").read_text()
+    assert "| strips | reference | overlapping | 50.0 | 100.0 | – | – |" in table
+    assert "| strips | reference | one-label | 50.0 | 100.0 |" in table
+    again = evaluate.run(_cfg(*common, "shard.index=0"), JobContext()).as_dict()
+    assert again["written"] == 0 and again["already_done"] == 3
+    # the same samples each taken as an image of its own: the per-object figures
+    from dataclasses import replace
+
+    from part_distillation.evaluation.predictors import StripsPredictor
+
+    samples = [replace(s, path=f"{s.path}#{s.key}") for s in open_part_dataset("pascal_part", voc, "val", None,
+                                                                                 parts).samples()]
+    alone = evaluate.evaluate_in_memory(StripsPredictor(2), {"val": samples}, "val", None, 50, top_k=(1, 10))
+    assert alone["images"] == 3 and alone["strict"]["overlapping"] == pytest.approx({"AR@1": 40.0, "AR@10": 65.0})
+
+
+class _ObjectFinder:
+    """A class-conditioned stand-in: for each object its own mask, score 1 (one-label only)."""
+
+    label, num_clusters, last_skip = "finder", 1, None
+    ar_settings = ("one-label",)
+    proposal_type = False
+
+    def __call__(self, sample):
+        from part_distillation.evaluation.evaluator import Prediction
+
+        return Prediction(masks=sample.object_mask[None], scores=np.ones(1), clusters=np.zeros(1, np.int64))
+
+    def image_prediction(self, samples, predictions):
+        return None
+
+
+def test_class_conditioned_predictions_are_pooled_per_image_for_ar(tmp_path):
+    """Each dog of image 1 found alone is a top-1 hit per object (AR@1 100 on that image); per image the
+    two dogs' predictions compete for one slot: AR@1 50."""
+    voc, parts = _pascal_two_objects(tmp_path)
+    samples = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())
+    assert [s.key for s in samples] == ["2008_000001/0", "2008_000001/1", "2008_000002/0"]
+    result = evaluate.evaluate_in_memory(_ObjectFinder(), {"val": samples[:2]}, "val", None, num_parts=50,
+                                         top_k=(1, 10))
+    assert result["images"] == 1 and result["objects"] == 2
+    assert "one-label" in result["strict"] and "overlapping" not in result["strict"]
+    assert result["strict"]["one-label"]["AR@1"] == pytest.approx(50.0)
+    assert result["strict"]["one-label"]["AR@10"] == pytest.approx(100.0)
+    assert result["reference"]["C-mIoU"] == pytest.approx(100.0)   # per object: each dog is its torso
+
+
+class _TwoSettings:
+    """A proposal model's prediction: the overlapping set holds the whole object besides its halves,
+    which one label per pixel leaves without a pixel (so that set drops it)."""
+
+    label, num_clusters, last_skip = "proposal", 2, None
+
+    def __init__(self):
+        from part_distillation.evaluation.evaluator import AR_SETTINGS
+
+        self.ar_settings = AR_SETTINGS
+        self.proposal_type = True
+
+    def __call__(self, sample):
+        from part_distillation.evaluation.evaluator import Prediction
+
+        obj = sample.object_mask
+        cols = np.nonzero(obj.any(0))[0]
+        left = obj.copy()
+        left[:, cols[len(cols) // 2]:] = False
+        halves = np.stack([left, obj & ~left])
+        return Prediction(masks=halves, scores=np.array([0.8, 0.7]), clusters=np.arange(2),
+                          overlapping=Prediction(masks=np.concatenate([obj[None], halves]),
+                                                 scores=np.array([0.9, 0.8, 0.7])))
+
+    def image_prediction(self, samples, predictions):
+        return predictions[0] if len(samples) == 1 else None
+
+
+def test_proposals_are_scored_overlapping_and_one_label_side_by_side(tmp_path):
+    """Image 2's dog is one part per half: the one-label halves find both (AR@1 50, AR@10 100); the
+    overlapping set's best proposal is the whole dog (IoU 0.5 with each half): AR@1 5, AR@10 100.
+    Both rows in the table, overlapping first; the mIoU on the one-label row."""
+    voc, parts = _pascal_two_objects(tmp_path)
+    samples = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())[2:]
+    result = evaluate.evaluate_in_memory(_TwoSettings(), {"val": samples}, "val", None, num_parts=50,
+                                         top_k=(1, 10))
+    strict = result["strict"]
+    assert strict["one-label"] == pytest.approx({"AR@1": 50.0, "AR@10": 100.0})
+    assert strict["overlapping"] == pytest.approx({"AR@1": 5.0, "AR@10": 100.0})
+    table = evaluate.markdown_table(result, (1, 10)).splitlines()
+    assert table[0] == "| protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |"
+    assert table[2:4] == ["| reference | overlapping | 5.0 | 100.0 | – | – |",
+                          f"| reference | one-label | 50.0 | 100.0 | {result['reference']['C-mIoU']:.1f} | "
+                          f"{result['reference']['A-mIoU']:.1f} |"]
+    assert evaluate.flat_metrics(result, (1, 10))["strict/overlapping/AR@1"] == pytest.approx(5.0)
