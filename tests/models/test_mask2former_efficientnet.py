@@ -221,3 +221,27 @@ def test_stage4_run_then_predict_at_the_original_size(tmp_path):
     assert 1 <= n <= EFFICIENTNET_LITE0_CPU.num_queries
     assert got.masks.shape == (n, 50, 90) and got.masks.dtype == bool
     assert not (got.masks & ~obj).any()
+
+
+def test_stage6_run_then_predict_with_the_object_class(tmp_path):
+    from part_distillation.stages import part_distillation
+
+    from ..data.part_fixtures import write_part_labels
+    from ..stages.part_distillation_job import config
+
+    records = write_part_labels(tmp_path / "synthetic", tmp_path / "records", num_classes=2, images_per_class=1)
+    cfg = config(records, tmp_path / "synthetic", tmp_path / "run", max_iter=2, steps=[10], checkpoint_period=2,
+                 num_points=64, deterministic=False)
+    cfg.model.size = "efficientnet_lite0"
+    summary = part_distillation.run(cfg, JobContext())
+    assert summary.extra["iterations"] == 2 and summary.extra["parts_per_class"] == 4
+    predictor = TrainedModel.load(tmp_path / "run")
+    assert predictor.kind == "part_distillation" and predictor.model.backbone_name == "efficientnet_lite0"
+    assert predictor.num_object_classes == 2
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    obj = np.zeros((50, 90), dtype=bool)
+    obj[8:44, 15:80] = True
+    got = predictor.predict(image, obj, object_class=1)
+    assert got.masks.shape[1:] == (50, 90) and not (got.masks & ~obj).any()
+    assert set(got.clusters.tolist()) <= set(range(4))
