@@ -62,6 +62,10 @@ def test_backbone_is_the_pip_checkpoint_loaded_strictly(model):
     decoder = model.model.pixel_level_module.decoder
     assert [p[0].in_channels for p in decoder.input_projections] == [320, 112, 40]
     assert decoder.adapter_1[0].in_channels == 24
+    # the rebuilt pixel decoder is initialised as transformers initialises its own (std 0.02,
+    # not torch's default: ~0.12 for a 1x1 convolution from 24 channels; level embedding N(0, 1))
+    assert 0.015 < float(decoder.adapter_1[0].weight.std()) < 0.025
+    assert 0.8 < float(decoder.level_embed.std()) < 1.2
     assert model.backbone_name == "efficientnet_lite0"
 
 
