@@ -202,6 +202,7 @@ def test_selectable_by_config():
         spec_name_for_size("nope")
 
 
+@pytest.mark.integration
 def test_stage4_run_then_predict_at_the_original_size(tmp_path):
     records = write_part_segments(tmp_path / "synthetic", tmp_path / "records", num_classes=1, images_per_class=2)
     stage = ProposalLearningStageConfig(
@@ -227,6 +228,7 @@ def test_stage4_run_then_predict_at_the_original_size(tmp_path):
     assert not (got.masks & ~obj).any()
 
 
+@pytest.mark.integration
 def test_stage6_run_then_predict_with_the_object_class(tmp_path):
     from part_distillation.stages import part_distillation
 
