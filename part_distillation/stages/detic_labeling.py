@@ -31,8 +31,9 @@ from part_distillation.store.schemas import OBJECT_MASKS
 log = logging.getLogger("part_distillation")
 
 WEIGHTS_README = "weights/README.md"
-#: ``model.size`` -> Mask2Former spec name (``models/mask2former.py``) for ``source=mask2former``.
-MASK2FORMER_SPECS = {"swinl": "swin_l_coco_instance", "tiny": "tiny_fixture"}
+#: ``model.size`` -> Mask2Former spec name for ``source=mask2former`` where it differs from the
+#: stages' map (``models.mask2former.spec_name_for_size``): the tiny model is the reference fixture's.
+MASK2FORMER_SPECS = {"tiny": "tiny_fixture"}
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
@@ -154,11 +155,11 @@ def build_source(cfg: RunConfig, tree: ImageTree):
         return AnnotationSource(given, index_of, stage.keep_top, stage.own_class_filter)
     if stage.source == "mask2former":
         from part_distillation.models.checkpoint import load_detectron2_pickle
-        from part_distillation.models.mask2former import build_mask2former
+        from part_distillation.models.mask2former import build_mask2former, spec_name_for_size
         from part_distillation.models.object_masks import Mask2FormerSource
 
         weights = _require_weights(cfg.model.weights, "mask2former")
-        model = build_mask2former(MASK2FORMER_SPECS.get(cfg.model.size, cfg.model.size))
+        model = build_mask2former(MASK2FORMER_SPECS.get(cfg.model.size) or spec_name_for_size(cfg.model.size))
         load_detectron2_pickle(model, weights)
         return Mask2FormerSource(model.to(device_of(cfg)).eval(), stage.keep_top)
     if stage.source == "detic":

@@ -31,8 +31,6 @@ from part_distillation.store.schemas import PART_SEGMENTS
 
 log = logging.getLogger("part_distillation")
 
-_MASK2FORMER_SPECS = {"swinl": "swin_l_coco_instance", "tiny": "demo_cpu"}
-
 
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
     """This job's slice of the stage-1 records (whole classes, or by key with ``by=image``)."""
@@ -78,10 +76,14 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     if st.input is None:
         raise ConfigError("config key 'stage.input' is not set: the stage-1 output folder to read")
     device = device_for(cfg.model.device)
+    spec = {}
+    if st.features == "mask2former":
+        from part_distillation.models.mask2former import spec_name_for_size
+
+        spec = {"mask2former_spec": spec_name_for_size(cfg.model.size)}
     source = build_feature_source(
         st.features, st.feature_levels, pretrained=st.pretrained,
-        weights=cfg.model.weights if st.features == "mask2former" else None,
-        mask2former_spec=_MASK2FORMER_SPECS.get(cfg.model.size, cfg.model.size)).to(device)
+        weights=cfg.model.weights if st.features == "mask2former" else None, **spec).to(device)
     store = RecordStore(st.input)
     records = shard_input_records(store, cfg.shard.index, cfg.shard.count, cfg.shard.by)
     total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class" if cfg.shard.by == "class" else "key")
