@@ -257,7 +257,11 @@ def test_reference_pipelines_rank_parts_with_the_40k_proposal_checkpoint(tmp_pat
     by_name = {p.name: p for p in planned}
     ranking = by_name["part_ranking"].run.stage
     assert ranking.checkpoint is None and ranking.checkpoint_iteration == iteration
-    assert by_name["proposal_learning"].run.stage.max_iter > (iteration or 0)
+    stage4 = by_name["proposal_learning"].run.stage
+    assert stage4.max_iter > (iteration or 0)
+    if iteration:  # stage 4 keeps it: among its keep_last newest periodic saves (timed saves do not count)
+        periodic = list(range(stage4.checkpoint_period, stage4.max_iter + 1, stage4.checkpoint_period))
+        assert iteration in periodic[-stage4.keep_last:]
     for i in (40000, 50000):  # the run folder part ranking reads, holding the 40k and 50k checkpoints
         ckpt.checkpoint_path(ranking.proposal_run, i).parent.mkdir(parents=True, exist_ok=True)
         ckpt.checkpoint_path(ranking.proposal_run, i).write_bytes(b"")
