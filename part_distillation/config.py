@@ -413,7 +413,8 @@ class PartRankingStageConfig(StageConfig):
     """Stage 5, per-class k-means of proposal embeddings, then relabelling (section 5).
 
     The proposal model: ``checkpoint`` (a file) or, when null, the checkpoint of
-    ``proposal_run`` at ``checkpoint_iteration`` (null: the newest; the reference: 40k).
+    ``proposal_run`` at ``checkpoint_iteration`` (null: the newest; the in22k/in1k experiments
+    set the reference's 40k).
     ``image_size``: the model's input canvas (reference 640). ``classifier``: ``l2``
     (the reference, x·c − |x|² − |c|²) or ``dot``. ``batch_size``: images per model
     forward in both passes (the canvas is fixed, so batching pads nothing and results equal

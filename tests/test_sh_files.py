@@ -176,3 +176,31 @@ def _check_slurm_jobs(stage: str, sweep: Path) -> None:
 def test_seed_scripts_submit_the_jobs_they_describe(tmp_path):
     _run_chain(_demo_root_with_stage3_records(tmp_path / "demo"), "submitit_slurm", timeout=600,
                check_jobs=_check_slurm_jobs)
+
+
+@pytest.mark.parametrize("experiment, iteration", [("in22k", 40000), ("in1k", 40000), ("demo", None)])
+def test_part_ranking_script_ranks_with_the_40k_checkpoint_in_the_reference_experiments(tmp_path, experiment,
+                                                                                         iteration):
+    """``part_ranking/run.sh`` (``PD_PYTHON`` replaced by a script that prints its arguments),
+    composed as its jobs compose it: the reference experiments pick the 40k checkpoint of a
+    run holding 40k and 50k, the demo its newest."""
+    from part_distillation.config import validate
+    from part_distillation.launch import compose_config
+    from part_distillation.stages import part_ranking
+
+    echo = tmp_path / "echo_python"
+    echo.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    echo.chmod(0o755)
+    run_dir = tmp_path / "proposal_run"
+    for i in (40000, 50000):
+        ckpt.checkpoint_path(run_dir, i).parent.mkdir(parents=True, exist_ok=True)
+        ckpt.checkpoint_path(run_dir, i).write_bytes(b"")
+    env = {**os.environ, "PD_PYTHON": str(echo), "PD_EXPERIMENT": experiment, "JOBS": "2"}
+    args = subprocess.run(["bash", str(SCRIPTS / "part_ranking" / "run.sh"), f"paths.root={tmp_path}",
+                           f"stage.proposal_run={run_dir}"], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    assert args[:3] == ["-m", "part_distillation", "-m"] and "shard.index=range(0,2)" in args
+    job = [a for a in args[3:] if not a.startswith(("hydra/launcher=", "shard.index="))] + ["shard.index=1"]
+    stage = validate(compose_config(job)).stage
+    assert stage.name == "part_ranking" and stage.checkpoint_iteration == iteration
+    assert part_ranking.resolve_checkpoint(stage) == ckpt.checkpoint_path(run_dir, iteration or 50000)

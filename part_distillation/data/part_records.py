@@ -11,8 +11,10 @@ layer's normalisation and padding; targets are padded exactly like the input.
 
 Load filters (PIPELINE.md section 4 and 6): ``object_ratio`` > ``min_object_ratio``
 (stage 4, strict) or >= (stage 6, ``inclusive=True``); for PART_LABELS parts whose
-``area_ratios`` is below ``min_part_ratio`` are dropped at load. Records left with no
-part are not used.
+``part_ratios`` is below ``min_part_ratio`` are dropped at load. Both of a PART_LABELS
+record's ratios are over the square canvas (stage 5 writes them as the reference does),
+so "5%" means 5% of the 640² canvas, not of the object. Records left with no part are
+not used.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class RecordFilter:
 
     min_object_ratio: float = 0.05
     inclusive: bool = False  # stage 4: object_ratio > min; stage 6: >= min
-    min_part_ratio: float | None = None  # PART_LABELS: drop parts with area_ratios < min
+    min_part_ratio: float | None = None  # PART_LABELS: drop parts with part_ratios < min
 
     def keep_object(self, record: Mapping[str, Any]) -> bool:
         ratio = float(record["object_ratio"])
@@ -47,9 +49,13 @@ class RecordFilter:
 
     def part_indices(self, record: Mapping[str, Any]) -> np.ndarray:
         n = len(record["part_masks"])
-        if self.min_part_ratio is None or "area_ratios" not in record:
+        if self.min_part_ratio is not None and "area_ratios" in record:
+            raise ValueError(f"record {record.get('key')!r} has area_ratios (part / object area), written by an "
+                             f"older part_ranking; stage 6 filters on part_ratios (part / canvas area): rerun "
+                             f"part_ranking into a new stage.output")
+        if self.min_part_ratio is None or "part_ratios" not in record:
             return np.arange(n)
-        return np.flatnonzero(np.asarray(record["area_ratios"], dtype=np.float64) >= self.min_part_ratio)
+        return np.flatnonzero(np.asarray(record["part_ratios"], dtype=np.float64) >= self.min_part_ratio)
 
 
 def class_agnostic_labels(record: Mapping[str, Any]) -> np.ndarray:
@@ -118,7 +124,11 @@ class PartRecordDataset(torch.utils.data.Dataset):
         self.filtered_out = 0
         for store_index, store in enumerate(self.stores):
             for record in store.iter_records():
-                if self.filter.keep_object(record) and len(self.filter.part_indices(record)):
+                try:
+                    parts = self.filter.part_indices(record)
+                except ValueError as err:
+                    raise ValueError(f"{getattr(store, 'path', store)}: {err}") from None
+                if self.filter.keep_object(record) and len(parts):
                     self.entries.append((store_index, record["key"]))
                 else:
                     self.filtered_out += 1

@@ -111,13 +111,27 @@ def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stale(run_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest checkpoints, and temporary files of crashed saves."""
+def remove_stale(run_dir: str | os.PathLike, keep_last: int, period: int | None = None) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints, and temporary files of crashed saves.
+
+    With ``period`` (the periodic save interval), ``keep_last`` counts the checkpoints at
+    multiples of it only; one saved off the period (a timed save, there for resuming) is
+    deleted once a newer checkpoint exists. So timed saves never push a periodic checkpoint
+    out: the reference run keeps 40k, 45k, 50k, and part ranking reads the 40k one.
+    """
     folder = checkpoint_dir(run_dir)
     for path in folder.glob(".model_*.tmp"):
         path.unlink(missing_ok=True)
-    if keep_last > 0:
-        for _, path in list_checkpoints(run_dir)[:-keep_last]:
+    found = list_checkpoints(run_dir)
+    if keep_last <= 0 or not found:
+        return
+    if period:
+        periodic = [i for i, _ in found if i % int(period) == 0]
+        keep = set(periodic[-keep_last:]) | {found[-1][0]}
+    else:
+        keep = {i for i, _ in found[-keep_last:]}
+    for iteration, path in found:
+        if iteration not in keep:
             path.unlink(missing_ok=True)
 
 

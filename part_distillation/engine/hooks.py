@@ -31,9 +31,10 @@ def _due(trainer, period: int) -> bool:
 class Checkpointer:
     """Saves and restores a trainer (plus every rank's RNG states) under ``run_dir``."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, period: int | None = None):
         self.run_dir = Path(run_dir)
         self.keep_last = int(keep_last)
+        self.period = period  # keep_last counts the periodic saves only (ckpt.remove_stale)
 
     def save(self, trainer) -> Path | None:
         """Write ``checkpoints/model_<iterations done>.pth`` atomically (rank 0 writes).
@@ -48,7 +49,7 @@ class Checkpointer:
             state["world_size"] = len(rng)
             path = ckpt.checkpoint_path(self.run_dir, state["iteration"])
             ckpt.save_atomic(state, path)
-            ckpt.remove_stale(self.run_dir, self.keep_last)
+            ckpt.remove_stale(self.run_dir, self.keep_last, self.period)
             log.info("saved %s", path)
         ddp_utils.barrier()
         return path

@@ -169,7 +169,7 @@ def build_trainer(run_cfg, context, model: nn.Module, dataset: PartRecordDataset
                       mask2former_loss(criterion.to(device), device, forward), schedule,
                       max_iter=stage.max_iter, accum=accum, global_batch=stage.batch_size,
                       clip_norm=stage.clip_grad_norm or None, amp=stage.amp, device=device)
-    checkpointer = Checkpointer(run_dir, keep_last=stage.keep_last)
+    checkpointer = Checkpointer(run_dir, keep_last=stage.keep_last, period=stage.checkpoint_period)
     trainer.register_hooks([
         PeriodicCheckpoint(checkpointer, stage.checkpoint_period, stage.checkpoint_minutes),  # before eval/logs
         PeriodicEval(evaluate, stage.eval_period) if evaluate is not None and stage.eval_period else None,

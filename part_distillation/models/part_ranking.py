@@ -10,10 +10,12 @@
 * :func:`label_pass`: part labels of one image: score(query, cluster) = foreground
   probability x softmax over the class's clusters; top 200 pairs; restricted to the
   object before binarising; one label per pixel; masks of one cluster merged (union, max
-  score); area > 5%, score > 0.1; IoU with the object > 0.001.
+  score); area > 5% of the object's predicted foreground, score > 0.1; IoU with the
+  object > 0.001.
 
-  Both passes' filters are plain (nothing passes: nothing kept), as section 5 lists them;
-  stage 4's keep-everything fallback is not applied here.
+  In both passes the area and the score filter each keep everything when nothing passes
+  (the reference's ``if valid.any()``, as in stage 4); only the IoU filter has no such
+  fallback, so an image can still come out with nothing (the stage skips it).
 * :class:`EmbeddingFile`: an append-only float32 file of one class's embeddings, so that
   the cluster pass holds one image at a time whatever the class size; read back as a
   memory map.
@@ -71,8 +73,8 @@ class PassSettings:
     min_area_ratio: float = 0.05
     min_score: float = 0.3
     min_object_iou: float = 0.001
-    #: section 5 lists plain filters (unlike stage 4's, which keep everything when nothing passes)
-    keep_all_if_none_pass: bool = False
+    #: the area and score filters keep everything when nothing passes (the reference's; not the IoU filter)
+    keep_all_if_none_pass: bool = True
 
 
 LABEL_PASS = PassSettings(min_score=0.1)

@@ -20,8 +20,10 @@ Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<
    memory-mapped file. Classes with at most K embeddings get no part classes (never
    random centroids). ``centroids.npz`` + ``centroids.json`` (counts, the checkpoint
    used) are written atomically once every class of the job is done.
-3. Label pass (``models.part_ranking.label_pass``): ``PART_LABELS`` records; images of a
-   class with no part classes are skipped with ``no_part_classes``.
+3. Label pass (``models.part_ranking.label_pass``): ``PART_LABELS`` records, with
+   ``part_ratios`` and ``object_ratio`` over the square canvas (``canvas_ratios``); images
+   of a class with no part classes are skipped with ``no_part_classes``, images left with
+   no part (none of the object predicted) with ``no_parts``.
 
 Both passes run the model on ``stage.batch_size`` images at a time (``with_model_outputs``;
 every canvas has the same size, so a batch pads nothing and each image's outputs equal a
@@ -150,6 +152,15 @@ def with_model_outputs(records: Iterable[dict], wanted: Callable[[dict], bool], 
             yield from flush()
             loaded = 0
     yield from flush()
+
+
+def canvas_ratios(part_masks: np.ndarray, frame: ImageFrame) -> dict:
+    """``part_ratios`` (each part's area) and ``object_ratio`` (the union of the kept parts)
+    over the square canvas the fitted image is padded to (640² in the reference, whose
+    stage 6 filters both at >= 0.05), not over the object or the fitted image."""
+    canvas = float(max(frame.fitted)) ** 2
+    return {"object_ratio": float(part_masks.any(0).sum()) / canvas,
+            "part_ratios": (part_masks.reshape(len(part_masks), -1).sum(1) / canvas).astype(np.float32)}
 
 
 # --------------------------------------------------------------------------- work folder
@@ -333,18 +344,19 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
             obj = torch.from_numpy(inputs.object_mask)
             parts = ranking.label_pass(logits, masks, queries, torch.from_numpy(centroids[cls]).to(device), obj,
                                        classifier=stage.classifier, settings=label_settings, **sizes)
+            if len(parts) == 0:  # the IoU-with-the-object filter has no fallback
+                writer.skip(key, "no_parts")
+                summary.skip("no_parts")
+                continue
             part_masks = parts.masks.cpu().numpy()
-            object_area = max(int(inputs.object_mask.sum()), 1)
-            fitted_area = inputs.frame.fitted[0] * inputs.frame.fitted[1]
             writer.write({
                 "key": key, **{name: record[name] for name in ("path", "wnid", "class_index", "class_name")},
                 **inputs.frame.as_record(),
                 "object_mask": encode_rles(inputs.object_mask[None])[0],
-                "object_ratio": float(inputs.object_mask.sum()) / fitted_area,
+                **canvas_ratios(part_masks, inputs.frame),
                 "part_masks": encode_rles(part_masks),
                 "cluster_ids": parts.classes.cpu().numpy().astype(np.int64),
                 "scores": parts.scores.cpu().numpy().astype(np.float32),
-                "area_ratios": (part_masks.reshape(len(part_masks), -1).sum(1) / object_area).astype(np.float32),
             })
             summary.written += 1
     summary.output = str(stage.output)

@@ -149,11 +149,11 @@ PART_SEGMENTS = RecordSchema("part_segments", _IMAGE + _FRAME + (
 #: Stage 5 ``part_ranking``: parts labelled with their object class's global part classes.
 PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
     Field("object_mask", "rle", "object mask = union of the pseudo part masks (fitted frame)"),
-    Field("object_ratio", "float", "object area / fitted image area"),
+    Field("object_ratio", "float", "union of the kept part masks / square canvas area (max fitted side)²"),
     Field("part_masks", "rles", "part masks, one per cluster (fitted frame)"),
     Field("cluster_ids", "array", "(P,) int part class within the object class, 0..K-1"),
     Field("scores", "array", "(P,) float scores"),
-    Field("area_ratios", "array", "(P,) float part area / object area"),
+    Field("part_ratios", "array", "(P,) float part area / square canvas area (max fitted side)²"),
 ), masks_field="part_masks", label_field="cluster_ids", score_field="scores")
 
 #: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).

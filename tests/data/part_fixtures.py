@@ -12,6 +12,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rle, encode_rle, encode_rles
 from part_distillation.store import ShardWriter
+from part_distillation.stages.part_ranking import canvas_ratios
 from part_distillation.store.schemas import PART_LABELS, PART_SEGMENTS
 
 
@@ -63,7 +64,7 @@ def write_part_labels(root: str | Path, out: str | Path, *, num_classes: int = 2
                      code_version="test", schema=PART_LABELS) as writer:
         for fields, fitted, part_index in _synthetic_parts(root, num_classes=num_classes, size=size, seed=seed,
                                                            images_per_class=images_per_class, fit_size=fit_size):
-            areas = fitted.reshape(len(fitted), -1).sum(1) / max(int(fitted.any(0).sum()), 1)
-            writer.write({**fields, "part_masks": encode_rles(fitted), "cluster_ids": part_index,
-                          "scores": np.ones(len(fitted)), "area_ratios": areas.astype(np.float64)})
+            ratios = canvas_ratios(fitted, ImageFrame.from_record(fields))  # stage 5's denominators
+            writer.write({**fields, **ratios, "part_masks": encode_rles(fitted), "cluster_ids": part_index,
+                          "scores": np.ones(len(fitted))})
     return Path(out)

@@ -84,7 +84,7 @@ def test_part_labels_records_use_cluster_ids_and_the_part_ratio_filter(records, 
             w.write({k: r[k] for k in ("key", "path", "wnid", "class_index", "class_name", "original_size",
                                        "fitted_size", "object_mask", "object_ratio", "part_masks")}
                     | {"cluster_ids": np.arange(len(areas))[::-1].copy() + 2, "scores": np.ones(len(areas)),
-                       "area_ratios": ratios})
+                       "part_ratios": ratios})
     dataset = PartRecordDataset([out], augment=AugmentConfig(size=64, min_part_ratio=0.0),
                                 filter=RecordFilter(min_object_ratio=0.05, inclusive=True, min_part_ratio=0.05),
                                 labels=cluster_labels)
@@ -94,3 +94,20 @@ def test_part_labels_records_use_cluster_ids_and_the_part_ratio_filter(records, 
     expected = (np.arange(n)[::-1] + 2)[1:]  # the cluster ids of parts 1..n-1
     assert set(sample["labels"].tolist()) <= set(expected.tolist()) and 0 < len(sample["labels"]) <= n - 1
     assert (n + 1) not in sample["labels"].tolist()  # part 0's cluster id never appears
+
+
+def test_stage_6_filter_refuses_part_ratios_of_the_old_denominator():
+    """A PART_LABELS record with ``area_ratios`` (part / object, before stage 5 wrote
+    ``part_ratios`` over the canvas) is refused with what to do, never filtered as if it were
+    over the canvas; without a part filter (stage 4, baselines) the field is not read."""
+    from part_distillation.data.labelled_records import RecordList
+
+    old = RecordList([{"key": "a", "object_ratio": 0.2, "part_masks": [None, None],
+                       "area_ratios": np.array([0.6, 0.4])}], name="old labels")
+    with pytest.raises(ValueError, match=r"old labels.*'a'.*area_ratios.*rerun part_ranking"):
+        PartRecordDataset([old], filter=RecordFilter(min_object_ratio=0.05, inclusive=True, min_part_ratio=0.05))
+    assert len(PartRecordDataset([old], filter=RecordFilter(min_object_ratio=0.05))) == 1
+    new = RecordList([{"key": "a", "object_ratio": 0.05, "part_masks": [None, None, None],
+                       "part_ratios": np.array([0.05, 0.0499, 0.2])}])
+    dataset = PartRecordDataset([new], filter=RecordFilter(min_object_ratio=0.05, inclusive=True, min_part_ratio=0.05))
+    assert len(dataset) == 1 and dataset.filter.part_indices(dataset.record(0)).tolist() == [0, 2]

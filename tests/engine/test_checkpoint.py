@@ -130,3 +130,25 @@ def test_run_dir_made_with_another_config_is_refused(tmp_path):
     other = {"stage": {"lr": 1e-3, "max_iter": 10}, "shard": {"index": 0}}
     with pytest.raises(ConfigMismatchError, match="stage.lr"):
         ckpt.prepare_run_dir(tmp_path, stage="proposal_learning", config=other)
+
+
+def test_timed_saves_never_push_a_periodic_checkpoint_out(tmp_path):
+    """keep_last counts the saves at multiples of the period; a timed save off the period is
+    removed once a newer checkpoint exists (the reference's 50k run keeps 40k, 45k, 50k)."""
+    def save(*iterations):
+        for i in iterations:
+            ckpt.checkpoint_path(tmp_path, i).parent.mkdir(parents=True, exist_ok=True)
+            ckpt.checkpoint_path(tmp_path, i).write_bytes(b"")
+
+    save(30000, 35000, 40000, 41234, 42468, 43702, 45000)
+    ckpt.remove_stale(tmp_path, keep_last=3, period=5000)
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [35000, 40000, 45000]
+    save(46234, 47468)
+    ckpt.remove_stale(tmp_path, keep_last=3, period=5000)  # the newest, timed, is kept for resuming
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [35000, 40000, 45000, 47468]
+    save(50000)
+    ckpt.remove_stale(tmp_path, keep_last=3, period=5000)
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [40000, 45000, 50000]
+    save(51234, 52468)
+    ckpt.remove_stale(tmp_path, keep_last=3)  # no period: the newest three, whatever they are
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [50000, 51234, 52468]

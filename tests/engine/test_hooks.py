@@ -24,6 +24,15 @@ def test_time_based_checkpoints(tmp_path, monkeypatch):
     assert saved and saved[-1] == 6 and len(saved) >= 2 and 1 not in saved
 
 
+def test_timed_checkpoints_are_not_counted_against_the_periodic_ones(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 50))  # every call: +50 s, a timed save every few iterations
+    monkeypatch.setattr(hooks.time, "monotonic", lambda: next(clock))
+    hook = PeriodicCheckpoint(Checkpointer(tmp_path / "timed", keep_last=1, period=4), period=4, every_minutes=2)
+    toy.train(tmp_path / "unused", max_iter=10, period=1000, extra_hooks=[hook])
+    # periodic saves at 4 and 8, timed ones in between, the last at 10: the newest periodic and the last stay
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path / "timed")] == [8, 10]
+
+
 def test_periodic_eval_and_progress_line(tmp_path, caplog):
     calls = []
 

@@ -98,25 +98,51 @@ def test_embedding_file_appends_truncates_and_maps(tmp_path):
         f.append(np.ones((2, 4)))
 
 
-def test_label_pass_keeps_nothing_when_nothing_passes_the_score_filter():
+def test_label_pass_keeps_every_part_when_none_passes_the_score_or_area_filter():
+    """The reference's ``if valid.any()``: each filter keeps what it was given when nothing passes."""
     obj = torch.ones(4, 4, dtype=torch.bool)
-    logits = torch.full((1, 4, 4), 10.0)
-    parts = ranking.label_pass(torch.tensor([[-3.0, 0.0]]), logits, torch.tensor([[1.0, 0.0]]),
-                               torch.tensor([[1.0, 0.0], [0.0, 1.0]]), obj, padded_size=(4, 4), image_size=(4, 4))
-    assert len(parts) == 0  # fg sigmoid(-3) = 0.047 x softmax < 0.1: no fallback to keeping everything
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # score: fg sigmoid(-3) = 0.047 x softmax < 0.1 for both clusters: both kept
+    class_logits = torch.tensor([[-3.0, 0.0], [-3.0, 0.0]])
+    logits = _logits(4, 4, [(0, 4, 0, 2), (0, 4, 2, 4)])
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    parts = ranking.label_pass(class_logits, logits, embeddings, centroids, obj, padded_size=(4, 4),
+                               image_size=(4, 4), classifier="dot")
+    assert sorted(parts.classes.tolist()) == [0, 1] and (parts.scores < 0.1).all()
+    assert [int(m.sum()) for m in parts.masks] == [8, 8]
+    # area: each cluster owns half of the object, below a 60% threshold: both kept, then the
+    # score filter (both pass 0.1 here) keeps both too
+    parts = ranking.label_pass(torch.tensor([[3.0, 0.0], [3.0, 0.0]]), logits, embeddings, centroids, obj,
+                               padded_size=(4, 4), image_size=(4, 4), classifier="dot",
+                               settings=ranking.PassSettings(min_area_ratio=0.6, min_score=0.1))
+    assert sorted(parts.classes.tolist()) == [0, 1]
+    # the IoU-with-the-object filter has no fallback: nothing of the object predicted, nothing kept
+    far = torch.zeros(4, 4, dtype=torch.bool)
+    far[0, 0] = True
+    parts = ranking.label_pass(class_logits, _logits(4, 4, [(2, 4, 2, 4), (2, 4, 2, 4)]), embeddings, centroids,
+                               far, padded_size=(4, 4), image_size=(4, 4), classifier="dot")
+    assert len(parts) == 0
 
 
-def test_cluster_pass_keeps_nothing_when_nothing_passes_the_score_or_area_filter():
-    """Section 5's filters are plain (stage 4's keep-everything fallback is not applied)."""
+def test_cluster_pass_keeps_every_proposal_when_none_passes_the_score_or_area_filter():
+    """Each of the area and score filters falls back to what it was given, in turn; the IoU filter does not."""
     obj = torch.ones(4, 4, dtype=torch.bool)
-    # score: both queries cover the image, foreground sigmoid(-1) = 0.27 < 0.3
+    # score: both queries cover half the image, foreground sigmoid(-1) = 0.27 < 0.3: both kept
     got, kept = ranking.cluster_pass(torch.tensor([[-1.0, 0.0], [-1.5, 0.0]]), _logits(4, 4, [(0, 4, 0, 2), (0, 4, 2, 4)]),
-                                     torch.ones(2, 3), obj, padded_size=(4, 4), image_size=(4, 4))
-    assert got.shape == (0, 3) and len(kept) == 0
-    # area: 40 x 40 foreground of one big low-score query, the high-score ones own 1 pixel each
-    # (1/1600 < 5%); the big one passes area (~99.9%) but not score (0.12): nothing is left
+                                     torch.eye(3)[:2], obj, padded_size=(4, 4), image_size=(4, 4))
+    assert kept.query_indices.tolist() == [0, 1] and got.shape == (2, 3)
+    # area then score: a 40 x 40 foreground of one big low-score query, the high-score ones own 1
+    # pixel each (1/1600 < 5%): the area filter keeps the big one alone; it fails the score
+    # filter (0.12 < 0.3), which then keeps what it was given: the big one, not the small ones
     boxes = [(0, 40, 0, 40), (0, 1, 0, 1), (39, 40, 39, 40)]
     got, kept = ranking.cluster_pass(torch.tensor([[-2.0, 0.0], [3.0, 0.0], [3.0, 0.0]]), _logits(40, 40, boxes),
-                                     torch.ones(3, 3), torch.ones(40, 40, dtype=torch.bool),
+                                     torch.eye(3), torch.ones(40, 40, dtype=torch.bool),
                                      padded_size=(40, 40), image_size=(40, 40))
+    assert kept.query_indices.tolist() == [0]
+    torch.testing.assert_close(got, torch.eye(3)[:1])
+    # every proposal off the object: the IoU filter leaves nothing (no fallback)
+    off = torch.zeros(4, 4, dtype=torch.bool)
+    off[0, 0] = True
+    got, kept = ranking.cluster_pass(torch.tensor([[2.0, 0.0]]), _logits(4, 4, [(2, 4, 2, 4)]), torch.ones(1, 3),
+                                     off, padded_size=(4, 4), image_size=(4, 4))
     assert got.shape == (0, 3) and len(kept) == 0

@@ -57,14 +57,17 @@ def test_fixture_records_carry_the_synthetic_part_classes(records):
     for record in store.iter_records():
         assert set(record["cluster_ids"].tolist()) <= set(range(K))
         by_class.setdefault(record["class_index"], set()).update(record["cluster_ids"].tolist())
-        assert np.isclose(record["area_ratios"].sum(), 1.0, atol=0.05)  # parts tile the object (small overlap)
+        # parts tile the object (small overlap); both ratios over the square canvas
+        assert np.isclose(record["part_ratios"].sum(), record["object_ratio"], rtol=0.05)
     assert sorted(by_class) == list(range(NUM_CLASSES)) and all(ids == set(range(K)) for ids in by_class.values())
 
 
 def test_loss_falls_over_a_few_hundred_iterations(tmp_path, records):
     torch.set_num_threads(1)
+    # part ratios are over the canvas and the fixture's small objects have parts of 0.4..7% of it:
+    # the single-node script's 0.001 keeps every part, so the K part classes are all learnt
     cfg = config(*records, tmp_path / "run", max_iter=300, steps=[250], checkpoint_period=150, preview_period=150,
-                 deterministic=False)
+                 deterministic=False, min_part_area_ratio=0.001)
     summary = part_distillation.run(cfg, JobContext())
     assert summary.extra["iterations"] == 300
     assert (summary.extra["object_classes"], summary.extra["parts_per_class"]) == (NUM_CLASSES, K)
@@ -91,7 +94,7 @@ def test_loss_falls_over_a_few_hundred_iterations(tmp_path, records):
 def _part_class_accuracy(model, records) -> float:
     """Over target parts: the best-IoU query's argmax over the K part logits is the part's cluster id."""
     dataset = PartRecordDataset([records], augment=AugmentConfig(size=64), labels=part_distillation.cluster_labels,
-                                filter=RecordFilter(inclusive=True, min_part_ratio=0.05), seed=1)
+                                filter=RecordFilter(inclusive=True, min_part_ratio=0.001), seed=1)
     model.eval()
     hits = []
     with torch.no_grad():

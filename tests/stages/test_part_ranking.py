@@ -66,11 +66,13 @@ def test_writes_part_labels_with_centroids_from_the_newest_checkpoint(tmp_path, 
     for rec in out:
         masks = decode_rles(rec["part_masks"], size=tuple(rec["fitted_size"]))
         obj = decode_rles([rec["object_mask"]], size=tuple(rec["fitted_size"]))[0]
-        assert len(masks) == len(rec["cluster_ids"]) == len(rec["scores"]) == len(rec["area_ratios"])
+        assert len(masks) == len(rec["cluster_ids"]) == len(rec["scores"]) == len(rec["part_ratios"])
         assert set(rec["cluster_ids"].tolist()) <= {0, 1} and len(set(rec["cluster_ids"].tolist())) == len(masks)
         assert not (masks & ~obj[None]).any()  # restricted to the object
         assert (masks.sum(0) <= 1).all()  # one label per pixel
-        np.testing.assert_allclose(rec["area_ratios"], masks.reshape(len(masks), -1).sum(1) / obj.sum(), rtol=1e-6)
+        canvas = max(rec["fitted_size"]) ** 2  # the square canvas, as the reference
+        np.testing.assert_allclose(rec["part_ratios"], masks.reshape(len(masks), -1).sum(1) / canvas, rtol=1e-6)
+        assert rec["object_ratio"] == pytest.approx(masks.any(0).sum() / canvas)
         assert rec["class_index"] in centroids
 
 
@@ -407,3 +409,76 @@ def test_preflight_checks_the_proposal_checkpoint_not_the_coco_weights(tmp_path,
     check_job(cfg)
     with pytest.raises(ConfigError, match="stage.proposal_run"):
         check_job(_cfg(tmp_path, records, tmp_path / "no_run"))
+
+
+def _class_of(cfg, centroids) -> int:
+    """The object class whose centroids the label pass was given."""
+    saved, _ = part_ranking.load_centroids(part_ranking.work_folder(cfg))
+    return next(c for c, v in saved.items() if np.array_equal(v, centroids.cpu().numpy()))
+
+
+def test_an_image_left_with_no_part_is_skipped_with_a_reason(tmp_path, records, proposal_run, monkeypatch):
+    """The label pass's IoU-with-the-object filter has no fallback: an image can come out with
+    nothing (here: class 0's images, an IoU threshold no mask reaches). Skipped ``no_parts``
+    and counted, never a crash (it was: ``cannot reshape array of size 0``)."""
+    from dataclasses import replace
+
+    from part_distillation.models import part_ranking as ranking
+
+    real = ranking.label_pass
+    cfg = _cfg(tmp_path, records, proposal_run)
+
+    def label_pass(*args, settings, **kwargs):
+        if _class_of(cfg, args[3]) == 0:
+            settings = replace(settings, min_object_iou=1.0)
+        return real(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(ranking, "label_pass", label_pass)
+    summary = part_ranking.run(cfg, JobContext())
+    assert summary.skipped == {"no_parts": 4} and summary.written == 4 and summary.seen == 8
+    store = RecordStore(cfg.stage.output)
+    assert store.summary()["skipped"] == {"no_parts": 4}
+    assert {r["class_index"] for r in store.iter_records()} == {1}
+
+
+def test_ratios_are_over_the_square_canvas_and_stage_6_filters_on_them(tmp_path, records, proposal_run, monkeypatch):
+    """``part_ratios`` = part area / canvas², ``object_ratio`` = union of the kept parts /
+    canvas² (the reference's denominators); stage 6's load filters (>= 0.05 both) read them."""
+    from part_distillation.config import PartDistillationStageConfig
+    from part_distillation.data.part_records import PartRecordDataset, RecordFilter
+    from part_distillation.models import part_ranking as ranking
+    from part_distillation.postprocess import InstancePredictions
+
+    canvas = 128 * 128  # the fixture's images are square, fitted to 128; objects of 1069..2774 pixels
+    sizes = {0: (900, 400), 1: (400, 300)}
+    cfg = _cfg(tmp_path, records, proposal_run)
+
+    def label_pass(class_logits, mask_logits, queries, centroids, object_mask, **kwargs):
+        """Crafted parts: the object's first pixels, in two parts of the class's sizes."""
+        first, second = sizes[_class_of(cfg, centroids)]
+        flat = torch.nonzero(object_mask.flatten()).flatten()
+        assert len(flat) >= first + second
+        masks = torch.zeros((2, object_mask.numel()), dtype=torch.bool)
+        masks[0, flat[:first]] = True
+        masks[1, flat[first:first + second]] = True
+        return InstancePredictions(masks.reshape(2, *object_mask.shape), torch.tensor([0.9, 0.8]),
+                                   torch.tensor([0, 1]), torch.tensor([0, 1]))
+
+    monkeypatch.setattr(ranking, "label_pass", label_pass)
+    part_ranking.run(cfg, JobContext())
+    out = list(RecordStore(cfg.stage.output).iter_records())
+    assert len(out) == 8
+    for rec in out:
+        assert tuple(rec["fitted_size"]) == (128, 128) and "area_ratios" not in rec
+        want = sizes[rec["class_index"]]
+        np.testing.assert_allclose(rec["part_ratios"], np.array(want) / canvas, rtol=1e-6)
+        assert rec["object_ratio"] == pytest.approx(sum(want) / canvas)
+    stage6 = PartDistillationStageConfig()
+    dataset = PartRecordDataset([cfg.stage.output], filter=RecordFilter(
+        min_object_ratio=stage6.min_object_area_ratio, inclusive=True, min_part_ratio=stage6.min_part_area_ratio))
+    # class 0: object 1300 / 16384 = 0.079 kept, its parts 0.055 kept and 0.024 dropped; class 1:
+    # object 700 / 16384 = 0.043 dropped (over the object its parts would be 57% and 43%)
+    assert len(dataset) == 4 and dataset.filtered_out == 4
+    for index in range(len(dataset)):
+        record = dataset.record(index)
+        assert record["class_index"] == 0 and dataset.filter.part_indices(record).tolist() == [0]

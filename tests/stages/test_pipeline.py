@@ -244,6 +244,30 @@ def test_reference_experiments_are_configurations_of_the_same_pipeline(tmp_path)
     assert by_name["dense_crf"].overrides_for(7)[-2:] == ["shard.count=100", "shard.index=7"]
 
 
+@pytest.mark.parametrize("experiment, iteration", [("in22k", 40000), ("in1k", 40000), ("demo", None)])
+def test_reference_pipelines_rank_parts_with_the_40k_proposal_checkpoint(tmp_path, experiment, iteration):
+    """The reference ranks with the 40k checkpoint of its 50k proposal training; the demo's
+    100-iteration training has none, so the demo ranks with its newest."""
+    from part_distillation.engine import checkpoint as ckpt
+    from part_distillation.stages import part_ranking
+
+    cfg = _compose(tmp_path, "stage=pipeline", f"experiment={experiment}")
+    planned = pipeline.plan([f"experiment={experiment}", f"paths.root={tmp_path}"], list(cfg.stage.stages),
+                            list(cfg.stage.overrides), dict(cfg.stage.shards))
+    by_name = {p.name: p for p in planned}
+    ranking = by_name["part_ranking"].run.stage
+    assert ranking.checkpoint is None and ranking.checkpoint_iteration == iteration
+    stage4 = by_name["proposal_learning"].run.stage
+    assert stage4.max_iter > (iteration or 0)
+    if iteration:  # stage 4 keeps it: among its keep_last newest periodic saves (timed saves do not count)
+        periodic = list(range(stage4.checkpoint_period, stage4.max_iter + 1, stage4.checkpoint_period))
+        assert iteration in periodic[-stage4.keep_last:]
+    for i in (40000, 50000):  # the run folder part ranking reads, holding the 40k and 50k checkpoints
+        ckpt.checkpoint_path(ranking.proposal_run, i).parent.mkdir(parents=True, exist_ok=True)
+        ckpt.checkpoint_path(ranking.proposal_run, i).write_bytes(b"")
+    assert part_ranking.resolve_checkpoint(ranking) == ckpt.checkpoint_path(ranking.proposal_run, iteration or 50000)
+
+
 def test_a_complete_stage_made_with_another_config_is_not_taken_as_done(tmp_path):
     out = str(tmp_path / "outputs" / "pipeline")
     grouping, = _plan(tmp_path, ["pixel_grouping"])
