@@ -133,6 +133,9 @@ class ModelConfig:
     size: str = "tiny"
     weights: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
+    # The 20-query demo network (model=mask2former_tiny) trains outside experiment=demo only
+    # with this set (a small trial); otherwise it is refused before anything runs.
+    allow_tiny: bool = False
 
     _checks = {"device": _one_of("auto", "cpu", "cuda")}
 
