@@ -272,6 +272,10 @@ def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
             and not os.path.isdir(run.stage.input)):
         raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
                              f"it first, or set stage.input=<its output folder>")
+    for extra in getattr(run.stage, "extra_inputs", None) or ():  # further record sets trained on with input
+        if not following and not coming(extra) and not os.path.isdir(extra):
+            raise PreflightError(f"input {extra} (stage.extra_inputs) does not exist: run the stages that write it "
+                                 f"on that dataset first, or leave it out of stage.extra_inputs")
     if (stages.loads_weights(run) and run.model.weights and not coming(run.model.weights)
             and not os.path.isfile(run.model.weights)):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
