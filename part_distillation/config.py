@@ -133,6 +133,9 @@ class ModelConfig:
     size: str = "tiny"
     weights: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
+    # The 20-query demo network (model=mask2former_tiny) trains outside experiment=demo only
+    # with this set (a small trial); otherwise it is refused before anything runs.
+    allow_tiny: bool = False
 
     _checks = {"device": _one_of("auto", "cpu", "cuda")}
 
@@ -342,6 +345,7 @@ class TrainStageConfig(StageConfig):
     batch_size: int = 256
     per_device_batch: int = 8
     lr: float = 1e-4
+    backbone_multiplier: float = 0.1  # the backbone's lr = lr x this (reference); acts only when it trains
     weight_decay: float = 0.05
     clip_grad_norm: float = 0.01
     max_iter: int = 50_000
@@ -374,6 +378,7 @@ class TrainStageConfig(StageConfig):
 
     _checks = {"frozen_mode": _one_of("train", "eval"),
                "batch_size": _at_least(1), "per_device_batch": _at_least(1), "lr": _at_least(0.0),
+               "backbone_multiplier": _at_least(0.0),
                "weight_decay": _at_least(0.0), "clip_grad_norm": _at_least(0.0), "max_iter": _at_least(1),
                "warmup_iters": _at_least(0), "image_size": _at_least(32), "num_workers": _at_least(0),
                "checkpoint_period": _at_least(1), "checkpoint_minutes": _at_least(0.0),

@@ -17,8 +17,10 @@ order, written by the stage). A bare checkpoint file without a run folder is acc
 too: the architecture is recognised from its weights, the kind from its class head
 (2 outputs: proposals), and what cannot be recognised is passed to :meth:`TrainedModel.load`.
 
-Prediction follows PIPELINE.md: the image is fitted to the model's image size and padded
-grey (128) to the square canvas (``data.frame.ImageFrame``); proposals use
+Prediction follows PIPELINE.md: the image is fitted to the model's image size (longer
+side; ``data.frame.ImageFrame``); a proposal model sees the fitted image as it is, padded to
+a multiple of 32 with 0 after normalisation (the reference's stage-4 test input, no grey
+square), a PartDistillation model its test resolution (``eval_max_size``); proposals use
 ``postprocess.proposal_inference_settings`` (top 200 by foreground probability, restricted
 to the object, one label per pixel (optionally also the overlapping masks of the same
 forward pass), area > 5% then score > -1); the PartDistillation model uses
@@ -246,7 +248,7 @@ class TrainedModel:
     """A stage-4 (``proposal``) or stage-6 (``part_distillation``) Mask2Former as a part predictor.
 
     ``model``: the network (any device; also a model in training, which :meth:`predict`
-    runs in eval mode and leaves as it was); ``image_size``: the square canvas it sees;
+    runs in eval mode and leaves as it was); ``image_size``: the size images are fitted to;
     ``class_wnids``: stage 6's object classes in head order (None: unknown, pass
     class indices); ``topk``/``one_label``: inference settings (PIPELINE.md: 200, True);
     ``max_size``: see the field.
@@ -256,8 +258,9 @@ class TrainedModel:
     kind: str
     image_size: int = 640
     #: test-time resolution (PIPELINE.md "Evaluation"): shortest side ``image_size``, longer side
-    #: capped at ``max_size``; None: the longer side fitted to ``image_size`` on a square canvas
-    #: (proposal models: the same size, 640 / 640). :meth:`load` sets it for PartDistillation.
+    #: capped at ``max_size``; None: the longer side fitted to ``image_size`` (proposal models:
+    #: no canvas, zero-padded to a multiple of 32; semantic baselines: the grey square canvas).
+    #: :meth:`load` sets it for PartDistillation.
     max_size: int | None = None
     class_wnids: tuple[str, ...] | None = None
     checkpoint: Path | None = None
@@ -332,9 +335,12 @@ class TrainedModel:
         return self.predict_batch([image], [object_mask], [object_class], with_overlapping=with_overlapping)[0]
 
     def frame(self, shape: tuple[int, int]) -> ImageFrame:
-        """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``)."""
+        """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``): proposals
+        the fitted image without a canvas (batching pads it to a multiple of 32 with 0 after
+        normalisation, as the reference's stage-4 test), a semantic baseline the grey square."""
         if self.max_size is None:
-            return ImageFrame.fit(shape, size=self.image_size, canvas=self.image_size)
+            canvas = None if self.kind == "proposal" else self.image_size
+            return ImageFrame.fit(shape, size=self.image_size, canvas=canvas)
         h, w = int(shape[0]), int(shape[1])
         scale = min(self.image_size / min(h, w), self.max_size / max(h, w))
         return ImageFrame(tuple(shape), (max(1, round(h * scale)), max(1, round(w * scale))), None)

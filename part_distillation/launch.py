@@ -266,11 +266,16 @@ def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
             raise PreflightError(f"{err}; {DATA_HINT}") from None
         except OSError as err:  # e.g. a folder that cannot be listed
             raise PreflightError(f"image tree {run.data.root} (data.root) cannot be read: {err}") from None
+    check_model(run)
     following = getattr(run.stage, "follow", False)  # waits for an input that is still to come
     if (run.stage.input is not None and not following and not coming(run.stage.input)
             and not os.path.isdir(run.stage.input)):
         raise PreflightError(f"input {run.stage.input} (stage.input) does not exist: run the stage that writes "
                              f"it first, or set stage.input=<its output folder>")
+    for extra in getattr(run.stage, "extra_inputs", None) or ():  # further record sets trained on with input
+        if not following and not coming(extra) and not os.path.isdir(extra):
+            raise PreflightError(f"input {extra} (stage.extra_inputs) does not exist: run the stages that write it "
+                                 f"on that dataset first, or leave it out of stage.extra_inputs")
     if (stages.loads_weights(run) and run.model.weights and not coming(run.model.weights)
             and not os.path.isfile(run.model.weights)):
         raise PreflightError(f"weights file {run.model.weights} (model.weights) not found: place it there "
@@ -283,6 +288,28 @@ def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
     conflict = output_conflict(run)
     if conflict:
         raise PreflightError(conflict)
+
+
+#: What to choose instead, by network family (configs/model/).
+_MODEL_CHOICES = {"mask2former": "model=mask2former_swinl (the reference; experiment=in1k/in22k choose it)",
+                  "detic": "model=detic_swinb (the reference; experiment=in1k/in22k choose it)"}
+
+
+def check_model(run: RunConfig) -> None:
+    """A job that builds a network has one of the family it needs, and the demo's tiny
+    Mask2Former only in ``experiment=demo`` or with ``model.allow_tiny=true`` (without
+    ``model=`` a stage would otherwise train the 20-query demo network from scratch)."""
+    family = stages.model_needed(run)
+    if family is None:
+        return
+    choice = _MODEL_CHOICES[family]
+    if run.model.name != family:
+        raise PreflightError(f"config key 'model' is {run.model.name!r}: stage {run.stage.name} builds a {family} "
+                             f"network; choose {choice}")
+    if (family == "mask2former" and run.model.size == "tiny" and run.experiment != "demo"
+            and not run.model.allow_tiny):
+        raise PreflightError(f"config key 'model.size' is 'tiny' (the demo's 20-query network) outside experiment=demo: "
+                             f"choose {choice}, or add model.allow_tiny=true for a small trial")
 
 
 def _check_writable(folder: str) -> None:

@@ -77,11 +77,14 @@ def test_proposals_at_the_original_size_inside_the_object(runs, image):
     assert np.all(np.diff(got.scores) <= 0)                         # best first
     assert not (got.masks & ~obj).any()                             # restricted to the object
     assert got.masks.sum(0).max() <= 1                              # one label per pixel
-    # the same masks as the steps done by hand: fitted frame, grey canvas, network, back to 50 x 90
-    frame = ImageFrame.fit((50, 90), size=64, canvas=64)
-    canvas = frame.pad_image(frame.fit_image(img))
-    assert (canvas[frame.fitted[0]:] == 128).all()
-    batch = preprocess_images([canvas])
+    # the same masks as the steps done by hand: fitted frame (no grey canvas), normalised and
+    # padded to a multiple of 32 with 0 (the reference's stage-4 test input), network, back to 50 x 90
+    frame = ImageFrame.fit((50, 90), size=64)
+    assert model.frame((50, 90)) == frame and frame.fitted == (36, 64)
+    batch = preprocess_images([frame.fit_image(img)])
+    assert batch.padded_size == (64, 64) and (batch.pixel_values[..., 36:, :] == 0).all()
+    grey = preprocess_images([ImageFrame.fit((50, 90), size=64, canvas=64).pad_image(frame.fit_image(img))])
+    assert (grey.pixel_values[..., 36:, :] != 0).any()  # a grey square would be another input
     with torch.no_grad():
         out = model.model(batch.pixel_values)
     fitted = postprocess.proposal_inference(out["pred_logits"][0], out["pred_masks"][0], padded_size=(64, 64),

@@ -352,3 +352,75 @@ def test_multi_line_configuration_errors_are_printed_in_one_line():
     assert line.startswith("config key 'stage.max_pixelz' is unknown") and "--cfg job" in line and "\n" not in line
     assert entry.one_line(ValueError("Error merging override a=x\nValue 'x' could not be converted")) == (
         "Error merging override a=x; Value 'x' could not be converted")
+
+
+# The network each stage gets (configs/model/reference/) and the check that refuses a wrong one.
+REFERENCE_MODELS = {"proposal_learning": "swinl", "part_distillation": "swinl", "pixel_grouping": "swinl",
+                    "part_ranking": "swinl", "supervised_learning": "swinl", "fewshot_learning": "swinl",
+                    "detic_labeling": "swinb"}
+
+
+@pytest.mark.parametrize("experiment", ["in1k", "in22k"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_reference_experiments_select_each_stages_reference_model(stage, experiment):
+    run = validate(_compose(f"stage={stage}", f"experiment={experiment}", "paths.root=/scratch/pd"))
+    if stage in REFERENCE_MODELS or stage == "predict":
+        family = "detic" if stage in ("detic_labeling", "predict") else "mask2former"
+        size = "swinb" if family == "detic" else "swinl"
+        assert (run.model.name, run.model.size) == (family, size)
+        assert run.model.weights.startswith("/scratch/pd/weights/")  # derived from paths.*
+    else:
+        assert run.model.name == "none"
+
+
+def test_a_model_on_the_command_line_still_wins_over_the_experiments_choice():
+    run = validate(_compose("stage=proposal_learning", "experiment=in22k", "model=mask2former_tiny"))
+    assert (run.model.name, run.model.size) == ("mask2former", "tiny")
+
+
+def _checked(*overrides: str, tmp_path: Path):
+    from part_distillation.launch import check_model
+
+    run = validate(_compose(*overrides, f"paths.root={tmp_path}"))
+    check_model(run)
+    return run
+
+
+@pytest.mark.parametrize("stage", ["proposal_learning", "part_distillation", "supervised_learning",
+                                   "fewshot_learning"])
+def test_the_tiny_model_outside_the_demo_and_no_model_are_refused_naming_the_key(stage, tmp_path):
+    from part_distillation.launch import PreflightError
+
+    with pytest.raises(PreflightError, match=r"^config key 'model.size' is 'tiny'.*model.allow_tiny=true"):
+        _checked(f"stage={stage}", "experiment=in22k", "model=mask2former_tiny", tmp_path=tmp_path)
+    with pytest.raises(PreflightError, match=r"^config key 'model.size' is 'tiny'"):
+        _checked(f"stage={stage}", "model=mask2former_tiny", tmp_path=tmp_path)
+    with pytest.raises(PreflightError, match=r"^config key 'model' is 'none'.*model=mask2former_swinl"):
+        _checked(f"stage={stage}", tmp_path=tmp_path)  # no experiment, no model=
+    # the demo, an explicit opt-in, and the reference model pass
+    _checked(f"stage={stage}", "experiment=demo", tmp_path=tmp_path)
+    _checked(f"stage={stage}", "model=mask2former_tiny", "model.allow_tiny=true", tmp_path=tmp_path)
+    _checked(f"stage={stage}", "experiment=in1k", tmp_path=tmp_path)
+
+
+def test_stages_that_build_a_network_get_one_of_their_family(tmp_path):
+    from part_distillation.launch import PreflightError
+
+    with pytest.raises(PreflightError, match=r"^config key 'model' is 'mask2former': .*model=detic_swinb"):
+        _checked("stage=detic_labeling", "experiment=in22k", "model=mask2former_swinl", tmp_path=tmp_path)
+    with pytest.raises(PreflightError, match=r"^config key 'model' is 'none': stage pixel_grouping"):
+        _checked("stage=pixel_grouping", tmp_path=tmp_path)
+    _checked("stage=pixel_grouping", "stage.features=efficientnet_lite0", tmp_path=tmp_path)  # builds no Mask2Former
+    _checked("stage=detic_labeling", "stage.source=grabcut", tmp_path=tmp_path)
+    _checked("stage=part_ranking", tmp_path=tmp_path)  # the stage-4 checkpoint says what it is
+
+
+def test_training_the_tiny_model_outside_the_demo_exits_2_before_anything_runs(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    result = run_entry("stage=proposal_learning", "model=mask2former_tiny", f"stage.input={records}",
+                       f"paths.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "nothing run" in line and "config key 'model.size'" in line and "model.allow_tiny=true" in line
+    assert not (tmp_path / "outputs").exists()

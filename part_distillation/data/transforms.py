@@ -1,7 +1,8 @@
 """Training augmentation of PIPELINE.md section 4, as pure functions of a numpy Generator.
 
 One call of :func:`augment` takes the fitted image (longer side = ``size``) and its part
-masks and applies, in the reference's order:
+masks (stage 6: already padded to the ``size`` x ``size`` canvas, see ``square_canvas``)
+and applies, in the reference's order:
 
 1. random horizontal flip (p = 0.5);
 2. random crop keeping 90-100% of each side (independently for height and width);
@@ -13,8 +14,12 @@ masks and applies, in the reference's order:
 Then the part-area filter keeps parts whose area is > ``min_part_ratio`` (5%) of the total
 part area after augmentation. :func:`augment_with_retries` repeats steps 1-4 up to
 ``max_tries`` (100) times until at least one part survives, then falls back to the weak
-augmentation (fit and pad only, no flip/crop/rescale). Randomness comes only from the
-Generator passed in, so a sample's augmentation is a pure function of its seed.
+augmentation (the random flip, then the pad; no crop or rescale), as the reference's
+``weak_augs``. With ``square_canvas`` (stage 6, the reference's ``SET_IMAGE_SQUARE``)
+the fitted image is first padded to the ``size`` x ``size`` canvas (grey 128, masks 0)
+and every augmentation starts from that canvas, so the flip mirrors the whole canvas and
+the crop and rescale see its grey border. Randomness comes only from the Generator passed
+in, so a sample's augmentation is a pure function of its seed.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ class AugmentConfig:
     scale_range: tuple[float, float] = (0.1, 2.0)
     min_part_ratio: float = 0.05
     max_tries: int = 100
+    #: pad the fitted image to the size x size canvas before augmenting (stage 6's SET_IMAGE_SQUARE)
+    square_canvas: bool = False
 
 
 @dataclass
@@ -116,8 +123,9 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator, cfg:
     return Augmented(image, masks[kept], kept)
 
 
-def weak_augment(image: np.ndarray, masks: np.ndarray, cfg: AugmentConfig) -> Augmented:
-    """The fallback: the fitted image padded to ``size`` x ``size``, then the filter."""
+def weak_augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> Augmented:
+    """The fallback: the random flip, the image padded to ``size`` x ``size``, then the filter."""
+    image, masks = random_flip(image, masks, rng, cfg.flip_prob)
     image, masks = fixed_size_crop_pad(image, masks, None, cfg.size)
     kept = part_area_filter(masks, cfg.min_part_ratio)
     return Augmented(image, masks[kept], kept, weak=True)
@@ -128,10 +136,12 @@ def augment_with_retries(image: np.ndarray, masks: np.ndarray, rng: np.random.Ge
     """Up to ``cfg.max_tries`` strong augmentations until a part survives, else the weak one.
 
     ``image`` (h, w, 3) uint8 and ``masks`` (N, h, w) bool are in the fitted frame of
-    longer side ``cfg.size``.
+    longer side ``cfg.size``; with ``cfg.square_canvas`` they are padded to the canvas first.
     """
+    if cfg.square_canvas:
+        image, masks = fixed_size_crop_pad(image, masks, None, cfg.size)
     for _ in range(cfg.max_tries):
         out = augment(image, masks, rng, cfg)
         if len(out.kept):
             return out
-    return weak_augment(image, masks, cfg)
+    return weak_augment(image, masks, rng, cfg)

@@ -160,7 +160,8 @@ def build_trainer(run_cfg, context, model: nn.Module, dataset: PartRecordDataset
     ddp_utils.barrier()
     device = next(model.parameters()).device
     wrapped = ddp_utils.wrap_ddp(model, device)
-    optimizer = build_adamw(model, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = build_adamw(model, lr=stage.lr, weight_decay=stage.weight_decay,
+                            backbone_multiplier=stage.backbone_multiplier)
     schedule = MultiStepSchedule(stage.lr, steps=tuple(stage.steps), warmup_iters=stage.warmup_iters,
                                  warmup_factor=stage.warmup_factor)
     trainer = Trainer(wrapped, optimizer,

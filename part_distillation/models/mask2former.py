@@ -295,6 +295,9 @@ class Mask2Former(Mask2FormerForUniversalSegmentation):
 
     # Hub checkpoints may carry the stock loss buffer, which this class does not have.
     _keys_to_ignore_on_load_unexpected = [r"^criterion\."]
+    #: The Swin backbone's parameter names start with this (detectron2's ``backbone.*``,
+    #: whose learning rate the reference scales by ``BACKBONE_MULTIPLIER``).
+    backbone_prefix = "model.pixel_level_module.encoder."
 
     def __init__(self, config: Mask2FormerConfig, parts_per_class: int | None = None):
         super().__init__(config)

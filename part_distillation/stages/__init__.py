@@ -53,6 +53,22 @@ def loads_weights(run) -> bool:
     return run.stage.name in LOADS_WEIGHTS
 
 
+#: Stages that build and train a Mask2Former from ``model.*`` (size and weights).
+TRAINS_MASK2FORMER: frozenset[str] = frozenset({"proposal_learning", "part_distillation", "supervised_learning",
+                                                "fewshot_learning"})
+
+
+def model_needed(run) -> str | None:
+    """The network family (``model.name``) this job builds from ``model.*``, or None when it
+    builds none from there (part ranking, evaluate and predict load trained checkpoints)."""
+    name = run.stage.name
+    if name in TRAINS_MASK2FORMER or (name == "pixel_grouping" and run.stage.features == "mask2former"):
+        return "mask2former"
+    if name == "detic_labeling" and run.stage.source in ("detic", "mask2former"):
+        return run.stage.source
+    return None
+
+
 class StageNotAvailable(RuntimeError):
     """The stage exists in the configuration but is not implemented yet."""
 

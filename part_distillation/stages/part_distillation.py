@@ -8,8 +8,10 @@ object class selects its K part rows and the no-object row at every decoder laye
 (``Mask2Former(..., object_class=...)``), so the loss sees (Q, K + 1) logits per image and
 the targets are the parts' cluster ids 0..K-1 of the stage-5 PART_LABELS records. Loaded
 are objects with ratio >= ``min_object_area_ratio`` and parts with area ratio >=
-``min_part_area_ratio`` (both 0.05, inclusive). Backbone and pixel-decoder encoder frozen
-as in stage 4; the engine's reference recipe. Output under ``stage.output`` as stage 4:
+``min_part_area_ratio`` (both 0.05, inclusive). Each fitted image is padded to the
+``image_size`` square canvas (grey) before augmentation, the reference's
+``SET_IMAGE_SQUARE`` (``AugmentConfig.square_canvas``; stage 4 augments the fitted image).
+Backbone and pixel-decoder encoder frozen as in stage 4; the engine's reference recipe. Output under ``stage.output`` as stage 4:
 ``checkpoints/``, ``tensorboard/``, the manifest.
 """
 from __future__ import annotations
@@ -78,6 +80,20 @@ def checked_cluster_labels(record, *, num_classes: int, parts_per_class: int):
     return ids
 
 
+def training_dataset(cfg: RunConfig, num_classes: int) -> PartRecordDataset:
+    """The PART_LABELS records of ``stage.input`` and ``stage.extra_inputs`` that pass the load
+    filters (object and part ratio >= the minimum), each fitted image padded to the square
+    canvas before augmentation (the reference's ``SET_IMAGE_SQUARE``)."""
+    stage = cfg.stage
+    return PartRecordDataset(
+        [stage.input, *stage.extra_inputs],
+        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio, square_canvas=True),
+        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=True,
+                            min_part_ratio=stage.min_part_area_ratio),
+        labels=functools.partial(checked_cluster_labels, num_classes=num_classes,
+                                 parts_per_class=stage.parts_per_class), seed=cfg.seed)
+
+
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
@@ -88,12 +104,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         torch.use_deterministic_algorithms(True)
     wnids = object_classes(cfg)
     classes, parts = len(wnids), stage.parts_per_class
-    dataset = PartRecordDataset(
-        [stage.input, *stage.extra_inputs],
-        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
-        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=True,
-                            min_part_ratio=stage.min_part_area_ratio),
-        labels=functools.partial(checked_cluster_labels, num_classes=classes, parts_per_class=parts), seed=cfg.seed)
+    dataset = training_dataset(cfg, classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.size, cfg.model.weights, num_classes=classes * parts, parts_per_class=parts)
     model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)

@@ -84,7 +84,10 @@ def check(cfg: RunConfig) -> None:
 
 
 def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
-    return inference.load_model(checkpoint, device, kind="proposal", size=cfg.model.size)[0]
+    """The stage-4 model of ``checkpoint``: its architecture from its run folder (or its weights),
+    ``model.size`` only when a Mask2Former is chosen (``model=none`` has no size of its own)."""
+    size = cfg.model.size if cfg.model.name == "mask2former" else None
+    return inference.load_model(checkpoint, device, kind="proposal", size=size)[0]
 
 
 def device_of(cfg: RunConfig) -> torch.device:

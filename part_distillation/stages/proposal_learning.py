@@ -33,6 +33,18 @@ def check(cfg: RunConfig) -> None:
     check_training_evaluation(cfg.stage)
 
 
+def training_dataset(cfg: RunConfig) -> PartRecordDataset:
+    """The stage-3 records of ``stage.input`` and every ``stage.extra_inputs`` folder, read
+    together as one training set (the reference trained on two label sets), filtered on
+    ``object_ratio`` > ``min_object_area_ratio``; the fitted image is augmented (no square canvas)."""
+    stage = cfg.stage
+    return PartRecordDataset(
+        [stage.input, *stage.extra_inputs],
+        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
+        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=False),
+        labels=class_agnostic_labels, seed=cfg.seed)
+
+
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
@@ -46,11 +58,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
     model.to(device)
     ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
-    dataset = PartRecordDataset(
-        [stage.input, *stage.extra_inputs],
-        augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
-        filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=False),
-        labels=class_agnostic_labels, seed=cfg.seed)
+    dataset = training_dataset(cfg)
     evaluator = None
     if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
         from part_distillation.stages.evaluate import training_evaluation

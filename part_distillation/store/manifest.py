@@ -40,7 +40,7 @@ logger = logging.getLogger("part_distillation.store")
 DEFAULT_IGNORE_KEYS: tuple[str, ...] = (
     "hydra", "launcher", "paths", "experiment", "log_level", "overwrite_config",
     "shard.index", "shard.count", "stage.progress_every", "stage.input", "stage.output",
-    "stage.redo_changed", "stage.workers", "model.device",
+    "stage.redo_changed", "stage.workers", "model.device", "model.allow_tiny",
 )
 
 

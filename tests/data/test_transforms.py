@@ -81,15 +81,35 @@ def test_retries_until_a_part_survives_then_weak_fallback():
     finally:
         T.augment = real
     assert len(calls) == 100 and out.weak and len(out.kept) == 0
-    assert out.image.shape == (32, 32, 3) and np.array_equal(out.image, image)
+    assert out.image.shape == (32, 32, 3)
+    assert np.array_equal(out.image, image) or np.array_equal(out.image, image[:, ::-1])  # the weak flip
 
 
-def test_weak_augmentation_is_pad_only():
-    cfg = AugmentConfig(size=64)
+def test_weak_augmentation_is_flip_and_pad_only():
     image, masks = _sample(h=40, w=64)
-    out = weak_augment(image, masks, cfg)
+    out = weak_augment(image, masks, np.random.default_rng(0), AugmentConfig(size=64, flip_prob=0.0))
     assert np.array_equal(out.image[:40], image) and (out.image[40:] == 128).all()
     assert np.array_equal(out.masks[:, :40], masks) and not out.masks[:, 40:].any()
+    # the reference's weak augmentation keeps the random flip
+    out = weak_augment(image, masks, np.random.default_rng(0), AugmentConfig(size=64, flip_prob=1.0))
+    assert np.array_equal(out.image[:40], image[:, ::-1]) and (out.image[40:] == 128).all()
+    assert np.array_equal(out.masks[:, :40], masks[..., ::-1]) and not out.masks[:, 40:].any()
+    flips = {bool(np.array_equal(weak_augment(image, masks, np.random.default_rng(seed), AugmentConfig(size=64))
+                                 .image[:40], image[:, ::-1])) for seed in range(20)}
+    assert flips == {True, False}  # p = 0.5
+
+
+def test_square_canvas_is_padded_before_augmentation():
+    """Stage 6 (SET_IMAGE_SQUARE): the fitted image is padded to the grey canvas first, so the
+    flip mirrors the whole canvas: a tall image ends up at the right, the grey border at the left."""
+    image, masks = _sample(h=64, w=40, parts=((5, 25, 5, 20), (30, 60, 10, 35)))
+    cfg = dict(size=64, flip_prob=1.0, crop_range=(1.0, 1.0), scale_range=(1.0, 1.0), min_part_ratio=0.0)
+    square = augment_with_retries(image, masks, np.random.default_rng(0), AugmentConfig(**cfg, square_canvas=True))
+    assert (square.image[:, :24] == 128).all() and np.array_equal(square.image[:, 24:], image[:, ::-1])
+    assert not square.masks[..., :24].any() and np.array_equal(square.masks[..., 24:], masks[..., ::-1])
+    plain = augment_with_retries(image, masks, np.random.default_rng(0), AugmentConfig(**cfg))
+    assert np.array_equal(plain.image[:, :40], image[:, ::-1]) and (plain.image[:, 40:] == 128).all()
+    assert np.array_equal(plain.masks[..., :40], masks[..., ::-1]) and not plain.masks[..., 40:].any()
 
 
 def test_same_generator_seed_same_augmentation():

@@ -43,8 +43,9 @@ SLOW = 300
 
 def _training_overrides(records: Path, data_root: Path, output: Path) -> list[str]:
     """The job's settings: a tiny deterministic CPU run of stage 4 on the fixture records."""
-    return ["stage=proposal_learning", "model=mask2former_tiny", f"stage.input={records}",
-            f"stage.output={output}", f"data.root={data_root}", f"paths.root={output.parent / 'paths'}",
+    return ["stage=proposal_learning", "model=mask2former_tiny", "model.allow_tiny=true",
+            f"stage.input={records}", f"stage.output={output}", f"data.root={data_root}",
+            f"paths.root={output.parent / 'paths'}",
             "stage.batch_size=2", "stage.per_device_batch=2", f"stage.max_iter={MAX_ITER}", "stage.steps=[200]",
             "stage.lr=0.001", "stage.image_size=64", "stage.num_workers=0", "stage.num_points=256",
             f"stage.checkpoint_period={PERIOD}", "stage.checkpoint_minutes=0", "stage.keep_last=2",

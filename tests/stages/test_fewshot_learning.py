@@ -51,6 +51,18 @@ def _cfg(tmp_path, dataset, checkpoint, **stage):
                      model=ModelConfig(name="mask2former", size="tiny", device="cpu"), seed=0)
 
 
+def test_fine_tuning_trains_the_backbone_at_a_tenth_of_the_learning_rate(tmp_path, dataset, pd_run):
+    cfg = _cfg(tmp_path, dataset, pd_run)
+    assert (cfg.stage.backbone_multiplier, cfg.stage.freeze_backbone, cfg.stage.freeze_encoder) == (0.1, False, False)
+    split = supervised_learning.open_split(cfg.stage)
+    records = supervised_learning.training_records(cfg.stage, split)
+    baseline = supervised_learning.prepare(cfg, JobContext(), split, records, weights=str(ckpt.checkpoint_path(pd_run, 7)))
+    by_name = {n: g["lr"] for g in baseline.trainer.optimizer.param_groups for n in g["param_names"]}
+    backbone = {n: lr for n, lr in by_name.items() if n.startswith("model.pixel_level_module.encoder.")}
+    assert backbone and all(lr == pytest.approx(1e-4) for lr in backbone.values())
+    assert all(lr == pytest.approx(1e-3) for n, lr in by_name.items() if n not in backbone)
+
+
 def _images_by_key(dataset):
     """Image key (json id) -> object classes, read from the json independently of the stage."""
     parts = json.loads((dataset / "annotations" / "train.json").read_text())

@@ -62,6 +62,17 @@ def test_fixture_records_carry_the_synthetic_part_classes(records):
     assert sorted(by_class) == list(range(NUM_CLASSES)) and all(ids == set(range(K)) for ids in by_class.values())
 
 
+def test_training_images_are_padded_to_the_square_canvas_before_augmentation(tmp_path, records):
+    """SET_IMAGE_SQUARE: stage 6 augments the fitted image padded to the grey canvas (stage 4 does not)."""
+    from part_distillation.stages import proposal_learning
+
+    dataset = part_distillation.training_dataset(config(*records, tmp_path / "run"), NUM_CLASSES)
+    assert dataset.augment.square_canvas and dataset.augment.size == 64
+    assert not proposal_learning.training_dataset(config(*records, tmp_path / "run")).augment.square_canvas
+    sample = dataset[(0, 0)]
+    assert tuple(sample["image"].shape) == (3, 64, 64) and sample["masks"].shape[1:] == (64, 64)
+
+
 def test_loss_falls_over_a_few_hundred_iterations(tmp_path, records):
     torch.set_num_threads(1)
     # part ratios are over the canvas and the fixture's small objects have parts of 0.4..7% of it:

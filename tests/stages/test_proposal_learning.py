@@ -55,6 +55,56 @@ def records(tmp_path_factory):
     return write_part_segments(root / "synthetic", root / "records", num_classes=2, images_per_class=4)
 
 
+def test_extra_inputs_are_read_together_with_the_input(tmp_path, records):
+    """The reference's two label sets (ImageNet-21k + ImageNet-1k stage-3 records): every record of
+    stage.input and of each stage.extra_inputs folder is a training sample."""
+    from part_distillation.store import RecordStore
+
+    second = write_part_segments(tmp_path / "other", tmp_path / "other_records", num_classes=1, images_per_class=3,
+                                 seed=5)
+    alone = proposal_learning.training_dataset(_cfg(tmp_path, records))
+    both = proposal_learning.training_dataset(_cfg(tmp_path, records, extra_inputs=[str(second)]))
+    extra = RecordStore(second)
+    assert len(both.stores) == 2 and len(both) == len(alone) + sum(1 for _ in extra.iter_records()) == len(alone) + 3
+    assert sorted(i for i, _ in both.entries).count(1) == 3
+    index = next(i for i, (store, _) in enumerate(both.entries) if store == 1)
+    assert both.record(index)["path"].startswith(str(tmp_path / "other"))
+    sample = both[(0, index)]
+    assert tuple(sample["image"].shape) == (3, 64, 64) and len(sample["labels"]) >= 1
+
+
+def test_in22k_documents_the_imagenet_1k_records_as_a_second_input(tmp_path):
+    """configs/stage_tuning/in22k_proposal_learning.yaml: the override it gives resolves under paths.*,
+    and a missing extra input is refused before anything runs, naming the key."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import part_distillation.__main__ as entry
+    from part_distillation.config import register_configs, validate
+    from part_distillation.launch import PreflightError, check_job
+
+    tuning = Path(entry.config_dir()) / "stage_tuning" / "in22k_proposal_learning.yaml"
+    documented = next(line.strip().strip("#").strip().strip("'") for line in tuning.read_text().splitlines()
+                      if "stage.extra_inputs=" in line)
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=entry.config_dir(), version_base="1.3"):
+        plain = validate(compose("config", overrides=["stage=proposal_learning", "experiment=in22k",
+                                                      f"paths.root={tmp_path}"]))
+        run = validate(compose("config", overrides=["stage=proposal_learning", "experiment=in22k",
+                                                    f"paths.root={tmp_path}", documented]))
+    GlobalHydra.instance().clear()
+    assert plain.stage.extra_inputs == []
+    in1k = f"{tmp_path}/pseudo_labels/part_labels/proposal_generation_dcrf/imagenet_1k_train"
+    assert run.stage.extra_inputs == [in1k]
+    assert run.stage.input == f"{tmp_path}/pseudo_labels/part_labels/proposal_generation_dcrf/imagenet_22k_train"
+    Path(run.stage.input).mkdir(parents=True)
+    with pytest.raises(PreflightError, match=rf"^input {in1k} \(stage.extra_inputs\) does not exist"):
+        check_job(run)
+
+
 def test_loss_falls_over_a_few_hundred_iterations(tmp_path, records):
     torch.set_num_threads(1)
     summary = proposal_learning.run(_cfg(tmp_path, records), JobContext())
