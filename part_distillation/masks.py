@@ -69,9 +69,12 @@ def rle_to_bbox(rles: Sequence[RLE]) -> np.ndarray:
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (N, M) between two stacks of binary masks of the same (H, W)."""
-    a = np.asarray(a, dtype=bool).reshape(len(a), -1).astype(np.float32)
-    b = np.asarray(b, dtype=bool).reshape(len(b), -1).astype(np.float32)
+    """IoU matrix (N, M) float64 between two stacks of binary masks of the same (H, W).
+
+    float64 (exact pixel counts up to 2**53): IoUs are compared with thresholds such as
+    0.65, and float32(0.65) < 0.65 would turn an exact hit into a miss."""
+    a = np.asarray(a, dtype=bool).reshape(len(a), -1).astype(np.float64)
+    b = np.asarray(b, dtype=bool).reshape(len(b), -1).astype(np.float64)
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
