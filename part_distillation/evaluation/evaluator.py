@@ -32,6 +32,11 @@ from part_distillation.masks import mask_iou
 REFERENCE_PROPOSAL_MIN_GT_IOU = 0.001
 REFERENCE_SEGMENT_MIN_GT_IOU = 0.1
 PROTOCOLS = ("reference", "strict")
+#: What keys the part mIoU (a confusion matrix and a majority vote per key): ``imagenet_class``
+#: the sample's ``object_class`` (PartImageNet: the image's wnid, as the reference);
+#: ``supercategory`` its coarser group (PartImageNet's 11 super-categories; the object class
+#: for datasets without one).
+OBJECT_KEYS = ("imagenet_class", "supercategory")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class PartEvaluator:
                              f"[0, {self.num_parts})")
         keep_ref = overlaps_ground_truth(masks, gt, REFERENCE_PROPOSAL_MIN_GT_IOU)
         state = {"key": sample.key, "object_class": sample.object_class,
+                 "supercategory": sample.supercategory or sample.object_class,
                  "ar_strict": proposals.image_overlaps(masks, scores, gt, self.top_k),
                  "ar_reference": proposals.image_overlaps(masks[keep_ref], scores[keep_ref], gt, self.top_k)}
         if prediction.clusters is not None:
@@ -95,28 +101,43 @@ class PartEvaluator:
         return metrics(self.states, match_states, top_k=self.top_k)
 
 
-def _confusions(states: Iterable[Mapping], protocol: str) -> dict[str, np.ndarray]:
+def object_key_of(state: Mapping, object_key: str = "imagenet_class") -> str:
+    """The object class a state counts under for ``object_key`` (see :data:`OBJECT_KEYS`)."""
+    if object_key not in OBJECT_KEYS:
+        raise ValueError(f"unknown object key {object_key!r}; expected one of {list(OBJECT_KEYS)}")
+    if object_key == "supercategory":
+        return state.get("supercategory") or state["object_class"]
+    return state["object_class"]
+
+
+def _confusions(states: Iterable[Mapping], protocol: str, object_key: str = "imagenet_class"
+                ) -> dict[str, np.ndarray]:
     key = f"confusion_{protocol}"
-    return part_miou.merge({s["object_class"]: s[key]} for s in states if key in s)
+    return part_miou.merge({object_key_of(s, object_key): s[key]} for s in states if key in s)
 
 
 def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = None,
-            top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority") -> dict:
+            top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority",
+            object_key: str = "imagenet_class") -> dict:
     """Both protocols' AR@k and mIoU from per-image states (any sharding, any order).
 
-    ``match_states``: states of a disjoint split for the strict protocol's matching.
+    ``match_states``: states of a disjoint split for the strict protocol's matching;
+    ``object_key``: what keys the confusion matrices and the majority vote
+    (:data:`OBJECT_KEYS`; the result says which under ``"object_key"``).
     """
     states = list(states)
+    if match_states is not None:
+        match_states = list(match_states)
     out: dict[str, dict] = {}
     for protocol in PROTOCOLS:
         ar = proposals.summarize([s[f"ar_{protocol}"] for s in states], top_k=top_k, areas=("all",))
         result: dict = dict(ar.ar)
-        evaluation = _confusions(states, protocol)
+        evaluation = _confusions(states, protocol, object_key)
         if evaluation:
             if protocol == "reference":
                 matching = evaluation
             else:
-                matching = _confusions(match_states, protocol) if match_states is not None else {}
+                matching = _confusions(match_states, protocol, object_key) if match_states is not None else {}
             if matching:
                 mappings = part_miou.match_clusters(matching, how=mapping)
                 unmatched = sorted(set(evaluation) - set(mappings))
@@ -132,4 +153,5 @@ def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = 
                 result.update({"C-mIoU": float("nan"), "A-mIoU": float("nan"),
                                "note": "no disjoint matching split given: strict mIoU not computed"})
         out[protocol] = result
+    out["object_key"] = object_key
     return out

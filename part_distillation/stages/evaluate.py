@@ -252,9 +252,12 @@ def run(cfg: RunConfig, context) -> StageSummary:
     stores = {spec.label: RecordStore(output / spec.label) for spec in specs}
     if all(not store.summary()["shards_missing_summary"] for store in stores.values()):
         part_names = datasets[st.split].part_names
+        class_names = datasets[st.split].class_names
         results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
-                                          st.mapping, part_names) for label, store in stores.items()}
-        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k))
+                                          st.mapping, part_names, object_key=st.object_key,
+                                          class_names=class_names, dataset=st.dataset)
+                   for label, store in stores.items()}
+        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k), class_names)
         summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items() if not isinstance(v, (dict, list))}
                                             for p in PROTOCOLS} for label, r in results.items()}
         summary.extra["metrics_table"] = table
@@ -297,18 +300,35 @@ def write_collages(folder: Path, predictors: Mapping[str, Predictor], results: M
 
 
 def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: str | None, top_k: tuple[int, ...],
-                    mapping: str, part_names: list[str]) -> dict:
-    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV in ``folder``."""
+                    mapping: str, part_names: list[str], object_key: str = "imagenet_class",
+                    class_names: Mapping[str, str] | None = None, dataset: str = "partimagenet") -> dict:
+    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV in ``folder``.
+
+    ``object_key`` keys the mIoU (``evaluator.OBJECT_KEYS``), said in every file;
+    ``class_names`` names the object classes of ``per_class.csv`` (wnid -> name)."""
     states = list(store.iter_records())
     evaluation = [s for s in states if s["split"] == split]
     matching = [s for s in states if s["split"] == match_split] if match_split else None
-    result = metrics(evaluation, matching, top_k=top_k, mapping=mapping)
+    result = metrics(evaluation, matching, top_k=top_k, mapping=mapping, object_key=object_key)
     result["images"] = len(evaluation)
     result["split"], result["match_split"] = split, match_split
+    result["object_key_label"] = object_key_label(object_key, dataset)
     _write_atomic(folder / "metrics.json", json.dumps(result, indent=2, default=_json_default))
     _write_atomic(folder / "metrics.md", markdown_table(result, top_k))
-    _write_atomic(folder / "per_class.csv", per_class_csv(result))
+    _write_atomic(folder / "per_class.csv", per_class_csv(result, class_names))
     return result
+
+
+def object_key_label(object_key: str, dataset: str) -> str:
+    """How ``metrics.md`` names what keys the mIoU."""
+    if dataset != "partimagenet":
+        return "the dataset's object class"
+    return "ImageNet class (wnid)" if object_key == "imagenet_class" else "PartImageNet super-category"
+
+
+def _key_line(results: Iterable[dict]) -> str:
+    labels = sorted({r["object_key_label"] for r in results if r.get("object_key_label")})
+    return f"\nmIoU per object class keyed by: {', '.join(labels)}\n" if labels else ""
 
 
 def _columns(top_k: tuple[int, ...]) -> list[str]:
@@ -322,7 +342,7 @@ def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     for protocol in PROTOCOLS:
         row = result[protocol]
         lines.append(f"| {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _key_line([result])
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
@@ -333,11 +353,11 @@ def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
         for protocol in PROTOCOLS:
             row = result[protocol]
             lines.append(f"| {label} | {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _key_line(results.values())
 
 
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
-                   top_k: tuple[int, ...]) -> str:
+                   top_k: tuple[int, ...], class_names: Mapping[str, str] | None = None) -> str:
     """``metrics.md``, ``metrics.json`` and ``per_class.csv`` over all predictors; returns the table."""
     table = combined_table(results, top_k)
     _write_atomic(folder / "metrics.md", table)
@@ -345,24 +365,27 @@ def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_
         {"split": split, "match_split": match_split, "predictors": dict(results)}, indent=2, default=_json_default))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["predictor", "object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
+    writer.writerow(["predictor", "object_class", "class_name", *[f"mIoU_{p}" for p in PROTOCOLS]])
     for label, result in results.items():
-        for row in _per_class_rows(result):
+        for row in _per_class_rows(result, class_names):
             writer.writerow([label, *row])
     _write_atomic(folder / "per_class.csv", buffer.getvalue())
     return table
 
 
-def _per_class_rows(result: dict) -> list[list[str]]:
+def _per_class_rows(result: dict, class_names: Mapping[str, str] | None = None) -> list[list[str]]:
+    """A row per object class: its key (a wnid for PartImageNet), its name (the key when unnamed)."""
+    names = class_names or {}
     classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
-    return [[c, *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]] for c in classes]
+    return [[c, names.get(c, c), *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]]
+            for c in classes]
 
 
-def per_class_csv(result: dict) -> str:
+def per_class_csv(result: dict, class_names: Mapping[str, str] | None = None) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
-    writer.writerows(_per_class_rows(result))
+    writer.writerow(["object_class", "class_name", *[f"mIoU_{p}" for p in PROTOCOLS]])
+    writer.writerows(_per_class_rows(result, class_names))
     return buffer.getvalue()
 
 

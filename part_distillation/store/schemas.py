@@ -159,7 +159,9 @@ PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
 #: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).
 EVAL_STATES = RecordSchema("eval_states", (
     Field("split", "str", "which split the image belongs to: the evaluation or the matching split"),
-    Field("object_class", "str", "the dataset's object class of the sample"),
+    Field("object_class", "str", "the object class keying the mIoU (PartImageNet: the image's wnid)"),
+    Field("supercategory", "str", "its coarser group (PartImageNet's super-category), for keying by it",
+          optional=True),
     Field("ar_strict", "dict", "matched IoU per ground-truth part for each k, and part areas (no filter)"),
     Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter"),
     Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),

@@ -88,3 +88,22 @@ def test_part_ids_outside_the_dataset_are_refused():
     evaluator = PartEvaluator(num_parts=1)
     with pytest.raises(ValueError, match="outside"):
         evaluator.process(_sample("a"), Prediction(masks=np.zeros((0, *SHAPE), bool), scores=np.zeros(0)))
+
+
+def test_miou_is_keyed_by_imagenet_class_supercategory_on_request():
+    # Two ImageNet classes of one super-category whose cluster 0 means different parts:
+    # keyed by class each cluster maps to its own part; pooled, class b's are mislabelled.
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2)
+    for key, wnid, order in [("a1", "n001", [LEFT, RIGHT]), ("a2", "n001", [LEFT, RIGHT]),
+                             ("b1", "n002", [RIGHT, LEFT])]:
+        sample = PartSample(key=key, path=f"{key}.jpg", object_class=wnid, wnid=wnid, object_mask=LEFT | RIGHT,
+                            part_masks=np.stack([LEFT, RIGHT]), part_ids=np.array([0, 1]),
+                            supercategory="Quadruped")
+        evaluator.process(sample, Prediction(masks=np.stack(order), scores=np.ones(2), clusters=np.array([0, 1])))
+    by_class = metrics(evaluator.states)
+    assert by_class["object_key"] == "imagenet_class"
+    assert by_class["reference"]["C-mIoU"] == pytest.approx(100.0)
+    assert set(by_class["reference"]["per_class_mIoU"]) == {"n001", "n002"}
+    pooled = metrics(evaluator.states, object_key="supercategory")
+    assert pooled["reference"]["C-mIoU"] == pytest.approx(50.0)   # per part: tp 100 of 150 predicted, 150 true
+    assert set(pooled["reference"]["per_class_mIoU"]) == {"Quadruped"}

@@ -107,14 +107,62 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     folder = Path(cfg.stage.output) / "records_dense_crf"
     table = (folder / "metrics.md").read_text()
     assert table.startswith("| protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |") and "| strict |" in table
-    assert (folder / "per_class.csv").read_text().startswith("object_class,mIoU_reference,mIoU_strict")
+    assert (folder / "per_class.csv").read_text().startswith("object_class,class_name,mIoU_reference,mIoU_strict")
     combined = (Path(cfg.stage.output) / "metrics.md").read_text()
     assert combined.startswith("| predictor | protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |")
     assert f"| records_dense_crf | strict | {strict['AR@1']:.1f} | {strict['AR@10']:.1f} |" in combined
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
     assert summary["metrics_table"] == combined
     assert (Path(cfg.stage.output) / "per_class.csv").read_text().startswith(
-        "predictor,object_class,mIoU_reference,mIoU_strict")
+        "predictor,object_class,class_name,mIoU_reference,mIoU_strict")
+
+
+@pytest.fixture(scope="module")
+def one_supercategory(tmp_path_factory):
+    """The synthetic dataset with every part category under one super-category, as
+    PartImageNet groups ImageNet classes (two classes, one super-category "Thing")."""
+    root = tmp_path_factory.mktemp("one_supercategory")
+    for split in ("train", "val"):
+        make_synthetic_dataset(root, num_classes=2, images_per_class=3, size=64, seed=1, parts_per_class=3,
+                               split=split)
+        path = root / "annotations" / f"{split}.json"
+        data = json.loads(path.read_text())
+        for category in data["categories"]:
+            category["supercategory"] = "Thing"
+            category["name"] = "Thing " + category["part"]
+        path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.integration
+def test_partimagenet_miou_is_keyed_by_imagenet_class_not_supercategory(one_supercategory, tmp_path):
+    # "truth" records number each class's parts 1..3 its own way: cluster 0 is a different part
+    # in each class. Keyed by ImageNet class every cluster maps to its part; pooled under the
+    # one super-category the vote of one class mislabels the other's clusters.
+    records = tmp_path / "records"
+    _write_records(one_supercategory, records, ["train", "val"], "truth")
+    common = [f"data.root={one_supercategory}", f"stage.input={records}", "stage.split=train",
+              "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]"]
+    cfg = _cfg(*common, f"paths.root={tmp_path / 'by_class'}")
+    evaluate.run(cfg, JobContext())
+    by_class = _metrics(cfg)
+    assert by_class["object_key"] == "imagenet_class"
+    assert by_class["reference"]["C-mIoU"] == pytest.approx(100.0)
+    folder = Path(cfg.stage.output)
+    rows = (folder / "records_dense_crf" / "per_class.csv").read_text().splitlines()
+    names = dict(line.split("\t") for line in (one_supercategory / "words.txt").read_text().splitlines())
+    assert len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == set(names)   # one row per ImageNet class
+    assert {r.split(",")[1] for r in rows[1:]} == set(names.values())             # named by class name
+    assert "keyed by: ImageNet class (wnid)" in (folder / "metrics.md").read_text()
+    assert len((folder / "per_class.csv").read_text().splitlines()) == 3
+
+    cfg = _cfg(*common, f"paths.root={tmp_path / 'by_supercategory'}", "stage.object_key=supercategory")
+    evaluate.run(cfg, JobContext())
+    pooled = _metrics(cfg)
+    assert pooled["object_key"] == "supercategory"
+    assert pooled["reference"]["C-mIoU"] < 60
+    assert list(pooled["reference"]["per_class_mIoU"]) == ["Thing"]
+    assert "keyed by: PartImageNet super-category" in (Path(cfg.stage.output) / "metrics.md").read_text()
 
 
 @pytest.mark.integration
