@@ -11,7 +11,13 @@ Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
     every ground-truth part is <= 0.001 are dropped before AR, and part segments whose
     IoU with every ground-truth part is <= 0.1 are dropped before mIoU (both use the
     ground truth to clean the predictions), and clusters are matched to parts on the
-    same split they are evaluated on.
+    same split they are evaluated on. As the released model code does it, the 0.1 filter
+    drops cluster segments for the matching pass, but in the evaluation pass it drops the
+    *part* segments: clusters are mapped to parts and merged per part first, then a merged
+    part with IoU <= 0.1 to every ground-truth part is dropped. That needs the mapping,
+    known only once every image is seen, so it is applied at merge time to each image's
+    unfiltered clusters x parts confusion (which holds every area and intersection the
+    IoUs need): the per-image state stays mapping-free and evaluation shardable.
 ``strict``
     No ground-truth information beyond the object mask: no filters, and clusters are
     matched on a split disjoint from the evaluation split (``match_states``); without
@@ -143,10 +149,18 @@ def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = 
                 unmatched = sorted(set(evaluation) - set(mappings))
                 for c in unmatched:  # no matching data: every cluster counts as never predicted -> part 0
                     mappings[c] = np.zeros(evaluation[c].shape[0] - 1, dtype=np.int64)
-                mapped = {c: part_miou.apply_mapping(m, mappings[c]) for c, m in evaluation.items()}
+                if protocol == "reference":  # map, merge per part, then the 0.1 filter, image by image
+                    mapped = part_miou.merge(
+                        {object_key_of(s, object_key): part_miou.apply_mapping_filtered(
+                            s["confusion_strict"], mappings[object_key_of(s, object_key)],
+                            REFERENCE_SEGMENT_MIN_GT_IOU)} for s in states if "confusion_strict" in s)
+                else:
+                    mapped = {c: part_miou.apply_mapping(m, mappings[c]) for c, m in evaluation.items()}
                 summary = part_miou.summarize(mapped)
                 result.update(summary.as_dict())
                 result["per_class_mIoU"] = summary.per_class
+                if summary.classes_without_prediction:  # why C-mIoPred is undefined (as the reference's)
+                    result["classes_without_prediction"] = summary.classes_without_prediction
                 if unmatched:
                     result["classes_without_matching"] = unmatched
             else:
