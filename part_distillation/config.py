@@ -466,6 +466,11 @@ class EvaluateStageConfig(StageConfig):
     #: what keys the part mIoU (confusion matrices, majority vote): imagenet_class (the image's
     #: ImageNet class, as the reference; Pascal/Cityscapes: their object class) | supercategory
     object_key: str = "imagenet_class"
+    #: a PartDistillation model's class for a dataset class (evaluation/class_map.py): a json or
+    #: csv file of dataset class (or its wnid) -> model wnid, and ImageNet's wordnet.is_a.txt
+    #: (the model's first class under the dataset class's synset); null: the synset itself only
+    class_map_file: Optional[str] = None
+    wordnet_is_a: Optional[str] = None
     collage_classes: int = 4  # the best and the worst classes drawn per predictor (collage_<label>.png); 0: none
     collage_per_class: int = 2  # images per class in that collage
 

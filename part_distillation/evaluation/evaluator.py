@@ -168,4 +168,14 @@ def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = 
                                "note": "no disjoint matching split given: strict mIoU not computed"})
         out[protocol] = result
     out["object_key"] = object_key
+    out["skipped"] = skip_counts(states)
     return out
+
+
+def skip_counts(states: Iterable[Mapping]) -> dict[str, int]:
+    """How many samples each skip reason left without a prediction (scored as finding nothing)."""
+    counts: dict[str, int] = {}
+    for state in states:
+        if state.get("skip"):
+            counts[state["skip"]] = counts.get(state["skip"], 0) + 1
+    return dict(sorted(counts.items()))

@@ -94,17 +94,21 @@ class ModelPredictor(Predictor):
     """A trained model on the sample's image, restricted to its object mask.
 
     ``load_image(path) -> (H, W, 3) uint8`` (default ``data.images.load_rgb``). A
-    PartDistillation model gets the sample's object class as its training class index
-    (by synset); a sample of a class the model was not trained on is skipped
-    (``object_class_not_in_model``). Proposals: clusters are the per-image rank, the top
+    PartDistillation model gets the sample's object class as a training class index by
+    ``class_rule`` (``evaluation.class_map.ModelClassRule``: a mapping file, the synset
+    itself, or the model's first class under it in WordNet; default: the synset itself);
+    a sample no class of the model stands for is skipped (``object_class_not_in_model``). Proposals: clusters are the per-image rank, the top
     ``num_clusters`` kept for the segmentation (the rest -1, recall only).
     """
 
     def __init__(self, model, label: str, num_clusters: int | None = None,
-                 load_image: Callable[[str], np.ndarray] | None = None):
+                 load_image: Callable[[str], np.ndarray] | None = None, class_rule=None):
         from part_distillation.data.images import load_rgb
+        from part_distillation.evaluation.class_map import ModelClassRule
 
         self.model, self.label = model, label
+        self.class_rule = class_rule if class_rule is not None else ModelClassRule(
+            getattr(model, "class_wnids", None))
         if model.kind == "part_distillation":
             self.num_clusters = int(model.parts_per_class)
         elif model.kind == "semantic":  # clusters are the head's part classes
@@ -116,7 +120,7 @@ class ModelPredictor(Predictor):
     def __call__(self, sample: PartSample) -> Prediction | None:
         object_class = None
         if self.model.kind == "part_distillation":
-            object_class = self.model.class_index(sample.wnid)
+            object_class = self.class_rule.index(sample.object_class, sample.wnid)
             if object_class is None:
                 self.last_skip = "object_class_not_in_model"
                 return None

@@ -162,7 +162,12 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
         raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} does not say which object class "
                           f"each head row is ({inference.CLASSES_FILE} missing in its run folder and its image "
                           f"tree not found): rerun part_distillation to write it")
-    return ModelPredictor(model, spec.label, st.num_clusters)
+    rule = None
+    if model.kind == "part_distillation":
+        from part_distillation.evaluation.class_map import ModelClassRule
+
+        rule = ModelClassRule.from_files(model.class_wnids, st.class_map_file, st.wordnet_is_a)
+    return ModelPredictor(model, spec.label, st.num_clusters, class_rule=rule)
 
 
 def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
@@ -171,7 +176,9 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
     return {"predictor": {"kind": spec.kind, "path": spec.path, "checkpoint": str(checkpoint) if checkpoint else None},
             "stage": {"dataset": st.dataset, "dataset_root": st.dataset_root, "image_root": st.image_root,
                       "annotations_root": st.annotations_root, "split": st.split, "match_split": st.match_split,
-                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters}}
+                      "top_k": list(st.top_k), "num_clusters": predictor.num_clusters,
+                      **({"class_map_file": st.class_map_file, "wordnet_is_a": st.wordnet_is_a}
+                         if spec.kind == "part_distillation" else {})}}
 
 
 # --------------------------------------------------------------------------- one sample
@@ -184,6 +191,8 @@ def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSam
         skip = predictor.last_skip or "no_prediction"
         prediction = empty_prediction(sample.object_mask.shape)
     state = evaluator.process(sample, prediction)
+    if skip:
+        state["skip"] = skip
     evaluator.reset()  # the caller keeps the states (a record store, or a list)
     return state, skip
 
@@ -266,6 +275,12 @@ def run(cfg: RunConfig, context) -> StageSummary:
             summary.extra["collages"] = [str(p) for p in write_collages(
                 output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
                 st.collage_classes, st.collage_per_class)]
+        for label, result in results.items():
+            if result.get("skipped"):
+                log.warning("[evaluate] %s skipped %d of %d samples of split %s (scored as finding nothing): %s%s",
+                            label, sum(result["skipped"].values()), result["images"], st.split, result["skipped"],
+                            " (a PartDistillation model on another dataset's classes: see stage.class_map_file "
+                            "and stage.wordnet_is_a)" if "object_class_not_in_model" in result["skipped"] else "")
         images = next(iter(results.values()))["images"]
         log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
                  f" (strict protocol matched on {st.match_split})" if st.match_split else
@@ -326,9 +341,18 @@ def object_key_label(object_key: str, dataset: str) -> str:
     return "ImageNet class (wnid)" if object_key == "imagenet_class" else "PartImageNet super-category"
 
 
-def _key_line(results: Iterable[dict]) -> str:
-    labels = sorted({r["object_key_label"] for r in results if r.get("object_key_label")})
-    return f"\nmIoU per object class keyed by: {', '.join(labels)}\n" if labels else ""
+def _key_line(results: Mapping[str, dict]) -> str:
+    """The lines under a table: what keys the mIoU, and the samples each predictor skipped."""
+    labels = sorted({r["object_key_label"] for r in results.values() if r.get("object_key_label")})
+    lines = [f"mIoU per object class keyed by: {', '.join(labels)}"] if labels else []
+    for label, result in results.items():
+        skipped = result.get("skipped") or {}
+        if skipped:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+            who = f"{label}: " if label else ""
+            lines.append(f"{who}skipped {sum(skipped.values())} of {result.get('images', '?')} samples "
+                         f"(scored as finding nothing): {reasons}")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def _columns(top_k: tuple[int, ...]) -> list[str]:
@@ -342,7 +366,7 @@ def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     for protocol in PROTOCOLS:
         row = result[protocol]
         lines.append(f"| {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n" + _key_line([result])
+    return "\n".join(lines) + "\n" + _key_line({"": result})
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
@@ -353,7 +377,7 @@ def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
         for protocol in PROTOCOLS:
             row = result[protocol]
             lines.append(f"| {label} | {protocol} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n" + _key_line(results.values())
+    return "\n".join(lines) + "\n" + _key_line(results)
 
 
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,

@@ -173,6 +173,17 @@ def test_images_without_records_count_as_finding_nothing(synthetic, tmp_path):
                "stage.split=train", "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]")
     summary = evaluate.run(cfg, JobContext()).as_dict()
     assert summary["skipped"] == {"records_dense_crf:no_prediction": 6}
+    assert _metrics(cfg)["skipped"] == {}   # the evaluation split had its records
+    # the skips are said in the files too, never a silently empty score
+    cfg = _cfg(f"data.root={synthetic}", f"paths.root={tmp_path / 'swapped'}", f"stage.input={records}",
+               "stage.split=val", "stage.match_split=train", "stage.num_clusters=4", "stage.top_k=[10]")
+    evaluate.run(cfg, JobContext())
+    assert _metrics(cfg)["skipped"] == {"no_prediction": 6}
+    line = "skipped 6 of 6 samples (scored as finding nothing): no_prediction 6"
+    assert line in (Path(cfg.stage.output) / "records_dense_crf" / "metrics.md").read_text()
+    assert f"records_dense_crf: {line}" in (Path(cfg.stage.output) / "metrics.md").read_text()
+    cfg = _cfg(f"data.root={synthetic}", f"paths.root={tmp_path}", f"stage.input={records}",
+               "stage.split=train", "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]")
     strict = _metrics(cfg)["strict"]
     assert strict["C-mIoU"] < 50   # every cluster maps to part 0 when the matching split saw nothing
 
