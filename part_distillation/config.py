@@ -471,12 +471,17 @@ class EvaluateStageConfig(StageConfig):
     #: (the model's first class under the dataset class's synset); null: the synset itself only
     class_map_file: Optional[str] = None
     wordnet_is_a: Optional[str] = None
+    #: where masks are scored: test (each predictor's test resolution, shortest side 640: the
+    #: reference for PartImageNet) | original (the image's size: Pascal-Part, Cityscapes-Part)
+    #: | auto (test for partimagenet, original otherwise)
+    score_size: str = "auto"
     collage_classes: int = 4  # the best and the worst classes drawn per predictor (collage_<label>.png); 0: none
     collage_per_class: int = 2  # images per class in that collage
 
     _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
                "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian"),
                "object_key": _one_of("imagenet_class", "supercategory"),
+               "score_size": _one_of("auto", "test", "original"),
                "collage_classes": _at_least(0), "collage_per_class": _at_least(1)}
 
 

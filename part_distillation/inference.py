@@ -317,16 +317,17 @@ class TrainedModel:
 
     # -- prediction -------------------------------------------------------------------
     def predict(self, image: np.ndarray, object_mask: np.ndarray | None = None,
-                object_class: int | None = None) -> Prediction:
+                object_class: int | None = None, to_original: bool = True) -> Prediction:
         """Parts of one image: ``image`` (H, W, 3) uint8 RGB, ``object_mask`` (H, W) bool or
         None (no restriction), ``object_class`` the training class index (stage 6 only).
 
         Returns masks (N, H, W) bool at the image's size, scores (N,) and clusters (N,)
         int64: for proposals their rank 0..N-1 (each image its own numbering), for
         PartDistillation the part class within the object class (0..K-1), for a semantic
-        baseline the part class of its dataset (the head's index).
+        baseline the part class of its dataset (the head's index). ``to_original=False``: masks
+        at the frame's fitted size (:meth:`frame`, the test resolution) instead.
         """
-        return self.predict_batch([image], [object_mask], [object_class])[0]
+        return self.predict_batch([image], [object_mask], [object_class], to_original=to_original)[0]
 
     def frame(self, shape: tuple[int, int]) -> ImageFrame:
         """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``)."""
@@ -338,7 +339,8 @@ class TrainedModel:
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], object_masks: Sequence[np.ndarray | None] | None = None,
-                      object_classes: Sequence[int | None] | None = None) -> list[Prediction]:
+                      object_classes: Sequence[int | None] | None = None, to_original: bool = True
+                      ) -> list[Prediction]:
         """:meth:`predict` for several images, one forward pass per frame size (any sizes): images
         of different sizes are never padded together, so a batch gives what single images give."""
         from part_distillation.models.mask2former import preprocess_images
@@ -380,13 +382,14 @@ class TrainedModel:
                 out = self.model(batch.pixel_values, **{k: v[members] for k, v in kwargs.items()})
                 for j, i in enumerate(members):
                     results[i] = self._postprocess(out["pred_logits"][j], out["pred_masks"][j], frames[i],
-                                                   object_masks[i], batch.padded_size)
+                                                   object_masks[i], batch.padded_size, to_original)
         finally:
             self.model.train(was_training)
         return results
 
     def _postprocess(self, logits: torch.Tensor, mask_logits: torch.Tensor, frame: ImageFrame,
-                     object_mask: np.ndarray | None, padded_size: tuple[int, int]) -> Prediction:
+                     object_mask: np.ndarray | None, padded_size: tuple[int, int],
+                     to_original: bool = True) -> Prediction:
         from part_distillation import postprocess
 
         obj = None
@@ -405,8 +408,10 @@ class TrainedModel:
                                                restrict="before", merge_classes=True, min_area_ratio=None,
                                                min_score=None)
             clusters = found.classes.cpu().numpy().astype(np.int64)
-        masks = frame.masks_to_original(found.masks.cpu().numpy())
-        return Prediction(masks=masks.reshape(len(found), *frame.original),
+        masks = found.masks.cpu().numpy()
+        size = frame.original if to_original else frame.fitted
+        masks = frame.masks_to_original(masks) if to_original else frame.crop_to_fitted(masks)
+        return Prediction(masks=masks.reshape(len(found), *size),
                           scores=found.scores.float().cpu().numpy().astype(np.float64), clusters=clusters)
 
 

@@ -15,6 +15,11 @@ predictions use: 0..num_clusters-1). A cluster id of -1 marks a mask that counts
 proposal recall only, not for the part segmentation (a proposal model's masks beyond its
 top ``num_clusters``). A predictor that cannot predict a sample returns ``None`` with
 :attr:`last_skip` saying why; the sample then counts as finding nothing.
+
+Predictions are at the sample's original size, or, given ``frame`` (an
+``ImageFrame``), at ``frame.fitted``: PartImageNet is scored at the test resolution
+(PIPELINE.md "Evaluation"), each predictor's own (:meth:`Predictor.score_frame`), and a
+predictor gives its masks there directly rather than through the original size.
 """
 from __future__ import annotations
 
@@ -35,18 +40,28 @@ def empty_prediction(shape: tuple[int, int], with_clusters: bool = True) -> Pred
                       clusters=np.zeros(0, dtype=np.int64) if with_clusters else None)
 
 
-def prediction_from_record(record: dict, sample: PartSample) -> Prediction:
-    """A stage record's part masks at the sample's original size, with their clusters.
+#: The test resolution of what is not a model (stage records, strips): longer side 640, as
+#: the proposal models' (shortest side 640 with the longer side capped at 640).
+TEST_SIZE = 640
+
+
+def prediction_from_record(record: dict, sample: PartSample, frame: ImageFrame | None = None) -> Prediction:
+    """A stage record's part masks at the sample's original size (or at ``frame.fitted``),
+    with their clusters.
 
     ``part_labels`` records (part ranking) carry ``cluster_ids`` (consistent within an
     object class) and scores; ``part_segments`` records (pixel grouping, dense CRF) carry
     ``part_ids`` 1..K, each image its own numbering (clusters = ids - 1, scores 1).
     """
-    frame = ImageFrame.from_record(record)
-    if tuple(frame.original) != tuple(sample.object_mask.shape):
-        raise ValueError(f"record {record['key']!r} is of an image of size {frame.original}, but the dataset's "
+    written = ImageFrame.from_record(record)
+    if tuple(written.original) != tuple(sample.object_mask.shape):
+        raise ValueError(f"record {record['key']!r} is of an image of size {written.original}, but the dataset's "
                          f"{sample.path} is {tuple(sample.object_mask.shape)}")
-    masks = frame.masks_to_original(decode_rles(record["part_masks"], size=frame.fitted))
+    masks = decode_rles(record["part_masks"], size=written.fitted)
+    if frame is None:
+        masks = written.masks_to_original(masks)
+    elif tuple(frame.fitted) != tuple(written.fitted):  # another scale: through the original frame
+        masks = frame.masks_to_fitted(written.masks_to_original(masks))
     if "cluster_ids" in record:
         clusters, scores = np.asarray(record["cluster_ids"]), np.asarray(record["scores"], dtype=np.float64)
     else:
@@ -55,14 +70,18 @@ def prediction_from_record(record: dict, sample: PartSample) -> Prediction:
 
 
 class Predictor:
-    """Base: ``predictor(sample) -> Prediction | None`` (None: see :attr:`last_skip`)."""
+    """Base: ``predictor(sample, frame=None) -> Prediction | None`` (None: see :attr:`last_skip`)."""
 
     label: str = "predictor"
     num_clusters: int = 1
     last_skip: str | None = None
 
-    def __call__(self, sample: PartSample) -> Prediction | None:
+    def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         raise NotImplementedError
+
+    def score_frame(self, shape: tuple[int, int]) -> ImageFrame:
+        """The test resolution of an image of ``shape`` for this predictor (no canvas)."""
+        return ImageFrame.fit(shape, size=TEST_SIZE)
 
 
 class RecordsPredictor(Predictor):
@@ -78,12 +97,12 @@ class RecordsPredictor(Predictor):
         records = {os.path.realpath(r["path"]): r for r in RecordStore(path).iter_records()}
         return cls(records, label, num_clusters)
 
-    def __call__(self, sample: PartSample) -> Prediction | None:
+    def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         record = self.records.get(os.path.realpath(sample.path))
         if record is None:
             self.last_skip = "no_prediction"
             return None
-        prediction = prediction_from_record(record, sample)
+        prediction = prediction_from_record(record, sample, frame)
         if len(prediction.clusters) and prediction.clusters.max() >= self.num_clusters:
             raise ValueError(f"{self.label}: record {record['key']!r} has cluster {prediction.clusters.max()} but "
                              f"stage.num_clusters={self.num_clusters}: set it to the records' number of parts")
@@ -117,7 +136,11 @@ class ModelPredictor(Predictor):
             self.num_clusters = int(num_clusters or 8)
         self.load_image = load_image or load_rgb
 
-    def __call__(self, sample: PartSample) -> Prediction | None:
+    def score_frame(self, shape: tuple[int, int]) -> ImageFrame:
+        """The model's own test resolution (``TrainedModel.frame``, without its canvas)."""
+        return self.model.frame(tuple(shape)).with_canvas(None)
+
+    def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         object_class = None
         if self.model.kind == "part_distillation":
             object_class = self.class_rule.index(sample.object_class, sample.wnid)
@@ -128,7 +151,12 @@ class ModelPredictor(Predictor):
         if tuple(image.shape[:2]) != tuple(sample.object_mask.shape):
             raise ValueError(f"{sample.path}: image of size {tuple(image.shape[:2])}, its annotation "
                              f"{tuple(sample.object_mask.shape)}")
-        prediction = self.model.predict(image, sample.object_mask, object_class)
+        if frame is None:
+            prediction = self.model.predict(image, sample.object_mask, object_class)
+        elif tuple(frame.fitted) == tuple(self.score_frame(image.shape[:2]).fitted):
+            prediction = self.model.predict(image, sample.object_mask, object_class, to_original=False)
+        else:
+            raise ValueError(f"{self.label}: asked for masks at {frame.fitted}, not this model's test resolution")
         if self.model.kind == "proposal":
             clusters = np.where(prediction.clusters < self.num_clusters, prediction.clusters, -1)
             prediction = Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters)
@@ -143,10 +171,11 @@ class StripsPredictor(Predictor):
     def __init__(self, num_clusters: int, label: str = "strips"):
         self.num_clusters, self.label = int(num_clusters), label
 
-    def __call__(self, sample: PartSample) -> Prediction:
+    def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction:
         from part_distillation.models.baselines import strip_labels
 
-        labels = strip_labels(sample.object_mask, self.num_clusters)
+        object_mask = sample.object_mask if frame is None else frame.masks_to_fitted(sample.object_mask[None])[0]
+        labels = strip_labels(object_mask, self.num_clusters)
         ids = np.arange(1, self.num_clusters + 1)
         masks = labels[None] == ids[:, None, None]
         present = masks.reshape(len(ids), -1).any(1)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -177,20 +178,39 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
             "stage": {"dataset": st.dataset, "dataset_root": st.dataset_root, "image_root": st.image_root,
                       "annotations_root": st.annotations_root, "split": st.split, "match_split": st.match_split,
                       "top_k": list(st.top_k), "num_clusters": predictor.num_clusters,
+                      "at_test_size": scores_at_test_size(st.dataset, st.score_size),
                       **({"class_map_file": st.class_map_file, "wordnet_is_a": st.wordnet_is_a}
                          if spec.kind == "part_distillation" else {})}}
 
 
 # --------------------------------------------------------------------------- one sample
 
-def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample) -> tuple[dict, str | None]:
-    """The evaluation state of one sample for one predictor, and why it predicted nothing (or None)."""
-    prediction = predictor(sample)
+def scores_at_test_size(dataset: str, score_size: str = "auto") -> bool:
+    """Whether samples are scored at the predictor's test resolution (``stage.score_size``):
+    PartImageNet by default, as the reference; Pascal-Part and Cityscapes-Part at the original size."""
+    return score_size == "test" or (score_size == "auto" and dataset == "partimagenet")
+
+
+def at_frame(sample: PartSample, frame) -> PartSample:
+    """The sample's masks at ``frame.fitted`` (nearest)."""
+    return dataclasses.replace(sample, object_mask=frame.masks_to_fitted(sample.object_mask[None])[0],
+                               part_masks=frame.masks_to_fitted(np.asarray(sample.part_masks, dtype=bool)))
+
+
+def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample,
+                 at_test_size: bool = False) -> tuple[dict, str | None]:
+    """The evaluation state of one sample for one predictor, and why it predicted nothing (or None).
+
+    ``at_test_size``: ground truth and prediction scored at the predictor's test resolution
+    (``Predictor.score_frame``: the prediction made there, the ground truth resized to it)."""
+    frame = predictor.score_frame(sample.object_mask.shape) if at_test_size else None
+    prediction = predictor(sample, frame) if frame is not None else predictor(sample)
+    scored = at_frame(sample, frame) if frame is not None else sample
     skip = None
     if prediction is None:
         skip = predictor.last_skip or "no_prediction"
-        prediction = empty_prediction(sample.object_mask.shape)
-    state = evaluator.process(sample, prediction)
+        prediction = empty_prediction(scored.object_mask.shape)
+    state = evaluator.process(scored, prediction)
     if skip:
         state["skip"] = skip
     evaluator.reset()  # the caller keeps the states (a record store, or a list)
@@ -199,12 +219,12 @@ def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSam
 
 def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[PartSample]], split: str,
                        match_split: str | None, num_parts: int, top_k: Sequence[int] = proposals.TOP_K,
-                       mapping: str = "majority") -> dict:
+                       mapping: str = "majority", at_test_size: bool = False) -> dict:
     """Both protocols' metrics of ``predictor`` over ``samples`` (split -> samples), no files."""
     evaluator = PartEvaluator(num_parts=num_parts, num_clusters=predictor.num_clusters, top_k=tuple(top_k))
     states: dict[str, list[dict]] = {}
     for name, items in samples.items():
-        states[name] = [score_sample(predictor, evaluator, sample)[0] for sample in items]
+        states[name] = [score_sample(predictor, evaluator, sample, at_test_size)[0] for sample in items]
     result = metrics(states.get(split, []), states.get(match_split) if match_split else None, top_k=tuple(top_k),
                      mapping=mapping)
     result["images"] = len(states.get(split, []))
@@ -237,6 +257,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
     evaluators = [PartEvaluator(num_parts=num_parts, num_clusters=p.num_clusters, top_k=tuple(st.top_k))
                   for p in predictors]
     output = Path(st.output)
+    at_test_size = scores_at_test_size(st.dataset, st.score_size)
     with contextlib.ExitStack() as stack:
         # the job's shard of stage.output itself: its manifest (this config, predictors included) and,
         # once closed, "this slice is done" as for every stage; the states are in the predictors' stores
@@ -253,7 +274,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
                     if writer.has(key):
                         summary.already_done += 1
                         continue
-                    state, skip = score_sample(predictor, evaluator, sample)
+                    state, skip = score_sample(predictor, evaluator, sample, at_test_size)
                     if skip:
                         summary.skip(f"{spec.label}:{skip}")
                     writer.write({**state, "key": key, "split": split})
@@ -487,7 +508,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
                              class_wnids=tuple(class_wnids) if class_wnids is not None else None)
         predictor = ModelPredictor(model, kind, stage.eval_num_clusters, load_image=load_image)
         result = evaluate_in_memory(predictor, samples, stage.eval_split, stage.eval_match_split, num_parts,
-                                    top_k=top_k)
+                                    top_k=top_k, at_test_size=scores_at_test_size(stage.eval_dataset))
         return flat_metrics(result, top_k)
 
     return evaluate

@@ -293,8 +293,10 @@ def test_training_evaluation_scores_the_live_model(halves):
     samples = {s: list(itertools.islice(open_part_dataset("partimagenet", halves["root"], s,
                                                           halves["root"] / "train").samples(), 2))
                for s in ("train_eval", "train_match")}
-    assert {s.object_class for s in samples["train_eval"]} == {"rover", "lantern"}   # halves interleave classes
-    want = evaluate.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7)
+    assert {s.supercategory for s in samples["train_eval"]} == {"rover", "lantern"}   # halves interleave classes
+    assert {s.object_class for s in samples["train_eval"]} == set(halves["wnids"])    # keyed by ImageNet class
+    want = evaluate.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7,
+                                       at_test_size=True)   # PartImageNet-style: at the test resolution
     assert got == evaluate.flat_metrics(want)
     with pytest.raises(ConfigError, match="stage.eval_root"):
         evaluate.training_evaluation(ProposalLearningStageConfig(output="x", eval_period=5), "proposal")
@@ -359,3 +361,34 @@ def test_semantic_baseline_run_is_a_predictor(halves, tmp_path):
     assert result["images"] == 4 and np.isfinite(result["reference"]["AR@10"])
     with pytest.raises(ConfigError, match="needs its run folder"):
         evaluate.check(_model_cfg(halves, tmp_path / "other", "[semantic]"))
+
+
+# --------------------------------------------------------------------------- test resolution
+
+def test_partimagenet_is_scored_at_the_test_resolution_other_datasets_at_the_original_size():
+    from part_distillation.evaluation.evaluator import PartEvaluator
+    from part_distillation.evaluation.predictors import RecordsPredictor, StripsPredictor
+
+    assert evaluate.scores_at_test_size("partimagenet") and not evaluate.scores_at_test_size("pascal_part")
+    assert evaluate.scores_at_test_size("pascal_part", "test")
+    assert not evaluate.scores_at_test_size("partimagenet", "original")
+    obj = np.zeros((32, 48), bool)
+    obj[8:24, 8:40] = True
+    left, right = obj.copy(), obj.copy()
+    left[:, 24:], right[:, :24] = False, False
+    sample = evaluate.PartSample(key="0", path="/x/n1_0.JPEG", object_class="n1", wnid="n1", object_mask=obj,
+                                 part_masks=np.stack([left, right]), part_ids=np.array([0, 1]))
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2, top_k=(10,))
+    original, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample)
+    scaled, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample, at_test_size=True)
+    assert original["ar_strict"]["gt_areas"].tolist() == [256, 256]
+    # 32 x 48 -> 427 x 640 (longer side 640 for what is not a PartDistillation model): x 13.3 per axis
+    assert scaled["ar_strict"]["gt_areas"].sum() == pytest.approx(512 * (640 / 48) ** 2, rel=0.02)
+    assert scaled["confusion_strict"].sum() == 427 * 640
+    # a stage record (fitted 640) gives its masks at the test resolution without the original size
+    frame = ImageFrame.fit((32, 48))
+    record = {"key": "r", "path": "/x/n1_0.JPEG", **frame.as_record(),
+              "part_masks": encode_rles(frame.masks_to_fitted(np.stack([left, right]))), "part_ids": [1, 2]}
+    records = RecordsPredictor({"/x/n1_0.JPEG": record}, "records", 2)
+    state, skip = evaluate.score_sample(records, evaluator, sample, at_test_size=True)
+    assert skip is None and state["ar_strict"]["overlaps"].min() == pytest.approx(1.0)
