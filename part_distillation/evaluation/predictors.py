@@ -18,8 +18,9 @@ top ``num_clusters``). A predictor that cannot predict a sample returns ``None``
 
 Predictions are at the sample's original size, or, given ``frame`` (an
 ``ImageFrame``), at ``frame.fitted``: PartImageNet is scored at the test resolution
-(PIPELINE.md "Evaluation"), each predictor's own (:meth:`Predictor.score_frame`), and a
-predictor gives its masks there directly rather than through the original size.
+(PIPELINE.md "Evaluation"), each predictor's own (:meth:`Predictor.score_frame`: a
+model's test frame; a stage record's own frame; else longer side 640), and a predictor
+gives its masks there directly rather than through the original size.
 """
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ class Predictor:
     def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         raise NotImplementedError
 
-    def score_frame(self, shape: tuple[int, int]) -> ImageFrame:
-        """The test resolution of an image of ``shape`` for this predictor (no canvas)."""
-        return ImageFrame.fit(shape, size=TEST_SIZE)
+    def score_frame(self, sample: PartSample) -> ImageFrame:
+        """The test resolution of the sample's image for this predictor (no canvas)."""
+        return ImageFrame.fit(sample.object_mask.shape, size=TEST_SIZE)
 
 
 class RecordsPredictor(Predictor):
@@ -96,6 +97,13 @@ class RecordsPredictor(Predictor):
 
         records = {os.path.realpath(r["path"]): r for r in RecordStore(path).iter_records()}
         return cls(records, label, num_clusters)
+
+    def score_frame(self, sample: PartSample) -> ImageFrame:
+        """The frame the sample's record was written in (its masks as they are), else longer side 640."""
+        record = self.records.get(os.path.realpath(sample.path))
+        if record is not None and tuple(record.get("original_size", ())) == tuple(sample.object_mask.shape):
+            return ImageFrame.from_record(record)
+        return super().score_frame(sample)
 
     def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         record = self.records.get(os.path.realpath(sample.path))
@@ -136,9 +144,9 @@ class ModelPredictor(Predictor):
             self.num_clusters = int(num_clusters or 8)
         self.load_image = load_image or load_rgb
 
-    def score_frame(self, shape: tuple[int, int]) -> ImageFrame:
+    def score_frame(self, sample: PartSample) -> ImageFrame:
         """The model's own test resolution (``TrainedModel.frame``, without its canvas)."""
-        return self.model.frame(tuple(shape)).with_canvas(None)
+        return self.model.frame(tuple(sample.object_mask.shape)).with_canvas(None)
 
     def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction | None:
         object_class = None
@@ -153,7 +161,7 @@ class ModelPredictor(Predictor):
                              f"{tuple(sample.object_mask.shape)}")
         if frame is None:
             prediction = self.model.predict(image, sample.object_mask, object_class)
-        elif tuple(frame.fitted) == tuple(self.score_frame(image.shape[:2]).fitted):
+        elif tuple(frame.fitted) == tuple(self.score_frame(sample).fitted):
             prediction = self.model.predict(image, sample.object_mask, object_class, to_original=False)
         else:
             raise ValueError(f"{self.label}: asked for masks at {frame.fitted}, not this model's test resolution")

@@ -203,7 +203,7 @@ def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSam
 
     ``at_test_size``: ground truth and prediction scored at the predictor's test resolution
     (``Predictor.score_frame``: the prediction made there, the ground truth resized to it)."""
-    frame = predictor.score_frame(sample.object_mask.shape) if at_test_size else None
+    frame = predictor.score_frame(sample) if at_test_size else None
     prediction = predictor(sample, frame) if frame is not None else predictor(sample)
     scored = at_frame(sample, frame) if frame is not None else sample
     skip = None
