@@ -124,8 +124,9 @@ class ModelPredictor(Predictor):
     PartDistillation model gets the sample's object class as a training class index by
     ``class_rule`` (``evaluation.class_map.ModelClassRule``: a mapping file, the synset
     itself, or the model's first class under it in WordNet; default: the synset itself);
-    a sample no class of the model stands for is skipped (``object_class_not_in_model``). Proposals: clusters are the per-image rank, the top
-    ``num_clusters`` kept for the segmentation (the rest -1, recall only).
+    a sample no class of the model stands for is skipped (``object_class_not_in_model``).
+    Proposals: clusters are the per-image rank, the top ``num_clusters`` kept for the
+    segmentation (the rest -1, recall only).
     """
 
     def __init__(self, model, label: str, num_clusters: int | None = None,

@@ -11,8 +11,9 @@
     a trained stage-4/6 model (``inference.TrainedModel``: a checkpoint file or a run
     folder, default ``stage.proposal_run`` / ``stage.part_distillation_run``, its newest
     checkpoint) run on each image with the sample's object mask (and, for stage 6, its
-    object class mapped to the training class index by synset): the strict protocol's
-    only ground truth;
+    object class mapped to the training class index by synset, or for a synset that is no
+    class of the model by ``stage.class_map_file`` / ``stage.wordnet_is_a``: see
+    ``evaluation/class_map.py``): the strict protocol's only ground truth;
 ``semantic:<path>``
     a semantic-part baseline (``supervised_learning`` / ``fewshot_learning`` with
     ``stage.variant=semantic``): its run folder; clusters are its dataset's part classes;
