@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from part_distillation.evaluation.part_miou import (
-    apply_mapping, apply_mapping_filtered, confusion, hungarian, image_confusion, majority_vote, match_clusters, merge, part_scores, summarize)
+    apply_mapping, apply_mapping_filtered, confusion, hungarian, image_confusion, majority_vote, match_clusters, merge,
+    part_scores, summarize)
 
 
 def _masks(labels, values):
