@@ -469,11 +469,25 @@ class EvaluateStageConfig(StageConfig):
     num_clusters: int = 8
     top_k: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200])
     mapping: str = "majority"
+    #: what keys the part mIoU (confusion matrices, majority vote): imagenet_class (the image's
+    #: ImageNet class, as the reference; Pascal/Cityscapes: their object class) | supercategory
+    object_key: str = "imagenet_class"
+    #: a PartDistillation model's class for a dataset class (evaluation/class_map.py): a json or
+    #: csv file of dataset class (or its wnid) -> model wnid, and ImageNet's wordnet.is_a.txt
+    #: (the model's first class under the dataset class's synset); null: the synset itself only
+    class_map_file: Optional[str] = None
+    wordnet_is_a: Optional[str] = None
+    #: where masks are scored: test (each predictor's test resolution, shortest side 640: the
+    #: reference for PartImageNet) | original (the image's size: Pascal-Part, Cityscapes-Part)
+    #: | auto (test for partimagenet, original otherwise)
+    score_size: str = "auto"
     collage_classes: int = 4  # the best and the worst classes drawn per predictor (collage_<label>.png); 0: none
     collage_per_class: int = 2  # images per class in that collage
 
     _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
                "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian"),
+               "object_key": _one_of("imagenet_class", "supercategory"),
+               "score_size": _one_of("auto", "test", "original"),
                "collage_classes": _at_least(0), "collage_per_class": _at_least(1)}
 
 

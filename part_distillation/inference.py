@@ -321,7 +321,8 @@ class TrainedModel:
 
     # -- prediction -------------------------------------------------------------------
     def predict(self, image: np.ndarray, object_mask: np.ndarray | None = None,
-                object_class: int | None = None, *, with_overlapping: bool = False) -> Prediction:
+                object_class: int | None = None, *, with_overlapping: bool = False,
+                to_original: bool = True) -> Prediction:
         """Parts of one image: ``image`` (H, W, 3) uint8 RGB, ``object_mask`` (H, W) bool or
         None (no restriction), ``object_class`` the training class index (stage 6 only).
 
@@ -331,8 +332,11 @@ class TrainedModel:
         baseline the part class of its dataset (the head's index). ``with_overlapping``: a
         proposal model with ``one_label`` also gives the same forward pass's proposals
         without one label per pixel (``Prediction.overlapping``, the published AR setting).
+        ``to_original=False``: masks (both sets) at the frame's fitted size (:meth:`frame`, the
+        test resolution) instead.
         """
-        return self.predict_batch([image], [object_mask], [object_class], with_overlapping=with_overlapping)[0]
+        return self.predict_batch([image], [object_mask], [object_class], with_overlapping=with_overlapping,
+                                  to_original=to_original)[0]
 
     def frame(self, shape: tuple[int, int]) -> ImageFrame:
         """The frame an image of ``shape`` = (h, w) is seen in (see ``max_size``): proposals
@@ -348,7 +352,7 @@ class TrainedModel:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], object_masks: Sequence[np.ndarray | None] | None = None,
                       object_classes: Sequence[int | None] | None = None, *,
-                      with_overlapping: bool = False) -> list[Prediction]:
+                      with_overlapping: bool = False, to_original: bool = True) -> list[Prediction]:
         """:meth:`predict` for several images, one forward pass per frame size (any sizes): images
         of different sizes are never padded together, so a batch gives what single images give."""
         from part_distillation.models.mask2former import preprocess_images
@@ -390,14 +394,15 @@ class TrainedModel:
                 out = self.model(batch.pixel_values, **{k: v[members] for k, v in kwargs.items()})
                 for j, i in enumerate(members):
                     results[i] = self._postprocess(out["pred_logits"][j], out["pred_masks"][j], frames[i],
-                                                   object_masks[i], batch.padded_size, with_overlapping)
+                                                   object_masks[i], batch.padded_size, with_overlapping,
+                                                   to_original)
         finally:
             self.model.train(was_training)
         return results
 
     def _postprocess(self, logits: torch.Tensor, mask_logits: torch.Tensor, frame: ImageFrame,
                      object_mask: np.ndarray | None, padded_size: tuple[int, int],
-                     with_overlapping: bool = False) -> Prediction:
+                     with_overlapping: bool = False, to_original: bool = True) -> Prediction:
         from part_distillation import postprocess
 
         obj = None
@@ -415,21 +420,24 @@ class TrainedModel:
             found = sets[setting]
             clusters = np.arange(len(found), dtype=np.int64)
             if len(sets) > 1:
-                overlapping = self._to_original(sets["overlapping"], frame)
+                overlapping = self._to_original(sets["overlapping"], frame, to_original)
         else:
             found = postprocess.part_inference(postprocess.class_probabilities(logits), mask_logits, **sizes,
                                                one_label=self.one_label, restrict="before", merge_classes=True,
                                                min_area_ratio=None, min_score=None)
             clusters = found.classes.cpu().numpy().astype(np.int64)
-        prediction = self._to_original(found, frame)
+        prediction = self._to_original(found, frame, to_original)
         return Prediction(masks=prediction.masks, scores=prediction.scores, clusters=clusters,
                           overlapping=overlapping)
 
     @staticmethod
-    def _to_original(found, frame: ImageFrame) -> Prediction:
-        """Instances of the fitted frame as masks (at the original size) and scores."""
-        masks = frame.masks_to_original(found.masks.cpu().numpy())
-        return Prediction(masks=masks.reshape(len(found), *frame.original),
+    def _to_original(found, frame: ImageFrame, to_original: bool = True) -> Prediction:
+        """Instances of the fitted frame as masks and scores: masks at the original size, or at
+        the fitted size (the test resolution) when not ``to_original``."""
+        masks = found.masks.cpu().numpy()
+        size = frame.original if to_original else frame.fitted
+        masks = frame.masks_to_original(masks) if to_original else frame.crop_to_fitted(masks)
+        return Prediction(masks=masks.reshape(len(found), *size),
                           scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 

@@ -69,11 +69,20 @@ def rle_to_bbox(rles: Sequence[RLE]) -> np.ndarray:
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (N, M) between two stacks of binary masks of the same (H, W)."""
-    a = np.asarray(a, dtype=bool).reshape(len(a), -1).astype(np.float32)
-    b = np.asarray(b, dtype=bool).reshape(len(b), -1).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    """IoU matrix (N, M) float64 between two stacks of binary masks of the same (H, W).
+
+    The ratio is float64: IoUs are compared with thresholds such as 0.65, and
+    float32(0.65) < 0.65 would turn an exact hit into a miss. The pixel counts are exact
+    integers either way: float32 while a mask has fewer than 2**24 pixels (half the memory
+    of the flattened stacks), float64 beyond."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    pixels = int(np.prod(a.shape[1:])) if a.ndim > 1 else 0
+    dtype = np.float32 if pixels < 2 ** 24 else np.float64
+    a = a.reshape(len(a), -1).astype(dtype)
+    b = b.reshape(len(b), -1).astype(dtype)
+    inter = (a @ b.T).astype(np.float64)
+    union = a.sum(1, dtype=np.float64)[:, None] + b.sum(1, dtype=np.float64)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 

@@ -165,3 +165,25 @@ def test_semantic_baseline_predicts_its_dataset_part_classes(tmp_path, image):
     assert got.masks.shape[1:] == (50, 90) and not (got.masks & ~obj).any()
     assert set(got.clusters.tolist()) <= set(range(5)) and len(set(got.clusters.tolist())) == len(got.clusters)
     assert ModelPredictor(model, "semantic").num_clusters == 5
+
+
+def test_masks_at_the_test_resolution_on_request(runs, image):
+    # the evaluation scores PartImageNet at the test resolution: masks straight from the
+    # fitted frame, the same masks the original-size ones are resized from
+    img, obj = image
+    for kind in ("part_distillation", "proposal"):
+        model = TrainedModel.load(runs[kind])
+        frame = model.frame((50, 90))
+        c = 1 if kind == "part_distillation" else None
+        fitted = model.predict(img, obj, object_class=c, to_original=False)
+        original = model.predict(img, obj, object_class=c)
+        assert fitted.masks.shape[1:] == frame.fitted
+        np.testing.assert_array_equal(frame.masks_to_original(fitted.masks), original.masks)
+        np.testing.assert_allclose(fitted.scores, original.scores)
+    # a proposal model's overlapping set comes in the same frame as its one-label set
+    model = TrainedModel.load(runs["proposal"])
+    frame = model.frame((50, 90))
+    fitted = model.predict(img, obj, with_overlapping=True, to_original=False)
+    original = model.predict(img, obj, with_overlapping=True)
+    assert fitted.overlapping.masks.shape[1:] == frame.fitted and len(fitted.overlapping.masks)
+    np.testing.assert_array_equal(frame.masks_to_original(fitted.overlapping.masks), original.overlapping.masks)

@@ -68,3 +68,14 @@ def test_label_map_miou_ignores_background_and_counts_labels_in_either_map():
     assert masks.label_map_miou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
     with pytest.raises(ValueError, match="shape"):
         masks.label_map_miou(a, b[:1])
+
+
+def test_mask_iou_is_float64_so_an_exact_threshold_is_reached():
+    # 13 shared pixels over a union of 20: exactly 0.65, which float32 rounds below 0.65
+    a = np.zeros((1, 4, 5), bool)
+    b = np.zeros((1, 4, 5), bool)
+    a[0].flat[:20] = True
+    b[0].flat[:13] = True
+    iou = masks.mask_iou(a, b)
+    assert iou.dtype == np.float64
+    assert iou[0, 0] >= 0.65

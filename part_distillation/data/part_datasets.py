@@ -2,12 +2,15 @@
 
 ``open_part_dataset(kind, root, split, ...)`` returns a :class:`PartDatasetSplit` whose
 ``samples()`` yields :class:`~part_distillation.data.part_sample.PartSample` and whose
-``part_names[id]`` names each part class id, whatever the dataset.
+``part_names[id]`` names each part class id, whatever the dataset. ``class_names`` names
+the samples' object classes where the dataset has names for them (PartImageNet: wnid ->
+ImageNet class name, from a words file next to the images or the dataset root; empty when
+none is found, and the wnid stands for its name).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +26,7 @@ class PartDatasetSplit:
     split: str
     part_names: list[str]
     samples: Callable[[], Iterator[PartSample]]
+    class_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_parts(self) -> int:
@@ -53,7 +57,8 @@ def open_part_dataset(kind: str, root: PathLike, split: str, image_root: PathLik
         names = [""] * (max((c.id for c in dataset.categories), default=-1) + 1)
         for category in dataset.categories:
             names[category.id] = category.name
-        return PartDatasetSplit(kind, split, names, dataset.samples)
+        return PartDatasetSplit(kind, split, names, dataset.samples,
+                                _imagenet_class_names(image_root or root / split, root))
     if kind == "pascal_part":
         from part_distillation.data.pascal_part import PART_CLASSES, PascalPartDataset
 
@@ -65,3 +70,14 @@ def open_part_dataset(kind: str, root: PathLike, split: str, image_root: PathLik
         dataset = CityscapesPartDataset(root, split)
         return PartDatasetSplit(kind, split, list(PART_CLASSES), dataset.__iter__)
     raise ValueError(f"unknown part dataset {kind!r}; expected one of {list(KINDS)}")
+
+
+def _imagenet_class_names(image_root: PathLike, root: PathLike) -> dict[str, str]:
+    """wnid -> class name from the first words file near the images or under the dataset root."""
+    from part_distillation.data.imagenet import find_words_file, read_class_names
+
+    for folder in (Path(image_root), Path(root)):
+        found = find_words_file(folder)
+        if found is not None:
+            return read_class_names(found)
+    return {}

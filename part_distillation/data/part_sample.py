@@ -20,11 +20,17 @@ class DatasetLayoutError(FileNotFoundError):
 class PartSample:
     key: str                  #: unique within the dataset split (image id + object index)
     path: str                 #: the image file
-    object_class: str         #: the dataset's object class name
+    #: the object class that keys the part mIoU (confusion matrices, majority vote): for
+    #: PartImageNet the image's ImageNet class (its wnid), as the reference; for Pascal-Part
+    #: and Cityscapes-Part the dataset's object class name
+    object_class: str
     wnid: str | None          #: the ImageNet synset that object class maps to (None: not mapped)
     object_mask: np.ndarray   #: bool (H, W)
     part_masks: np.ndarray    #: bool (P, H, W), one per part class present
     part_ids: np.ndarray      #: int64 (P,), the dataset's part class ids
+    #: a coarser grouping the mIoU can be keyed by instead (PartImageNet's super-category);
+    #: None: the dataset has none (keying by it falls back to ``object_class``)
+    supercategory: str | None = None
 
 
 def merge_by_part_class(masks: np.ndarray, part_ids, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -163,14 +163,18 @@ class PartImageNetDataset:
 
     def samples(self) -> Iterator[PartSample]:
         """Every image with parts as a :class:`PartSample` (parts merged per part category
-        over the whole image, as the reference merges them for PartImageNet)."""
+        over the whole image, as the reference merges them for PartImageNet). Its object
+        class is the image's ImageNet class (wnid; the super-category when the image has
+        no wnid), as the reference keys the mIoU (``class_code_to_class_id[wnid]``); the
+        super-category rides along as ``supercategory``."""
         for image in self.images:
             if image.object_class is None:
                 continue
             parts = self.part_masks(image.id)
             masks, ids = merge_by_part_class(parts.masks, parts.category_ids, (image.height, image.width))
-            yield PartSample(key=str(image.id), path=image.path, object_class=image.object_class, wnid=image.wnid,
-                             object_mask=self.object_mask(image.id), part_masks=masks, part_ids=ids)
+            yield PartSample(key=str(image.id), path=image.path, object_class=image.wnid or image.object_class,
+                             wnid=image.wnid, object_mask=self.object_mask(image.id), part_masks=masks, part_ids=ids,
+                             supercategory=image.object_class)
 
     def _resolve(self, file_name: str) -> str:
         """``root/file_name``; a bare ImageNet name falls back to ``root/<wnid>/file_name``."""

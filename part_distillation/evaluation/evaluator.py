@@ -11,7 +11,13 @@ Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
     every ground-truth part is <= 0.001 are dropped before AR, and part segments whose
     IoU with every ground-truth part is <= 0.1 are dropped before mIoU (both use the
     ground truth to clean the predictions), and clusters are matched to parts on the
-    same split they are evaluated on.
+    same split they are evaluated on. As the released model code does it, the 0.1 filter
+    drops cluster segments for the matching pass, but in the evaluation pass it drops the
+    *part* segments: clusters are mapped to parts and merged per part first, then a merged
+    part with IoU <= 0.1 to every ground-truth part is dropped. That needs the mapping,
+    known only once every image is seen, so it is applied at merge time to each image's
+    unfiltered clusters x parts confusion (which holds every area and intersection the
+    IoUs need): the per-image state stays mapping-free and evaluation shardable.
 ``strict``
     No ground-truth information beyond the object mask: no filters, and clusters are
     matched on a split disjoint from the evaluation split (``match_states``); without
@@ -45,6 +51,11 @@ PROTOCOLS = ("reference", "strict")
 AR_SETTINGS = ("overlapping", "one-label")
 #: The AR setting of a predictor whose masks are its only set (part segmentations).
 DEFAULT_AR_SETTINGS = ("one-label",)
+#: What keys the part mIoU (a confusion matrix and a majority vote per key): ``imagenet_class``
+#: the sample's ``object_class`` (PartImageNet: the image's wnid, as the reference);
+#: ``supercategory`` its coarser group (PartImageNet's 11 super-categories; the object class
+#: for datasets without one).
+OBJECT_KEYS = ("imagenet_class", "supercategory")
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,8 @@ class PartEvaluator:
                                  f"[0, {self.num_parts})")
         image = union_sample(samples)
         ar = self._ar_state(image, image_prediction or pooled_prediction(predictions))
-        objects = [{"key": s.key, "object_class": s.object_class, **self._confusion_state(s, p)}
+        objects = [{"key": s.key, "object_class": s.object_class,
+                    "supercategory": s.supercategory or s.object_class, **self._confusion_state(s, p)}
                    for s, p in zip(samples, predictions)]
         states = [{**objects[0], **ar}] if len(samples) == 1 else [{"key": image.key, **ar}, *objects]
         self.states.extend(states)
@@ -184,9 +196,19 @@ class PartEvaluator:
         return metrics(self.states, match_states, top_k=self.top_k)
 
 
-def _confusions(states: Iterable[Mapping], protocol: str) -> dict[str, np.ndarray]:
+def object_key_of(state: Mapping, object_key: str = "imagenet_class") -> str:
+    """The object class a state counts under for ``object_key`` (see :data:`OBJECT_KEYS`)."""
+    if object_key not in OBJECT_KEYS:
+        raise ValueError(f"unknown object key {object_key!r}; expected one of {list(OBJECT_KEYS)}")
+    if object_key == "supercategory":
+        return state.get("supercategory") or state["object_class"]
+    return state["object_class"]
+
+
+def _confusions(states: Iterable[Mapping], protocol: str, object_key: str = "imagenet_class"
+                ) -> dict[str, np.ndarray]:
     key = f"confusion_{protocol}"
-    return part_miou.merge({s["object_class"]: s[key]} for s in states if key in s)
+    return part_miou.merge({object_key_of(s, object_key): s[key]} for s in states if key in s)
 
 
 def _ar_states(states: Iterable[Mapping], protocol: str) -> dict[str, list]:
@@ -203,38 +225,62 @@ def _ar_states(states: Iterable[Mapping], protocol: str) -> dict[str, list]:
 
 
 def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = None,
-            top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority") -> dict:
+            top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority",
+            object_key: str = "imagenet_class") -> dict:
     """Both protocols' AR@k and mIoU from per-image states (any sharding, any order).
 
-    ``match_states``: states of a disjoint split for the strict protocol's matching. Per
-    protocol: ``{"overlapping": {"AR@k": ...}, "one-label": {...}, "C-mIoU": ..., ...}``
-    (an AR setting only where the states have it).
+    ``match_states``: states of a disjoint split for the strict protocol's matching;
+    ``object_key``: what keys the confusion matrices and the majority vote
+    (:data:`OBJECT_KEYS`; the result says which under ``"object_key"``). Per protocol:
+    ``{"overlapping": {"AR@k": ...}, "one-label": {...}, "C-mIoU": ..., ...}`` (an AR
+    setting only where the states have it).
     """
     states = list(states)
+    if match_states is not None:
+        match_states = list(match_states)
     out: dict[str, dict] = {}
     for protocol in PROTOCOLS:
         by_setting = _ar_states(states, protocol)
         result: dict = {setting: dict(proposals.summarize(by_setting[setting], top_k=top_k, areas=("all",)).ar)
                         for setting in AR_SETTINGS if setting in by_setting}
-        evaluation = _confusions(states, protocol)
+        evaluation = _confusions(states, protocol, object_key)
         if evaluation:
             if protocol == "reference":
                 matching = evaluation
             else:
-                matching = _confusions(match_states, protocol) if match_states is not None else {}
+                matching = _confusions(match_states, protocol, object_key) if match_states is not None else {}
             if matching:
                 mappings = part_miou.match_clusters(matching, how=mapping)
                 unmatched = sorted(set(evaluation) - set(mappings))
                 for c in unmatched:  # no matching data: every cluster counts as never predicted -> part 0
                     mappings[c] = np.zeros(evaluation[c].shape[0] - 1, dtype=np.int64)
-                mapped = {c: part_miou.apply_mapping(m, mappings[c]) for c, m in evaluation.items()}
+                if protocol == "reference":  # map, merge per part, then the 0.1 filter, image by image
+                    mapped = part_miou.merge(
+                        {object_key_of(s, object_key): part_miou.apply_mapping_filtered(
+                            s["confusion_strict"], mappings[object_key_of(s, object_key)],
+                            REFERENCE_SEGMENT_MIN_GT_IOU)} for s in states if "confusion_strict" in s)
+                else:
+                    mapped = {c: part_miou.apply_mapping(m, mappings[c]) for c, m in evaluation.items()}
                 summary = part_miou.summarize(mapped)
                 result.update(summary.as_dict())
                 result["per_class_mIoU"] = summary.per_class
+                if summary.classes_without_prediction:  # why C-mIoPred is undefined (as the reference's)
+                    result["classes_without_prediction"] = summary.classes_without_prediction
                 if unmatched:
                     result["classes_without_matching"] = unmatched
             else:
                 result.update({"C-mIoU": float("nan"), "A-mIoU": float("nan"),
                                "note": "no disjoint matching split given: strict mIoU not computed"})
         out[protocol] = result
+    out["object_key"] = object_key
+    out["skipped"] = skip_counts(states)
     return out
+
+
+def skip_counts(states: Iterable[Mapping]) -> dict[str, int]:
+    """How many samples each skip reason left without a prediction (scored as finding nothing)."""
+    counts: dict[str, int] = {}
+    for state in states:
+        if state.get("skip"):
+            counts[state["skip"]] = counts.get(state["skip"], 0) + 1
+    return dict(sorted(counts.items()))

@@ -145,6 +145,8 @@ class MIoUSummary:
     a_iopred: float
     per_class: dict[int, float] = field(default_factory=dict)
     per_part: dict[int, list[float]] = field(default_factory=dict)
+    #: object classes with no predicted part pixel: their mIoPred is 0 / 0
+    classes_without_prediction: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"C-mIoU": self.c_miou, "A-mIoU": self.a_miou, "C-mACC": self.c_accuracy,
@@ -157,7 +159,13 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def summarize(states: Mapping[int, np.ndarray]) -> MIoUSummary:
-    """C-/A-mIoU, accuracy and IoPred over the evaluation pass's per-class matrices."""
+    """C-/A-mIoU, accuracy and IoPred over the evaluation pass's per-class matrices.
+
+    C-mIoPred follows the released evaluator: a class's mIoPred is the mean over its parts
+    with predicted pixels, undefined (NaN) for a class with none, and C-mIoPred is the plain
+    mean over classes, so one class without any predicted part pixel makes it NaN ("–" in
+    the tables; ``classes_without_prediction`` names them). A-mIoPred skips such parts.
+    """
     per_class, per_part, all_iou, all_acc, all_iop, cls_acc, cls_iop = {}, {}, [], [], [], [], []
     for object_class in sorted(states):
         scores = part_scores(states[object_class])
@@ -170,8 +178,9 @@ def summarize(states: Mapping[int, np.ndarray]) -> MIoUSummary:
         cls_iop.append(_nanmean(scores.iopred))
     return MIoUSummary(c_miou=_nanmean(list(per_class.values())), a_miou=_nanmean(all_iou),
                        c_accuracy=_nanmean(cls_acc), a_accuracy=_nanmean(all_acc),
-                       c_iopred=_nanmean(cls_iop), a_iopred=_nanmean(all_iop),
-                       per_class=per_class, per_part=per_part)
+                       c_iopred=float(np.mean(cls_iop)) if cls_iop else float("nan"), a_iopred=_nanmean(all_iop),
+                       per_class=per_class, per_part=per_part,
+                       classes_without_prediction=[c for c, v in zip(sorted(states), cls_iop) if np.isnan(v)])
 
 
 def image_confusion(pred_masks: np.ndarray, pred_clusters: Sequence[int], gt_masks: np.ndarray,
@@ -188,6 +197,27 @@ def image_confusion(pred_masks: np.ndarray, pred_clusters: Sequence[int], gt_mas
     gt = label_map(gt_masks, gt_parts, num_parts, shape=tuple(shape))
     pred = label_map(np.asarray(pred_masks, dtype=bool), pred_clusters, num_clusters, shape=tuple(shape))
     return confusion(pred, gt, num_clusters, num_parts)
+
+
+def apply_mapping_filtered(matrix: np.ndarray, mapping: np.ndarray, min_iou: float) -> np.ndarray:
+    """One image's :func:`apply_mapping`, then each mapped (merged) part segment whose IoU
+    with every ground-truth part of the image is <= ``min_iou`` is dropped (its pixels
+    become background): the reference's ground-truth filter after mapping and merging.
+
+    The IoUs come from the image's confusion counts (cluster segments disjoint: one label
+    per pixel): intersection = the mapped count, areas = row and column sums, in float64.
+    """
+    out = apply_mapping(matrix, mapping)
+    inter = out[:-1, :-1].astype(np.float64)
+    pred_area = out[:-1].sum(axis=1).astype(np.float64)
+    gt_area = out[:, :-1].sum(axis=0).astype(np.float64)
+    union = pred_area[:, None] + gt_area[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    drop = (pred_area > 0) & ~(iou > min_iou).any(axis=1)
+    out[-1] += out[:-1][drop].sum(axis=0)
+    out[:-1][drop] = 0
+    return out
 
 
 def apply_mapping(matrix: np.ndarray, mapping: np.ndarray) -> np.ndarray:

@@ -59,7 +59,8 @@ def image_overlaps(pred_masks: np.ndarray, scores: np.ndarray, gt_masks: np.ndar
     """One image's evaluation state: for each k, the matched IoU of each ground-truth part.
 
     ``pred_masks`` bool (P, H, W), ``scores`` (P,), ``gt_masks`` bool (G, H, W).
-    Returns ``{"overlaps": (len(top_k), G) float32, "gt_areas": (G,) int64}``.
+    Returns ``{"overlaps": (len(top_k), G) float64, "gt_areas": (G,) int64}`` (float64: an
+    IoU of exactly 0.65 must still reach the 0.65 threshold).
     """
     pred_masks = np.asarray(pred_masks, dtype=bool)
     gt_masks = np.asarray(gt_masks, dtype=bool)
@@ -68,7 +69,7 @@ def image_overlaps(pred_masks: np.ndarray, scores: np.ndarray, gt_masks: np.ndar
                          f"differ in size")
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     pred_masks = pred_masks[order]
-    overlaps = np.zeros((len(top_k), len(gt_masks)), np.float32)
+    overlaps = np.zeros((len(top_k), len(gt_masks)), np.float64)
     if len(pred_masks) and len(gt_masks):
         iou = mask_iou(pred_masks[: max(top_k)], gt_masks)
         for i, k in enumerate(top_k):

@@ -11,8 +11,9 @@
     a trained stage-4/6 model (``inference.TrainedModel``: a checkpoint file or a run
     folder, default ``stage.proposal_run`` / ``stage.part_distillation_run``, its newest
     checkpoint) run on each image with the sample's object mask (and, for stage 6, its
-    object class mapped to the training class index by synset): the strict protocol's
-    only ground truth;
+    object class mapped to the training class index by synset, or for a synset that is no
+    class of the model by ``stage.class_map_file`` / ``stage.wordnet_is_a``: see
+    ``evaluation/class_map.py``): the strict protocol's only ground truth;
 ``semantic:<path>``
     a semantic-part baseline (``supervised_learning`` / ``fewshot_learning`` with
     ``stage.variant=semantic``): its run folder; clusters are its dataset's part classes;
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -173,7 +175,12 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
         raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} does not say which object class "
                           f"each head row is ({inference.CLASSES_FILE} missing in its run folder and its image "
                           f"tree not found): rerun part_distillation to write it")
-    return ModelPredictor(model, spec.label, st.num_clusters)
+    rule = None
+    if model.kind == "part_distillation":
+        from part_distillation.evaluation.class_map import ModelClassRule
+
+        rule = ModelClassRule.from_files(model.class_wnids, st.class_map_file, st.wordnet_is_a)
+    return ModelPredictor(model, spec.label, st.num_clusters, class_rule=rule)
 
 
 def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
@@ -185,37 +192,59 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
                       "top_k": list(st.top_k), "num_clusters": predictor.num_clusters,
                       # the state layout: AR per image in these settings (a store of the per-object,
                       # one-setting layout is another config, never mixed in)
-                      "ar": {"per": "image", "settings": list(predictor.ar_settings)}}}
+                      "ar": {"per": "image", "settings": list(predictor.ar_settings)},
+                      "at_test_size": scores_at_test_size(st.dataset, st.score_size),
+                      **({"class_map_file": st.class_map_file, "wordnet_is_a": st.wordnet_is_a}
+                         if spec.kind == "part_distillation" else {})}}
 
 
 # --------------------------------------------------------------------------- one sample
 
-def _predict(predictor: Predictor, sample: PartSample) -> tuple:
-    prediction = predictor(sample)
-    if prediction is None:
-        return empty_prediction(sample.object_mask.shape), predictor.last_skip or "no_prediction"
-    return prediction, None
+def scores_at_test_size(dataset: str, score_size: str = "auto") -> bool:
+    """Whether samples are scored at the predictor's test resolution (``stage.score_size``):
+    PartImageNet by default, as the reference; Pascal-Part and Cityscapes-Part at the original size."""
+    return score_size == "test" or (score_size == "auto" and dataset == "partimagenet")
 
 
-def score_image(predictor: Predictor, evaluator: PartEvaluator,
-                samples: Sequence[PartSample]) -> tuple[list[dict], list[str]]:
+def at_frame(sample: PartSample, frame) -> PartSample:
+    """The sample's masks at ``frame.fitted`` (nearest)."""
+    return dataclasses.replace(sample, object_mask=frame.masks_to_fitted(sample.object_mask[None])[0],
+                               part_masks=frame.masks_to_fitted(np.asarray(sample.part_masks, dtype=bool)))
+
+
+def score_image(predictor: Predictor, evaluator: PartEvaluator, samples: Sequence[PartSample],
+                at_test_size: bool = False) -> tuple[list[dict], list[str]]:
     """The evaluation states of one image's objects for one predictor (:meth:`PartEvaluator.process_image`:
-    per-object confusions, per-image AR), and why it predicted nothing, per object that got nothing."""
-    found = [_predict(predictor, sample) for sample in samples]
-    predictions, skips = [p for p, _ in found], [s for _, s in found if s]
+    per-object confusions, per-image AR), and why it predicted nothing, per object that got nothing
+    (each such object's state says it under ``skip``).
+
+    ``at_test_size``: ground truth and predictions scored at the predictor's test resolution
+    (``Predictor.score_frame``, one per image: the predictions, the one on the union of the
+    object masks included, made there, the ground truth resized to it)."""
+    samples = list(samples)
+    frame = predictor.score_frame(samples[0]) if at_test_size else None
+    scored = [at_frame(s, frame) for s in samples] if frame is not None else samples
+    shape = scored[0].object_mask.shape
+    predictions, skips = [], []
+    for sample in samples:
+        prediction = predictor(sample, frame)
+        skips.append(None if prediction is not None else predictor.last_skip or "no_prediction")
+        predictions.append(prediction if prediction is not None else empty_prediction(shape))
     image_prediction = None
     if len(samples) > 1 and predictor.proposal_type:
-        image_prediction = predictor.image_prediction(list(samples), predictions)
-        if image_prediction is None:
-            image_prediction = empty_prediction(samples[0].object_mask.shape)
-    states = evaluator.process_image(samples, predictions, image_prediction)
+        image_prediction = predictor.image_prediction(samples, predictions, frame) or empty_prediction(shape)
+    states = evaluator.process_image(scored, predictions, image_prediction)
+    for state, skip in zip(states[-len(samples):], skips):  # the objects' states (after an image's AR state)
+        if skip:
+            state["skip"] = skip
     evaluator.reset()  # the caller keeps the states (a record store, or a list)
-    return states, skips
+    return states, [skip for skip in skips if skip]
 
 
-def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample) -> tuple[dict, str | None]:
+def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample,
+                 at_test_size: bool = False) -> tuple[dict, str | None]:
     """The evaluation state of an image holding one object (``sample``), and why it predicted nothing (or None)."""
-    states, skips = score_image(predictor, evaluator, [sample])
+    states, skips = score_image(predictor, evaluator, [sample], at_test_size)
     return states[0], (skips[0] if skips else None)
 
 
@@ -232,7 +261,7 @@ def _evaluator(predictor: Predictor, num_parts: int, top_k: Sequence[int]) -> Pa
 
 def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[PartSample]], split: str,
                        match_split: str | None, num_parts: int, top_k: Sequence[int] = proposals.TOP_K,
-                       mapping: str = "majority") -> dict:
+                       mapping: str = "majority", at_test_size: bool = False) -> dict:
     """Both protocols' metrics of ``predictor`` over ``samples`` (split -> samples), no files."""
     evaluator = _evaluator(predictor, num_parts, top_k)
     states: dict[str, list[dict]] = {}
@@ -240,7 +269,7 @@ def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[Part
     for name, items in samples.items():
         states[name] = []
         for group in image_groups(items):
-            states[name] += score_image(predictor, evaluator, group)[0]
+            states[name] += score_image(predictor, evaluator, group, at_test_size)[0]
             images[name] = images.get(name, 0) + 1
     result = metrics(states.get(split, []), states.get(match_split) if match_split else None, top_k=tuple(top_k),
                      mapping=mapping)
@@ -274,6 +303,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
     num_parts = max(d.num_parts for d in datasets.values())
     evaluators = [_evaluator(p, num_parts, st.top_k) for p in predictors]
     output = Path(st.output)
+    at_test_size = scores_at_test_size(st.dataset, st.score_size)
     with contextlib.ExitStack() as stack:
         # the job's shard of stage.output itself: its manifest (this config, predictors included) and,
         # once closed, "this slice is done" as for every stage; the states are in the predictors' stores
@@ -291,7 +321,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
                     if all(writer.has(key) for key in keys):
                         summary.already_done += len(keys)
                         continue
-                    states, skips = score_image(predictor, evaluator, group)
+                    states, skips = score_image(predictor, evaluator, group, at_test_size)
                     for skip in skips:
                         summary.skip(f"{spec.label}:{skip}")
                     for key, state in zip(keys, states):
@@ -301,9 +331,12 @@ def run(cfg: RunConfig, context) -> StageSummary:
     stores = {spec.label: RecordStore(output / spec.label) for spec in specs}
     if all(not store.summary()["shards_missing_summary"] for store in stores.values()):
         part_names = datasets[st.split].part_names
+        class_names = datasets[st.split].class_names
         results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
-                                          st.mapping, part_names) for label, store in stores.items()}
-        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k))
+                                          st.mapping, part_names, object_key=st.object_key,
+                                          class_names=class_names, dataset=st.dataset)
+                   for label, store in stores.items()}
+        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k), class_names)
         summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items()
                                                 if k in AR_SETTINGS or not isinstance(v, (dict, list))}
                                             for p in PROTOCOLS} for label, r in results.items()}
@@ -313,7 +346,13 @@ def run(cfg: RunConfig, context) -> StageSummary:
             summary.extra["collages"] = [str(p) for p in write_collages(
                 output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
                 st.collage_classes, st.collage_per_class)]
-        images = next(iter(results.values()))["images"]  # samples (objects) of the split
+        for label, result in results.items():
+            if result.get("skipped"):
+                log.warning("[evaluate] %s skipped %d of %d samples of split %s (scored as finding nothing): %s%s",
+                            label, sum(result["skipped"].values()), result["objects"], st.split, result["skipped"],
+                            " (a PartDistillation model on another dataset's classes: see stage.class_map_file "
+                            "and stage.wordnet_is_a)" if "object_class_not_in_model" in result["skipped"] else "")
+        images = next(iter(results.values()))["images"]
         log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
                  f" (strict protocol matched on {st.match_split})" if st.match_split else
                  " (no disjoint matching split: strict mIoU not computed)", table)
@@ -347,24 +386,50 @@ def write_collages(folder: Path, predictors: Mapping[str, Predictor], results: M
 
 
 def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: str | None, top_k: tuple[int, ...],
-                    mapping: str, part_names: list[str]) -> dict:
-    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV in ``folder``."""
+                    mapping: str, part_names: list[str], object_key: str = "imagenet_class",
+                    class_names: Mapping[str, str] | None = None, dataset: str = "partimagenet") -> dict:
+    """Metrics of every state in ``store``, written as JSON, Markdown and a per-class CSV in ``folder``.
+
+    ``object_key`` keys the mIoU (``evaluator.OBJECT_KEYS``), said in every file;
+    ``class_names`` names the object classes of ``per_class.csv`` (wnid -> name)."""
     states = list(store.iter_records())
     evaluation = [s for s in states if s["split"] == split]
     matching = [s for s in states if s["split"] == match_split] if match_split else None
-    result = metrics(evaluation, matching, top_k=top_k, mapping=mapping)
+    result = metrics(evaluation, matching, top_k=top_k, mapping=mapping, object_key=object_key)
     result["images"] = sum(1 for s in evaluation if "ar_strict" in s)  # one AR state per image
     result["objects"] = _count_objects(evaluation)
     result["split"], result["match_split"] = split, match_split
+    result["object_key_label"] = object_key_label(object_key, dataset)
     _write_atomic(folder / "metrics.json", json.dumps(result, indent=2, default=_json_default))
     _write_atomic(folder / "metrics.md", markdown_table(result, top_k))
-    _write_atomic(folder / "per_class.csv", per_class_csv(result))
+    _write_atomic(folder / "per_class.csv", per_class_csv(result, class_names))
     return result
 
 
 def _count_objects(states: Iterable[Mapping]) -> int:
     """The samples (objects) among states: an image's AR-only state is none."""
     return sum(1 for s in states if "object_class" in s)
+
+
+def object_key_label(object_key: str, dataset: str) -> str:
+    """How ``metrics.md`` names what keys the mIoU."""
+    if dataset != "partimagenet":
+        return "the dataset's object class"
+    return "ImageNet class (wnid)" if object_key == "imagenet_class" else "PartImageNet super-category"
+
+
+def _key_line(results: Mapping[str, dict]) -> str:
+    """The lines under a table: what keys the mIoU, and the samples each predictor skipped."""
+    labels = sorted({r["object_key_label"] for r in results.values() if r.get("object_key_label")})
+    lines = [f"mIoU per object class keyed by: {', '.join(labels)}"] if labels else []
+    for label, result in results.items():
+        skipped = result.get("skipped") or {}
+        if skipped:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+            who = f"{label}: " if label else ""
+            lines.append(f"{who}skipped {sum(skipped.values())} of {result.get('objects', '?')} samples "
+                         f"(scored as finding nothing): {reasons}")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def _columns(top_k: tuple[int, ...]) -> list[str]:
@@ -391,7 +456,7 @@ def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     lines = ["| protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for protocol, setting, cells in _rows(result, top_k):
         lines.append(f"| {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _key_line({"": result})
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
@@ -401,11 +466,11 @@ def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
     for label, result in results.items():
         for protocol, setting, cells in _rows(result, top_k):
             lines.append(f"| {label} | {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _key_line(results)
 
 
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
-                   top_k: tuple[int, ...]) -> str:
+                   top_k: tuple[int, ...], class_names: Mapping[str, str] | None = None) -> str:
     """``metrics.md``, ``metrics.json`` and ``per_class.csv`` over all predictors; returns the table."""
     table = combined_table(results, top_k)
     _write_atomic(folder / "metrics.md", table)
@@ -413,24 +478,27 @@ def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_
         {"split": split, "match_split": match_split, "predictors": dict(results)}, indent=2, default=_json_default))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["predictor", "object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
+    writer.writerow(["predictor", "object_class", "class_name", *[f"mIoU_{p}" for p in PROTOCOLS]])
     for label, result in results.items():
-        for row in _per_class_rows(result):
+        for row in _per_class_rows(result, class_names):
             writer.writerow([label, *row])
     _write_atomic(folder / "per_class.csv", buffer.getvalue())
     return table
 
 
-def _per_class_rows(result: dict) -> list[list[str]]:
+def _per_class_rows(result: dict, class_names: Mapping[str, str] | None = None) -> list[list[str]]:
+    """A row per object class: its key (a wnid for PartImageNet), its name (the key when unnamed)."""
+    names = class_names or {}
     classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
-    return [[c, *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]] for c in classes]
+    return [[c, names.get(c, c), *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]]
+            for c in classes]
 
 
-def per_class_csv(result: dict) -> str:
+def per_class_csv(result: dict, class_names: Mapping[str, str] | None = None) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
-    writer.writerows(_per_class_rows(result))
+    writer.writerow(["object_class", "class_name", *[f"mIoU_{p}" for p in PROTOCOLS]])
+    writer.writerows(_per_class_rows(result, class_names))
     return buffer.getvalue()
 
 
@@ -508,7 +576,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
                              class_wnids=tuple(class_wnids) if class_wnids is not None else None)
         predictor = ModelPredictor(model, kind, stage.eval_num_clusters, load_image=load_image)
         result = evaluate_in_memory(predictor, samples, stage.eval_split, stage.eval_match_split, num_parts,
-                                    top_k=top_k)
+                                    top_k=top_k, at_test_size=scores_at_test_size(stage.eval_dataset))
         return flat_metrics(result, top_k)
 
     return evaluate

@@ -159,7 +159,9 @@ PART_LABELS = RecordSchema("part_labels", _IMAGE + _FRAME + (
 #: Stage ``evaluate``: one image's evaluation state (see ``evaluation/evaluator.py``).
 EVAL_STATES = RecordSchema("eval_states", (
     Field("split", "str", "which split the image belongs to: the evaluation or the matching split"),
-    Field("object_class", "str", "the dataset's object class of the sample (absent in an image's AR state)",
+    Field("object_class", "str", "the object class keying the mIoU (PartImageNet: the image's wnid); absent "
+          "in an image's AR state", optional=True),
+    Field("supercategory", "str", "its coarser group (PartImageNet's super-category), for keying by it",
           optional=True),
     Field("ar_strict", "dict", "per AR setting (overlapping, one-label), matched IoU per ground-truth part for "
           "each k and part areas, over the whole image (no filter); absent in an object state of an image "
@@ -167,6 +169,8 @@ EVAL_STATES = RecordSchema("eval_states", (
     Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter", optional=True),
     Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
+    Field("skip", "str", "why the predictor predicted nothing for the sample (scored as finding nothing)",
+          optional=True),
 ))
 
 #: Stage ``predict``: a trained model's parts of one image of any folder (masks at the image's size).

@@ -103,7 +103,7 @@ def test_valtest_concatenates_val_and_test_without_id_collisions(tmp_path):
     assert len({im.id for im in valtest}) == 2
     samples = list(valtest.samples())
     assert [list(s.part_ids) for s in samples] == [[1], [2]]
-    assert all(s.object_class == "Fish" and s.wnid == "n01440764" for s in samples)
+    assert all(s.object_class == "n01440764" == s.wnid and s.supercategory == "Fish" for s in samples)
     assert all(s.part_masks.shape == (1, 8, 8) and s.part_masks[0].sum() == 16 for s in samples)
     with pytest.raises(FileNotFoundError, match="split 'train'"):
         annotation_files(tmp_path, "train")
@@ -115,3 +115,11 @@ def test_concatenation_refuses_different_categories(tmp_path):
     b.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "B x"}]}))
     with pytest.raises(ValueError, match="categories differ"):
         PartImageNetDataset([a, b], tmp_path)
+
+
+def test_samples_are_keyed_by_the_images_imagenet_class(tmp_path):
+    make_synthetic_dataset(tmp_path, num_classes=2, images_per_class=1, size=32, seed=0, parts_per_class=2)
+    dataset = PartImageNetDataset(tmp_path / "annotations" / "train.json", tmp_path / "train")
+    samples = list(dataset.samples())
+    assert [s.object_class for s in samples] == [s.wnid for s in samples]
+    assert all(s.supercategory == dataset.category(int(s.part_ids[0])).object_class for s in samples)

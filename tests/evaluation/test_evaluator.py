@@ -51,10 +51,11 @@ def test_reference_matches_on_the_evaluation_split_strict_needs_another():
     assert strict["C-mIoU"] == pytest.approx(0.0)   # mapping learnt elsewhere does not fit
 
 
-def test_reference_drops_segments_that_barely_touch_the_parts_before_miou():
-    # A segment outside the object (IoU 0 with every part) labelled cluster 1, which
-    # majority-votes to part 0 (its row is all background): under the strict protocol it
-    # is a false positive of part 0; the reference protocol removes it first.
+def test_reference_filters_part_segments_after_mapping_and_merging():
+    # A segment outside the object (IoU 0 with every part) labelled cluster 1. Matching pass:
+    # the 0.1 filter drops it, so cluster 1's row is empty and it maps to part 0. Evaluation
+    # pass, as the released model code: clusters mapped and merged per part first, then the
+    # filter: part 0 = LEFT + the outside segment, IoU 50/54 > 0.1, kept whole.
     outside = _box((12, 12), 10, 12, 10, 12)
     big = lambda m: np.pad(m, ((0, 2), (0, 2)))
     sample = PartSample(key="a", path="a.jpg", object_class="fish", wnid=None, object_mask=big(LEFT | RIGHT),
@@ -63,11 +64,24 @@ def test_reference_drops_segments_that_barely_touch_the_parts_before_miou():
     evaluator.process(sample, Prediction(masks=np.stack([big(LEFT), outside]), scores=np.ones(2),
                                          clusters=np.array([0, 1])))
     reference = evaluator.evaluate()["reference"]
-    # reference: cluster 0 -> part 0 perfect; part 1 missed -> (100 + 0) / 2
-    assert reference["C-mIoU"] == pytest.approx(50.0)
+    assert reference["C-mIoU"] == pytest.approx((100 * 50 / 54 + 0) / 2)
     strict = metrics(evaluator.states, match_states=evaluator.states)["strict"]
-    # strict: the outside segment maps to part 0 (all-zero row) -> part 0 IoU 50/54
     assert strict["C-mIoU"] == pytest.approx((100 * 50 / 54 + 0) / 2)
+
+
+def test_reference_drops_a_merged_part_that_misses_every_part():
+    # cluster 0 on LEFT (-> part 0) in image a; in image b only the outside segment, cluster 0:
+    # merged part 0 of image b has IoU 0 with every part: dropped, part 0 stays perfect.
+    outside = _box((12, 12), 10, 12, 10, 12)
+    big = lambda m: np.pad(m, ((0, 2), (0, 2)))
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2)
+    for key, mask in (("a", big(LEFT)), ("b", outside)):
+        sample = PartSample(key=key, path=f"{key}.jpg", object_class="fish", wnid=None,
+                            object_mask=big(LEFT | RIGHT), part_masks=np.stack([big(LEFT), big(RIGHT)]),
+                            part_ids=np.array([0, 1]))
+        evaluator.process(sample, Prediction(masks=mask[None], scores=np.ones(1), clusters=np.array([0])))
+    reference = evaluator.evaluate()["reference"]
+    assert reference["per_class_mIoU"]["fish"] == pytest.approx((100 * 50 / 100 + 0) / 2)
 
 
 def test_sharded_states_give_the_same_metrics():
@@ -142,3 +156,22 @@ def test_the_instances_of_a_cityscapes_image_are_one_image_for_ar(tmp_path):
                                                     ["lindau_000000_000020/24_1", "lindau_000000_000020/26_3"]]
     union = union_sample(groups[0])
     assert union.object_mask.sum() == 4 + 6 and union.part_masks.shape == (2, 4, 6)
+
+
+def test_miou_is_keyed_by_imagenet_class_supercategory_on_request():
+    # Two ImageNet classes of one super-category whose cluster 0 means different parts:
+    # keyed by class each cluster maps to its own part; pooled, class b's are mislabelled.
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2)
+    for key, wnid, order in [("a1", "n001", [LEFT, RIGHT]), ("a2", "n001", [LEFT, RIGHT]),
+                             ("b1", "n002", [RIGHT, LEFT])]:
+        sample = PartSample(key=key, path=f"{key}.jpg", object_class=wnid, wnid=wnid, object_mask=LEFT | RIGHT,
+                            part_masks=np.stack([LEFT, RIGHT]), part_ids=np.array([0, 1]),
+                            supercategory="Quadruped")
+        evaluator.process(sample, Prediction(masks=np.stack(order), scores=np.ones(2), clusters=np.array([0, 1])))
+    by_class = metrics(evaluator.states)
+    assert by_class["object_key"] == "imagenet_class"
+    assert by_class["reference"]["C-mIoU"] == pytest.approx(100.0)
+    assert set(by_class["reference"]["per_class_mIoU"]) == {"n001", "n002"}
+    pooled = metrics(evaluator.states, object_key="supercategory")
+    assert pooled["reference"]["C-mIoU"] == pytest.approx(50.0)   # per part: tp 100 of 150 predicted, 150 true
+    assert set(pooled["reference"]["per_class_mIoU"]) == {"Quadruped"}

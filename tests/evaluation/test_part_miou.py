@@ -1,9 +1,12 @@
 """Part mIoU: a case worked by hand, the reference's mapping rules, and a brute-force check."""
+import math
+
 import numpy as np
 import pytest
 
 from part_distillation.evaluation.part_miou import (
-    apply_mapping, confusion, hungarian, image_confusion, majority_vote, match_clusters, merge, part_scores, summarize)
+    apply_mapping, apply_mapping_filtered, confusion, hungarian, image_confusion, majority_vote, match_clusters, merge,
+    part_scores, summarize)
 
 
 def _masks(labels, values):
@@ -109,3 +112,27 @@ def test_merge_of_shards_equals_one_pass_and_refuses_other_shapes():
         np.testing.assert_array_equal(merged[c], one[c])
     with pytest.raises(ValueError, match="different shapes"):
         merge([{0: np.zeros((3, 3))}, {0: np.zeros((4, 4))}])
+
+
+def test_c_miopred_is_undefined_when_a_class_predicts_no_part_pixel_as_the_reference():
+    # class "a": part 0 predicted perfectly; class "b": nothing predicted (all background)
+    a = np.array([[5, 0, 0], [0, 0, 0], [0, 0, 9]])
+    b = np.array([[0, 0, 0], [0, 0, 0], [4, 4, 9]])
+    summary = summarize({"a": a, "b": b})
+    assert math.isnan(summary.c_iopred)      # the released evaluator: mean over classes of 0/0
+    assert summary.classes_without_prediction == ["b"]
+    assert summary.a_iopred == pytest.approx(100.0)   # parts without prediction are skipped
+    assert summary.c_miou == pytest.approx((100 / 1 + 0) / 2)
+
+
+def test_filtered_mapping_drops_merged_parts_that_miss_every_ground_truth_part():
+    # clusters 0 and 1 both map to part 0; together 10 pixels of which 1 on part 0 (of 20):
+    # merged IoU 1 / 29 <= 0.1 -> dropped to background; cluster 2 -> part 1, IoU 8/10 kept
+    matrix = np.array([[1, 0, 4], [0, 0, 5], [0, 8, 0], [19, 2, 50]])
+    out = apply_mapping_filtered(matrix, np.array([0, 0, 1]), 0.1)
+    np.testing.assert_array_equal(out, [[0, 0, 0], [0, 8, 0], [20, 2, 59]])
+    assert out.sum() == matrix.sum()
+    # each cluster alone is as bad, but the filter sees the merged part: 0.1 < 11/20 keeps it
+    matrix = np.array([[6, 0, 0], [5, 0, 0], [0, 8, 0], [9, 2, 50]])
+    np.testing.assert_array_equal(apply_mapping_filtered(matrix, np.array([0, 0, 1]), 0.5),
+                                  apply_mapping(matrix, np.array([0, 0, 1])))

@@ -76,7 +76,7 @@ class _FakeModel:
     def class_index(self, wnid):
         return self.class_wnids.index(wnid) if wnid in self.class_wnids else None
 
-    def predict(self, image, object_mask, object_class=None, with_overlapping=False):
+    def predict(self, image, object_mask, object_class=None, *, with_overlapping=False, to_original=True):
         self.calls.append((image.shape, object_mask.sum(), object_class))
         n = len(self.masks)
         return Prediction(masks=self.masks, scores=np.linspace(1, 0.5, n), clusters=np.arange(n, dtype=np.int64))

@@ -84,3 +84,14 @@ def test_area_buckets_split_parts_by_size():
     assert summary.ar["AR_medium@1"] == pytest.approx(0.0)    # 5000 px in (32^2, 96^2]
     assert np.isnan(summary.ar["AR_large@1"])
     assert summary.ar["AR@1"] == pytest.approx(50.0)
+
+
+def test_an_iou_of_exactly_065_is_a_hit_at_065():
+    # proposal covers 13 of the part's 20 pixels and nothing else: IoU 0.65 exactly
+    gt = np.zeros((1, 4, 5), bool)
+    gt[0].flat[:20] = True
+    proposal = np.zeros((1, 4, 5), bool)
+    proposal[0].flat[:13] = True
+    summary = summarize([image_overlaps(proposal, np.ones(1), gt, top_k=(1,))], top_k=(1,), areas=("all",))
+    # hits at 0.50, 0.55, 0.60 and 0.65: 4 of 10 thresholds
+    assert summary.recalls["AR@1"] == pytest.approx([100] * 4 + [0] * 6)

@@ -112,7 +112,7 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     table = (folder / "metrics.md").read_text()
     assert table.startswith("| protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
     assert "| strict | overlapping |" in table and "| strict | one-label |" in table
-    assert (folder / "per_class.csv").read_text().startswith("object_class,mIoU_reference,mIoU_strict")
+    assert (folder / "per_class.csv").read_text().startswith("object_class,class_name,mIoU_reference,mIoU_strict")
     combined = (Path(cfg.stage.output) / "metrics.md").read_text()
     assert combined.startswith("| predictor | protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
     over, one = strict["overlapping"], strict["one-label"]
@@ -123,7 +123,55 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
     assert summary["metrics_table"] == combined
     assert (Path(cfg.stage.output) / "per_class.csv").read_text().startswith(
-        "predictor,object_class,mIoU_reference,mIoU_strict")
+        "predictor,object_class,class_name,mIoU_reference,mIoU_strict")
+
+
+@pytest.fixture(scope="module")
+def one_supercategory(tmp_path_factory):
+    """The synthetic dataset with every part category under one super-category, as
+    PartImageNet groups ImageNet classes (two classes, one super-category "Thing")."""
+    root = tmp_path_factory.mktemp("one_supercategory")
+    for split in ("train", "val"):
+        make_synthetic_dataset(root, num_classes=2, images_per_class=3, size=64, seed=1, parts_per_class=3,
+                               split=split)
+        path = root / "annotations" / f"{split}.json"
+        data = json.loads(path.read_text())
+        for category in data["categories"]:
+            category["supercategory"] = "Thing"
+            category["name"] = "Thing " + category["part"]
+        path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.integration
+def test_partimagenet_miou_is_keyed_by_imagenet_class_not_supercategory(one_supercategory, tmp_path):
+    # "truth" records number each class's parts 1..3 its own way: cluster 0 is a different part
+    # in each class. Keyed by ImageNet class every cluster maps to its part; pooled under the
+    # one super-category the vote of one class mislabels the other's clusters.
+    records = tmp_path / "records"
+    _write_records(one_supercategory, records, ["train", "val"], "truth")
+    common = [f"data.root={one_supercategory}", f"stage.input={records}", "stage.split=train",
+              "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]"]
+    cfg = _cfg(*common, f"paths.root={tmp_path / 'by_class'}")
+    evaluate.run(cfg, JobContext())
+    by_class = _metrics(cfg)
+    assert by_class["object_key"] == "imagenet_class"
+    assert by_class["reference"]["C-mIoU"] == pytest.approx(100.0)
+    folder = Path(cfg.stage.output)
+    rows = (folder / "records_dense_crf" / "per_class.csv").read_text().splitlines()
+    names = dict(line.split("\t") for line in (one_supercategory / "words.txt").read_text().splitlines())
+    assert len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == set(names)   # one row per ImageNet class
+    assert {r.split(",")[1] for r in rows[1:]} == set(names.values())             # named by class name
+    assert "keyed by: ImageNet class (wnid)" in (folder / "metrics.md").read_text()
+    assert len((folder / "per_class.csv").read_text().splitlines()) == 3
+
+    cfg = _cfg(*common, f"paths.root={tmp_path / 'by_supercategory'}", "stage.object_key=supercategory")
+    evaluate.run(cfg, JobContext())
+    pooled = _metrics(cfg)
+    assert pooled["object_key"] == "supercategory"
+    assert pooled["reference"]["C-mIoU"] < 60
+    assert list(pooled["reference"]["per_class_mIoU"]) == ["Thing"]
+    assert "keyed by: PartImageNet super-category" in (Path(cfg.stage.output) / "metrics.md").read_text()
 
 
 @pytest.mark.integration
@@ -134,6 +182,17 @@ def test_images_without_records_count_as_finding_nothing(synthetic, tmp_path):
                "stage.split=train", "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]")
     summary = evaluate.run(cfg, JobContext()).as_dict()
     assert summary["skipped"] == {"records_dense_crf:no_prediction": 6}
+    assert _metrics(cfg)["skipped"] == {}   # the evaluation split had its records
+    # the skips are said in the files too, never a silently empty score
+    cfg = _cfg(f"data.root={synthetic}", f"paths.root={tmp_path / 'swapped'}", f"stage.input={records}",
+               "stage.split=val", "stage.match_split=train", "stage.num_clusters=4", "stage.top_k=[10]")
+    evaluate.run(cfg, JobContext())
+    assert _metrics(cfg)["skipped"] == {"no_prediction": 6}
+    line = "skipped 6 of 6 samples (scored as finding nothing): no_prediction 6"
+    assert line in (Path(cfg.stage.output) / "records_dense_crf" / "metrics.md").read_text()
+    assert f"records_dense_crf: {line}" in (Path(cfg.stage.output) / "metrics.md").read_text()
+    cfg = _cfg(f"data.root={synthetic}", f"paths.root={tmp_path}", f"stage.input={records}",
+               "stage.split=train", "stage.match_split=val", "stage.num_clusters=4", "stage.top_k=[10]")
     strict = _metrics(cfg)["strict"]
     assert strict["C-mIoU"] < 50   # every cluster maps to part 0 when the matching split saw nothing
 
@@ -250,8 +309,10 @@ def test_training_evaluation_scores_the_live_model(halves):
     samples = {s: list(itertools.islice(open_part_dataset("partimagenet", halves["root"], s,
                                                           halves["root"] / "train").samples(), 2))
                for s in ("train_eval", "train_match")}
-    assert {s.object_class for s in samples["train_eval"]} == {"rover", "lantern"}   # halves interleave classes
-    want = evaluate.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7)
+    assert {s.supercategory for s in samples["train_eval"]} == {"rover", "lantern"}   # halves interleave classes
+    assert {s.object_class for s in samples["train_eval"]} == set(halves["wnids"])    # keyed by ImageNet class
+    want = evaluate.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7,
+                                       at_test_size=True)   # PartImageNet-style: at the test resolution
     assert got == evaluate.flat_metrics(want)
     with pytest.raises(ConfigError, match="stage.eval_root"):
         evaluate.training_evaluation(ProposalLearningStageConfig(output="x", eval_period=5), "proposal")
@@ -383,12 +444,12 @@ class _ObjectFinder:
     ar_settings = ("one-label",)
     proposal_type = False
 
-    def __call__(self, sample):
+    def __call__(self, sample, frame=None):
         from part_distillation.evaluation.evaluator import Prediction
 
         return Prediction(masks=sample.object_mask[None], scores=np.ones(1), clusters=np.zeros(1, np.int64))
 
-    def image_prediction(self, samples, predictions):
+    def image_prediction(self, samples, predictions, frame=None):
         return None
 
 
@@ -419,7 +480,7 @@ class _TwoSettings:
         self.ar_settings = AR_SETTINGS
         self.proposal_type = True
 
-    def __call__(self, sample):
+    def __call__(self, sample, frame=None):
         from part_distillation.evaluation.evaluator import Prediction
 
         obj = sample.object_mask
@@ -431,7 +492,7 @@ class _TwoSettings:
                           overlapping=Prediction(masks=np.concatenate([obj[None], halves]),
                                                  scores=np.array([0.9, 0.8, 0.7])))
 
-    def image_prediction(self, samples, predictions):
+    def image_prediction(self, samples, predictions, frame=None):
         return predictions[0] if len(samples) == 1 else None
 
 
@@ -452,3 +513,64 @@ def test_proposals_are_scored_overlapping_and_one_label_side_by_side(tmp_path):
                           f"| reference | one-label | 50.0 | 100.0 | {result['reference']['C-mIoU']:.1f} | "
                           f"{result['reference']['A-mIoU']:.1f} |"]
     assert evaluate.flat_metrics(result, (1, 10))["strict/overlapping/AR@1"] == pytest.approx(5.0)
+
+
+# --------------------------------------------------------------------------- test resolution
+
+def test_partimagenet_is_scored_at_the_test_resolution_other_datasets_at_the_original_size():
+    from part_distillation.evaluation.evaluator import PartEvaluator
+    from part_distillation.evaluation.predictors import RecordsPredictor, StripsPredictor
+
+    assert evaluate.scores_at_test_size("partimagenet") and not evaluate.scores_at_test_size("pascal_part")
+    assert evaluate.scores_at_test_size("pascal_part", "test")
+    assert not evaluate.scores_at_test_size("partimagenet", "original")
+    obj = np.zeros((32, 48), bool)
+    obj[8:24, 8:40] = True
+    left, right = obj.copy(), obj.copy()
+    left[:, 24:], right[:, :24] = False, False
+    sample = evaluate.PartSample(key="0", path="/x/n1_0.JPEG", object_class="n1", wnid="n1", object_mask=obj,
+                                 part_masks=np.stack([left, right]), part_ids=np.array([0, 1]))
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2, top_k=(10,))
+    original, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample)
+    scaled, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample, at_test_size=True)
+    assert original["ar_strict"]["one-label"]["gt_areas"].tolist() == [256, 256]
+    # 32 x 48 -> 427 x 640 (longer side 640 for what is not a PartDistillation model): x 13.3 per axis
+    assert scaled["ar_strict"]["one-label"]["gt_areas"].sum() == pytest.approx(512 * (640 / 48) ** 2, rel=0.02)
+    assert scaled["confusion_strict"].sum() == 427 * 640
+    # a stage record (fitted 640) gives its masks at the test resolution without the original size
+    frame = ImageFrame.fit((32, 48))
+    record = {"key": "r", "path": "/x/n1_0.JPEG", **frame.as_record(),
+              "part_masks": encode_rles(frame.masks_to_fitted(np.stack([left, right]))), "part_ids": [1, 2]}
+    records = RecordsPredictor({"/x/n1_0.JPEG": record}, "records", 2)
+    state, skip = evaluate.score_sample(records, evaluator, sample, at_test_size=True)
+    assert skip is None and state["ar_strict"]["one-label"]["overlaps"].min() == pytest.approx(1.0)
+
+
+def test_an_image_of_several_objects_is_scored_at_the_test_resolution_as_one_frame(tmp_path):
+    """Pascal-Part image 1 (two dogs, 8 x 10) scored at the test size (stage.score_size=test): the
+    objects' states and the image's AR state, the strips made on the union of the dogs included,
+    all at 512 x 640; the union's two strips are still exactly the two dogs."""
+    from part_distillation.evaluation.evaluator import PartEvaluator
+    from part_distillation.evaluation.predictors import RecordsPredictor, StripsPredictor
+
+    voc, parts = _pascal_two_objects(tmp_path)
+    group = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())[:2]
+    predictor = StripsPredictor(2)
+    evaluator = PartEvaluator(num_parts=50, num_clusters=2, top_k=(1, 10), ar_settings=predictor.ar_settings)
+    states, skips = evaluate.score_image(predictor, evaluator, group, at_test_size=True)
+    assert not skips and [s["key"] for s in states] == ["image:" + group[0].path, *[s.key for s in group]]
+    for setting in ("overlapping", "one-label"):
+        ar = states[0]["ar_strict"][setting]
+        assert ar["gt_areas"].tolist() == [20 * 64 ** 2, 20 * 64 ** 2]   # each dog 4 x 5, x 64 per axis
+        assert ar["overlaps"].max() == pytest.approx(1.0)
+    assert all(s["confusion_strict"].sum() == 512 * 640 for s in states[1:])
+    result = evaluate.evaluate_in_memory(predictor, {"val": group}, "val", None, 50, top_k=(1, 10),
+                                         at_test_size=True)
+    assert result["strict"]["overlapping"] == pytest.approx({"AR@1": 50.0, "AR@10": 100.0})
+    # no record of the image: each object is a counted skip (the image's AR state is none), found nothing
+    missing = RecordsPredictor({}, "records", 2)
+    states, skips = evaluate.score_image(missing, evaluator, group, at_test_size=True)
+    assert skips == ["no_prediction"] * 2 and "skip" not in states[0]
+    assert [s["skip"] for s in states[1:]] == ["no_prediction"] * 2
+    assert states[0]["ar_strict"]["one-label"]["gt_areas"].sum() == 2 * 20 * 64 ** 2
+    assert evaluate.metrics(states, top_k=(1, 10))["skipped"] == {"no_prediction": 2}
