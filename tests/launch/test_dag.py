@@ -1,0 +1,68 @@
+"""A pipeline's stages: composed in order, what each reads, and where each stands from its output."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from part_distillation.launch import dag
+from tests.launch.plans import close_shard, compose, make_plan
+
+
+def test_a_complete_training_or_evaluation_is_not_redone(tmp_path):
+    out = str(tmp_path / "outputs" / "pipeline")
+    training, = make_plan(tmp_path, ["proposal_learning"], entries=["proposal_learning:stage.max_iter=4"])
+    checkpoints = Path(training.output) / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    assert dag.stage_state(training, out).missing == [0]
+    (checkpoints / "model_0000002.pth").write_bytes(b"")
+    state = dag.stage_state(training, out)
+    assert not state.complete and state.detail == "iteration 2/4"
+    (checkpoints / "model_0000004.pth").write_bytes(b"")
+    assert dag.stage_state(training, out).complete
+
+    evaluate, = make_plan(tmp_path, ["evaluate"], {"evaluate": 2})
+    close_shard(evaluate, 0)
+    assert dag.stage_state(evaluate, out).missing == [1]
+    close_shard(evaluate, 1)
+    assert dag.stage_state(evaluate, out).missing == [0]  # every shard closed, metrics not merged: one job merges
+    (Path(evaluate.output) / "metrics.json").write_text("{}")
+    assert dag.stage_state(evaluate, out).complete
+
+
+def test_plan_refuses_shards_of_a_stage_that_is_not_sharded(tmp_path):
+    with pytest.raises(ValueError, match="stage.shards.proposal_learning=4"):
+        make_plan(tmp_path, ["proposal_learning"], {"proposal_learning": 4})
+    with pytest.raises(ValueError, match="not stages of stage.stages"):
+        make_plan(tmp_path, ["index"], {"dense_crf": 4})
+
+
+def test_reference_experiments_are_configurations_of_the_same_pipeline(tmp_path):
+    cfg = compose(tmp_path, "stage=pipeline", "experiment=in22k")
+    planned = dag.plan(["experiment=in22k", f"paths.root={tmp_path}"], list(cfg.stage.stages),
+                            list(cfg.stage.overrides), dict(cfg.stage.shards))
+    by_name = {p.name: p for p in planned}
+    # the job counts and resources of sh_files/*
+    assert {n: p.shards for n, p in by_name.items() if p.kind == "sharded"} == {
+        "index": 20, "detic_labeling": 60, "pixel_grouping": 40, "dense_crf": 100, "part_ranking": 50}
+    assert by_name["detic_labeling"].run.model.name == "detic" and by_name["detic_labeling"].run.launcher.gpus_per_node == 1
+    training = by_name["proposal_learning"].run.launcher
+    assert (training.nodes, training.tasks_per_node, training.gpus_per_node) == (4, 8, 8)
+    assert by_name["part_ranking"].after == ["dense_crf", "proposal_learning"]
+    assert by_name["part_distillation"].after == ["part_ranking"]
+    assert by_name["dense_crf"].overrides_for(7)[-2:] == ["shard.count=100", "shard.index=7"]
+
+
+def test_a_complete_stage_made_with_another_config_is_not_taken_as_done(tmp_path):
+    out = str(tmp_path / "outputs" / "pipeline")
+    grouping, = make_plan(tmp_path, ["pixel_grouping"])
+    close_shard(grouping, 0)
+    assert dag.stage_state(grouping, out).complete
+    changed, = make_plan(tmp_path, ["pixel_grouping"], entries=["pixel_grouping:stage.num_parts=5"])
+    state = dag.stage_state(changed, out)
+    assert not state.complete and "different config" in state.problem and "num_parts" in state.problem
+    with pytest.raises(Exception, match="different config"):
+        dag.preflight([changed], {"pixel_grouping": state})
+    again, = make_plan(tmp_path, ["pixel_grouping"], entries=["pixel_grouping:stage.num_parts=5",
+                                                          "pixel_grouping:overwrite_config=true"])
+    assert dag.stage_state(again, out).missing == [0]  # redone from scratch
