@@ -26,14 +26,15 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from part_distillation import stages
-from part_distillation.config import ConfigError, RunConfig, validate
+from part_distillation.config import ConfigError, RunConfig, config_dir, register_configs, validate
 from part_distillation.context import JobContext  # re-exported: launch.JobContext
-from part_distillation.progress import record_summary
+from part_distillation.progress import StageSummary, record_summary
 
 log = logging.getLogger("part_distillation")
 
 __all__ = ["JobContext", "JobFailed", "compose_config", "configure_logging", "distributed_context",
            "fail_submitit_job_at_exit", "job_error_message", "job_errors", "run_in_context", "run_job"]
+
 
 class JobFailed(CompactHydraException):
     """A job stopped on a fault of its environment (a file, the disk, the weights); one line.
@@ -115,18 +116,23 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     stage_run = stages.get(run.stage.name)
     with job_errors(run):
         with distributed_context() as context:
-            summary = run_in_context(run, context, stage_run)
+            summary = _run_stage(stage_run, run, context)
     return summary.as_dict()
 
 
-def run_in_context(run: RunConfig, context: JobContext, stage_run=None):
-    """Run ``run``'s stage with an existing job context, save and log its summary; the part of
-    :func:`run_job` that the in-process pipeline runs for each of its stages. Environment
-    faults end in :class:`JobFailed` as in :func:`run_job`."""
-    stage_run = stage_run or stages.get(run.stage.name)
+def run_in_context(run: RunConfig, context: JobContext) -> StageSummary:
+    """Run ``run``'s stage with an existing job context, as :func:`run_job` does (summary saved
+    and logged, environment faults ending in :class:`JobFailed`): how the in-process pipeline
+    runs each of its stages."""
+    stage_run = stages.get(run.stage.name)
     with job_errors(run):
-        summary = stage_run(run, context)
-        summary_file = record_summary(run, summary, context)
+        return _run_stage(stage_run, run, context)
+
+
+def _run_stage(stage_run, run: RunConfig, context: JobContext) -> StageSummary:
+    """The stage's ``run``, then its summary saved next to its output and logged."""
+    summary = stage_run(run, context)
+    summary_file = record_summary(run, summary, context)
     summary.log()
     if summary_file is not None:
         log.debug("summary saved to %s", summary_file)
@@ -139,9 +145,6 @@ def job_errors(run: RunConfig) -> Iterator[None]:
     :class:`JobFailed` (one line, logged; the traceback at DEBUG), a bug keeps its traceback."""
     try:
         yield
-    except JobFailed:  # already said (a stage of an in-process pipeline)
-        fail_submitit_job_at_exit()
-        raise
     except Exception as exc:
         fail_submitit_job_at_exit()
         message = job_error_message(exc, run)
@@ -219,8 +222,6 @@ def compose_config(overrides: list[str]) -> DictConfig:
     (in a job, or in a pipeline outside its own Hydra app)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from part_distillation.config import config_dir, register_configs
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="config", overrides=list(overrides))

@@ -66,3 +66,53 @@ def test_a_complete_stage_made_with_another_config_is_not_taken_as_done(tmp_path
     again, = make_plan(tmp_path, ["pixel_grouping"], entries=["pixel_grouping:stage.num_parts=5",
                                                           "pixel_grouping:overwrite_config=true"])
     assert dag.stage_state(again, out).missing == [0]  # redone from scratch
+
+
+def test_the_baselines_are_training_stages_complete_at_their_final_checkpoint(tmp_path):
+    out = str(tmp_path / "outputs" / "pipeline")
+    for name in ("supervised_learning", "fewshot_learning"):
+        baseline, = make_plan(tmp_path, [name], entries=[f"{name}:stage.max_iter=4"])
+        assert baseline.kind == "training"
+        checkpoints = Path(baseline.output) / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        (checkpoints / "model_0000002.pth").write_bytes(b"")
+        state = dag.stage_state(baseline, out)
+        assert not state.complete and state.detail == "iteration 2/4"  # no done marker makes it complete
+        (checkpoints / "model_0000004.pth").write_bytes(b"")
+        assert dag.stage_state(baseline, out).complete
+        with pytest.raises(ValueError, match=f"stage.shards.{name}=2: stage {name} is not sharded"):
+            make_plan(tmp_path, [name], {name: 2})
+
+
+def test_the_local_pipeline_runs_each_stage_as_a_job_and_fails_in_one_line(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from part_distillation import stages
+    from part_distillation.context import JobContext
+    from part_distillation.launch import local
+    from part_distillation.progress import read_summaries
+
+    real_get = stages.get
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "shard.rec"))
+
+    def get(name):
+        if name == "index":
+            def no_space(cfg, context):
+                raise full
+            return no_space
+        return real_get(name)
+
+    monkeypatch.setattr(stages, "get", get)
+    monkeypatch.setattr(local, "configure_logging", lambda level: None)
+    names = ["synthetic_data", "index"]
+    cfg = compose(tmp_path, "stage=pipeline", "stage.stages=[synthetic_data,index]")
+    planned = make_plan(tmp_path, names, entries=["synthetic_data:stage.classes=2",
+                                                  "synthetic_data:stage.images_per_class=2"])
+    with pytest.raises(local.JobFailed, match="disk is full"):
+        dag.run_local(cfg, planned, JobContext())
+    synthetic = planned[0]
+    assert [s["stage"] for s in read_summaries(synthetic.output)] == ["synthetic_data"]  # saved as run_job saves it
+    assert dag.stage_state(synthetic, cfg.stage.output).complete  # its done marker
+    errors = json.loads((Path(cfg.stage.output) / "errors.json").read_text())
+    assert list(errors) == ["index"] and "shard.rec: the disk is full" in errors["index"]

@@ -84,3 +84,30 @@ def test_slurm_launcher_without_slurm_tools_says_so_before_anything(tmp_path, mo
     with pytest.raises(Exception, match="SLURM tools"):
         slurm.submit(cfg, make_plan(tmp_path, ["synthetic_data"]))
     assert not (tmp_path / "outputs" / "pipeline" / "submissions.json").exists()
+
+
+def test_the_error_line_of_a_job_log_is_its_last_error_without_the_exception_path():
+    log = ("[index] 3 done\nTraceback (most recent call last):\n"
+           "part_distillation.launch.local.JobFailed: part_distillation: job failed: /x/shard.rec: the disk is full\n"
+           "srun: error: node1: task 0: Exited with exit code 1\n")
+    assert slurm.last_error_line(log) == "part_distillation: job failed: /x/shard.rec: the disk is full"
+    assert slurm.last_error_line("all good\nfinished\n") == "finished"
+
+
+def test_queued_jobs_and_accounting_map_to_the_shards_of_the_ledger(monkeypatch):
+    ledger = [{"job_id": "7", "array": True, "shards": [2, 5]}, {"job_id": "9", "array": False, "shards": [1]},
+              {"job_id": "11", "array": False, "shards": [5]}]  # shard 5 resubmitted alone
+    assert slurm.active_shards(ledger, [("7", "1", "RUNNING"), ("9", "", "PENDING"), ("3", "", "RUNNING")]) == {
+        5: ("7_1", "RUNNING"), 1: ("9", "PENDING")}
+
+    class Done:
+        returncode = 0
+        stdout = ("7_0|FAILED|2026-12-07T10:00:00\n7_1|COMPLETED|2026-12-07T10:00:00\n"
+                  "9|CANCELLED by 0|Unknown\n11|COMPLETED|2026-12-07T11:00:00\n")
+
+    asked = []
+    monkeypatch.setattr(slurm.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: asked.append(cmd) or Done())
+    assert slurm.sacct_states(ledger) == {2: ("7_0", "FAILED", True), 5: ("11", "COMPLETED", True),
+                                          1: ("9", "CANCELLED", False)}
+    assert asked[0][:2] == ["sacct", "-n"] and "7,9,11" in asked[0]
