@@ -13,8 +13,9 @@ Single stage jobs reach SLURM through Hydra's submitit launcher plugin
 (``hydra/launcher=submitit_slurm``); the pipeline submits through ``slurm``. The stages
 ``pipeline`` and ``status`` are thin ``run()``s over ``dag``, ``slurm`` and ``status``.
 Launching finds stages through the registry (``part_distillation.stages``) by name and
-asks their specs, never their names; stages import nothing of this package but the two
-driver stages.
+asks their specs, never their names. Only the stages about the pipeline (``pipeline``,
+``status``, ``report``) import this package, and nothing it imports imports them or it
+back (checked by tests/launch/test_init.py): no import cycle.
 """
 from __future__ import annotations
 
