@@ -13,8 +13,11 @@ Where the schemas live: a stage's config schema stays in ``config.py`` (subclass
 ``configs/stage/``. Hydra registers and validates every schema before a stage runs, and
 ``validate`` must not import the stage modules (they pull in torch, the models and the
 datasets), so the schemas cannot live in them; the spec names its schema class, and the
-list of stage names is the list of those schemas (``config.stage_schemas``). Adding a
-stage is its module (with its ``SPEC``) plus its schema and YAML: no table to extend.
+list of stage names is the list of those schemas (``config.stage_schemas``), and a stage's
+module is ``stages/<name>.py``. Adding a stage is its module (with its ``SPEC``) plus its
+schema and YAML: no table to extend. One fact sits on the schema rather than the spec:
+which model a training stage's checkpoints hold (``model_kind``), because ``inference``,
+below the stages, reads it for a run folder named in its manifest.
 """
 from __future__ import annotations
 
