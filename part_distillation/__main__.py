@@ -6,27 +6,11 @@ Composes ``configs/config.yaml`` (Hydra), then hands the job to the launcher cho
 from __future__ import annotations
 
 import sys
-import warnings
-from importlib import resources
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from part_distillation.config import ConfigError, register_configs
-
-# Our configs/hydra/launcher/submitit_*.yaml extend the plugin's schema of the same name
-# on purpose (resources come from `launcher.*`); Hydra warns about that pattern.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
-
-
-def config_dir() -> str:
-    """``configs/`` of the source tree, or the copy installed as package data."""
-    source_tree = Path(__file__).resolve().parents[1] / "configs"
-    if (source_tree / "config.yaml").is_file():
-        return str(source_tree)
-    return str(resources.files("part_distillation") / "configs")
-
+from part_distillation.config import ConfigError, config_dir, register_configs
 
 register_configs()
 
@@ -102,11 +86,10 @@ def main() -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from part_distillation.launch import preflight_sweep
-        from part_distillation.stages import StageNotAvailable
 
         try:
             preflight_sweep(config_dir(), [a for a in args if a not in flags])
-        except (ConfigError, StageNotAvailable, KeyError, HydraException, OmegaConfBaseException) as err:
+        except (ConfigError, KeyError, HydraException, OmegaConfBaseException) as err:
             print(f"part_distillation: nothing {'submitted' if flags else 'run'}: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
     _hydra_main()

@@ -8,12 +8,14 @@ submission) and again inside each job.
 
 Stage schemas subclass :class:`StageConfig`; each stage's YAML in ``configs/stage/``
 names its schema in its defaults list (``- /schema/stage/<name>@_here_``), so adding a
-stage is one dataclass plus one YAML file.
+stage is one dataclass and one YAML file here plus its module ``stages/<name>.py`` (with
+its ``SPEC``; see ``part_distillation.stages``). The schemas stay here, not in the stage
+modules, because composing and validating a config must not import the stages.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -332,7 +334,7 @@ class DenseCRFStageConfig(StageConfig):
 
 @dataclass
 class TrainStageConfig(StageConfig):
-    """What stages 4 and 6 share: the training engine's settings (``engine/``).
+    """What the training stages share (4, 6 and the two baselines): the training engine's settings.
 
     ``batch_size`` is the global batch; each process takes ``per_device_batch`` images per
     micro-batch and the engine accumulates ``batch_size / (processes x per_device_batch)``
@@ -376,6 +378,12 @@ class TrainStageConfig(StageConfig):
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on CPU)
     num_points: int = 12544  # points per mask for the matcher and mask losses (reference 112 x 112)
 
+    @classmethod
+    def model_kind(cls, stage: Mapping[str, Any]) -> Optional[str]:
+        """The kind of model this stage's checkpoints hold (``inference.KINDS``), from the run's
+        ``stage`` settings as its manifest saved them; None: not a part predictor."""
+        return None
+
     _checks = {"frozen_mode": _one_of("train", "eval"),
                "batch_size": _at_least(1), "per_device_batch": _at_least(1), "lr": _at_least(0.0),
                "backbone_multiplier": _at_least(0.0),
@@ -399,6 +407,10 @@ class ProposalLearningStageConfig(TrainStageConfig):
     max_iter: int = 50_000
     steps: list[int] = field(default_factory=lambda: [40_000, 45_000])
 
+    @classmethod
+    def model_kind(cls, stage: Mapping[str, Any]) -> Optional[str]:
+        return "proposal"
+
 
 @dataclass
 class PartDistillationStageConfig(TrainStageConfig):
@@ -409,6 +421,10 @@ class PartDistillationStageConfig(TrainStageConfig):
     max_iter: int = 120_000
     steps: list[int] = field(default_factory=lambda: [100_000, 110_000])
     parts_per_class: int = 8
+
+    @classmethod
+    def model_kind(cls, stage: Mapping[str, Any]) -> Optional[str]:
+        return "part_distillation"
 
     _checks = {**TrainStageConfig._checks, "parts_per_class": _at_least(1)}
 
@@ -564,6 +580,10 @@ class SupervisedLearningStageConfig(TrainStageConfig):
     freeze_encoder: bool = False
     importance_sample_ratio: float = 0.75
 
+    @classmethod
+    def model_kind(cls, stage: Mapping[str, Any]) -> Optional[str]:
+        return "proposal" if stage.get("variant") == "proposal" else "semantic"
+
     _checks = {"variant": _one_of("proposal", "semantic"),
                "dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
                "importance_sample_ratio": _ratio()}
@@ -604,34 +624,48 @@ class RunConfig:
     _checks = {"log_level": _one_of("DEBUG", "INFO", "WARNING", "ERROR")}
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
-    "synthetic_data": SyntheticDataStageConfig,
-    "sample_photos": SamplePhotosStageConfig,
-    "collage": CollageStageConfig,
-    "pipeline": PipelineStageConfig,
-    "report": ReportStageConfig,
-    "status": StatusStageConfig,
-    "index": IndexStageConfig,
-    "detic_labeling": DeticStageConfig,
-    "pixel_grouping": PixelGroupingStageConfig,
-    "dense_crf": DenseCRFStageConfig,
-    "proposal_learning": ProposalLearningStageConfig,
-    "part_ranking": PartRankingStageConfig,
-    "part_distillation": PartDistillationStageConfig,
-    "evaluate": EvaluateStageConfig,
-    "predict": PredictStageConfig,
-    "supervised_learning": SupervisedLearningStageConfig,
-    "fewshot_learning": FewshotLearningStageConfig,
-}
+def stage_schemas() -> dict[str, type[StageConfig]]:
+    """Stage name -> schema: every ``StageConfig`` subclass whose ``name`` has a default (the
+    stage's name; bases such as ``TrainStageConfig`` have none). The one list of the stages:
+    the registry (``part_distillation.stages``) finds each stage's module by this name."""
+    found: dict[str, type[StageConfig]] = {}
+    todo = list(StageConfig.__subclasses__())
+    while todo:
+        schema = todo.pop()
+        todo += schema.__subclasses__()
+        if not schema.__module__ == __name__:
+            continue  # a schema defined elsewhere (a test's) is not a stage of the package
+        name = next(f.default for f in fields(schema) if f.name == "name")
+        if isinstance(name, str) and name != MISSING:
+            if found.get(name, schema) is not schema:
+                raise TypeError(f"stage {name!r} has two schemas: {found[name].__name__} and {schema.__name__}")
+            found[name] = schema
+    return dict(sorted(found.items()))
+
+
+def config_dir() -> str:
+    """``configs/`` of the source tree, or the copy installed as package data."""
+    from importlib import resources
+    from pathlib import Path
+
+    source_tree = Path(__file__).resolve().parents[1] / "configs"
+    if (source_tree / "config.yaml").is_file():
+        return str(source_tree)
+    return str(resources.files("part_distillation") / "configs")
 
 
 def register_configs() -> None:
     """Register every schema once; YAML files in ``configs/`` extend them."""
+    import warnings
+
+    # Our configs/hydra/launcher/submitit_*.yaml extend the plugin's schema of the same name
+    # on purpose (resources come from `launcher.*`); Hydra warns about that pattern.
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="schema/data", name="imagenet", node=DataConfig)
     cs.store(group="schema/model", name="model", node=ModelConfig)
-    for name, schema in STAGE_SCHEMAS.items():
+    for name, schema in stage_schemas().items():
         cs.store(group="schema/stage", name=name, node=schema)
 
 
@@ -689,7 +723,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     if run.shard.index >= run.shard.count:
         raise ConfigError(f"config key 'shard.index' = {run.shard.index} is invalid: "
                           f"expected < shard.count ({run.shard.count})")
-    if run.stage.name not in STAGE_SCHEMAS:
+    if run.stage.name not in stage_schemas():
         raise ConfigError(f"config key 'stage.name' = {run.stage.name!r} is invalid: "
-                          f"expected one of {sorted(STAGE_SCHEMAS)}")
+                          f"expected one of {sorted(stage_schemas())}")
     return run

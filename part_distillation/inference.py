@@ -44,17 +44,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from part_distillation.config import ConfigError
+from part_distillation.config import ConfigError, stage_schemas
 from part_distillation.data.frame import ImageFrame
 from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.evaluation.evaluator import Prediction
 
-#: The model kinds, and the training stage each comes from. ``semantic``: the supervised and
-#: few-shot baselines' plain head, one output per part class of their dataset (not conditioned);
-#: those stages' ``stage.variant`` says which of ``proposal`` / ``semantic`` their run is.
+#: The model kinds; which one a training stage's run holds is its schema's ``model_kind``
+#: (``config.py``). ``semantic``: the supervised and few-shot baselines' plain head, one output
+#: per part class of their dataset (not conditioned); their ``stage.variant`` says which.
 KINDS = ("proposal", "part_distillation", "semantic")
-STAGE_KINDS = {"proposal_learning": "proposal", "part_distillation": "part_distillation"}
-BASELINE_STAGES = ("supervised_learning", "fewshot_learning")
 #: PartDistillation's test resolution in the reference: shortest side 640, longer side <= 1333.
 PD_TEST_SIZE, PD_TEST_MAX_SIZE = 640, 1333
 #: The stage-6 run folder's list of object classes in head order (``{"wnids": [...]}``).
@@ -115,9 +113,9 @@ class RunInfo:
 
     @property
     def kind(self) -> str | None:
-        if self.stage in BASELINE_STAGES:
-            return "proposal" if self.get("stage.variant") == "proposal" else "semantic"
-        return STAGE_KINDS.get(self.stage or "")
+        schema = stage_schemas().get(self.stage or "")
+        model_kind = getattr(schema, "model_kind", None)
+        return model_kind(self.get("stage", {})) if model_kind is not None else None
 
     def get(self, dotted: str, default=None):
         node: Any = self.config
@@ -441,5 +439,5 @@ class TrainedModel:
                           scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 
-__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "choose_device", "load_model",
+__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "TrainedModel", "choose_device", "load_model",
            "read_run_info", "resolve_checkpoint", "run_folder_of", "eval_max_size"]

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from part_distillation import launch
+from part_distillation.launch import local
 from tests.helpers import REPO_ROOT
 from tests.test_main import _compose
 
@@ -42,8 +43,8 @@ def test_a_submitit_job_whose_stage_failed_exits_1_after_it_ends(executor, statu
 
 def test_run_job_marks_the_job_failed_on_any_stage_error_and_only_then(monkeypatch):
     calls = []
-    monkeypatch.setattr(launch, "fail_submitit_job_at_exit", lambda: calls.append("failed"))
-    monkeypatch.setattr(launch, "configure_logging", lambda level: None)  # leave other tests' log levels alone
+    monkeypatch.setattr(local, "fail_submitit_job_at_exit", lambda: calls.append("failed"))
+    monkeypatch.setattr(local, "configure_logging", lambda level: None)  # leave other tests' log levels alone
 
     def stage_with(error):
         def run(cfg, context):
@@ -56,10 +57,10 @@ def test_run_job_marks_the_job_failed_on_any_stage_error_and_only_then(monkeypat
 
     for error, raised in ((OSError(28, "No space left on device", "/x/shard.rec"), launch.JobFailed),
                           (ZeroDivisionError("a bug"), ZeroDivisionError)):
-        monkeypatch.setattr(launch.stages, "get", lambda name, error=error: stage_with(error))
+        monkeypatch.setattr(local.stages, "get", lambda name, error=error: stage_with(error))
         with pytest.raises(raised):
             launch.run_job(_compose("stage=index", "paths.root=/scratch/pd"))
     assert calls == ["failed", "failed"]
-    monkeypatch.setattr(launch.stages, "get", lambda name: stage_with(None))
+    monkeypatch.setattr(local.stages, "get", lambda name: stage_with(None))
     launch.run_job(_compose("stage=index", "paths.root=/scratch/pd"))
     assert calls == ["failed", "failed"]  # a stage that succeeds leaves the exit status alone

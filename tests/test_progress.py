@@ -104,8 +104,9 @@ def small_tree(tmp_path):
 
 def _run_index(monkeypatch, tree, root, *extra):
     from part_distillation import launch
+    from part_distillation.launch import local
 
-    monkeypatch.setattr(launch, "configure_logging", lambda level: None)  # leave other tests' log levels alone
+    monkeypatch.setattr(local, "configure_logging", lambda level: None)  # leave other tests' log levels alone
     return launch.run_job(_compose("stage=index", f"data.root={tree}", f"paths.root={root}", *extra))
 
 

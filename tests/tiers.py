@@ -44,7 +44,8 @@ def _triggers() -> dict[object, str]:
         subprocess.check_call: "a subprocess", subprocess.check_output: "a subprocess",
         subprocess.call: "a subprocess",
         helpers.run_entry: "the entry point", helpers.kill_entry_after_first_record: "the entry point",
-        launch.run_job: "a stage job", train_loop.Trainer: "a training loop",
+        launch.run_job: "a stage job", launch.run_in_context: "a stage job",
+        train_loop.Trainer: "a training loop",
     }
 
 
@@ -183,5 +184,9 @@ def guard(monkeypatch: pytest.MonkeyPatch, nodeid: str) -> None:
         popen_init(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", popen)
-    monkeypatch.setattr(launch, "run_job", refuse("a stage job"))
+    from part_distillation.launch import local
+
+    for module in (launch, local):  # the package's name and the one path every job takes
+        monkeypatch.setattr(module, "run_job", refuse("a stage job"))
+    monkeypatch.setattr(local, "run_in_context", refuse("a stage job"))
     monkeypatch.setattr(train_loop.Trainer, "train", refuse("a training loop"))

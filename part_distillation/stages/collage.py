@@ -15,6 +15,11 @@ from part_distillation.progress import StageSummary
 from part_distillation.store import RecordStore, manifest_path
 from part_distillation.viz import class_collage, write_png
 
+from part_distillation.config import CollageStageConfig
+from part_distillation.stages import SINGLE, StageSpec
+
+SPEC = StageSpec("collage", CollageStageConfig, SINGLE)
+
 log = logging.getLogger("part_distillation")
 
 

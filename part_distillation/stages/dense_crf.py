@@ -37,12 +37,17 @@ import numpy as np
 from part_distillation.config import RunConfig
 from part_distillation.data.frame import ImageFrame, fitted_size
 from part_distillation.data.images import BadImageError, load_rgb
-from part_distillation.launch import JobContext
+from part_distillation.context import JobContext
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.progress import StageSummary, progress_line
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, key_hash, manifest_path
 from part_distillation.store.schemas import PART_SEGMENTS
+
+from part_distillation.config import DenseCRFStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("dense_crf", DenseCRFStageConfig, SHARDED, shards_over="the input records (by key hash)")
 
 log = logging.getLogger("part_distillation")
 

@@ -28,6 +28,14 @@ from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import list_shard_images, open_output
 from part_distillation.store.schemas import OBJECT_MASKS
 
+from part_distillation.config import DeticStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("detic_labeling", DeticStageConfig, SHARDED, shards_over="the images of data.root (shard.by)",
+                 reads_image_tree=True,
+                 loads_weights=lambda run: run.stage.source in ("detic", "mask2former"),
+                 model_family=lambda run: run.stage.source if run.stage.source in ("detic", "mask2former") else None)
+
 log = logging.getLogger("part_distillation")
 
 WEIGHTS_README = "weights/README.md"

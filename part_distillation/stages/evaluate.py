@@ -74,6 +74,12 @@ from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
 
+from part_distillation.config import EvaluateStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("evaluate", EvaluateStageConfig, SHARDED, shards_over="the images of the dataset split",
+                 merged_file="metrics.json")
+
 log = logging.getLogger("part_distillation")
 
 #: The predictor kinds of ``stage.predictors``.

@@ -28,6 +28,11 @@ from part_distillation.store.files import atomic_write_json
 
 from . import supervised_learning as supervised
 
+from part_distillation.config import FewshotLearningStageConfig
+from part_distillation.stages import TRAINING, StageSpec
+
+SPEC = StageSpec("fewshot_learning", FewshotLearningStageConfig, TRAINING, model_family="mask2former")
+
 log = logging.getLogger("part_distillation")
 
 SUBSET_FILE = "fewshot_subset.json"

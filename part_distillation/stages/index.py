@@ -28,6 +28,12 @@ from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import list_shard_images, open_output
 from part_distillation.store.schemas import INDEX
 
+from part_distillation.config import IndexStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("index", IndexStageConfig, SHARDED, shards_over="the images of data.root (shard.by)",
+                 reads_image_tree=True)
+
 log = logging.getLogger("part_distillation")
 
 

@@ -34,6 +34,12 @@ from part_distillation.inference import CLASSES_FILE
 from part_distillation.progress import StageSummary
 from part_distillation.store.files import atomic_write_json
 
+from part_distillation.config import PartDistillationStageConfig
+from part_distillation.stages import TRAINING, StageSpec
+
+SPEC = StageSpec("part_distillation", PartDistillationStageConfig, TRAINING, loads_weights=True,
+                 model_family="mask2former")
+
 log = logging.getLogger("part_distillation")
 
 

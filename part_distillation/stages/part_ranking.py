@@ -59,6 +59,13 @@ from part_distillation.store import RecordStore, manifest_path
 from part_distillation.store.files import atomic_write_bytes, atomic_write_json
 from part_distillation.store.schemas import PART_LABELS
 
+from part_distillation.config import PartRankingStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+# model.weights is not read: the stage-4 checkpoint is (checked by its own check)
+SPEC = StageSpec("part_ranking", PartRankingStageConfig, SHARDED,
+                 shards_over="the object classes of the input records")
+
 log = logging.getLogger("part_distillation")
 
 

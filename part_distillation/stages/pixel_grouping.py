@@ -29,6 +29,13 @@ from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore
 from part_distillation.store.schemas import PART_SEGMENTS
 
+from part_distillation.config import PixelGroupingStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("pixel_grouping", PixelGroupingStageConfig, SHARDED, shards_over="the input records (shard.by)",
+                 loads_weights=True,
+                 model_family=lambda run: "mask2former" if run.stage.features == "mask2former" else None)
+
 log = logging.getLogger("part_distillation")
 
 

@@ -57,6 +57,12 @@ from part_distillation.store.coco import export_coco
 from part_distillation.store.schemas import PART_PREDICTIONS
 from part_distillation.viz import draw_parts, write_png
 
+from part_distillation.config import PredictStageConfig
+from part_distillation.stages import SHARDED, StageSpec
+
+SPEC = StageSpec("predict", PredictStageConfig, SHARDED, shards_over="the images, by position",
+                 loads_weights=lambda run: run.stage.mask_source == "detic", merged_file="predictions.json")
+
 log = logging.getLogger("part_distillation")
 
 COCO_FILE = "predictions.json"

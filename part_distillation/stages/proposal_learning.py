@@ -23,6 +23,12 @@ from part_distillation.engine.recipe import (build_model, build_trainer, frozen_
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 
+from part_distillation.config import ProposalLearningStageConfig
+from part_distillation.stages import TRAINING, StageSpec
+
+SPEC = StageSpec("proposal_learning", ProposalLearningStageConfig, TRAINING, loads_weights=True,
+                 model_family="mask2former")
+
 log = logging.getLogger("part_distillation")
 
 

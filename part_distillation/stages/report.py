@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from part_distillation.config import RunConfig
+from part_distillation import stages as registry
+from part_distillation.config import ReportStageConfig, RunConfig
+from part_distillation.launch.dag import compose_stage, own_overrides, stage_overrides
 from part_distillation.progress import StageSummary, format_eta, read_summaries
+from part_distillation.stages import SINGLE, StageSpec
+
+SPEC = StageSpec("report", ReportStageConfig, SINGLE, reported=False)
 
 log = logging.getLogger("part_distillation")
-
-#: stages that are not reported as stages of a pipeline (they contain or describe the others)
-NOT_REPORTED = frozenset({"pipeline", "report", "status"})
-
 
 @dataclass
 class StageOutput:
@@ -58,43 +59,23 @@ class ExperimentPlan:
 
 # --------------------------------------------------------------------------- planning
 
-def _compose(overrides: list[str]) -> RunConfig:
-    """The validated config ``python -m part_distillation <overrides>`` would run."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from part_distillation.__main__ import config_dir
-    from part_distillation.config import validate
-
-    if GlobalHydra.instance().is_initialized():
-        return validate(compose(config_name="config", overrides=list(overrides)))
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return validate(compose(config_name="config", overrides=list(overrides)))
-
-
 def plan_experiment(experiment: str, base: list[str]) -> ExperimentPlan:
     """The stages of ``experiment``'s pipeline with their outputs, composed from this run's
     overrides ``base`` (``paths.root=...`` and the like reach every stage, as in the pipeline)."""
-    from part_distillation.stages.pipeline import stage_overrides
-
     base = [o for o in base if not o.lstrip("+~").startswith("experiment")]
     if experiment not in (None, "default"):  # "default": no experiment= was given
         base.append(f"experiment={experiment}")
     try:
-        pipeline = _compose(base + ["stage=pipeline"])
-        names = [n for n in pipeline.stage.stages if n not in NOT_REPORTED]
+        pipeline = compose_stage(base + ["stage=pipeline"])
+        names = [n for n in pipeline.stage.stages if registry.spec(n).reported]
         per_stage = stage_overrides(pipeline.stage.overrides, pipeline.stage.stages)
-        stages = [StageOutput(n, _compose(base + [f"stage={n}"] + per_stage.get(n, [])).stage.output)
-                  for n in names]
+        stages = []
+        for n in names:
+            run = compose_stage(base + [f"stage={n}"] + per_stage.get(n, []))
+            stages.append(StageOutput(n, registry.spec(n).output(run)))
     except Exception as err:  # a report never fails a run: it says what it could not read
         return ExperimentPlan(experiment, "?", problem=f"its stages could not be composed: {err}".splitlines()[0])
     return ExperimentPlan(experiment, pipeline.data.name, stages)
-
-
-def _own_overrides() -> list[str]:
-    from part_distillation.stages.pipeline import _own_overrides as pipeline_overrides
-
-    return pipeline_overrides()
 
 
 # --------------------------------------------------------------------------- summaries
@@ -295,7 +276,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
     summary = StageSummary(st.name, output=st.output)
     if not context.is_main:
         return summary.finish()
-    base = _own_overrides()
+    base = own_overrides()
     plans = [plan_experiment(name, base) for name in (st.experiments or [cfg.experiment])]
     path = Path(st.file)
     text, tables = build_report(plans, path.parent)

@@ -8,6 +8,11 @@ from part_distillation.config import RunConfig
 from part_distillation.data.photos import write_photo_tree
 from part_distillation.progress import StageSummary
 
+from part_distillation.config import SamplePhotosStageConfig
+from part_distillation.stages import SINGLE, StageSpec
+
+SPEC = StageSpec("sample_photos", SamplePhotosStageConfig, SINGLE)
+
 
 def run(cfg: RunConfig, context) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.data.root)

@@ -38,6 +38,12 @@ from part_distillation.engine.train_loop import Trainer
 from part_distillation.progress import StageSummary
 from part_distillation.store.files import atomic_write_json
 
+from part_distillation.config import SupervisedLearningStageConfig
+from part_distillation.stages import TRAINING, StageSpec
+
+# model.weights, when given, is checked by its own check (with the baseline's hint)
+SPEC = StageSpec("supervised_learning", SupervisedLearningStageConfig, TRAINING, model_family="mask2former")
+
 log = logging.getLogger("part_distillation")
 
 PART_CLASSES_FILE = "part_classes.json"

@@ -20,6 +20,11 @@ from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
 from part_distillation.store.files import atomic_write_json
 
+from part_distillation.config import SyntheticDataStageConfig
+from part_distillation.stages import SINGLE, StageSpec
+
+SPEC = StageSpec("synthetic_data", SyntheticDataStageConfig, SINGLE)
+
 log = logging.getLogger("part_distillation")
 
 

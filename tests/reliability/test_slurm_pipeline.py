@@ -81,9 +81,9 @@ def _sacct(job_ids: list[str]) -> dict[str, str]:
 
 def _status(root: Path) -> dict:
     """``stage=status``'s rows (in this process: a subprocess would add a minute on a busy machine)."""
-    from part_distillation.stages import pipeline, status
+    from part_distillation.launch import dag, status
 
-    cfg = pipeline.compose_stage(["stage=status", "experiment=demo", f"paths.root={root}"])
+    cfg = dag.compose_stage(["stage=status", "experiment=demo", f"paths.root={root}"])
     return {row.name: row for row in status.collect(cfg)}
 
 

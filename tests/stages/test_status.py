@@ -1,24 +1,12 @@
-"""Stage ``status``: where each stage of the pipeline stands, from the stores (no SLURM here)."""
+"""Stage ``status``: where each stage of the pipeline stands, from the stores (no SLURM here).
+
+The table itself (rows before any run): tests/launch/test_status.py."""
 from __future__ import annotations
 
 import pytest
 
 from part_distillation.data.synthetic import make_synthetic_dataset
-from part_distillation.stages import pipeline, status
 from tests.helpers import run_entry
-
-
-def test_status_before_any_run_lists_the_demo_stages_pending(tmp_path):
-    cfg = pipeline.compose_stage(["stage=status", "experiment=demo", f"paths.root={tmp_path}"])
-    rows = status.collect(cfg, base=["experiment=demo", f"paths.root={tmp_path}"])
-    demo = pipeline.compose_stage(["stage=pipeline", "experiment=demo"]).stage.stages
-    assert [r.name for r in rows] == list(demo)
-    for row in rows:
-        assert row.done == [] and row.running == [] and row.failed == [] and row.pending == list(range(row.shards))
-        assert row.error == "" and row.records == 0
-    table = status.format_table(rows)
-    assert table.splitlines()[0].split()[:6] == ["#", "stage", "done", "running", "failed", "pending"]
-    assert len(table.splitlines()) == len(demo) + 1
 
 
 @pytest.mark.integration
