@@ -32,6 +32,10 @@ def _runs_a_job(cfg):
     return launch.run_job(cfg)
 
 
+def _trains(baseline):
+    return baseline.trainer.train()
+
+
 def _starts_a_subprocess():
     return subprocess.run([sys.executable, "-c", "pass"], check=True)
 
@@ -45,6 +49,7 @@ def test_pure_code_is_fast():
     (_runs_a_stage, "a stage (index.run)"),
     (_runs_a_job, "a stage job"),
     (_starts_a_subprocess, "a subprocess"),
+    (_trains, "a training loop"),
 ])
 def test_calls_reached_through_test_code_make_it_integration(func, what):
     assert tiers.reason(func) == what

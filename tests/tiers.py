@@ -50,6 +50,8 @@ def _triggers() -> dict[object, str]:
 
 
 TRIGGERS = functools.lru_cache(maxsize=None)(_triggers)
+#: Stands for ``<something>trainer.train()``, whose receiver the rule cannot resolve.
+TRAINER_LOOP = "a training loop"
 
 
 def _is_stage_module(obj: object) -> bool:
@@ -97,6 +99,8 @@ def _resolve(expr: ast.expr, namespace: dict) -> object | None:
         base = _resolve(expr.value, namespace)
         if _is_stage_module(base) and expr.attr == "run":
             return base  # <stage module>.run(...): runs the stage in-process
+        if expr.attr == "train" and ast.unparse(expr.value).lower().endswith("trainer"):
+            return TRAINER_LOOP  # <...trainer>.train(): the object is made at run time
         return getattr(base, expr.attr, None) if base is not None else None
     return None
 
@@ -124,6 +128,8 @@ def reason(func: Callable, fixtures: Iterable[Callable] = ()) -> str | None:
             target = _resolve(expr, namespace)
             if target is None:
                 continue
+            if target is TRAINER_LOOP:
+                return TRAINER_LOOP
             if _is_stage_module(target):
                 return f"a stage ({target.__name__.rsplit('.', 1)[-1]}.run)"
             try:
