@@ -167,9 +167,12 @@ class SyntheticDataStageConfig(StageConfig):
     parts_per_class: int = 4
     size: int = 128
     seed: int = 0
+    #: ``distinct``: each part its own colour; ``shared``: all parts of an object share one
+    #: appearance (colour cannot find the parts; shapes and layout are the same templates)
+    appearance: str = "distinct"
 
     _checks = {"classes": _at_least(1), "images_per_class": _at_least(1),
-               "parts_per_class": _at_least(1), "size": _at_least(32)}
+               "parts_per_class": _at_least(1), "size": _at_least(32), "appearance": _one_of("distinct", "shared")}
 
 
 @dataclass
