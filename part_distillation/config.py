@@ -450,7 +450,8 @@ class EvaluateStageConfig(StageConfig):
 
     ``predictors``: ``<kind>`` or ``<kind>:<path>``; kinds ``records`` (a stage's records,
     default ``input``), ``proposal`` / ``part_distillation`` (a stage-4/6 checkpoint file
-    or run folder, default that stage's output), ``strips`` (the trivial baseline).
+    or run folder, default that stage's output), ``strips`` (the trivial baseline),
+    ``colour_kmeans`` (k-means of colour + position inside the object).
     """
 
     name: str = "evaluate"

@@ -16,6 +16,12 @@ Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
     No ground-truth information beyond the object mask: no filters, and clusters are
     matched on a split disjoint from the evaluation split (``match_states``); without
     one, strict mIoU is not reported (NaN) rather than silently matched on the test data.
+
+Both also report ``bestIoU`` (percent, as the other metrics): each true part matched to
+the predicted segment that overlaps it best, the mean over an object's parts, then over
+objects (``segments.best_match_iou``; segments: the masks with a cluster, or every mask of
+a proposal-only prediction). It needs no matching and no filter, so it is the same in
+both protocols: how well the segments cut the object, whatever their cluster ids.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import numpy as np
 
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import part_miou, proposals
+from part_distillation.evaluation.segments import best_match_iou
 from part_distillation.masks import mask_iou
 
 #: The reference's ground-truth IoU filters (released evaluation): proposals, part segments.
@@ -78,6 +85,9 @@ class PartEvaluator:
         state = {"key": sample.key, "object_class": sample.object_class,
                  "ar_strict": proposals.image_overlaps(masks, scores, gt, self.top_k),
                  "ar_reference": proposals.image_overlaps(masks[keep_ref], scores[keep_ref], gt, self.top_k)}
+        segments = masks if prediction.clusters is None else masks[np.asarray(prediction.clusters) >= 0]
+        if len(gt):
+            state["best_iou"] = best_match_iou(gt, segments)
         if prediction.clusters is not None:
             if self.num_clusters is None:
                 raise ValueError("PartEvaluator needs num_clusters to score part clusters")
@@ -100,6 +110,12 @@ def _confusions(states: Iterable[Mapping], protocol: str) -> dict[str, np.ndarra
     return part_miou.merge({s["object_class"]: s[key]} for s in states if key in s)
 
 
+def mean_best_iou(states: Iterable[Mapping]) -> float:
+    """Mean best-match IoU over the states that have one, in percent (NaN: none)."""
+    values = [float(s["best_iou"]) for s in states if s.get("best_iou") is not None]
+    return 100.0 * float(np.mean(values)) if values else float("nan")
+
+
 def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = None,
             top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority") -> dict:
     """Both protocols' AR@k and mIoU from per-image states (any sharding, any order).
@@ -111,6 +127,7 @@ def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = 
     for protocol in PROTOCOLS:
         ar = proposals.summarize([s[f"ar_{protocol}"] for s in states], top_k=top_k, areas=("all",))
         result: dict = dict(ar.ar)
+        result["bestIoU"] = mean_best_iou(states)
         evaluation = _confusions(states, protocol)
         if evaluation:
             if protocol == "reference":

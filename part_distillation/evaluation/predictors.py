@@ -8,7 +8,9 @@ class, mapped to the model's training class index). Three kinds:
   part ranking), matched to the sample by image path;
 * :class:`ModelPredictor`: a trained stage-4/6 model (``inference.TrainedModel``, from a
   checkpoint or a model still in training);
-* :class:`StripsPredictor`: the trivial baseline, the object's box cut into K strips.
+* :class:`StripsPredictor`: the trivial baseline, the object's box cut into K strips;
+* :class:`ColourKMeansPredictor`: the colour baseline, k-means of colour + position of
+  the object's pixels (K clusters).
 
 Each has a ``label`` (its folder and row name) and ``num_clusters`` (the cluster ids its
 predictions use: 0..num_clusters-1). A cluster id of -1 marks a mask that counts for
@@ -52,6 +54,15 @@ def prediction_from_record(record: dict, sample: PartSample) -> Prediction:
     else:
         clusters, scores = np.asarray(record["part_ids"]) - 1, np.ones(len(masks))
     return Prediction(masks=masks, scores=scores, clusters=clusters.astype(np.int64))
+
+
+def label_map_prediction(labels: np.ndarray, num_clusters: int) -> Prediction:
+    """An (H, W) label map (0: none, k: cluster k - 1) as one mask per label present, score 1 each."""
+    ids = np.arange(1, num_clusters + 1)
+    masks = labels[None] == ids[:, None, None]
+    present = masks.reshape(len(ids), -1).any(1)
+    return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
+                      clusters=(ids[present] - 1).astype(np.int64))
 
 
 class Predictor:
@@ -143,12 +154,32 @@ class StripsPredictor(Predictor):
         from part_distillation.models.baselines import strip_labels
 
         labels = strip_labels(sample.object_mask, self.num_clusters)
-        ids = np.arange(1, self.num_clusters + 1)
-        masks = labels[None] == ids[:, None, None]
-        present = masks.reshape(len(ids), -1).any(1)
-        return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
-                          clusters=(ids[present] - 1).astype(np.int64))
+        return label_map_prediction(labels, self.num_clusters)
 
 
-__all__ = ["ModelPredictor", "Predictor", "RecordsPredictor", "StripsPredictor", "empty_prediction",
+class ColourKMeansPredictor(Predictor):
+    """k-means (K = ``num_clusters``) of RGB + xy of the object's pixels
+    (``models.baselines.color_position_labels``): what colour alone finds, the bar a part
+    learner must clear where parts differ in colour. Cluster k = k-means cluster k of the
+    image (each image its own numbering, as pixel grouping's), score 1 each."""
+
+    def __init__(self, num_clusters: int, label: str = "colour_kmeans",
+                 load_image: Callable[[str], np.ndarray] | None = None, seed: int = 0):
+        from part_distillation.data.images import load_rgb
+
+        self.num_clusters, self.label, self.seed = int(num_clusters), label, int(seed)
+        self.load_image = load_image or load_rgb
+
+    def __call__(self, sample: PartSample) -> Prediction:
+        from part_distillation.models.baselines import color_position_labels
+
+        image = self.load_image(sample.path)
+        if tuple(image.shape[:2]) != tuple(sample.object_mask.shape):
+            raise ValueError(f"{sample.path}: image of size {tuple(image.shape[:2])}, its annotation "
+                             f"{tuple(sample.object_mask.shape)}")
+        labels = color_position_labels(image, sample.object_mask, self.num_clusters, seed=self.seed)
+        return label_map_prediction(labels, self.num_clusters)
+
+
+__all__ = ["ColourKMeansPredictor", "ModelPredictor", "Predictor", "RecordsPredictor", "StripsPredictor", "empty_prediction",
            "prediction_from_record"]

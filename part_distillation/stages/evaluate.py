@@ -17,10 +17,13 @@
     a semantic-part baseline (``supervised_learning`` / ``fewshot_learning`` with
     ``stage.variant=semantic``): its run folder; clusters are its dataset's part classes;
 ``strips``
-    the trivial baseline: the object's box cut into ``stage.num_clusters`` strips.
+    the trivial baseline: the object's box cut into ``stage.num_clusters`` strips;
+``colour_kmeans``
+    the colour baseline: k-means of colour + position of the object's pixels
+    (``stage.num_clusters`` clusters).
 
 Each predictor has a label (``records_<stage>``, ``proposal``, ``part_distillation``,
-``strips``; unique) and its own sharded, resumable store of per-image evaluation states
+``strips``, ``colour_kmeans``; unique) and its own sharded, resumable store of per-image evaluation states
 under ``<stage.output>/<label>/`` (``eval_states`` records; its manifest holds what its
 states depend on, so each resumes on its own). ``stage.output`` itself is a store as every
 stage's (the manifest of the whole config, a shard file per job closed when the job's slice
@@ -55,8 +58,9 @@ from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dat
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import proposals
 from part_distillation.evaluation.evaluator import PROTOCOLS, PartEvaluator, metrics
-from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
-                                                     empty_prediction, prediction_from_record)
+from part_distillation.evaluation.predictors import (ColourKMeansPredictor, ModelPredictor, Predictor,
+                                                     RecordsPredictor, StripsPredictor, empty_prediction,
+                                                     prediction_from_record)
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
@@ -65,7 +69,9 @@ from part_distillation.store.schemas import EVAL_STATES
 log = logging.getLogger("part_distillation")
 
 #: The predictor kinds of ``stage.predictors``.
-PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "strips")
+PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "strips", "colour_kmeans")
+#: Baselines that need nothing but the sample (no path).
+BASELINE_KINDS = ("strips", "colour_kmeans")
 MODEL_KINDS = ("proposal", "part_distillation", "semantic")
 
 __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
@@ -76,7 +82,7 @@ __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "m
 
 @dataclass(frozen=True)
 class PredictorSpec:
-    """One entry of ``stage.predictors``, resolved: its kind, path (None for strips) and label."""
+    """One entry of ``stage.predictors``, resolved: its kind, path (None for the baselines) and label."""
 
     kind: str
     path: str | None
@@ -97,10 +103,10 @@ def parse_predictors(stage) -> list[PredictorSpec]:
         if kind not in PREDICTOR_KINDS:
             raise ConfigError(f"{where}: unknown kind {kind!r}; expected <kind> or <kind>:<path> with kind one of "
                               f"{list(PREDICTOR_KINDS)}")
-        if kind == "strips":
+        if kind in BASELINE_KINDS:
             if path:
-                raise ConfigError(f"{where}: the strip baseline takes no path (write 'strips')")
-            label = "strips"
+                raise ConfigError(f"{where}: the {kind} baseline takes no path (write '{kind}')")
+            label = kind
         elif kind == "records":
             path = path or stage.input
             if not path:
@@ -153,6 +159,8 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
         return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
     if spec.kind == "strips":
         return StripsPredictor(st.num_clusters, spec.label)
+    if spec.kind == "colour_kmeans":
+        return ColourKMeansPredictor(st.num_clusters, spec.label)
     checkpoint = _checkpoint(spec)
     model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
     if model.kind != spec.kind:
@@ -312,7 +320,7 @@ def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: s
 
 
 def _columns(top_k: tuple[int, ...]) -> list[str]:
-    return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU"]
+    return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU", "bestIoU"]
 
 
 def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:

@@ -164,6 +164,7 @@ EVAL_STATES = RecordSchema("eval_states", (
     Field("ar_reference", "dict", "the same after the reference's ground-truth IoU filter"),
     Field("confusion_strict", "array", "clusters x parts confusion counts (background last)", optional=True),
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
+    Field("best_iou", "float", "mean over true parts of the best IoU with a predicted segment", optional=True),
 ))
 
 #: Stage ``predict``: a trained model's parts of one image of any folder (masks at the image's size).

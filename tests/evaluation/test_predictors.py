@@ -6,7 +6,7 @@ import pytest
 
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation.evaluator import PartEvaluator, Prediction, metrics
-from part_distillation.evaluation.predictors import ModelPredictor, StripsPredictor
+from part_distillation.evaluation.predictors import ColourKMeansPredictor, ModelPredictor, StripsPredictor
 
 
 def _sample(parts: list[np.ndarray], key="a") -> PartSample:
@@ -106,3 +106,19 @@ def test_recall_only_masks_are_left_out_of_the_segmentation():
     # cluster 0 covers the left half (16 pixels of part 0); the right half is background for the segmentation
     assert state["confusion_strict"].tolist() == [[16, 0, 0], [0, 16, 48]]
     assert metrics([state], top_k=(10,))["strict"]["AR@10"] == pytest.approx(100.0)
+
+
+def test_colour_kmeans_finds_parts_that_differ_in_colour_and_strips_do_not():
+    sample = _sample(_halves("top_bottom"))   # strips cut the columns: they miss these parts
+    image = np.zeros((8, 10, 3), np.uint8)
+    image[sample.part_masks[0]] = (250, 20, 20)
+    image[sample.part_masks[1]] = (20, 20, 250)
+    predictor = ColourKMeansPredictor(2, load_image=lambda path: image)
+    got = predictor(sample)
+    assert predictor.label == "colour_kmeans" and sorted(got.clusters.tolist()) == [0, 1]
+    assert not (got.masks & ~sample.object_mask).any()   # only the object's pixels are clustered
+    assert sorted(got.masks.sum((1, 2)).tolist()) == [16, 16]
+    assert _scores(predictor, sample)["bestIoU"] == pytest.approx(100.0)
+    assert _scores(StripsPredictor(2), sample)["bestIoU"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="image of size"):
+        ColourKMeansPredictor(2, load_image=lambda path: image[:4])(sample)

@@ -208,8 +208,11 @@ def test_check_names_the_bad_entry(halves, tmp_path):
     evaluate.check(cfg)  # the checkpoint exists; what it is shows when it is loaded
     with pytest.raises(ConfigError, match="is a part_distillation model, not proposal"):
         evaluate.run(cfg, JobContext())
-    specs = evaluate.parse_predictors(_model_cfg(halves, tmp_path, "[records,strips,records]").stage)
-    assert [s.label for s in specs] == ["records_dense_crf", "strips", "records_dense_crf_2"]
+    with pytest.raises(ConfigError, match="the colour_kmeans baseline takes no path"):
+        evaluate.check(_model_cfg(halves, tmp_path, "[colour_kmeans:x]"))
+    specs = evaluate.parse_predictors(_model_cfg(halves, tmp_path, "[records,strips,records,colour_kmeans]").stage)
+    assert [s.label for s in specs] == ["records_dense_crf", "strips", "records_dense_crf_2", "colour_kmeans"]
+    assert [s.path for s in specs][-1] is None
 
 
 def test_training_evaluation_scores_the_live_model(halves):
@@ -226,7 +229,7 @@ def test_training_evaluation_scores_the_live_model(halves):
     got = evaluate_fn(SimpleNamespace(module=model))
     assert model.training
     assert set(got) == {f"{p}/{m}" for p in ("reference", "strict")
-                        for m in ("AR@1", "AR@10", "AR@50", "AR@100", "AR@200", "C-mIoU", "A-mIoU")}
+                        for m in ("AR@1", "AR@10", "AR@50", "AR@100", "AR@200", "C-mIoU", "A-mIoU", "bestIoU")}
     assert all(0 <= v <= 100 for v in got.values())
     # the same figures as the stage's code on the same two images of each half
     predictor = ModelPredictor(TrainedModel(model, "part_distillation", image_size=64,
