@@ -38,6 +38,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -142,8 +143,7 @@ def run_stages(overrides: dict[str, list[str]], what: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- scoring
 
 def records(folder: Path) -> dict[str, dict]:
-    import os
-
+    """A stage's records by real image path (as ``RecordsPredictor.from_store``)."""
     from part_distillation.store import RecordStore
 
     return {os.path.realpath(r["path"]): r for r in RecordStore(folder).iter_records()}

@@ -18,7 +18,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.partimagenet import PartImageNetDataset
 from part_distillation.data.part_datasets import open_part_dataset
 from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
-from part_distillation.evaluation.predictors import ModelPredictor
+from part_distillation.evaluation.predictors import ColourKMeansPredictor, ModelPredictor
 from part_distillation.launch import JobContext
 from part_distillation.masks import encode_rles
 from part_distillation.stages import evaluate
@@ -210,9 +210,12 @@ def test_check_names_the_bad_entry(halves, tmp_path):
         evaluate.run(cfg, JobContext())
     with pytest.raises(ConfigError, match="the colour_kmeans baseline takes no path"):
         evaluate.check(_model_cfg(halves, tmp_path, "[colour_kmeans:x]"))
-    specs = evaluate.parse_predictors(_model_cfg(halves, tmp_path, "[records,strips,records,colour_kmeans]").stage)
+    cfg = _model_cfg(halves, tmp_path, "[records,strips,records,colour_kmeans]")
+    specs = evaluate.parse_predictors(cfg.stage)
     assert [s.label for s in specs] == ["records_dense_crf", "strips", "records_dense_crf_2", "colour_kmeans"]
-    assert [s.path for s in specs][-1] is None
+    baseline = evaluate.build_predictor(specs[-1], cfg)
+    assert specs[-1].path is None and isinstance(baseline, ColourKMeansPredictor)
+    assert baseline.num_clusters == cfg.stage.num_clusters
 
 
 def test_training_evaluation_scores_the_live_model(halves):
