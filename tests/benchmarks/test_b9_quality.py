@@ -26,7 +26,7 @@ ROWS = ("pixel grouping records", "dense-CRF records", "stage-4 proposal model",
 def test_b9_prints_every_row_and_the_margins_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "b9_quality.py"), *TINY,
-                             "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                             "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=3600,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
