@@ -22,7 +22,9 @@ matched to parts on ``train_match`` (training images, never held-out ones). The 
 curve is the held-out best-match IoU (and AR@10) of every saved stage-4 and stage-6
 checkpoint.
 
-Prints a Markdown table per variant and the curves; writes ``b9_quality.json`` (tables,
+A model stage that fails at a small size (part ranking finds no part classes among the few
+proposals of a barely trained stage-4 model) does not end the run: that model's row has no
+figures and the reason is printed under the table. Prints a Markdown table per variant and the curves; writes ``b9_quality.json`` (tables,
 curves, margins, settings) and ``b9_quality.md`` in ``--out`` (default
 ``benchmarks_output/b9``, git-ignored); the last line gives each model's margin over each
 baseline (percentage points): ``B9 distinct: s4-vs-crf bestIoU +5.0 AR10 +3.1 C-mIoU ... | ...;
@@ -127,14 +129,31 @@ def stage_overrides(args, root: Path, variant: str, split: str) -> dict[str, lis
     return {name: common + per_stage.get(name, []) for name in (TRAIN_STAGES if split == "train" else HELDOUT_STAGES)}
 
 
-def run_stages(overrides: dict[str, list[str]], what: str) -> dict[str, float]:
-    """Run the stages in order in this process; their wall seconds."""
+#: Stages whose failure leaves the benchmark running: a model that could not be trained at a
+#: small size (e.g. part ranking finds too few proposals of a barely trained stage-4 model for K
+#: part classes) is a row without figures, and the reason is reported.
+MODEL_STAGES = ("proposal_learning", "part_ranking", "part_distillation")
+
+
+def run_stages(overrides: dict[str, list[str]], what: str, failures: dict[str, str]) -> dict[str, float]:
+    """Run the stages in order in this process; their wall seconds. A model stage that fails
+    (``launch.JobFailed``) goes into ``failures`` with its message and the later stages are skipped."""
     from part_distillation import launch
 
     seconds = {}
     for name, args in overrides.items():
+        if failures:
+            failures.setdefault(name, f"not run: {next(iter(failures))} failed")
+            continue
         start = time.perf_counter()
-        launch.run_job(launch.compose_config([f"stage={name}", *args]))
+        try:
+            launch.run_job(launch.compose_config([f"stage={name}", *args]))
+        except launch.JobFailed as err:
+            if name not in MODEL_STAGES:
+                raise
+            failures[name] = str(err)
+            print(f"  {what}: {name} FAILED: {err}", flush=True)
+            continue
         seconds[name] = time.perf_counter() - start
         print(f"  {what}: {name} {seconds[name]:.1f} s", flush=True)
     return seconds
@@ -182,19 +201,22 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
     for label, folder in (("pixel_grouping", "proposal_generation"), ("dense_crf", "proposal_generation_dcrf")):
         found = {**records(labels / folder / "synthetic_train"), **records(labels / folder / "synthetic_heldout")}
         predictors[label] = RecordsPredictor(found, label, args.parts)
+    runs = {kind: run for kind, run in runs.items() if list_checkpoints(run)}   # the others failed to train
     for kind, run in runs.items():
         predictors[kind] = ModelPredictor(TrainedModel.load(run), kind, args.parts)
     predictors["strips"] = StripsPredictor(args.parts)
     predictors["colour_kmeans"] = ColourKMeansPredictor(args.parts)
     table = {}
     for label in ROWS:
+        if label not in predictors:
+            table[label] = {c: None for c in COLUMNS} | {"images": 0}
+            continue
         start = time.perf_counter()
         table[label] = score(predictors[label], samples, num_parts)
         print(f"  scored {label} on {table[label]['images']} held-out images ({time.perf_counter() - start:.1f} s)",
               flush=True)
-    curves = {}
+    curves = {kind: [] for kind in MODELS.values()}
     for kind, run in runs.items():
-        curves[kind] = []
         for iteration, path in list_checkpoints(run):
             row = score(ModelPredictor(TrainedModel.load(path), kind, args.parts), samples, num_parts, match=False)
             curves[kind].append({"iteration": iteration, "bestIoU": row["bestIoU"], "AR@10": row["AR@10"]})
@@ -260,19 +282,22 @@ def main(argv=None) -> dict:
             shutil.rmtree(root)
         print(f"[{variant}] root {root}", flush=True)
         start = time.perf_counter()
-        seconds = run_stages(stage_overrides(args, root, variant, "heldout"), "held-out")
+        failures: dict[str, str] = {}
+        seconds = run_stages(stage_overrides(args, root, variant, "heldout"), "held-out", failures)
         seconds.update({f"train/{k}": v for k, v in
-                        run_stages(stage_overrides(args, root, variant, "train"), "train").items()})
+                        run_stages(stage_overrides(args, root, variant, "train"), "train", failures).items()})
         table, curves = evaluate_variant(args, root)
         all_margins[variant] = margins(table)
         text = markdown(table)
         header = (f"### {variant}: {args.classes} classes x {args.images} training / {args.heldout_images} held-out "
                   f"images, K={args.parts}, {args.iters} iterations, model={args.model} (strict protocol, "
                   f"matched on {MATCH})\n\n")
-        markdown_text.append(header + text + "\n" + curves_text(curves) + "\n")
-        print("\n" + header + text + curves_text(curves) + "\n", flush=True)
+        notes = "".join(f"  {name}: {message}\n" for name, message in failures.items())
+        markdown_text.append(header + text + "\n" + curves_text(curves) + "\n" + notes)
+        print("\n" + header + text + curves_text(curves) + "\n" + notes, flush=True)
         results[variant] = {"table": table, "curves": curves, "margins": all_margins[variant],
-                            "stage_seconds": seconds, "seconds": time.perf_counter() - start}
+                            "failed_stages": failures, "stage_seconds": seconds,
+                            "seconds": time.perf_counter() - start}
     payload = {"benchmark": "B9", "settings": settings, "columns": list(COLUMNS), "rows": ROWS, "variants": results}
     (out / "b9_quality.json").write_text(json.dumps(payload, indent=2))
     line = b9_line(all_margins)
