@@ -21,8 +21,9 @@ top ``num_clusters``). A predictor that cannot predict a sample returns ``None``
 Proposal-type predictors (a proposal model, stage records, strips, colour k-means) are
 scored for AR in both settings (``ar_settings``: ``overlapping`` and ``one-label``; a
 proposal model gives both sets from one forward pass, records and the baselines do not
-overlap, so both are their masks) and, for an image of several objects, predict once more on the union of the object
-masks (:meth:`Predictor.image_prediction`, per-image AR as the reference).
+overlap, so both are their masks) and, for an image of several objects, predict once more
+on the union of the object masks (:meth:`Predictor.image_prediction`, per-image AR as the
+reference).
 
 Predictions are at the sample's original size, or, given ``frame`` (an
 ``ImageFrame``), at ``frame.fitted``: PartImageNet is scored at the test resolution
