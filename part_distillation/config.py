@@ -172,9 +172,12 @@ class SyntheticDataStageConfig(StageConfig):
     parts_per_class: int = 4
     size: int = 128
     seed: int = 0
+    #: ``distinct``: each part its own colour; ``shared``: all parts of an object share one
+    #: appearance (colour cannot find the parts; shapes and layout are the same templates)
+    appearance: str = "distinct"
 
     _checks = {"classes": _at_least(1), "images_per_class": _at_least(1),
-               "parts_per_class": _at_least(1), "size": _at_least(32)}
+               "parts_per_class": _at_least(1), "size": _at_least(32), "appearance": _one_of("distinct", "shared")}
 
 
 @dataclass
@@ -469,7 +472,8 @@ class EvaluateStageConfig(StageConfig):
 
     ``predictors``: ``<kind>`` or ``<kind>:<path>``; kinds ``records`` (a stage's records,
     default ``input``), ``proposal`` / ``part_distillation`` (a stage-4/6 checkpoint file
-    or run folder, default that stage's output), ``strips`` (the trivial baseline).
+    or run folder, default that stage's output), ``strips`` (the trivial baseline),
+    ``colour_kmeans`` (k-means of colour + position inside the object).
     """
 
     name: str = "evaluate"

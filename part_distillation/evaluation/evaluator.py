@@ -30,6 +30,15 @@ as they are, labelled ``one-label``. AR is per image: all objects of an image to
 their parts the ground truth and one prediction on the union of their masks (proposals)
 or their predictions pooled (class-conditioned models), top-k per image, as the reference
 scores Pascal-Part and Cityscapes-Part; mIoU stays per object (:meth:`PartEvaluator.process_image`).
+
+Both protocols also report ``bestIoU`` (percent, as the other metrics): each true part
+matched to the predicted segment that overlaps it best, the mean over an object's parts,
+then over objects (``segments.best_match_iou``). It is per object, as mIoU (an object's
+own prediction, never the one on the union of an image's objects), and scores the masks
+mIoU scores: those with a cluster (a proposal model: its top ``num_clusters`` one-label
+masks; the rest, -1, count for recall only), or every mask of a proposal-only prediction.
+It needs no matching and no filter, so it is the same in both protocols: how well the
+segments cut the object, whatever their cluster ids.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import numpy as np
 
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import part_miou, proposals
+from part_distillation.evaluation.segments import best_match_iou, mean_best_match_iou
 from part_distillation.masks import mask_iou
 
 #: The reference's ground-truth IoU filters (released evaluation): proposals, part segments.
@@ -147,7 +157,7 @@ class PartEvaluator:
         object's parts, predictions = ``image_prediction`` (made on the union of the object
         masks: :func:`union_sample`), default the objects' predictions pooled. One object:
         one state holding both, keyed by the sample; several: an image state (AR, keyed by
-        :func:`image_key`) then a state per object (confusions).
+        :func:`image_key`) then a state per object (confusions, best-match IoU).
         """
         samples, predictions = list(samples), list(predictions)
         if len(samples) != len(predictions) or not samples:
@@ -159,7 +169,7 @@ class PartEvaluator:
         image = union_sample(samples)
         ar = self._ar_state(image, image_prediction or pooled_prediction(predictions))
         objects = [{"key": s.key, "object_class": s.object_class,
-                    "supercategory": s.supercategory or s.object_class, **self._confusion_state(s, p)}
+                    "supercategory": s.supercategory or s.object_class, **self._object_state(s, p)}
                    for s, p in zip(samples, predictions)]
         states = [{**objects[0], **ar}] if len(samples) == 1 else [{"key": image.key, **ar}, *objects]
         self.states.extend(states)
@@ -177,20 +187,26 @@ class PartEvaluator:
                                                                       self.top_k)
         return state
 
-    def _confusion_state(self, sample: PartSample, prediction: Prediction) -> dict:
-        if prediction.clusters is None:
-            return {}
-        if self.num_clusters is None:
-            raise ValueError("PartEvaluator needs num_clusters to score part clusters")
+    def _object_state(self, sample: PartSample, prediction: Prediction) -> dict:
+        """One object's best-match IoU and, for a prediction with clusters, its confusions."""
         gt = np.asarray(sample.part_masks, dtype=bool)
         masks = np.asarray(prediction.masks, dtype=bool).reshape(-1, *sample.object_mask.shape)
+        state: dict = {}
+        if len(gt):
+            segments = masks if prediction.clusters is None else masks[np.asarray(prediction.clusters) >= 0]
+            state["best_iou"] = best_match_iou(gt, segments)
+        if prediction.clusters is None:
+            return state
+        if self.num_clusters is None:
+            raise ValueError("PartEvaluator needs num_clusters to score part clusters")
         clusters = np.asarray(prediction.clusters, dtype=np.int64)
         segment = clusters >= 0  # -1: a proposal scored for recall only
         keep_seg = segment & overlaps_ground_truth(masks, gt, REFERENCE_SEGMENT_MIN_GT_IOU)
-        return {"confusion_strict": part_miou.image_confusion(
-                    masks[segment], clusters[segment], gt, sample.part_ids, self.num_clusters, self.num_parts),
-                "confusion_reference": part_miou.image_confusion(
-                    masks[keep_seg], clusters[keep_seg], gt, sample.part_ids, self.num_clusters, self.num_parts)}
+        state["confusion_strict"] = part_miou.image_confusion(
+            masks[segment], clusters[segment], gt, sample.part_ids, self.num_clusters, self.num_parts)
+        state["confusion_reference"] = part_miou.image_confusion(
+            masks[keep_seg], clusters[keep_seg], gt, sample.part_ids, self.num_clusters, self.num_parts)
+        return state
 
     def evaluate(self, match_states: Iterable[Mapping] | None = None) -> dict:
         return metrics(self.states, match_states, top_k=self.top_k)
@@ -224,6 +240,11 @@ def _ar_states(states: Iterable[Mapping], protocol: str) -> dict[str, list]:
     return out
 
 
+def mean_best_iou(states: Iterable[Mapping]) -> float:
+    """Mean best-match IoU over the states that have one, in percent (NaN: none)."""
+    return 100.0 * mean_best_match_iou(float(s["best_iou"]) for s in states if s.get("best_iou") is not None)
+
+
 def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = None,
             top_k: Sequence[int] = proposals.TOP_K, mapping: str = "majority",
             object_key: str = "imagenet_class") -> dict:
@@ -243,6 +264,7 @@ def metrics(states: Sequence[Mapping], match_states: Iterable[Mapping] | None = 
         by_setting = _ar_states(states, protocol)
         result: dict = {setting: dict(proposals.summarize(by_setting[setting], top_k=top_k, areas=("all",)).ar)
                         for setting in AR_SETTINGS if setting in by_setting}
+        result["bestIoU"] = mean_best_iou(states)
         evaluation = _confusions(states, protocol, object_key)
         if evaluation:
             if protocol == "reference":

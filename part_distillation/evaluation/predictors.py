@@ -2,13 +2,15 @@
 
 A predictor is called with a :class:`~part_distillation.data.part_sample.PartSample` and
 sees only what the strict protocol allows: the image and its object mask (plus the object
-class, mapped to the model's training class index). Three kinds:
+class, mapped to the model's training class index). Four kinds:
 
 * :class:`RecordsPredictor`: a stage's stored part records (pixel grouping, dense CRF,
   part ranking), matched to the sample by image path;
 * :class:`ModelPredictor`: a trained stage-4/6 model (``inference.TrainedModel``, from a
   checkpoint or a model still in training);
-* :class:`StripsPredictor`: the trivial baseline, the object's box cut into K strips.
+* :class:`StripsPredictor`: the trivial baseline, the object's box cut into K strips;
+* :class:`ColourKMeansPredictor`: the colour baseline, k-means of colour + position of
+  the object's pixels (K clusters).
 
 Each has a ``label`` (its folder and row name) and ``num_clusters`` (the cluster ids its
 predictions use: 0..num_clusters-1). A cluster id of -1 marks a mask that counts for
@@ -16,11 +18,12 @@ proposal recall only, not for the part segmentation (a proposal model's masks be
 top ``num_clusters``). A predictor that cannot predict a sample returns ``None`` with
 :attr:`last_skip` saying why; the sample then counts as finding nothing.
 
-Proposal-type predictors (a proposal model, stage records, strips) are scored for AR in
-both settings (``ar_settings``: ``overlapping`` and ``one-label``; a proposal model gives
-both sets from one forward pass, records and strips do not overlap, so both are their
-masks) and, for an image of several objects, predict once more on the union of the object
-masks (:meth:`Predictor.image_prediction`, per-image AR as the reference).
+Proposal-type predictors (a proposal model, stage records, strips, colour k-means) are
+scored for AR in both settings (``ar_settings``: ``overlapping`` and ``one-label``; a
+proposal model gives both sets from one forward pass, records and the baselines do not
+overlap, so both are their masks) and, for an image of several objects, predict once more
+on the union of the object masks (:meth:`Predictor.image_prediction`, per-image AR as the
+reference).
 
 Predictions are at the sample's original size, or, given ``frame`` (an
 ``ImageFrame``), at ``frame.fitted``: PartImageNet is scored at the test resolution
@@ -47,7 +50,7 @@ def empty_prediction(shape: tuple[int, int], with_clusters: bool = True) -> Pred
                       clusters=np.zeros(0, dtype=np.int64) if with_clusters else None)
 
 
-#: The test resolution of what is not a model (stage records, strips): longer side 640, as
+#: The test resolution of what is not a model (stage records, the baselines): longer side 640, as
 #: the proposal models' (shortest side 640 with the longer side capped at 640).
 TEST_SIZE = 640
 
@@ -74,6 +77,15 @@ def prediction_from_record(record: dict, sample: PartSample, frame: ImageFrame |
     else:
         clusters, scores = np.asarray(record["part_ids"]) - 1, np.ones(len(masks))
     return Prediction(masks=masks, scores=scores, clusters=clusters.astype(np.int64))
+
+
+def label_map_prediction(labels: np.ndarray, num_clusters: int) -> Prediction:
+    """An (H, W) label map (0: none, k: cluster k - 1) as one mask per label present, score 1 each."""
+    ids = np.arange(1, num_clusters + 1)
+    masks = labels[None] == ids[:, None, None]
+    present = masks.reshape(len(ids), -1).any(1)
+    return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
+                      clusters=(ids[present] - 1).astype(np.int64))
 
 
 class Predictor:
@@ -220,13 +232,39 @@ class StripsPredictor(Predictor):
         from part_distillation.models.baselines import strip_labels
 
         object_mask = sample.object_mask if frame is None else frame.masks_to_fitted(sample.object_mask[None])[0]
-        labels = strip_labels(object_mask, self.num_clusters)
-        ids = np.arange(1, self.num_clusters + 1)
-        masks = labels[None] == ids[:, None, None]
-        present = masks.reshape(len(ids), -1).any(1)
-        return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
-                          clusters=(ids[present] - 1).astype(np.int64))
+        return label_map_prediction(strip_labels(object_mask, self.num_clusters), self.num_clusters)
 
 
-__all__ = ["ModelPredictor", "Predictor", "RecordsPredictor", "StripsPredictor", "empty_prediction",
-           "prediction_from_record"]
+class ColourKMeansPredictor(Predictor):
+    """k-means (K = ``num_clusters``) of RGB + xy of the object's pixels
+    (``models.baselines.color_position_labels``): what colour alone finds, the bar a part
+    learner must clear where parts differ in colour. Cluster k = k-means cluster k of the
+    image (each image its own numbering, as pixel grouping's), score 1 each. Proposal-type
+    as strips (one label per pixel: both AR settings score the same masks; an image of
+    several objects is clustered once more on the union of their masks)."""
+
+    ar_settings = AR_SETTINGS
+
+    def __init__(self, num_clusters: int, label: str = "colour_kmeans",
+                 load_image: Callable[[str], np.ndarray] | None = None, seed: int = 0):
+        from part_distillation.data.images import load_rgb
+
+        self.num_clusters, self.label, self.seed = int(num_clusters), label, int(seed)
+        self.load_image = load_image or load_rgb
+
+    def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction:
+        from part_distillation.models.baselines import color_position_labels
+
+        image = self.load_image(sample.path)
+        if tuple(image.shape[:2]) != tuple(sample.object_mask.shape):
+            raise ValueError(f"{sample.path}: image of size {tuple(image.shape[:2])}, its annotation "
+                             f"{tuple(sample.object_mask.shape)}")
+        object_mask = sample.object_mask
+        if frame is not None:  # clustered at the test resolution: the image and the object mask there
+            image, object_mask = frame.fit_image(image), frame.masks_to_fitted(object_mask[None])[0]
+        labels = color_position_labels(image, object_mask, self.num_clusters, seed=self.seed)
+        return label_map_prediction(labels, self.num_clusters)
+
+
+__all__ = ["ColourKMeansPredictor", "ModelPredictor", "Predictor", "RecordsPredictor", "StripsPredictor",
+           "empty_prediction", "label_map_prediction", "prediction_from_record"]

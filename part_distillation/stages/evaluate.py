@@ -18,10 +18,13 @@
     a semantic-part baseline (``supervised_learning`` / ``fewshot_learning`` with
     ``stage.variant=semantic``): its run folder; clusters are its dataset's part classes;
 ``strips``
-    the trivial baseline: the object's box cut into ``stage.num_clusters`` strips.
+    the trivial baseline: the object's box cut into ``stage.num_clusters`` strips;
+``colour_kmeans``
+    the colour baseline: k-means of colour + position of the object's pixels
+    (``stage.num_clusters`` clusters).
 
 Each predictor has a label (``records_<stage>``, ``proposal``, ``part_distillation``,
-``strips``; unique) and its own sharded, resumable store of per-image evaluation states
+``strips``, ``colour_kmeans``; unique) and its own sharded, resumable store of per-image evaluation states
 under ``<stage.output>/<label>/`` (``eval_states`` records; its manifest holds what its
 states depend on, so each resumes on its own). ``stage.output`` itself is a store as every
 stage's (the manifest of the whole config, a shard file per job closed when the job's slice
@@ -29,13 +32,14 @@ is done, no records), which is what pipelines and status read. Whichever job fin
 shard of every predictor closed merges them (a pure function of the states): per
 predictor ``metrics.json``, ``metrics.md``, ``per_class.csv`` in its folder, and in
 ``stage.output`` the combined ``metrics.md`` (a row per predictor, protocol and AR
-setting: AR@k, C-mIoU, A-mIoU), ``metrics.json`` and ``per_class.csv``; the table is
+setting: AR@k, C-mIoU, A-mIoU, bestIoU), ``metrics.json`` and ``per_class.csv``; the table is
 logged and put in the stage summary.
 
 AR settings (PIPELINE.md "Evaluation"): proposal-type predictors (``proposal``, ``records``,
-``strips``) get two rows per protocol, ``overlapping`` (the top-k masks as they are: the
-setting of the published stage-one AR, the one to compare with the paper) and
-``one-label`` (one label per pixel; their mIoU is of these masks, so it is on this row);
+``strips``, ``colour_kmeans``) get two rows per protocol, ``overlapping`` (the top-k masks
+as they are: the setting of the published stage-one AR, the one to compare with the paper)
+and ``one-label`` (one label per pixel; their mIoU and bestIoU are of these masks, so they
+are on this row);
 the others one ``one-label`` row. AR is per image (every object of an image together, one
 prediction on the union of their masks, top-k per image, as the reference scores
 Pascal-Part and Cityscapes-Part), mIoU per object: jobs take whole images, and an image of
@@ -67,8 +71,9 @@ from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import proposals
 from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, PartEvaluator, image_groups, image_key,
                                                     metrics)
-from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
-                                                     empty_prediction, prediction_from_record)
+from part_distillation.evaluation.predictors import (ColourKMeansPredictor, ModelPredictor, Predictor,
+                                                     RecordsPredictor, StripsPredictor, empty_prediction,
+                                                     prediction_from_record)
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
@@ -83,7 +88,9 @@ SPEC = StageSpec("evaluate", EvaluateStageConfig, SHARDED, shards_over="the imag
 log = logging.getLogger("part_distillation")
 
 #: The predictor kinds of ``stage.predictors``.
-PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "strips")
+PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "strips", "colour_kmeans")
+#: Baselines that need nothing but the sample (no path).
+BASELINE_KINDS = ("strips", "colour_kmeans")
 MODEL_KINDS = ("proposal", "part_distillation", "semantic")
 
 __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
@@ -95,7 +102,7 @@ __all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "m
 
 @dataclass(frozen=True)
 class PredictorSpec:
-    """One entry of ``stage.predictors``, resolved: its kind, path (None for strips) and label."""
+    """One entry of ``stage.predictors``, resolved: its kind, path (None for the baselines) and label."""
 
     kind: str
     path: str | None
@@ -116,10 +123,10 @@ def parse_predictors(stage) -> list[PredictorSpec]:
         if kind not in PREDICTOR_KINDS:
             raise ConfigError(f"{where}: unknown kind {kind!r}; expected <kind> or <kind>:<path> with kind one of "
                               f"{list(PREDICTOR_KINDS)}")
-        if kind == "strips":
+        if kind in BASELINE_KINDS:
             if path:
-                raise ConfigError(f"{where}: the strip baseline takes no path (write 'strips')")
-            label = "strips"
+                raise ConfigError(f"{where}: the {kind} baseline takes no path (write '{kind}')")
+            label = kind
         elif kind == "records":
             path = path or stage.input
             if not path:
@@ -172,6 +179,8 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
         return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
     if spec.kind == "strips":
         return StripsPredictor(st.num_clusters, spec.label)
+    if spec.kind == "colour_kmeans":
+        return ColourKMeansPredictor(st.num_clusters, spec.label)
     checkpoint = _checkpoint(spec)
     model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
     if model.kind != spec.kind:
@@ -439,12 +448,12 @@ def _key_line(results: Mapping[str, dict]) -> str:
 
 
 def _columns(top_k: tuple[int, ...]) -> list[str]:
-    return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU"]
+    return [f"AR@{k}" for k in top_k] + ["C-mIoU", "A-mIoU", "bestIoU"]
 
 
 def _rows(result: dict, top_k: tuple[int, ...]) -> list[tuple[str, str, list[str]]]:
     """(protocol, AR setting, cells) per row: a row per protocol and AR setting, overlapping first;
-    the mIoU on the ``one-label`` row (the masks it is computed from)."""
+    the mIoU and bestIoU on the ``one-label`` row (the masks they are computed from)."""
     rows = []
     for protocol in PROTOCOLS:
         row = result[protocol]
@@ -452,7 +461,7 @@ def _rows(result: dict, top_k: tuple[int, ...]) -> list[tuple[str, str, list[str
             ar = row.get(setting, {})
             miou = setting == "one-label"
             rows.append((protocol, setting, [_fmt(ar.get(f"AR@{k}")) for k in top_k] +
-                         [_fmt(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU")]))
+                         [_fmt(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU", "bestIoU")]))
     return rows
 
 
@@ -602,7 +611,7 @@ def flat_metrics(result: dict, top_k: Sequence[int] = proposals.TOP_K) -> dict[s
         for setting in AR_SETTINGS:
             for k in top_k:
                 put(f"{protocol}/{setting}/AR@{k}", row.get(setting, {}).get(f"AR@{k}"))
-        for column in ("C-mIoU", "A-mIoU"):
+        for column in ("C-mIoU", "A-mIoU", "bestIoU"):
             put(f"{protocol}/{column}", row.get(column))
     return out
 

@@ -158,7 +158,7 @@ def metrics_table(metrics: dict) -> str:
         return ""
     keys = {k for _, row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     columns = sorted((k for k in keys if _AR.match(k)), key=lambda k: int(_AR.match(k).group(1)))
-    columns += [k for k in ("C-mIoU", "A-mIoU") if k in keys]
+    columns += [k for k in ("C-mIoU", "A-mIoU", "bestIoU") if k in keys]
     columns = columns or sorted(keys)
 
     def cell(value) -> str:

@@ -7,6 +7,11 @@ Also writes two disjoint halves of the split as PartImageNet jsons
 (``annotations/<split>_match.json``, ``annotations/<split>_eval.json``, every class in
 both; ``data.synthetic.write_split_halves``) when they are missing, so the evaluate
 stage's strict protocol can match on one half and evaluate on the other.
+
+A held-out split is the same stage with another ``data.split`` (e.g. ``heldout``): the
+same object classes (templates depend on ``stage.seed`` only), but every image drawn
+from its own random stream (seeded by the split's name), so no image is shared with
+``train``. ``stage.appearance=shared`` gives every part of an object one appearance.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     split = cfg.data.split or "train"
     settings = {"classes": st.classes, "images_per_class": st.images_per_class,
                 "parts_per_class": st.parts_per_class, "size": st.size, "seed": st.seed, "split": split}
+    if st.appearance != "distinct":  # only then: datasets made before the setting existed stay valid
+        settings["appearance"] = st.appearance
     marker = Path(cfg.data.root) / f".synthetic_{split}.json"
     if marker.is_file():
         made = json.loads(marker.read_text())
@@ -58,6 +65,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         made = make_synthetic_dataset(cfg.data.root, num_classes=st.classes,
                                       images_per_class=st.images_per_class, size=st.size, seed=st.seed,
                                       parts_per_class=st.parts_per_class, split=split,
+                                      shared_appearance=st.appearance == "shared",
                                       overwrite=marker.is_file() or interrupted or cfg.overwrite_config)
         summary.written = made.num_images
         summary.extra["part_annotations"] = made.num_part_annotations

@@ -171,6 +171,8 @@ EVAL_STATES = RecordSchema("eval_states", (
     Field("confusion_reference", "array", "the same after the reference's segment filter", optional=True),
     Field("skip", "str", "why the predictor predicted nothing for the sample (scored as finding nothing)",
           optional=True),
+    Field("best_iou", "float", "mean over the object's true parts of the best IoU with a predicted segment (a "
+          "mask with a cluster); absent in an image's AR state", optional=True),
 ))
 
 #: Stage ``predict``: a trained model's parts of one image of any folder (masks at the image's size).

@@ -175,3 +175,20 @@ def test_miou_is_keyed_by_imagenet_class_supercategory_on_request():
     pooled = metrics(evaluator.states, object_key="supercategory")
     assert pooled["reference"]["C-mIoU"] == pytest.approx(50.0)   # per part: tp 100 of 150 predicted, 150 true
     assert set(pooled["reference"]["per_class_mIoU"]) == {"Quadruped"}
+
+
+def test_best_match_iou_takes_each_part_to_its_best_segment_whatever_the_clusters():
+    top = _box(SHAPE, 0, 5, 0, 10)
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2, top_k=(1,))
+    # LEFT exactly (IoU 1); RIGHT's best segment is the top half (IoU 25 / 75); recall-only masks do not count
+    evaluator.process(_sample("a"), Prediction(masks=np.stack([LEFT, top, RIGHT]), scores=np.ones(3),
+                                               clusters=np.array([1, 1, -1])))
+    evaluator.process(_sample("b"), Prediction(masks=np.zeros((0, *SHAPE), bool), scores=np.zeros(0),
+                                               clusters=np.zeros(0, np.int64)))
+    assert [s["best_iou"] for s in evaluator.states] == pytest.approx([(1 + 1 / 3) / 2, 0.0])
+    result = evaluator.evaluate()
+    assert result["reference"]["bestIoU"] == result["strict"]["bestIoU"] == pytest.approx(100 * (2 / 3) / 2)
+    proposals_only = PartEvaluator(num_parts=2, top_k=(1,))   # no clusters: every mask is a segment
+    proposals_only.process(_sample("c"), Prediction(masks=np.stack([LEFT, RIGHT]), scores=np.ones(2)))
+    assert proposals_only.evaluate()["strict"]["bestIoU"] == pytest.approx(100.0)
+    assert math.isnan(metrics([])["strict"]["bestIoU"])

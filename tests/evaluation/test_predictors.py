@@ -6,7 +6,7 @@ import pytest
 
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation.evaluator import PartEvaluator, Prediction, metrics
-from part_distillation.evaluation.predictors import ModelPredictor, StripsPredictor
+from part_distillation.evaluation.predictors import ColourKMeansPredictor, ModelPredictor, StripsPredictor
 
 
 def _sample(parts: list[np.ndarray], key="a") -> PartSample:
@@ -38,7 +38,7 @@ def _scores(predictor, sample) -> dict:
                               ar_settings=predictor.ar_settings)
     evaluator.process(sample, predictor(sample))
     result = metrics(evaluator.states, top_k=(1, 10))["reference"]
-    return {**result["one-label"], "C-mIoU": result["C-mIoU"]}
+    return {**result["one-label"], "C-mIoU": result["C-mIoU"], "bestIoU": result["bestIoU"]}
 
 
 def test_strips_on_hand_worked_cases():
@@ -109,3 +109,45 @@ def test_recall_only_masks_are_left_out_of_the_segmentation():
     # cluster 0 covers the left half (16 pixels of part 0); the right half is background for the segmentation
     assert state["confusion_strict"].tolist() == [[16, 0, 0], [0, 16, 48]]
     assert metrics([state], top_k=(10,))["strict"]["one-label"]["AR@10"] == pytest.approx(100.0)
+
+
+def test_colour_kmeans_finds_parts_that_differ_in_colour_and_strips_do_not():
+    sample = _sample(_halves("top_bottom"))   # strips cut the columns: they miss these parts
+    image = np.zeros((8, 10, 3), np.uint8)
+    image[sample.part_masks[0]] = (250, 20, 20)
+    image[sample.part_masks[1]] = (20, 20, 250)
+    predictor = ColourKMeansPredictor(2, load_image=lambda path: image)
+    got = predictor(sample)
+    assert predictor.label == "colour_kmeans" and sorted(got.clusters.tolist()) == [0, 1]
+    assert not (got.masks & ~sample.object_mask).any()   # only the object's pixels are clustered
+    assert sorted(got.masks.sum((1, 2)).tolist()) == [16, 16]
+    assert _scores(predictor, sample)["bestIoU"] == pytest.approx(100.0)
+    assert _scores(StripsPredictor(2), sample)["bestIoU"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="image of size"):
+        ColourKMeansPredictor(2, load_image=lambda path: image[:4])(sample)
+
+
+def test_colour_kmeans_is_proposal_type_and_clusters_at_the_test_resolution():
+    from part_distillation.data.frame import ImageFrame
+
+    parts = _halves("top_bottom")
+    top = PartSample(key="img/0", path="/x/img.png", object_class="thing", wnid="n1", object_mask=parts[0],
+                     part_masks=parts[0][None], part_ids=np.array([0]))
+    bottom = PartSample(key="img/1", path="/x/img.png", object_class="thing", wnid="n1", object_mask=parts[1],
+                        part_masks=parts[1][None], part_ids=np.array([1]))
+    image = np.zeros((8, 10, 3), np.uint8)
+    image[parts[0]], image[parts[1]] = (250, 20, 20), (20, 20, 250)
+    predictor = ColourKMeansPredictor(2, load_image=lambda path: image)
+    assert predictor.proposal_type
+    frame = ImageFrame.fit((8, 10), size=20)   # x 2 per axis
+    got = predictor(top, frame)
+    assert got.masks.shape[1:] == (16, 20) and got.masks.any(0).sum() == 4 * parts[0].sum()
+    # an image of two objects: clustered once more on their union, where colour splits the two
+    union = predictor.image_prediction([top, bottom], [predictor(top), predictor(bottom)])
+    assert sorted(union.masks.sum((1, 2)).tolist()) == [16, 16]
+    evaluator = PartEvaluator(num_parts=2, num_clusters=2, top_k=(1, 10), ar_settings=predictor.ar_settings)
+    states = evaluator.process_image([top, bottom], [predictor(top), predictor(bottom)], union)
+    # bestIoU is per object, of its own prediction: one colour, so k-means cuts it by position
+    # into two 4 x 4 halves (IoU 0.5), not the union's clusters (which match each object exactly)
+    assert "best_iou" not in states[0] and [s["best_iou"] for s in states[1:]] == pytest.approx([0.5, 0.5])
+    assert metrics(states, top_k=(1, 10))["strict"]["overlapping"]["AR@10"] == pytest.approx(100.0)

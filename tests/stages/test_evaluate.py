@@ -18,7 +18,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.partimagenet import PartImageNetDataset
 from part_distillation.data.part_datasets import open_part_dataset
 from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
-from part_distillation.evaluation.predictors import ModelPredictor
+from part_distillation.evaluation.predictors import ColourKMeansPredictor, ModelPredictor
 from part_distillation.launch import JobContext
 from part_distillation.masks import encode_rles
 from part_distillation.stages import evaluate
@@ -116,10 +116,12 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
     combined = (Path(cfg.stage.output) / "metrics.md").read_text()
     assert combined.startswith("| predictor | protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |")
     over, one = strict["overlapping"], strict["one-label"]
-    assert (f"| records_dense_crf | strict | overlapping | {over['AR@1']:.1f} | {over['AR@10']:.1f} | – | – |"
+    assert (f"| records_dense_crf | strict | overlapping | {over['AR@1']:.1f} | {over['AR@10']:.1f} | – | – | – |"
             in combined)
     assert (f"| records_dense_crf | strict | one-label | {one['AR@1']:.1f} | {one['AR@10']:.1f} | "
-            f"{strict['C-mIoU']:.1f} |") in combined
+            f"{strict['C-mIoU']:.1f} | {strict['A-mIoU']:.1f} | {strict['bestIoU']:.1f} |") in combined
+    if how == "truth":
+        assert strict["bestIoU"] == reference["bestIoU"] == pytest.approx(100.0)
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
     assert summary["metrics_table"] == combined
     assert (Path(cfg.stage.output) / "per_class.csv").read_text().startswith(
@@ -282,8 +284,14 @@ def test_check_names_the_bad_entry(halves, tmp_path):
     evaluate.check(cfg)  # the checkpoint exists; what it is shows when it is loaded
     with pytest.raises(ConfigError, match="is a part_distillation model, not proposal"):
         evaluate.run(cfg, JobContext())
-    specs = evaluate.parse_predictors(_model_cfg(halves, tmp_path, "[records,strips,records]").stage)
-    assert [s.label for s in specs] == ["records_dense_crf", "strips", "records_dense_crf_2"]
+    with pytest.raises(ConfigError, match="the colour_kmeans baseline takes no path"):
+        evaluate.check(_model_cfg(halves, tmp_path, "[colour_kmeans:x]"))
+    cfg = _model_cfg(halves, tmp_path, "[records,strips,records,colour_kmeans]")
+    specs = evaluate.parse_predictors(cfg.stage)
+    assert [s.label for s in specs] == ["records_dense_crf", "strips", "records_dense_crf_2", "colour_kmeans"]
+    baseline = evaluate.build_predictor(specs[-1], cfg)
+    assert specs[-1].path is None and isinstance(baseline, ColourKMeansPredictor)
+    assert baseline.num_clusters == cfg.stage.num_clusters
 
 
 def test_training_evaluation_scores_the_live_model(halves):
@@ -301,7 +309,7 @@ def test_training_evaluation_scores_the_live_model(halves):
     assert model.training
     assert set(got) == {f"{p}/{m}" for p in ("reference", "strict")
                         for m in ("one-label/AR@1", "one-label/AR@10", "one-label/AR@50", "one-label/AR@100",
-                                  "one-label/AR@200", "C-mIoU", "A-mIoU")}
+                                  "one-label/AR@200", "C-mIoU", "A-mIoU", "bestIoU")}
     assert all(0 <= v <= 100 for v in got.values())
     # the same figures as the stage's code on the same two images of each half
     predictor = ModelPredictor(TrainedModel(model, "part_distillation", image_size=64,
@@ -508,10 +516,12 @@ def test_proposals_are_scored_overlapping_and_one_label_side_by_side(tmp_path):
     assert strict["one-label"] == pytest.approx({"AR@1": 50.0, "AR@10": 100.0})
     assert strict["overlapping"] == pytest.approx({"AR@1": 5.0, "AR@10": 100.0})
     table = evaluate.markdown_table(result, (1, 10)).splitlines()
-    assert table[0] == "| protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU |"
-    assert table[2:4] == ["| reference | overlapping | 5.0 | 100.0 | – | – |",
-                          f"| reference | one-label | 50.0 | 100.0 | {result['reference']['C-mIoU']:.1f} | "
-                          f"{result['reference']['A-mIoU']:.1f} |"]
+    assert table[0] == "| protocol | masks | AR@1 | AR@10 | C-mIoU | A-mIoU | bestIoU |"
+    reference = result["reference"]
+    assert reference["bestIoU"] == strict["bestIoU"] == pytest.approx(100.0)   # the one-label halves: the parts
+    assert table[2:4] == ["| reference | overlapping | 5.0 | 100.0 | – | – | – |",
+                          f"| reference | one-label | 50.0 | 100.0 | {reference['C-mIoU']:.1f} | "
+                          f"{reference['A-mIoU']:.1f} | {reference['bestIoU']:.1f} |"]
     assert evaluate.flat_metrics(result, (1, 10))["strict/overlapping/AR@1"] == pytest.approx(5.0)
 
 

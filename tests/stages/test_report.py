@@ -132,10 +132,12 @@ def test_only_metrics_json_gives_a_table_of_every_predictor_and_protocol(tmp_pat
     assert metrics_table(nested).splitlines()[2:] == ["| predictors / strip baseline / reference | 1.0 |",
                                                       "| predictors / strip baseline / strict | 2.0 |"]
     # a protocol's AR settings are rows of their own, below its mIoU row
-    settings = {"reference": {"overlapping": {"AR@1": 5.0}, "one-label": {"AR@1": 50.0}, "C-mIoU": 30.0}}
-    assert metrics_table(settings).splitlines()[2:] == ["| reference | – | 30.0 |",
-                                                        "| reference / overlapping | 5.0 | – |",
-                                                        "| reference / one-label | 50.0 | – |"]
+    settings = {"reference": {"overlapping": {"AR@1": 5.0}, "one-label": {"AR@1": 50.0}, "C-mIoU": 30.0,
+                              "bestIoU": 40.0}}
+    assert metrics_table(settings).splitlines()[0] == "| predictions | AR@1 | C-mIoU | bestIoU |"
+    assert metrics_table(settings).splitlines()[2:] == ["| reference | – | 30.0 | 40.0 |",
+                                                        "| reference / overlapping | 5.0 | – | – |",
+                                                        "| reference / one-label | 50.0 | – | – |"]
 
 
 @pytest.mark.integration

@@ -9,7 +9,8 @@ from part_distillation.stages import synthetic_data
 
 
 def _cfg(root, **stage) -> RunConfig:
-    return RunConfig(stage=SyntheticDataStageConfig(output=str(root), classes=2, images_per_class=2, size=32, **stage),
+    stage = {"classes": 2, "images_per_class": 2, "size": 32, **stage}
+    return RunConfig(stage=SyntheticDataStageConfig(output=str(root), **stage),
                      data=DataConfig(name="synthetic", root=str(root)))
 
 
@@ -48,3 +49,42 @@ def test_a_run_killed_midway_is_redone_but_foreign_files_are_refused(tmp_path):
     with pytest.raises(FileExistsError, match="already holds files"):
         synthetic_data.run(_cfg(tmp_path), JobContext())
     assert images[0].read_bytes() == first
+
+
+def test_a_held_out_split_shares_the_classes_but_no_image_with_train(tmp_path):
+    synthetic_data.run(_cfg(tmp_path), JobContext())
+    held = RunConfig(stage=SyntheticDataStageConfig(output=str(tmp_path), classes=2, images_per_class=2, size=32),
+                     data=DataConfig(name="synthetic_heldout", root=str(tmp_path), split="heldout"))
+    assert synthetic_data.run(held, JobContext()).as_dict()["written"] == 4
+    train, heldout = (json.loads((tmp_path / "annotations" / f"{s}.json").read_text()) for s in ("train", "heldout"))
+    assert train["categories"] == heldout["categories"]
+    pixels = {p.read_bytes() for p in (tmp_path / "train").rglob("*.JPEG")}
+    assert len(pixels) == 4 and not pixels & {p.read_bytes() for p in (tmp_path / "heldout").rglob("*.JPEG")}
+
+
+def test_shared_appearance_is_a_setting_of_its_own_dataset(tmp_path):
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from part_distillation.masks import decode_rle
+
+    def spread(root) -> float:
+        """The largest colour difference between two parts' mean colours of the first image."""
+        parts = json.loads((root / "annotations" / "train.json").read_text())
+        image = parts["images"][0]
+        rgb = np.asarray(Image.open(root / "train" / image["file_name"]).convert("RGB"), np.float64)
+        means = [rgb[decode_rle(a["segmentation"])].mean(0) for a in parts["annotations"]
+                 if a["image_id"] == image["id"] and a["area"] > 20]
+        assert len(means) >= 2
+        return max(np.abs(a - b).max() for a in means for b in means)
+
+    synthetic_data.run(_cfg(tmp_path / "shared", appearance="shared", size=96), JobContext())
+    synthetic_data.run(_cfg(tmp_path / "distinct", size=96), JobContext())
+    # colour does not tell the parts apart (the default gives each part its own hue)
+    assert spread(tmp_path / "shared") < 40 < spread(tmp_path / "distinct")
+    assert json.loads((tmp_path / "shared" / ".synthetic_train.json").read_text())["appearance"] == "shared"
+    # the default keeps the marker of datasets made before the setting
+    assert "appearance" not in json.loads((tmp_path / "distinct" / ".synthetic_train.json").read_text())
+    with pytest.raises(FileExistsError, match="appearance"):
+        synthetic_data.run(_cfg(tmp_path / "distinct", appearance="shared", size=96), JobContext())

@@ -1,0 +1,54 @@
+"""Benchmark B9 (held-out quality) at test size: every row, the curves, the JSON and the B9 line."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+#: 2 classes x 4 training / 2 held-out images, K=2, 4 iterations; stages 1-3 at the images' own
+#: 128 pixels (not fitted to 640) and part ranking keeping every proposal of the barely trained model
+TINY = ["--variants", "shared", "--classes", "2", "--images", "4", "--heldout-images", "2", "--parts", "2",
+        "--iters", "4", "--curve-every", "2",
+        "--set", "detic_labeling:stage.fit_size=128", "--set", "pixel_grouping:stage.input_size=128",
+        "--set", "dense_crf:stage.input_size=128", "--set", "part_ranking:stage.min_proposal_score=0.0",
+        "--set", "part_ranking:stage.min_label_score=0.0", "--set", "part_ranking:stage.min_area_ratio=0.0"]
+ROWS = ("pixel grouping records", "dense-CRF records", "stage-4 proposal model", "stage-6 PartDistillation model",
+        "box strips", "k-means of colour + position")
+
+
+@pytest.mark.integration
+def test_b9_prints_every_row_and_the_margins_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "b9_quality.py"), *TINY,
+                             "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=3600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert table[:2] == ["| predictor (held-out) | bestIoU | AR@1 (overlapping) | AR@10 (overlapping) "
+                         "| C-mIoU | A-mIoU |", "|---" * 6 + "|"]
+    assert len(table) == 2 + len(ROWS) and all(label in row for label, row in zip(ROWS, table[2:]))
+    assert "–" not in "".join(table)   # every row has figures: both models trained at this size
+    pair = r"s[46]-vs-(grouping|crf|strips|kmeans) bestIoU [+-]\d+\.\d AR10 [+-]\d+\.\d C-mIoU ([+-]\d+\.\d|n/a)"
+    assert re.fullmatch(rf"B9 shared: {pair}( \| {pair}){{7}}", lines[-1]), lines[-1]
+
+    report = json.loads((tmp_path / "b9_quality.json").read_text())
+    shared = report["variants"]["shared"]
+    assert list(shared["table"]) == ["pixel_grouping", "dense_crf", "proposal", "part_distillation", "strips",
+                                     "colour_kmeans"]
+    for row in shared["table"].values():
+        assert row["images"] == 4 and 0 <= row["bestIoU"] <= 100 and row["AR@10"] is not None
+    assert shared["table"]["colour_kmeans"]["C-mIoU"] is not None   # strict: matched on train_match
+    for kind in ("proposal", "part_distillation"):
+        assert [p["iteration"] for p in shared["curves"][kind]] == [2, 4]
+        assert all(0 <= p["bestIoU"] <= 100 for p in shared["curves"][kind])
+    # the margins are the table's differences
+    margin = shared["margins"]["s6-vs-strips"]["bestIoU"]
+    assert margin == pytest.approx(shared["table"]["part_distillation"]["bestIoU"] - shared["table"]["strips"]["bestIoU"])
+    assert (tmp_path / "b9_quality.md").read_text().strip().endswith(lines[-1])
