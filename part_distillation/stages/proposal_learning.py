@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
-from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import (build_model, build_trainer, frozen_name_keys, proposal_preview,
-                                             reference_criterion)
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
+from part_distillation.stages.training import train_stage
 
 from part_distillation.config import ProposalLearningStageConfig
 from part_distillation.stages import TRAINING, StageSpec
@@ -52,30 +48,7 @@ def training_dataset(cfg: RunConfig) -> PartRecordDataset:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
-    stage = cfg.stage
-    if not stage.input:
+    if not cfg.stage.input:
         raise ValueError("stage.input is not set: give the stage-3 records (dense_crf output) to train on")
-    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
-    if stage.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.size, cfg.model.weights, num_classes=1)
-    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
-    model.to(device)
-    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
-    dataset = training_dataset(cfg)
-    evaluator = None
-    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation
-
-        evaluator = training_evaluation(stage, "proposal")
-    trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
-                               preview=proposal_preview(dataset, device), evaluate=evaluator)
-    start = trainer.iter
-    trainer.train()
-    summary.seen = (trainer.iter - start) * stage.batch_size
-    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(dataset),
-                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
-                          "run_dir": str(stage.output)})
-    return summary.finish()
+    return train_stage(cfg, context, dataset=training_dataset(cfg), num_classes=1, weights=cfg.model.weights,
+                       evaluation="proposal")
