@@ -11,13 +11,13 @@ are objects with ratio >= ``min_object_area_ratio`` and parts with area ratio >=
 ``min_part_area_ratio`` (both 0.05, inclusive). Each fitted image is padded to the
 ``image_size`` square canvas (grey) before augmentation, the reference's
 ``SET_IMAGE_SQUARE`` (``AugmentConfig.square_canvas``; stage 4 augments the fitted image).
-Backbone and pixel-decoder encoder frozen as in stage 4; the engine's reference recipe. Output under ``stage.output`` as stage 4:
+Backbone and pixel-decoder encoder frozen as in stage 4; trained through the one training wiring
+(``stages.training.train_stage``). Output under ``stage.output`` as stage 4:
 ``checkpoints/``, ``tensorboard/``, the manifest.
 """
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 from part_distillation.config import RunConfig
@@ -35,8 +35,6 @@ from part_distillation.stages import TRAINING, StageSpec
 
 SPEC = StageSpec("part_distillation", PartDistillationStageConfig, TRAINING, loads_weights=True,
                  model_family="mask2former")
-
-log = logging.getLogger("part_distillation")
 
 
 def check(cfg: RunConfig) -> None:

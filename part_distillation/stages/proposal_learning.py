@@ -3,14 +3,13 @@
 Mask2Former with one foreground class ("part"), its class head re-initialised and
 everything else from the COCO instance weights when ``model.weights`` is given (the demo
 trains the tiny model from scratch), backbone and pixel-decoder encoder frozen, trained
-on the stage-3 records (``stage.input`` plus ``stage.extra_inputs``) with the engine's
+on the stage-3 records (``stage.input`` plus ``stage.extra_inputs``) through the training wiring's
 reference recipe. Output under ``stage.output``: ``checkpoints/model_<iter>.pth``
 (``model_<max_iter>.pth`` is the final one), ``tensorboard/``, and the manifest with the
 resolved config. The checkpoint that ranking uses is chosen there (the reference: 40k).
 """
 from __future__ import annotations
 
-import logging
 
 from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
@@ -24,8 +23,6 @@ from part_distillation.stages import TRAINING, StageSpec
 
 SPEC = StageSpec("proposal_learning", ProposalLearningStageConfig, TRAINING, loads_weights=True,
                  model_family="mask2former")
-
-log = logging.getLogger("part_distillation")
 
 
 def check(cfg: RunConfig) -> None:

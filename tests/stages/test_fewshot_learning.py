@@ -17,7 +17,7 @@ from part_distillation.engine import checkpoint as ckpt
 from part_distillation.engine.train_loop import Trainer
 from part_distillation.models.checkpoint import build_model
 from part_distillation.launch import JobContext
-from part_distillation.stages import fewshot_learning, supervised_learning
+from part_distillation.stages import fewshot_learning
 from part_distillation.store import ConfigMismatchError
 
 REPO = Path(__file__).resolve().parents[2]
