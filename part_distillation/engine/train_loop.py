@@ -29,7 +29,9 @@ For example, a hook that stops nothing but counts::
     trainer.train(start_iter=0, max_iter=100)
 
 Hooks reach the trainer through ``self.trainer``, a weak reference (no cycle keeps a
-finished trainer alive). Their ``state_dict`` is saved with the trainer's.
+finished trainer alive). Their ``state_dict`` is saved with the trainer's. They exchange
+numbers through ``trainer.storage`` (``events.EventStorage``: ``put_scalar``, ``latest``,
+``history``), never through attributes set on the trainer.
 
 One step is the global batch: ``accum`` micro-batches of ``per_device_batch`` images on
 each of ``world_size`` processes. Gradients of all but the last micro-batch stay local
