@@ -197,7 +197,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     PartDistillation checkpoint file without its run folder: K). Returns
     ``(model, kind, info)`` with ``info`` the run folder's :class:`RunInfo`.
     """
-    from part_distillation.engine.recipe import build_model
+    from part_distillation.models.checkpoint import build_model
     from part_distillation.models import checkpoint as ckpt
 
     checkpoint = Path(checkpoint)
