@@ -65,13 +65,12 @@ def test_fine_tuning_trains_the_backbone_at_a_tenth_of_the_learning_rate(tmp_pat
 
 
 def _images_by_key(dataset):
-    """Image key (json id) -> object classes, read from the json independently of the stage."""
+    """Image key (json id) -> object classes, read from the json independently of the stage:
+    the image's ImageNet class (its wnid), as PartImageNet's evaluation keys them, of every
+    image with an annotated part."""
     parts = json.loads((dataset / "annotations" / "train.json").read_text())
-    supercategory = {c["id"]: c["supercategory"] for c in parts["categories"]}
-    classes = {}
-    for ann in parts["annotations"]:
-        classes.setdefault(str(ann["image_id"]), set()).add(supercategory[ann["category_id"]])
-    return {k: sorted(v) for k, v in classes.items()}
+    wnid = {str(image["id"]): image["wnid"] for image in parts["images"]}
+    return {k: [wnid[k]] for k in sorted({str(ann["image_id"]) for ann in parts["annotations"]})}
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_trains_on_the_saved_subset(tmp_path, dataset, pd_run,
