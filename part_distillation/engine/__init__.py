@@ -1,5 +1,6 @@
-"""The training engine shared by stages 4 and 6: loop and hooks, optimisation, schedule,
-deterministic sampling, checkpoints with exact resume, DDP (see ``train_loop``)."""
+"""The training engine shared by the four training stages (4, 6 and the two baselines): loop
+and hooks, optimisation, schedule, deterministic sampling, checkpoints with exact resume, DDP
+(see ``train_loop``)."""
 from .checkpoint import latest_checkpoint, prepare_run_dir
 from .hooks import Checkpointer, PeriodicCheckpoint, PeriodicEval, ProgressLog, TensorBoardWriter
 from .optim import build_adamw, param_groups

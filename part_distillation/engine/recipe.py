@@ -1,5 +1,6 @@
-"""The Mask2Former training recipe shared by stages 4 and 6: from a training stage config,
-a model and a record dataset, the trainer with its data, loss, optimiser and hooks.
+"""The Mask2Former training recipe shared by the four training stages (4, 6 and the two
+baselines): from a training stage config, a model and a record dataset, the trainer with its
+data, loss, optimiser and hooks.
 
 The stage reads its config and builds the model and dataset; everything else about how
 training runs (DDP, accumulation, AMP, the reference optimisation and schedule,
