@@ -88,7 +88,7 @@ def passes(tmp: Path, images_per_class: int, batch_size: int) -> dict:
 
     rates, found = {}, {}
     for batch in (1, batch_size):
-        stage.model_outputs(model, [stage.ImageInput(r, SIZE) for r in items[:batch]], device)  # warm-up
+        stage.model_outputs(model, [stage.RankingInput(r, SIZE) for r in items[:batch]], device)  # warm-up
         cluster_s, embeddings = timed(lambda: cluster_pass(batch))
         centroids = embeddings[torch.randperm(len(embeddings), generator=torch.Generator().manual_seed(0))[:K]]
         label_s, parts = timed(lambda: label_pass(batch, centroids))

@@ -296,7 +296,7 @@ def section_stage6(s: Settings, seconds: float) -> list[Row]:
 def section_detic(s: Settings, seconds: float) -> list[Row]:
     from part_distillation.data.frame import ImageFrame
     from part_distillation.models.detic import DeticConfig, build_detic
-    from part_distillation.models.object_masks import DeticSource, ImageInput
+    from part_distillation.models.object_masks import DeticSource, SourceImage
 
     stage = DeticStageConfig
     with PeakMemory(s.device) as memory:
@@ -306,7 +306,7 @@ def section_detic(s: Settings, seconds: float) -> list[Row]:
         vocabulary = torch.nn.functional.normalize(torch.randn(s.objects, config.text_embed_dim), dim=1)
         model = build_detic(None, config, vocabulary=vocabulary, device=s.device)
         source = DeticSource(model, [f"class{i}" for i in range(s.objects)], stage.keep_top, stage.own_class_filter)
-        images = [ImageInput(f"image{i}", image, ImageFrame(image.shape[:2], image.shape[:2]), i % s.objects)
+        images = [SourceImage(f"image{i}", image, ImageFrame(image.shape[:2], image.shape[:2]), i % s.objects)
                   for i, image in enumerate(fitted_images(stage.batch_size if s.stage_batch else 1, s.size))]
         kept = []
 

@@ -31,7 +31,7 @@ by part class). Masks are computed in the fitted frame and mapped back to the or
 size (nearest).
 
 This module also holds what stage 5 needs to find and load its proposal checkpoint
-(:func:`resolve_checkpoint`, :func:`load_model`, :func:`choose_device`), written once.
+(:func:`resolve_checkpoint`, :func:`load_checkpoint_model`, :func:`choose_device`), written once.
 Models only compute here: no logging, no files written.
 """
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _unused_keys() -> set[str]:
     return set(UNUSED_MODEL_KEYS)
 
 
-def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind: str | None = None,
+def load_checkpoint_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind: str | None = None,
                size: str | None = None, parts_per_class: int | None = None):
     """The Mask2Former of a stage-4/6 checkpoint file, in eval mode on ``device``.
 
@@ -285,7 +285,7 @@ class TrainedModel:
         gets ``image_size`` 640 unless given); ``settings``: ``topk``, ``one_label``.
         """
         checkpoint = resolve_checkpoint(path, iteration)
-        model, kind, info = load_model(checkpoint, device, kind=kind, size=size, parts_per_class=parts_per_class)
+        model, kind, info = load_checkpoint_model(checkpoint, device, kind=kind, size=size, parts_per_class=parts_per_class)
         image_size = int(image_size or info.get("stage.image_size") or 640)
         settings.setdefault("max_size", eval_max_size(kind, image_size))
         wnids = _training_classes(info) if kind == "part_distillation" else None
@@ -440,5 +440,5 @@ class TrainedModel:
                           scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 
-__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "TrainedModel", "choose_device", "load_model",
+__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "TrainedModel", "choose_device", "load_checkpoint_model",
            "read_run_info", "resolve_checkpoint", "run_folder_of", "eval_max_size"]

@@ -50,7 +50,7 @@ def test_run_job_marks_the_job_failed_on_any_stage_error_and_only_then(monkeypat
         def run(cfg, context):
             if error is not None:
                 raise error
-            from part_distillation.progress import StageSummary
+            from part_distillation.summaries import StageSummary
 
             return StageSummary("index").finish()
         return run

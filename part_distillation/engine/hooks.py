@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed as ddp_utils
+from . import distributed
 from .train_loop import HookBase
 
 log = logging.getLogger("part_distillation")
@@ -44,9 +44,9 @@ class Checkpointer:
 
         Collective: every rank must call it (RNG states are gathered from all ranks).
         """
-        rng = ddp_utils.all_gather_objects(ckpt.rng_state())
+        rng = distributed.all_gather_objects(ckpt.rng_state())
         path = None
-        if ddp_utils.is_main():
+        if distributed.is_main():
             state = trainer.state_dict()
             state["rng"] = rng
             state["world_size"] = len(rng)
@@ -54,7 +54,7 @@ class Checkpointer:
             ckpt.save_atomic(state, path)
             ckpt.remove_stale(self.run_dir, self.keep_last, self.period)
             log.info("saved %s", path)
-        ddp_utils.barrier()
+        distributed.barrier()
         return path
 
     def resume(self, trainer) -> bool:
@@ -65,13 +65,13 @@ class Checkpointer:
         state = ckpt.load_checkpoint(path, map_location="cpu")
         trainer.load_state_dict(state)
         rng = state.get("rng") or []
-        rank = ddp_utils.rank()
-        if len(rng) == ddp_utils.world_size():
+        rank = distributed.rank()
+        if len(rng) == distributed.world_size():
             ckpt.set_rng_state(rng[rank])
         else:
             log.warning("%s was written by %d processes, this run has %d: RNG states not restored "
                         "(the run continues, but not bitwise as the original)", path, len(rng),
-                        ddp_utils.world_size())
+                        distributed.world_size())
         log.info("resumed from %s at iteration %d", path, trainer.iter)
         return True
 
@@ -94,7 +94,7 @@ class PeriodicCheckpoint(HookBase):
         if self.every_s <= 0:
             return False
         flag = torch.tensor([float(time.monotonic() - self._last_save >= self.every_s)])
-        if ddp_utils.world_size() > 1:
+        if distributed.world_size() > 1:
             import torch.distributed as dist
 
             if dist.get_backend() == "nccl":
@@ -123,7 +123,7 @@ class ProgressLog(HookBase):
 
     def after_step(self) -> None:
         trainer = self.trainer
-        if not _due(trainer, self.period) or not ddp_utils.is_main():
+        if not _due(trainer, self.period) or not distributed.is_main():
             return
         done = trainer.iter + 1
         elapsed = time.perf_counter() - self._start
@@ -150,7 +150,7 @@ class TensorBoardWriter(HookBase):
         self._writer = None
 
     def before_train(self) -> None:
-        if ddp_utils.is_main():
+        if distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(self.log_dir, purge_step=self.trainer.iter + 1)
@@ -195,6 +195,6 @@ class PeriodicEval(HookBase):
             results = dict(self.evaluate(self.trainer))
             self.trainer.storage.put_scalars(results, prefix=EVAL_PREFIX, iteration=self.trainer.iter)
             self.trainer.model.train()
-            if ddp_utils.is_main():
+            if distributed.is_main():
                 log.info("[eval] iter %d: %s", self.trainer.iter + 1,
                          ", ".join(f"{k} {v:.4g}" for k, v in results.items()))

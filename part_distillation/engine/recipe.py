@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import distributed as ddp_utils
+from . import distributed
 from .checkpoint import prepare_run_dir
 from .hooks import Checkpointer, PeriodicCheckpoint, PeriodicEval, ProgressLog, TensorBoardWriter
 from .optim import build_adamw
@@ -72,7 +72,7 @@ def data_loader_factory(dataset, collate_fn: Callable, global_batch: int, per_de
     ``dataset`` is indexed by ``(epoch, index)``."""
     def data(start_iter: int):
         sampler = GlobalBatchSampler(len(dataset), global_batch, per_device_batch, seed=seed,
-                                     rank=ddp_utils.rank(), world_size=ddp_utils.world_size(),
+                                     rank=distributed.rank(), world_size=distributed.world_size(),
                                      start_iter=start_iter)
         # A private generator: creating the loader must not draw from the global torch RNG
         # (it would shift the training noise of a resumed run).
@@ -92,13 +92,13 @@ def build_trainer(recipe: TrainingRecipe, model: nn.Module, dataset, collate_fn:
     ``evaluate(trainer) -> {name: value}`` are the TensorBoard previews and the periodic
     evaluation (every ``recipe.eval_period`` iterations when given)."""
     run_dir = Path(recipe.run_dir)
-    accum = accumulation_steps(recipe.batch_size, ddp_utils.world_size(), recipe.per_device_batch)
+    accum = accumulation_steps(recipe.batch_size, distributed.world_size(), recipe.per_device_batch)
     if is_main:
         prepare_run_dir(run_dir, stage=recipe.name, config=dict(run_folder.config),
                         ignore_keys=tuple(run_folder.ignore_keys), overwrite_config=run_folder.overwrite_config)
-    ddp_utils.barrier()
+    distributed.barrier()
     device = next(model.parameters()).device
-    wrapped = ddp_utils.wrap_ddp(model, device)
+    wrapped = distributed.wrap_ddp(model, device)
     optimizer = build_adamw(model, lr=recipe.lr, weight_decay=recipe.weight_decay,
                             backbone_multiplier=recipe.backbone_multiplier)
     schedule = MultiStepSchedule(recipe.lr, steps=tuple(recipe.steps), warmup_iters=recipe.warmup_iters,

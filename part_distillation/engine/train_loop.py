@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from . import distributed as ddp_utils
+from . import distributed
 from .events import EventStorage
 from .optim import clip_grad_norm
 
@@ -159,7 +159,7 @@ class Trainer:
     @property
     def module(self) -> nn.Module:
         """The model without its DDP wrapper (what is saved and evaluated)."""
-        return ddp_utils.unwrap(self.model)
+        return distributed.unwrap(self.model)
 
     def train(self, start_iter: int | None = None, max_iter: int | None = None) -> None:
         """Run iterations ``start_iter .. max_iter - 1`` (defaults: ``self.iter``, ``self.max_iter``)."""
@@ -215,7 +215,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         totals["grad_norm"] = grad_norm.detach().float()
-        metrics = ddp_utils.mean_over_ranks(totals)
+        metrics = distributed.mean_over_ranks(totals)
         metrics["total_loss"] = sum(v for k, v in metrics.items() if k != "grad_norm")
         metrics["lr"] = lr
         metrics["data_time"] = data_time

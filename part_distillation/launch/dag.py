@@ -34,8 +34,8 @@ from part_distillation.config import RunConfig, validate
 from part_distillation.context import JobContext
 from part_distillation.launch.local import JobFailed, compose_config, run_in_context
 from part_distillation.launch.preflight import PreflightError, check_job, paths_read, under_any
-from part_distillation.progress import StageSummary
 from part_distillation.store import atomic_write_json
+from part_distillation.summaries import StageSummary
 
 log = logging.getLogger("part_distillation")
 
@@ -242,9 +242,9 @@ def _read_checkpoints(stage: PlannedStage, state: StageState) -> None:
 
 
 def _config_change(stage: PlannedStage) -> str | None:
-    """Why the stage's existing output is not this configuration's (``common.output_conflict``
+    """Why the stage's existing output is not this configuration's (``shard_io.output_conflict``
     ignoring ``overwrite_config``), or None."""
-    from part_distillation.stages.common import output_conflict
+    from part_distillation.stages.shard_io import output_conflict
 
     if not stage.run.overwrite_config:
         return output_conflict(stage.run)

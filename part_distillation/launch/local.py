@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from part_distillation import stages
 from part_distillation.config import ConfigError, RunConfig, config_dir, register_configs, validate
 from part_distillation.context import JobContext  # re-exported: launch.JobContext
-from part_distillation.progress import StageSummary, record_summary
+from part_distillation.summaries import StageSummary, record_summary
 
 log = logging.getLogger("part_distillation")
 
@@ -104,7 +104,7 @@ def configure_logging(level: str) -> None:
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Validate ``cfg``, run its stage in this process, return the stage summary (also saved
-    as JSON next to the stage's output: ``progress.record_summary``).
+    as JSON next to the stage's output: ``summaries.record_summary``).
 
     A fault of the environment (unwritable or full output, missing file, wrong weights,
     an output made with another config) ends the job with :class:`JobFailed`, one line

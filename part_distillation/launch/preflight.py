@@ -105,8 +105,8 @@ def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
     if not any(coming(path) for path in paths_read(run)):  # a stage's own checks look at its input files
         stages.check(run)
     check_writable(spec.output(run), spec.output_key)
-    # the store's check of an existing output (imported here: stages.common loads the image-tree reader)
-    from part_distillation.stages.common import output_conflict
+    # the store's check of an existing output (imported here: stages.shard_io loads the image-tree reader)
+    from part_distillation.stages.shard_io import output_conflict
 
     conflict = output_conflict(run)
     if conflict:

@@ -31,8 +31,8 @@ from part_distillation.launch.dag import (PlannedStage, done_marker, marker_cont
                                           ranges, stage_state)
 from part_distillation.launch.local import compose_config, run_job
 from part_distillation.launch.preflight import PreflightError
-from part_distillation.progress import StageSummary
 from part_distillation.store import atomic_write_json
+from part_distillation.summaries import StageSummary
 
 log = logging.getLogger("part_distillation")
 

@@ -1,6 +1,6 @@
 """Object-mask sources for stage 1, interchangeable: each turns fitted images into object masks.
 
-Every source takes a batch of :class:`ImageInput` (the image already fitted to 640 with
+Every source takes a batch of :class:`SourceImage` (the image already fitted to 640 with
 ``data/frame.py``) and returns one :class:`ObjectMasks` per image, in the fitted frame and by
 descending score, so the stage writes the same record whichever source ran:
 
@@ -29,7 +29,7 @@ from part_distillation.masks import decode_rles
 
 
 @dataclass(frozen=True)
-class ImageInput:
+class SourceImage:
     """One image handed to a source."""
 
     key: str
@@ -65,7 +65,7 @@ class ObjectMasks:
 class ObjectMaskSource(Protocol):
     name: str
 
-    def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]: ...
+    def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]: ...
 
 
 def select_own_class_top(classes, scores, own_class: int, keep_top: int, own_class_filter: bool = True) -> np.ndarray:
@@ -111,7 +111,7 @@ class DeticSource:
         self.keep_top = keep_top
         self.own_class_filter = own_class_filter
 
-    def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]:
+    def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]:
         def select(i, raw):  # before the mask head: only the kept detections pay for masks
             return torch.from_numpy(select_own_class_top(raw.classes.cpu().numpy(), raw.scores.cpu().numpy(),
                                                          images[i].class_index, self.keep_top,
@@ -148,10 +148,10 @@ class AnnotationSource:
         self.keep_top = keep_top
         self.own_class_filter = own_class_filter
 
-    def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]:
+    def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]:
         return [self._one(im) for im in images]
 
-    def _one(self, im: ImageInput) -> ObjectMasks:
+    def _one(self, im: SourceImage) -> ObjectMasks:
         given = self.annotations.get(im.key)
         if given is None or not given.rles:
             return ObjectMasks.empty(im.frame.fitted)
@@ -189,7 +189,7 @@ class Mask2FormerSource:
         self.class_names = list(class_names) if class_names is not None else None
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]:
+    def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]:
         from part_distillation.models.mask2former import preprocess_images
         from part_distillation.postprocess import instance_inference
 
@@ -235,10 +235,10 @@ class GrabCutSource:
         self.iterations = iterations
         self.work_size = work_size  # GrabCut runs with the longer side at most this (None: as given)
 
-    def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]:
+    def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]:
         return [self._one(im) for im in images]
 
-    def _one(self, im: ImageInput) -> ObjectMasks:
+    def _one(self, im: SourceImage) -> ObjectMasks:
         import cv2
 
         out_size = im.image.shape[:2]

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 from part_distillation.config import RunConfig
-from part_distillation.progress import StageSummary
 from part_distillation.store import RecordStore, manifest_path
+from part_distillation.summaries import StageSummary
 from part_distillation.viz import class_collage, write_png
 
 from part_distillation.config import CollageStageConfig

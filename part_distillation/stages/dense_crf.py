@@ -39,10 +39,11 @@ from part_distillation.data.frame import ImageFrame, fitted_size
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.masks import decode_rles, encode_rles
-from part_distillation.progress import StageSummary, progress_line
-from part_distillation.stages.common import open_output
+from part_distillation.progress import progress_line
+from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore, key_hash, manifest_path
 from part_distillation.store.schemas import PART_SEGMENTS
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import DenseCRFStageConfig
 from part_distillation.stages import SHARDED, StageSpec

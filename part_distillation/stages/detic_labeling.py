@@ -23,10 +23,11 @@ from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.masks import encode_rles
-from part_distillation.models.object_masks import ImageInput, ObjectMasks
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import list_shard_images, open_output
+from part_distillation.models.object_masks import ObjectMasks, SourceImage
+from part_distillation.progress import progress
+from part_distillation.stages.shard_io import list_shard_images, open_output
 from part_distillation.store.schemas import OBJECT_MASKS
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import DeticStageConfig
 from part_distillation.stages import SHARDED, StageSpec
@@ -89,7 +90,7 @@ def object_record(ref: ImageRecordRef, tree: ImageTree, frame: ImageFrame, found
 
 
 def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Iterator[list]:
-    """Batches of (ref, ImageInput | BadImageError): every image decoded once and fitted."""
+    """Batches of (ref, SourceImage | BadImageError): every image decoded once and fitted."""
     for start in range(0, len(refs), size):
         batch = []
         for ref in refs[start:start + size]:
@@ -102,7 +103,7 @@ def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Itera
                 batch.append((ref, BadImageError(ref.path, "file disappeared after listing")))
                 continue
             frame = ImageFrame.fit(image.shape[:2], cfg.stage.fit_size)
-            batch.append((ref, ImageInput(ref.key, frame.fit_image(image), frame, ref.class_index)))
+            batch.append((ref, SourceImage(ref.key, frame.fit_image(image), frame, ref.class_index)))
         yield batch
 
 

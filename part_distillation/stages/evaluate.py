@@ -74,8 +74,9 @@ from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, Part
 from part_distillation.evaluation.predictors import (ColourKMeansPredictor, ModelPredictor, Predictor,
                                                      RecordsPredictor, StripsPredictor, empty_prediction,
                                                      prediction_from_record)
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import open_output
+from part_distillation.progress import progress
+from part_distillation.summaries import StageSummary
+from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
 
@@ -556,7 +557,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
     all; samples and images read once and kept). Rank 0 evaluates; other ranks return {}.
     """
     from part_distillation.data.images import load_rgb
-    from part_distillation.engine import distributed as ddp_utils
+    from part_distillation.engine import distributed
     from part_distillation.inference import TrainedModel, eval_max_size
 
     check_training_evaluation(stage)
@@ -583,7 +584,7 @@ def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = No
         return cache["samples"], cache["num_parts"]
 
     def evaluate(trainer) -> dict[str, float]:
-        if not ddp_utils.is_main():
+        if not distributed.is_main():
             return {}
         samples, num_parts = data()
         model = TrainedModel(trainer.module, kind, image_size=stage.image_size,

@@ -22,9 +22,9 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.labelled_records import fewshot_subset
 from part_distillation.engine import checkpoint as train_ckpt
-from part_distillation.engine import distributed as ddp_utils
-from part_distillation.progress import StageSummary
+from part_distillation.engine import distributed
 from part_distillation.store.files import atomic_write_json
+from part_distillation.summaries import StageSummary
 
 from . import supervised_learning as supervised
 
@@ -64,7 +64,7 @@ def keep_subset(run_dir: Path, subset: list[str], context: JobContext) -> None:
     path = Path(run_dir) / SUBSET_FILE
     if context.is_main and not path.exists():
         atomic_write_json(path, subset)
-    ddp_utils.barrier()
+    distributed.barrier()
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

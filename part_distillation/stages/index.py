@@ -24,9 +24,10 @@ import os
 from part_distillation.config import RunConfig
 from part_distillation.data.images import ImageInfo, probe_image
 from part_distillation.context import JobContext
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import list_shard_images, open_output
+from part_distillation.progress import progress
+from part_distillation.stages.shard_io import list_shard_images, open_output
 from part_distillation.store.schemas import INDEX
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import IndexStageConfig
 from part_distillation.stages import SHARDED, StageSpec

@@ -26,7 +26,7 @@ from part_distillation.data.imagenet import ImageTreeError, list_classes
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, cluster_labels
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.inference import CLASSES_FILE
-from part_distillation.progress import StageSummary
+from part_distillation.summaries import StageSummary
 from part_distillation.stages.training import train_stage
 from part_distillation.store.files import atomic_write_json
 

@@ -53,11 +53,12 @@ from part_distillation import inference
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models import part_ranking as ranking
 from part_distillation.models.mask2former import preprocess_images
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import open_output
+from part_distillation.progress import progress
+from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore, manifest_path
 from part_distillation.store.files import atomic_write_bytes, atomic_write_json
 from part_distillation.store.schemas import PART_LABELS
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import PartRankingStageConfig
 from part_distillation.stages import SHARDED, StageSpec
@@ -90,11 +91,11 @@ def check(cfg: RunConfig) -> None:
     resolve_checkpoint(cfg.stage)
 
 
-def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
+def load_proposal_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
     """The stage-4 model of ``checkpoint``: its architecture from its run folder (or its weights),
     ``model.size`` only when a Mask2Former is chosen (``model=none`` has no size of its own)."""
     size = cfg.model.size if cfg.model.name == "mask2former" else None
-    return inference.load_model(checkpoint, device, kind="proposal", size=size)[0]
+    return inference.load_checkpoint_model(checkpoint, device, kind="proposal", size=size)[0]
 
 
 def device_of(cfg: RunConfig) -> torch.device:
@@ -103,7 +104,7 @@ def device_of(cfg: RunConfig) -> torch.device:
 
 # --------------------------------------------------------------------------- one image
 
-class ImageInput:
+class RankingInput:
     """A record's object mask (fitted frame) and model input (fitted to ``size``, padded)."""
 
     def __init__(self, record: dict, size: int):
@@ -120,7 +121,7 @@ class ImageInput:
 
 
 @torch.no_grad()
-def model_outputs(model, batch: Sequence[ImageInput], device: torch.device) -> list[tuple]:
+def model_outputs(model, batch: Sequence[RankingInput], device: torch.device) -> list[tuple]:
     """One forward over ``batch``; per image ``(class logits (Q, 2), mask logits (Q, h, w),
     query embeddings (Q, D), sizes)`` as the passes take them. Every canvas has the same
     size, so the batch pads nothing and each image's outputs equal a batch of one's."""
@@ -138,14 +139,14 @@ def with_model_outputs(records: Iterable[dict], wanted: Callable[[dict], bool], 
     where ``outputs`` are ``model_outputs``'s for its image; ``(record, None)`` for a record
     ``wanted`` declines; ``(record, error)`` for an image that cannot be read. Wanted
     records are run through the model ``batch_size`` at a time."""
-    pending: list[tuple[dict, object]] = []  # in record order; ImageInput entries await the model
+    pending: list[tuple[dict, object]] = []  # in record order; RankingInput entries await the model
     loaded = 0
 
     def flush():
-        batch = [item for _, item in pending if isinstance(item, ImageInput)]
+        batch = [item for _, item in pending if isinstance(item, RankingInput)]
         outputs = iter(model_outputs(model, batch, device) if batch else ())
         for record, item in pending:
-            yield record, ((item, next(outputs)) if isinstance(item, ImageInput) else item)
+            yield record, ((item, next(outputs)) if isinstance(item, RankingInput) else item)
         pending.clear()
 
     for record in records:
@@ -153,7 +154,7 @@ def with_model_outputs(records: Iterable[dict], wanted: Callable[[dict], bool], 
             item = None
         else:
             try:
-                item = ImageInput(record, size)
+                item = RankingInput(record, size)
                 loaded += 1
             except (BadImageError, FileNotFoundError) as error:
                 item = error
@@ -285,7 +286,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     check(cfg)
     checkpoint = resolve_checkpoint(stage)
     device = device_of(cfg)
-    model = load_model(cfg, checkpoint, device)
+    model = load_proposal_model(cfg, checkpoint, device)
     store = RecordStore(stage.input)
     cluster_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_proposal_score,
                                             stage.min_object_iou)

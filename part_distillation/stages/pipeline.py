@@ -11,8 +11,8 @@ from __future__ import annotations
 from part_distillation.config import PipelineStageConfig, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.launch import dag, slurm
-from part_distillation.progress import StageSummary
 from part_distillation.stages import DRIVER, StageSpec
+from part_distillation.summaries import StageSummary
 
 SPEC = StageSpec("pipeline", PipelineStageConfig, DRIVER, reported=False)
 

@@ -24,10 +24,11 @@ from part_distillation.context import JobContext
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
 from part_distillation.models.batching import preprocess_images
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import open_output
+from part_distillation.progress import progress
+from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore
 from part_distillation.store.schemas import PART_SEGMENTS
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import PixelGroupingStageConfig
 from part_distillation.stages import SHARDED, StageSpec

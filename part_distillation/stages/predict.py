@@ -50,11 +50,12 @@ from part_distillation.data.imagenet import IMAGE_EXTENSIONS, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.evaluation.evaluator import Prediction
 from part_distillation.masks import decode_rles, encode_rles
-from part_distillation.progress import StageSummary, progress
-from part_distillation.stages.common import open_output
+from part_distillation.progress import progress
+from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore
 from part_distillation.store.coco import export_coco
 from part_distillation.store.schemas import PART_PREDICTIONS
+from part_distillation.summaries import StageSummary
 from part_distillation.viz import draw_parts, write_png
 
 from part_distillation.config import PredictStageConfig
@@ -224,10 +225,10 @@ def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_clas
     without a mask (returns None)."""
     if source is None:
         return None
-    from part_distillation.models.object_masks import ImageInput
+    from part_distillation.models.object_masks import SourceImage
 
     frame = ImageFrame.fit(image.shape[:2], fit_size)
-    found = source([ImageInput(key, frame.fit_image(image), frame, -1 if object_class is None else object_class)])[0]
+    found = source([SourceImage(key, frame.fit_image(image), frame, -1 if object_class is None else object_class)])[0]
     keep = np.flatnonzero([mask.any() for mask in found.masks])[:max_objects]
     return frame.masks_to_original(found.masks[keep]).astype(bool), np.asarray(found.classes[keep], np.int64)
 
@@ -331,7 +332,7 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 # The stage
 
 
-def load_model(cfg: RunConfig):
+def load_trained_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
     from part_distillation.inference import TrainedModel, choose_device
 
@@ -385,7 +386,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
             summary.already_done += 1
         summary.seen = len(mine)
         if todo:
-            model = load_model(cfg)
+            model = load_trained_model(cfg)
             classes = object_classes(cfg, model)
             object_class = resolve_object_class(st.object_class, classes)
             if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image",

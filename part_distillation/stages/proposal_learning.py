@@ -15,7 +15,7 @@ from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.context import JobContext
-from part_distillation.progress import StageSummary
+from part_distillation.summaries import StageSummary
 from part_distillation.stages.training import train_stage
 
 from part_distillation.config import ProposalLearningStageConfig

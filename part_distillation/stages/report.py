@@ -8,7 +8,7 @@ their outputs; the page then shows:
 - the evaluation table: the evaluate stage's ``metrics.md`` as it is (a table is rendered
   from ``metrics.json`` when only that exists), and its PNGs (best/worst classes);
 - each stage's summary (records written, already done, skipped with reasons, time), read
-  from the summaries the jobs saved next to their outputs (``progress.record_summary``),
+  from the summaries the jobs saved next to their outputs (``summaries.record_summary``),
   summed over shards, so a run on SLURM reports like one in-process;
 - the collages of the collage stage (``<collage output>/<stage>.png``).
 
@@ -29,15 +29,16 @@ from urllib.parse import quote
 from part_distillation import stages as registry
 from part_distillation.config import ReportStageConfig, RunConfig
 from part_distillation.launch.dag import compose_stage, own_overrides, stage_overrides
-from part_distillation.progress import StageSummary, format_eta, read_summaries
+from part_distillation.progress import format_eta
 from part_distillation.stages import SINGLE, StageSpec
+from part_distillation.summaries import StageSummary, read_summaries
 
 SPEC = StageSpec("report", ReportStageConfig, SINGLE, reported=False)
 
 log = logging.getLogger("part_distillation")
 
 @dataclass
-class StageOutput:
+class StageFolder:
     """One stage of an experiment's pipeline and the folder it writes."""
 
     name: str
@@ -50,7 +51,7 @@ class ExperimentPlan:
 
     experiment: str
     data: str
-    stages: list[StageOutput] = field(default_factory=list)
+    stages: list[StageFolder] = field(default_factory=list)
     problem: str | None = None  #: why the stages could not be listed (said in the report)
 
     def output_of(self, stage: str) -> str | None:
@@ -72,7 +73,7 @@ def plan_experiment(experiment: str, base: list[str]) -> ExperimentPlan:
         stages = []
         for n in names:
             run = compose_stage(base + [f"stage={n}"] + per_stage.get(n, []))
-            stages.append(StageOutput(n, registry.spec(n).output(run)))
+            stages.append(StageFolder(n, registry.spec(n).output(run)))
     except Exception as err:  # a report never fails a run: it says what it could not read
         return ExperimentPlan(experiment, "?", problem=f"its stages could not be composed: {err}".splitlines()[0])
     return ExperimentPlan(experiment, pipeline.data.name, stages)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from part_distillation.config import RunConfig
 from part_distillation.data.photos import write_photo_tree
-from part_distillation.progress import StageSummary
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import SamplePhotosStageConfig
 from part_distillation.stages import SINGLE, StageSpec

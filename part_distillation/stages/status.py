@@ -9,8 +9,8 @@ from __future__ import annotations
 from part_distillation.config import RunConfig, StatusStageConfig
 from part_distillation.context import JobContext
 from part_distillation.launch.status import collect, format_table
-from part_distillation.progress import StageSummary
 from part_distillation.stages import SINGLE, StageSpec
+from part_distillation.summaries import StageSummary
 
 SPEC = StageSpec("status", StatusStageConfig, SINGLE, reported=False)
 

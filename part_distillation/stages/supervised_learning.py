@@ -28,7 +28,7 @@ from part_distillation.data.labelled_records import RecordList, labelled_records
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
-from part_distillation.progress import StageSummary
+from part_distillation.summaries import StageSummary
 from part_distillation.stages.training import train_stage
 from part_distillation.store.files import atomic_write_json
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from part_distillation.config import RunConfig
 from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
 from part_distillation.context import JobContext
-from part_distillation.progress import StageSummary
 from part_distillation.store.files import atomic_write_json
+from part_distillation.summaries import StageSummary
 
 from part_distillation.config import SyntheticDataStageConfig
 from part_distillation.stages import SINGLE, StageSpec

@@ -19,11 +19,11 @@ from torch import nn
 from part_distillation.config import RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.part_records import PartRecordDataset, collate
-from part_distillation.engine import distributed as ddp_utils
+from part_distillation.engine import distributed
 from part_distillation.engine.recipe import RunFolder, TrainingRecipe, build_trainer
 from part_distillation.models.checkpoint import build_model, load_initial_weights
 from part_distillation.models.criterion import HungarianMatcher, SetCriterion
-from part_distillation.progress import StageSummary
+from part_distillation.summaries import StageSummary
 from part_distillation.viz import score_overlay
 
 log = logging.getLogger("part_distillation")
@@ -148,7 +148,7 @@ def train_stage(cfg: RunConfig, context: JobContext, *, dataset: PartRecordDatas
     """
     stage = cfg.stage
     summary = summary or StageSummary(stage.name, output=stage.output)
-    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
+    device = distributed.training_device(cfg.model.device, context.local_rank)
     if stage.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -158,7 +158,7 @@ def train_stage(cfg: RunConfig, context: JobContext, *, dataset: PartRecordDatas
         log.info("initialised from %s (class head re-initialised): %s", weights, report)
     model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
     model.to(device)
-    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
+    distributed.seed_all(cfg.seed, context.rank)  # then per-rank training noise
     evaluator = None
     if evaluation and stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
         from part_distillation.stages.evaluate import training_evaluation  # its metrics stack, only when on
@@ -173,7 +173,7 @@ def train_stage(cfg: RunConfig, context: JobContext, *, dataset: PartRecordDatas
         is_main=context.is_main, preview=proposal_preview(dataset, device), evaluate=evaluator)
     log.info("[%s] %d process(es) x %d images x %d accumulation = batch %d; %d images in %d record set(s) "
              "(%d filtered out); class head %d outputs; iterations %d..%d on %s%s", stage.name,
-             ddp_utils.world_size(), stage.per_device_batch, trainer.accum, stage.batch_size, len(dataset),
+             distributed.world_size(), stage.per_device_batch, trainer.accum, stage.batch_size, len(dataset),
              len(dataset.stores), dataset.filtered_out, num_classes + 1, trainer.iter, stage.max_iter, device,
              " with AMP" if trainer.amp else "")
     if after_setup is not None:

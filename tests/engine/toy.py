@@ -20,7 +20,7 @@ from torch import nn
 from part_distillation.engine import (Checkpointer, GlobalBatchSampler, HookBase, MultiStepSchedule,
                                       PeriodicCheckpoint, Trainer, build_adamw)
 from part_distillation.engine import checkpoint as ckpt
-from part_distillation.engine import distributed as ddp_utils
+from part_distillation.engine import distributed
 
 NUM_SAMPLES = 24
 
@@ -55,7 +55,7 @@ def loss_fn(model, batch):
 def data_factory(seed: int, global_batch: int, per_device_batch: int):
     def data(start_iter: int):
         sampler = GlobalBatchSampler(NUM_SAMPLES, global_batch, per_device_batch, seed=seed,
-                                     rank=ddp_utils.rank(), world_size=ddp_utils.world_size(),
+                                     rank=distributed.rank(), world_size=distributed.world_size(),
                                      start_iter=start_iter)
         for ids in sampler:
             xs, ys = zip(*(sample(seed, e, i) for e, i in ids))
@@ -70,7 +70,7 @@ class RecordLoss(HookBase):
         self.path = Path(path)
 
     def after_step(self):
-        if ddp_utils.is_main():
+        if distributed.is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps({"iter": self.trainer.iter, "loss": self.trainer.metrics["total_loss"]}) + "\n")
 
@@ -110,10 +110,10 @@ def train(run_dir, *, max_iter: int = 12, global_batch: int = 4, per_device_batc
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     model = make_model(seed, dropout=0.2 if noise else 0.0)  # same initial weights on every rank
-    ddp_utils.seed_all(seed, ddp_utils.rank())  # then different noise per rank
-    wrapped = ddp_utils.wrap_ddp(model, torch.device("cpu"))
+    distributed.seed_all(seed, distributed.rank())  # then different noise per rank
+    wrapped = distributed.wrap_ddp(model, torch.device("cpu"))
     optimizer = build_adamw(model, lr=1e-2, weight_decay=0.05)
-    accum = global_batch // (ddp_utils.world_size() * per_device_batch)
+    accum = global_batch // (distributed.world_size() * per_device_batch)
     trainer = Trainer(wrapped, optimizer, data_factory(seed, global_batch, per_device_batch),
                       loss_fn if noise else loss_without_noise,
                       MultiStepSchedule(1e-2, steps=(8,)), max_iter=max_iter, accum=accum,

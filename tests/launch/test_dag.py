@@ -115,7 +115,7 @@ def test_the_local_pipeline_runs_each_stage_as_a_job_and_fails_in_one_line(tmp_p
     from part_distillation import stages
     from part_distillation.context import JobContext
     from part_distillation.launch import local
-    from part_distillation.progress import read_summaries
+    from part_distillation.summaries import read_summaries
 
     real_get = stages.get
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "shard.rec"))

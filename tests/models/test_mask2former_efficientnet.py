@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from part_distillation.config import DataConfig, ModelConfig, ProposalLearningStageConfig, RunConfig
 from part_distillation.models.checkpoint import build_model
 from part_distillation.stages.training import reference_criterion
-from part_distillation.inference import TrainedModel, load_model
+from part_distillation.inference import TrainedModel, load_checkpoint_model
 from part_distillation.launch import JobContext
 from part_distillation.models.checkpoint import load_project_checkpoint
 from part_distillation.models.efficientnet import pretrained_weights_path
@@ -181,7 +181,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         a, b = model.eval()(x), fresh.eval()(x)
     assert torch.equal(a["pred_masks"], b["pred_masks"]) and torch.equal(a["pred_logits"], b["pred_logits"])
     # a bare checkpoint file: the spec is recognised from its tensor shapes
-    loaded, kind, _ = load_model(path)
+    loaded, kind, _ = load_checkpoint_model(path)
     assert kind == "proposal" and loaded.backbone_name == "efficientnet_lite0"
     with torch.no_grad():
         assert torch.equal(loaded(x)["pred_masks"], a["pred_masks"])

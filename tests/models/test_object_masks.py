@@ -12,7 +12,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.object_annotations import read_object_annotations
 from part_distillation.data.synthetic import class_templates, render_sample
 from part_distillation.masks import encode_rle, mask_iou
-from part_distillation.models.object_masks import (AnnotationSource, DeticSource, GrabCutSource, ImageInput,
+from part_distillation.models.object_masks import (AnnotationSource, DeticSource, GrabCutSource, SourceImage,
                                                    boxes_from_masks, select_own_class_top)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -76,16 +76,16 @@ def test_annotation_source_maps_objects_to_the_fitted_frame_and_classes(tmp_path
     frame = ImageFrame.fit((h, w))
     assert frame.fitted == (320, 640)
     image = np.zeros((320, 640, 3), np.uint8)
-    own_dog = source([ImageInput("n00000002/a.JPEG", image, frame, class_index=1)])[0]
+    own_dog = source([SourceImage("n00000002/a.JPEG", image, frame, class_index=1)])[0]
     assert own_dog.classes.tolist() == [1] and own_dog.class_names == ["dog"]  # own class only
     assert own_dog.masks.shape == (1, 320, 640) and own_dog.masks[0].sum() == big.sum() * 256
     assert own_dog.boxes.tolist() == [[64, 32, 384, 192]]
-    neither = source([ImageInput("elsewhere/a.JPEG", image, frame, class_index=5)])[0]  # by file name
+    neither = source([SourceImage("elsewhere/a.JPEG", image, frame, class_index=5)])[0]  # by file name
     assert sorted(neither.classes.tolist()) == [0, 1]
-    missing = source([ImageInput("n00000002/b.JPEG", image, frame, class_index=1)])[0]
+    missing = source([SourceImage("n00000002/b.JPEG", image, frame, class_index=1)])[0]
     assert len(missing) == 0 and missing.masks.shape == (0, 320, 640)
     with pytest.raises(ValueError, match="annotation is 20x40"):
-        source([ImageInput("n00000002/a.JPEG", image, ImageFrame.fit((21, 40)), class_index=1)])
+        source([SourceImage("n00000002/a.JPEG", image, ImageFrame.fit((21, 40)), class_index=1)])
 
 
 def test_part_file_gives_the_union_of_parts_as_one_object(tmp_path):
@@ -102,7 +102,7 @@ def test_part_file_gives_the_union_of_parts_as_one_object(tmp_path):
     given = read_object_annotations(_coco(tmp_path / "parts.json", images, anns, cats), parts=True)
     objects = given.get("n01/x.JPEG")
     assert objects.names == ("Quadruped",) and len(objects.rles) == 1
-    found = AnnotationSource(given, {})([ImageInput("n01/x.JPEG", np.zeros((640, 640, 3), np.uint8),
+    found = AnnotationSource(given, {})([SourceImage("n01/x.JPEG", np.zeros((640, 640, 3), np.uint8),
                                                     ImageFrame.fit((h, w)), 0)])[0]
     assert found.classes.tolist() == [-1]  # a supercategory is not a dataset class, nor "n01" a wnid
     union = found.masks[0]
@@ -129,9 +129,9 @@ def test_part_file_object_is_of_the_images_imagenet_class_not_its_supercategory(
     # the model's classes, in head order; "Quadruped" is not one of them
     source = AnnotationSource(given, {"n02085782": 0, "n02085620": 1, "n02086240": 2})
     frame, image = ImageFrame.fit((h, w)), np.zeros((640, 640, 3), np.uint8)
-    found = source([ImageInput("n02085620/n02085620_17.JPEG", image, frame, -1),
-                    ImageInput("n02085782_4.JPEG", image, frame, -1),
-                    ImageInput("n02086240/photo.JPEG", image, frame, -1)])
+    found = source([SourceImage("n02085620/n02085620_17.JPEG", image, frame, -1),
+                    SourceImage("n02085782_4.JPEG", image, frame, -1),
+                    SourceImage("n02086240/photo.JPEG", image, frame, -1)])
     assert [f.classes.tolist() for f in found] == [[1], [0], [2]]
     assert found[0].class_names == ["Quadruped"]
     assert wnid_of_key("a/n02086240/b/photo.png") == "n02086240" and wnid_of_key("x/photo.png") is None
@@ -149,7 +149,7 @@ def test_grabcut_finds_the_synthetic_object_better_than_its_initial_box():
         for j in range(2):
             sample = render_sample(templates[ci], 128, np.random.default_rng([1, ci, j]))
             frame = ImageFrame.fit(sample.image.shape[:2])
-            found = source([ImageInput("k", frame.fit_image(sample.image), frame, ci)])[0]
+            found = source([SourceImage("k", frame.fit_image(sample.image), frame, ci)])[0]
             true = frame.masks_to_fitted(sample.labels > 0)
             assert found.masks.shape == (1, 640, 640) and found.classes.tolist() == [-1]
             ious.append(float(mask_iou(found.masks, true[None])[0, 0]))
@@ -158,7 +158,7 @@ def test_grabcut_finds_the_synthetic_object_better_than_its_initial_box():
             box_ious.append(float(mask_iou(box[None], true[None])[0, 0]))
     # measured: mean IoU 0.69 (0.44-0.94; GrabCut at work size 320) against 0.20 for the initial box
     assert np.mean(ious) > 0.5 and np.mean(ious) > np.mean(box_ious) + 0.2, (ious, box_ious)
-    again = source([ImageInput("k", frame.fit_image(sample.image), frame, 3)])[0]
+    again = source([SourceImage("k", frame.fit_image(sample.image), frame, 3)])[0]
     assert np.array_equal(again.masks, found.masks)  # deterministic
 
 
@@ -181,7 +181,7 @@ def test_detic_source_equals_the_rule_applied_after_full_prediction(reference_mo
     names = [f"c{i}" for i in range(5)]
     source = DeticSource(model, names, keep_top=10)
     for own in range(5):
-        found = source([ImageInput("k", fitted, frame, own)])[0]
+        found = source([SourceImage("k", fitted, frame, own)])[0]
         mine = np.flatnonzero(classes == own)
         pool = mine if len(mine) else np.arange(len(classes))
         expected = pool[np.argsort(-scores[pool], kind="stable")][:10]
@@ -204,7 +204,7 @@ def test_mask2former_source_gives_fitted_masks_best_first(reference_models: Path
     load_detectron2_pickle(model, reference_models / "m2f_tiny.pkl")
     rng = np.random.default_rng(0)
     frames = [ImageFrame.fit((96, 128)), ImageFrame.fit((128, 64))]
-    inputs = [ImageInput(str(i), rng.integers(0, 255, (*f.fitted, 3), dtype=np.uint8), f, 0)
+    inputs = [SourceImage(str(i), rng.integers(0, 255, (*f.fitted, 3), dtype=np.uint8), f, 0)
               for i, f in enumerate(frames)]
     found = Mask2FormerSource(model.eval(), keep_top=5)(inputs)
     for f, objects in zip(frames, found):

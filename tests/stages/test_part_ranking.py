@@ -325,13 +325,13 @@ def test_clusters_match_the_true_part_classes_far_better_than_random(tmp_path, r
     purity (pixels) per class against random cluster ids for the same masks."""
     seen = set()
     monkeypatch.setattr(part_ranking, "model_outputs", _fake_outputs(seen))
-    original_init = part_ranking.ImageInput.__init__
+    original_init = part_ranking.RankingInput.__init__
 
     def init(self, record, size):
         original_init(self, record, size)
         self.class_index = int(record["class_index"])
 
-    monkeypatch.setattr(part_ranking.ImageInput, "__init__", init)
+    monkeypatch.setattr(part_ranking.RankingInput, "__init__", init)
     cfg = _cfg(tmp_path, records, proposal_run, num_clusters=4, n_init=10, min_proposal_score=0.3,
                min_label_score=0.1, classifier="l2")
     part_ranking.run(cfg, JobContext())

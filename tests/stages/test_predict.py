@@ -92,7 +92,7 @@ def _config(images: Path, output: Path, **stage) -> RunConfig:
 
 
 def _use(monkeypatch, model):
-    monkeypatch.setattr(predict, "load_model", lambda cfg: model)
+    monkeypatch.setattr(predict, "load_trained_model", lambda cfg: model)
 
 
 def _no_model(cfg):
@@ -184,7 +184,7 @@ def test_whole_image_predictions_overlays_coco_and_rerun(images, tmp_path, monke
             assert decoded.shape == size and np.array_equal(decoded, expected[cluster])
             assert ann["area"] == expected[cluster].sum()
 
-    monkeypatch.setattr(predict, "load_model", _no_model)
+    monkeypatch.setattr(predict, "load_trained_model", _no_model)
     again = predict.run(cfg, JobContext())
     assert (again.seen, again.written, again.already_done, dict(again.skipped)) == (3, 0, 3, {"bad_image": 1})
 
@@ -431,9 +431,9 @@ def test_the_command_segments_a_folder_with_grabcut_and_a_proposal_checkpoint(im
     GlobalHydra.instance().clear()  # the same command again (in this process): the output accepts it, all done
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=expand_predict(command[3:])))
-    from part_distillation.stages.common import output_conflict
+    from part_distillation.stages.shard_io import output_conflict
 
     assert output_conflict(cfg) is None
-    monkeypatch.setattr(predict, "load_model", _no_model)
+    monkeypatch.setattr(predict, "load_trained_model", _no_model)
     again = predict.run(cfg, JobContext())
     assert (again.written, again.already_done, dict(again.skipped)) == (0, 3, {"bad_image": 1})

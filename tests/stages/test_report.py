@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from part_distillation.progress import StageSummary, record_summary
-from part_distillation.stages.report import ExperimentPlan, StageOutput, build_report, metrics_table, plan_experiment
+from part_distillation.stages.report import ExperimentPlan, StageFolder, build_report, metrics_table, plan_experiment
+from part_distillation.summaries import StageSummary, record_summary
 from tests.helpers import run_entry
 
 METRICS_MD = """| predictor | protocol | AR@1 | AR@10 | C-mIoU | A-mIoU |
@@ -45,7 +45,7 @@ def _plan(root: Path, experiment="demo", data="synthetic_train") -> ExperimentPl
                "pixel_grouping": root / "pseudo_labels" / "part_labels" / "proposal generation" / data,
                "proposal_learning": root / "outputs" / "proposal_learning" / data,
                "evaluate": root / "outputs" / "evaluate" / data, "collage": root / "outputs" / "collages" / data}
-    return ExperimentPlan(experiment, data, [StageOutput(n, str(folders[n])) for n in names])
+    return ExperimentPlan(experiment, data, [StageFolder(n, str(folders[n])) for n in names])
 
 
 def test_report_embeds_the_table_sums_each_stage_over_its_jobs_and_links_images_that_exist(tmp_path):

@@ -79,9 +79,9 @@ def test_files_are_created_with_the_process_umask(tmp_path):
 
 def test_one_list_of_not_fingerprinted_keys_covers_the_run_config():
     from part_distillation import store
-    from part_distillation.stages import common
+    from part_distillation.stages import shard_io
 
-    assert not hasattr(common, "NOT_FINGERPRINTED")
+    assert not hasattr(shard_io, "NOT_FINGERPRINTED")
     assert "shard.index" in store.DEFAULT_IGNORE_KEYS and "shard.count" in store.DEFAULT_IGNORE_KEYS
     job0 = {"shard": {"index": 0, "count": 4, "by": "class"}, "stage": {"name": "index", "progress_every": 1,
             "output": "/a", "redo_changed": False, "workers": 1}, "model": {"device": "cuda", "k": 3}, "log_level": "INFO"}

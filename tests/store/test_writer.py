@@ -114,7 +114,7 @@ def test_each_rank_of_a_job_writes_its_own_shard_file(tmp_path):
 def test_open_output_gives_each_rank_of_the_job_context_its_file(tmp_path):
     from part_distillation.config import DataConfig, IndexStageConfig, RunConfig, ShardConfig
     from part_distillation.launch import JobContext
-    from part_distillation.stages.common import open_output
+    from part_distillation.stages.shard_io import open_output
     from part_distillation.store.schemas import INDEX
 
     cfg = RunConfig(stage=IndexStageConfig(output=str(tmp_path / "out")), data=DataConfig(name="toy", root="/d"),

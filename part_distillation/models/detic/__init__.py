@@ -20,13 +20,14 @@ from .model import (
     resize_image,
     resized_shape,
 )
-from .roi_heads import CascadeROIHeads, RawDetections, StageOutput
+from .roi_heads import CascadeROIHeads, CascadeStepOutput, RawDetections
 from .swin import SwinTransformer
 
 __all__ = [
     "ARCHITECTURES",
     "LABELING_FIT_SIZE",
     "CascadeROIHeads",
+    "CascadeStepOutput",
     "CenterNet",
     "CheckpointMismatchError",
     "DEFAULT_WEIGHTS_PATH",
@@ -36,7 +37,6 @@ __all__ = [
     "FPN",
     "Proposals",
     "RawDetections",
-    "StageOutput",
     "SwinTransformer",
     "WEIGHTS_URL",
     "build_detic",

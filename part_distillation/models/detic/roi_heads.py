@@ -21,7 +21,7 @@ SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 @dataclass
-class StageOutput:
+class CascadeStepOutput:
     """One cascade stage on one batch: the boxes it pooled and its raw predictions."""
 
     boxes_in: list[torch.Tensor]
@@ -264,7 +264,7 @@ class CascadeROIHeads(nn.Module):
                 raise ValueError(f"vocabulary embeddings have width {weight.shape[0]}, the classifier expects {old.shape[0]}")
             predictor.cls_score.zs_weight = weight.to(device=old.device, dtype=old.dtype)
 
-    def run_cascade(self, features: dict[str, torch.Tensor], proposal_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[StageOutput]:
+    def run_cascade(self, features: dict[str, torch.Tensor], proposal_boxes: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[CascadeStepOutput]:
         """All stages: stage 0 pools the proposals; stage k > 0 the previous stage's clipped boxes."""
         feats = [features[f] for f in self.in_features]
         counts = [len(b) for b in proposal_boxes]
@@ -277,7 +277,7 @@ class CascadeROIHeads(nn.Module):
                 boxes = [clip_boxes(b, s) for b, s in zip(decoded.split(counts), image_sizes)]
             x = self.box_head[k](self.box_pooler(feats, boxes))
             logits, deltas = self.box_predictor[k](x)
-            outputs.append(StageOutput(boxes, logits, deltas))
+            outputs.append(CascadeStepOutput(boxes, logits, deltas))
         return outputs
 
     def forward(
