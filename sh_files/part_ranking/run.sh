@@ -5,6 +5,6 @@
 # (stage.checkpoint_iteration=40000 for the reference's choice).
 # Output: pseudo_labels/part_labels/part_ranking/<data>/.
 source "$(dirname "$0")/../common.sh"
-MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_tiny || echo mask2former_swinl)
+MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_effnet || echo mask2former_swinl)
 pd_array part_ranking "${JOBS:-50}" "model=$MODEL" shard.by=class \
   launcher.gpus_per_node=1 launcher.cpus_per_task=8 launcher.timeout_min=4320 "$@"
