@@ -59,10 +59,10 @@ def test_every_stage_composes_and_validates_under_every_experiment(stage, experi
             assert "${" not in location and location.startswith("/scratch/pd/"), location
 
 
-def test_demo_experiment_runs_the_pipeline_on_the_tiny_model():
+def test_demo_experiment_runs_the_pipeline_on_the_pretrained_cpu_model():
     run = validate(_compose("experiment=demo"))
     assert run.stage.name == "pipeline" and run.stage.stages[:2] == ["synthetic_data", "index"]
-    assert (run.model.name, run.model.size, run.model.device) == ("mask2former", "tiny", "cpu")
+    assert (run.model.name, run.model.size, run.model.device) == ("mask2former", "efficientnet_lite0", "cpu")
 
 
 @pytest.mark.parametrize("overrides, key", [

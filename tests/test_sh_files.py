@@ -129,13 +129,13 @@ def _job_overrides(sweep: Path, num: int) -> list[str]:
 #: array size or None, overrides the job must have been given).
 EXPECTED = {
     "proposal_learning": ("pd_proposal_learning", 2, 1, None,
-                          ["experiment=demo", "stage=proposal_learning", "model=mask2former_tiny",
+                          ["experiment=demo", "stage=proposal_learning", "model=mask2former_effnet",
                            "launcher.nodes=1", "launcher.timeout_min=4320", "stage.max_iter=4"]),
     "part_ranking": ("pd_part_ranking", 1, 1, 2,
-                     ["experiment=demo", "stage=part_ranking", "shard.count=2", "model=mask2former_tiny",
+                     ["experiment=demo", "stage=part_ranking", "shard.count=2", "model=mask2former_effnet",
                       "shard.by=class", "launcher.timeout_min=4320", "stage.n_init=1"]),
     "part_distillation": ("pd_part_distillation", 1, 1, None,
-                          ["experiment=demo", "stage=part_distillation", "model=mask2former_tiny",
+                          ["experiment=demo", "stage=part_distillation", "model=mask2former_effnet",
                            "launcher.nodes=1", "launcher.timeout_min=4320", "stage.max_iter=2"]),
 }
 

@@ -10,8 +10,9 @@
 source "$(dirname "$0")/../common.sh"
 VARIANT=semantic
 case "${1:-}" in proposal|semantic) VARIANT=$1; shift ;; esac
-# the demo fine-tunes its tiny PartDistillation model (configs/stage_tuning/demo_fewshot_learning.yaml)
-MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_tiny || echo mask2former_swinl)
+# the demo fine-tunes its PartDistillation model, the pretrained CPU model
+# (configs/stage_tuning/demo_fewshot_learning.yaml)
+MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_effnet || echo mask2former_swinl)
 pd_job fewshot_learning "model=$MODEL" "stage.variant=$VARIANT" \
   launcher.nodes="${NODES:-1}" launcher.tasks_per_node=8 launcher.gpus_per_node=8 \
   launcher.cpus_per_task=10 launcher.timeout_min=1440 "$@"

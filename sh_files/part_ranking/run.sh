@@ -6,6 +6,6 @@
 # with the demo the newest; stage.checkpoint_iteration=<N> or stage.checkpoint=<file> override it.
 # Output: pseudo_labels/part_labels/part_ranking/<data>/.
 source "$(dirname "$0")/../common.sh"
-MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_tiny || echo mask2former_swinl)
+MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_effnet || echo mask2former_swinl)
 pd_array part_ranking "${JOBS:-50}" "model=$MODEL" shard.by=class \
   launcher.gpus_per_node=1 launcher.cpus_per_task=8 launcher.timeout_min=4320 "$@"

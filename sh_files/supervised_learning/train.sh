@@ -9,9 +9,9 @@
 source "$(dirname "$0")/../common.sh"
 VARIANT=semantic
 case "${1:-}" in proposal|semantic) VARIANT=$1; shift ;; esac
-# the demo trains its tiny model on the synthetic dataset's PartImageNet-format json
+# the demo trains its pretrained CPU model on the synthetic dataset's PartImageNet-format json
 # (configs/stage_tuning/demo_supervised_learning.yaml)
-MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_tiny || echo mask2former_swinl)
+MODEL=$([ "$PD_EXPERIMENT" = demo ] && echo mask2former_effnet || echo mask2former_swinl)
 pd_job supervised_learning "model=$MODEL" "stage.variant=$VARIANT" \
   launcher.nodes="${NODES:-4}" launcher.tasks_per_node=8 launcher.gpus_per_node=8 \
   launcher.cpus_per_task=10 launcher.timeout_min=4320 "$@"

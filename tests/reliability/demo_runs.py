@@ -35,6 +35,9 @@ OVERRIDES = ("stage.overrides=["
              "'part_distillation:stage.parts_per_class=2','part_distillation:stage.max_iter=6',"
              "'part_distillation:stage.steps=[5]','part_distillation:stage.checkpoint_period=3',"
              "'part_distillation:stage.deterministic=true']")
+#: The random tiny model (the demo's pretrained CPU model is not what these tests are about:
+#: they compare interrupted and uninterrupted runs, and the tiny one keeps them fast).
+MODEL = "model=mask2former_tiny"
 STAGE_LIST = "stage.stages=[" + ",".join(STAGES) + "]"
 STAGE_LINE = re.compile(r"\[pipeline\] stage \d+/\d+ (\w+): started")
 RUN_TIMEOUT = 600
@@ -47,7 +50,7 @@ VOLATILE = re.compile(r"(^|/)\.?(run|tensorboard|summaries)/")
 
 def pipeline_command(root: Path) -> list[str]:
     return [sys.executable, "-m", "part_distillation", "experiment=demo", f"paths.root={root}",
-            f"hydra.run.dir={root}/run", OVERRIDES, STAGE_LIST]
+            f"hydra.run.dir={root}/run", MODEL, OVERRIDES, STAGE_LIST]
 
 
 def child_env() -> dict:

@@ -241,7 +241,8 @@ def test_bad_weight_file_is_one_line_naming_it_and_never_runs_code(uninterrupted
     WEIGHTS[kind](weights, marker)
     records = uninterrupted.root / "pseudo_labels/part_labels/proposal_generation_dcrf/synthetic_train"
     before = read_all(records)
-    result = run_entry("stage=proposal_learning", "experiment=demo", f"paths.root={uninterrupted.root}",
+    result = run_entry("stage=proposal_learning", "experiment=demo", "model=mask2former_tiny",
+                       f"paths.root={uninterrupted.root}",
                        f"stage.output={tmp_path}/run_out", f"hydra.run.dir={tmp_path}/run",
                        f"model.weights={weights}", cwd=tmp_path)
     assert result.returncode == (2 if kind == "missing" else 1), result.stderr[-3000:]

@@ -45,7 +45,8 @@ DCRF = RECORD_OUTPUTS["dense_crf"]
 
 
 def _args(root: Path, *extra: str) -> list[str]:
-    return ["experiment=demo", f"paths.root={root}", f"hydra.run.dir={root}/run", STAGES, SMALL,
+    return ["experiment=demo", "model=mask2former_tiny", f"paths.root={root}", f"hydra.run.dir={root}/run",
+            STAGES, SMALL,
             "+stage.shards.dense_crf=2", "launcher.cpus_per_task=1", "launcher.timeout_min=10", *extra]
 
 

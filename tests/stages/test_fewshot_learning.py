@@ -135,6 +135,7 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, dataset, pd_run):
                PD_DEMO_ROOT=str(tmp_path), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(["bash", str(REPO / "sh_files" / "fewshot_learning" / "train.sh"),
                              f"data.root={dataset}", f"stage.checkpoint={pd_run}", "stage.max_iter=2",
+                             "model=mask2former_tiny",  # the model of the pd_run fixture (last one wins)
                              "stage.image_size=64", "stage.num_points=128", f"hydra.sweep.dir={tmp_path}/sweep"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

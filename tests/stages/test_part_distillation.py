@@ -231,7 +231,8 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, records):
     run_dir = tmp_path / "outputs" / "part_distillation" / "synthetic_train"
     assert [i for i, _ in ckpt.list_checkpoints(run_dir)] == [20]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config"]["model"]["size"] == "tiny" and manifest["config"]["stage"]["image_size"] == 128
+    config = manifest["config"]
+    assert config["model"]["size"] == "efficientnet_lite0" and config["stage"]["image_size"] == 128
 
 
 def _script_overrides(tmp_path, **env) -> list[str]:

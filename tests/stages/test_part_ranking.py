@@ -382,6 +382,7 @@ def test_seed_script_runs_two_jobs_in_process_with_the_demo_settings(tmp_path, r
     out = tmp_path / "labels"
     result = subprocess.run(["bash", str(repo / "sh_files/part_ranking/run.sh"), f"paths.root={tmp_path}",
                              f"stage.input={records}", f"stage.proposal_run={proposal_run}", f"stage.output={out}",
+                             "model=mask2former_tiny",  # the model of the proposal_run fixture (last one wins)
                              "stage.min_proposal_score=0", "stage.min_label_score=0",
                              f"hydra.sweep.dir={tmp_path}/sweep"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -128,7 +128,7 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, dataset):
     run_dir = tmp_path / "outputs" / "supervised_learning" / "partimagenet_proposal"
     assert [i for i, _ in ckpt.list_checkpoints(run_dir)] == [2]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config"]["model"]["size"] == "tiny" and manifest["config"]["stage"]["lr"] == 1e-3
+    assert manifest["config"]["model"]["size"] == "efficientnet_lite0" and manifest["config"]["stage"]["lr"] == 1e-3
     assert manifest["config"]["stage"]["variant"] == "proposal"
 
 
