@@ -73,6 +73,7 @@ from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
+from part_distillation.store.sharding import in_shard
 
 from part_distillation.config import EvaluateStageConfig
 from part_distillation.stages import SHARDED, StageSpec
@@ -318,8 +319,8 @@ def run(cfg: RunConfig, context) -> StageSummary:
                    for spec, p in zip(specs, predictors)]
         for split, dataset in datasets.items():
             samples = progress(dataset.samples(), None, f"evaluate {split}", st.progress_every)
-            for i, group in enumerate(image_groups(samples)):  # whole images: AR is per image
-                if i % cfg.shard.count != cfg.shard.index:
+            for group in image_groups(samples):  # whole images (AR is per image), by key (store/sharding.py)
+                if not in_shard(f"{split}/{image_key(group[0])}", cfg.shard.index, cfg.shard.count):
                     continue
                 summary.seen += len(group)
                 keys = [f"{split}/{key}" for key in state_keys(group)]

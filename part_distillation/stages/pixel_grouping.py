@@ -40,8 +40,8 @@ log = logging.getLogger("part_distillation")
 
 
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
-    """This job's slice of the stage-1 records (whole classes, or by key with ``by=image``)."""
-    return store.iter_slice(index, count, by="class" if by == "class" else "key")
+    """This job's slice of the stage-1 records (``store/sharding.py``: whole classes, or by key)."""
+    return store.iter_slice(index, count, by=by)
 
 
 def device_for(setting: str) -> torch.device:
@@ -93,7 +93,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         weights=cfg.model.weights if st.features == "mask2former" else None, **spec).to(device)
     store = RecordStore(st.input)
     records = shard_input_records(store, cfg.shard.index, cfg.shard.count, cfg.shard.by)
-    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class" if cfg.shard.by == "class" else "key")
+    total = store.slice_size(cfg.shard.index, cfg.shard.count, by=cfg.shard.by)
     with open_output(cfg, PART_SEGMENTS, context) as out:
         records = progress(records, total, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}", st.progress_every)
         for batch in _batches(_pending(records, out, st.objects, summary), st.batch_size):

@@ -31,7 +31,8 @@ and left out, an image left with none skipped (``unknown_object_class``). Skips 
 remembered by the store, so a rerun skips them too. With ``mask_source=annotations`` an
 object's class is the image's ImageNet class (its wnid, as the evaluator keys it): a
 PartImageNet json's super-category never names it. A run in which no image yields a part
-ends with one warning line counting why. Images are spread over ``shard.count`` jobs by position.
+ends with one warning line counting why. Images are spread over ``shard.count`` jobs by key
+(``store/sharding.py``).
 """
 from __future__ import annotations
 
@@ -55,12 +56,13 @@ from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore
 from part_distillation.store.coco import export_coco
 from part_distillation.store.schemas import PART_PREDICTIONS
+from part_distillation.store.sharding import in_shard
 from part_distillation.viz import draw_parts, write_png
 
 from part_distillation.config import PredictStageConfig
 from part_distillation.stages import SHARDED, StageSpec
 
-SPEC = StageSpec("predict", PredictStageConfig, SHARDED, shards_over="the images, by position",
+SPEC = StageSpec("predict", PredictStageConfig, SHARDED, shards_over="the images, by key",
                  loads_weights=lambda run: run.stage.mask_source == "detic", merged_file="predictions.json")
 
 log = logging.getLogger("part_distillation")
@@ -364,7 +366,7 @@ def run(cfg: RunConfig, context) -> StageSummary:
     st = cfg.stage
     summary = StageSummary(st.name, output=st.output)
     images = list_images(st.images)
-    mine = images[cfg.shard.index::cfg.shard.count]
+    mine = [(key, path) for key, path in images if in_shard(key, cfg.shard.index, cfg.shard.count)]
     model = source = object_class = None
     classes = ObjectClasses()
     redrawn = with_parts = unknown_objects = 0
