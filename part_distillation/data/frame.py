@@ -29,6 +29,8 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
+from part_distillation.masks import resize_masks_nearest
+
 #: The reference's input size: longer side 640, square canvas 640x640.
 FIT_SIZE = 640
 #: Padding value of the uint8 image on the square canvas (before normalisation).
@@ -54,18 +56,6 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if tuple(image.shape[:2]) == tuple(shape):
         return image
     return np.asarray(Image.fromarray(image).resize((int(shape[1]), int(shape[0])), Image.BILINEAR))
-
-
-def resize_masks_nearest(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest resize of a bool (..., H, W) stack to ``shape`` (pixel-centre sampling)."""
-    masks = np.asarray(masks)
-    h, w = masks.shape[-2:]
-    th, tw = int(shape[0]), int(shape[1])
-    if (h, w) == (th, tw):
-        return masks.astype(bool)
-    rows = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
-    return masks[..., rows[:, None], cols[None, :]].astype(bool)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from part_distillation.data.frame import ImageFrame, fitted_size, resize_image, resize_masks_nearest
-from part_distillation.masks import decode_rles
+from part_distillation.data.frame import ImageFrame, fitted_size, resize_image
+from part_distillation.masks import decode_rles, resize_masks_nearest
 
 
 @dataclass(frozen=True)
