@@ -54,6 +54,6 @@ setup(
         "opencv-python-headless>=4.8,<6",
         "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "import-linter>=2,<3"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},
 )

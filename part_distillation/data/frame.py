@@ -6,7 +6,7 @@ PIPELINE.md "The image frame": "fit to 640" scales an image so its longer side i
 Where a square canvas is needed (training crops, ranking) the fitted image is padded at
 the bottom/right to ``canvas x canvas``: the uint8 image with grey 128 *before*
 normalisation, masks with 0. (Batching for the network then pads to a multiple of 32
-with 0 *after* normalisation: ``models.batching.pad_batch``.)
+with 0 *after* normalisation: ``data.batching.pad_batch``.)
 
 Sizes are ``(height, width)`` everywhere; boxes are XYXY pixels.
 

@@ -23,7 +23,7 @@ from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
-from part_distillation.models.batching import preprocess_images
+from part_distillation.data.batching import preprocess_images
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore

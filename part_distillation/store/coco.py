@@ -23,7 +23,7 @@ import numpy as np
 from part_distillation.masks import decode_rles, encode_rles, resize_masks_nearest, rle_area, rle_to_bbox
 from part_distillation.store.errors import StoreError
 from part_distillation.store.files import create_tmp, fsync_dir
-from part_distillation.store.reader import RecordStore, _check_store
+from part_distillation.store.reader import RecordStore, check_store
 from part_distillation.store.schemas import STAGE_RECORDS
 
 logger = logging.getLogger("part_distillation.store")
@@ -255,7 +255,7 @@ def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathL
     of names (ids 1..n) or a dict id -> name. Otherwise it is built from the values seen
     (names get ids 1..n in sorted order).
     """
-    ex = _Exporter(_check_store(store), shards, category_field, categories, default_category, frame)
+    ex = _Exporter(check_store(store), shards, category_field, categories, default_category, frame)
     if out_path is None:
         images = list(ex.images())
         return {"info": ex.info(), "images": images, "annotations": list(ex.annotations()), "categories": ex.cats}

@@ -42,7 +42,7 @@ import numpy as np
 from part_distillation.store.errors import CorruptShardError, StoreError
 from part_distillation.store.files import SHARD_RE, shard_name
 from part_distillation.store.framing import (
-    _FRAME, FRAME_HEADER_SIZE, MAGIC, _ShardScan, _writer_active, decode_meta, decode_record, pread_exact,
+    FRAME_HEADER, FRAME_HEADER_SIZE, MAGIC, ShardScan, writer_active, decode_meta, decode_record, pread_exact,
 )
 from part_distillation.store.keytable import FLAG_SKIP, NO_CLASS, KeyTable, key_hash, load_table
 from part_distillation.store.manifest import read_manifest
@@ -83,7 +83,7 @@ def _read_entries(path: Path, table: KeyTable, entries: np.ndarray, on_corrupt: 
                 length = ends[k] - offsets[k] - FRAME_HEADER_SIZE
                 ok = len(buf) >= pos + FRAME_HEADER_SIZE + length
                 if ok:
-                    magic, n_bytes, crc = _FRAME.unpack_from(buf, pos)
+                    magic, n_bytes, crc = FRAME_HEADER.unpack_from(buf, pos)
                     payload = memoryview(buf)[pos + FRAME_HEADER_SIZE:pos + FRAME_HEADER_SIZE + length]
                     ok = magic == MAGIC and n_bytes == length and zlib.crc32(payload) == crc
                 if not ok:
@@ -96,7 +96,7 @@ def _read_entries(path: Path, table: KeyTable, entries: np.ndarray, on_corrupt: 
 
 
 def _rescan(path: Path, fd: int, start: int, wanted: set, on_corrupt: str) -> Iterator[tuple[int, bytes, int, int]]:
-    scan = _ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt, start=start)
+    scan = ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt, start=start)
     for offset, buf, pos, length in scan:
         if offset in wanted:
             yield offset, buf, pos, length
@@ -326,7 +326,7 @@ class RecordStore:
             data = pread_exact(fd, FRAME_HEADER_SIZE + length, offset)
             if len(data) < FRAME_HEADER_SIZE + length:
                 raise CorruptShardError(path, offset, "file shrank since the index was built")
-            magic, n, crc = _FRAME.unpack_from(data, 0)
+            magic, n, crc = FRAME_HEADER.unpack_from(data, 0)
             if magic != MAGIC or n != length or zlib.crc32(memoryview(data)[FRAME_HEADER_SIZE:]) != crc:
                 raise CorruptShardError(path, offset, "record changed since the index was built")
             meta, after = decode_meta(data, FRAME_HEADER_SIZE)
@@ -365,7 +365,7 @@ class RecordStore:
         except FileNotFoundError:
             return
         try:
-            scan = _ShardScan(Path(path), fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
+            scan = ShardScan(Path(path), fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
             for frame_offset, buf, pos, length in scan:
                 meta, after = decode_meta(buf, pos)
                 record = None if "skip" in meta else decode_record(buf, pos, meta, after)
@@ -419,12 +419,12 @@ def _file_closed(path: Path) -> bool:
     except FileNotFoundError:
         return False
     try:
-        return not _writer_active(fd)
+        return not writer_active(fd)
     finally:
         os.close(fd)
 
 
-def _check_store(store) -> RecordStore:
+def check_store(store) -> RecordStore:
     if isinstance(store, RecordStore):
         return store
     if isinstance(store, (str, os.PathLike)):

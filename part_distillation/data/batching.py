@@ -1,4 +1,5 @@
-"""Batching images the way detectron2 does, shared by Mask2Former and Detic.
+"""Batching images the way detectron2 does, shared by Mask2Former and Detic (and the training
+data's ``collate``, hence in ``data/``: models read it, data never imports models).
 
 Both upstream models normalise with the same ImageNet statistics (RGB, 0..255) and
 zero-pad after normalisation, bottom/right, to a multiple of 32 (``ImageList``);
