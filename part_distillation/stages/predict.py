@@ -41,15 +41,18 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from part_distillation.config import ConfigError, DeticStageConfig, RunConfig
+from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import IMAGE_EXTENSIONS, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
+from part_distillation.data.object_annotations import read_object_annotations
 from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.inference import choose_device
+from part_distillation.models.object_masks import ImageInput, build_source
+from part_distillation.models.vocabulary import class_vocabulary
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
@@ -197,26 +200,31 @@ def _known_classes(classes: ObjectClasses) -> str:
 
 
 def build_mask_source(cfg: RunConfig, classes: ObjectClasses, own_class_filter: bool = False):
-    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``); its
-    class ids are indices of ``classes`` (the Detic vocabulary is their names, in that order).
-    ``own_class_filter``: prefer the objects of the image's given class (stage 1's rule)."""
+    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``), built by
+    ``models.object_masks.build_source`` from this stage's settings; its class ids are indices of
+    ``classes`` (the Detic vocabulary is their names, in that order). ``own_class_filter``: prefer
+    the objects of the image's given class (stage 1's rule)."""
     st = cfg.stage
     if st.mask_source == "whole_image":
         return None
     if st.mask_source == "detic" and not classes.names:
         raise ValueError("stage.mask_source=detic needs the object classes for its vocabulary: "
                          "data.root=<the training image tree> (or a model that carries its class names)")
-    from part_distillation.stages.detic_labeling import build_source
-
-    labeling = DeticStageConfig(
-        source=st.mask_source, output=st.output, fit_size=st.fit_size, score_threshold=st.score_threshold,
-        nms_threshold=st.nms_threshold, max_detections=st.max_detections, keep_top=st.max_objects,
-        own_class_filter=own_class_filter, vocabulary=st.vocabulary, clip_model=st.clip_model,
-        vocabulary_cache=st.vocabulary_cache, annotations=st.annotations,
-        annotations_are_parts=st.annotations_are_parts, grabcut_margin=st.grabcut_margin,
-        grabcut_iterations=st.grabcut_iterations, grabcut_work_size=st.grabcut_work_size)
-    tree = SimpleNamespace(names=list(classes.names or []), wnids=list(classes.wnids or []))
-    return build_source(dataclasses.replace(cfg, stage=labeling), tree)
+    names = list(classes.names or [])
+    vocabulary = annotations = None
+    if st.mask_source == "detic":
+        vocabulary = class_vocabulary(names, st.vocabulary, st.vocabulary_cache, st.clip_model)
+    if st.mask_source == "annotations":
+        annotations = read_object_annotations(st.annotations, parts=st.annotations_are_parts)
+    index_of = {name: i for i, name in enumerate(names)}
+    index_of.update({wnid: i for i, wnid in enumerate(classes.wnids or [])})
+    return build_source(st.mask_source, class_names=names, class_index_of=index_of, keep_top=st.max_objects,
+                        own_class_filter=own_class_filter, device=choose_device(cfg.model.device),
+                        weights=cfg.model.weights, model_size=cfg.model.size, vocabulary=vocabulary,
+                        fit_size=st.fit_size, score_threshold=st.score_threshold, nms_threshold=st.nms_threshold,
+                        max_detections=st.max_detections, annotations=annotations,
+                        grabcut_margin=st.grabcut_margin, grabcut_iterations=st.grabcut_iterations,
+                        grabcut_work_size=st.grabcut_work_size)
 
 
 def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_class: int | None,
@@ -226,8 +234,6 @@ def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_clas
     without a mask (returns None)."""
     if source is None:
         return None
-    from part_distillation.models.object_masks import ImageInput
-
     frame = ImageFrame.fit(image.shape[:2], fit_size)
     found = source([ImageInput(key, frame.fit_image(image), frame, -1 if object_class is None else object_class)])[0]
     keep = np.flatnonzero([mask.any() for mask in found.masks])[:max_objects]
