@@ -45,7 +45,7 @@ log = logging.getLogger("part_distillation")
 
 def check(cfg: RunConfig) -> None:
     """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
-    from part_distillation.stages.evaluate import check_training_evaluation
+    from part_distillation.evaluation.during_training import check_training_evaluation
 
     check_training_evaluation(cfg.stage)
 
@@ -120,7 +120,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
              classes * parts + 1)
     evaluator = None
     if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation
+        from part_distillation.evaluation.during_training import training_evaluation
 
         evaluator = training_evaluation(stage, "part_distillation", class_wnids=wnids)
     trainer, _ = build_trainer(cfg, context, model, dataset,

@@ -49,7 +49,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import IMAGE_EXTENSIONS, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.data.object_annotations import read_object_annotations
-from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.prediction import Prediction
 from part_distillation.inference import choose_device
 from part_distillation.models.object_masks import ImageInput, build_source
 from part_distillation.models.vocabulary import class_vocabulary

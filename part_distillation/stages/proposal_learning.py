@@ -34,7 +34,7 @@ log = logging.getLogger("part_distillation")
 
 def check(cfg: RunConfig) -> None:
     """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
-    from part_distillation.stages.evaluate import check_training_evaluation
+    from part_distillation.evaluation.during_training import check_training_evaluation
 
     check_training_evaluation(cfg.stage)
 
@@ -67,7 +67,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     dataset = training_dataset(cfg)
     evaluator = None
     if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation
+        from part_distillation.evaluation.during_training import training_evaluation
 
         evaluator = training_evaluation(stage, "proposal")
     trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
