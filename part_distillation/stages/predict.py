@@ -373,93 +373,127 @@ def run(cfg: RunConfig, context) -> StageSummary:
     summary = StageSummary(st.name, output=st.output)
     images = list_images(st.images)
     mine = [(key, path) for key, path in images if in_shard(key, cfg.shard.index, cfg.shard.count)]
-    model = source = object_class = None
-    classes = ObjectClasses()
-    redrawn = with_parts = unknown_objects = 0
-    why: collections.Counter = collections.Counter()  # this run's images without parts, by reason
+    tally = PredictTally()
     with open_output(cfg, PART_PREDICTIONS, context) as out:
-        todo = []
-        for key, path in mine:
-            if not out.has(key):
-                todo.append((key, path))
-                continue
-            record = out.read(key)  # None: skipped (bad image, no object)
-            if record is not None and not overlay_path(st.output, key).is_file():
-                try:  # the overlay was lost: redraw it from the record, no model needed
-                    write_png(overlay_path(st.output, key), draw_prediction(_load(cfg, path), record))
-                    redrawn += 1
-                except (BadImageError, FileNotFoundError, ValueError) as err:
-                    log.warning("overlay of %s not redrawn: %s", path, err)
-            summary.already_done += 1
-        summary.seen = len(mine)
+        todo = resume(cfg, out, mine, summary, tally)
         if todo:
-            model = load_model(cfg)
-            classes = object_classes(cfg, model)
-            object_class = resolve_object_class(st.object_class, classes)
-            if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image",
-                                                                                                 "grabcut"):
-                raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
-                                  f"parts of a given object class, and mask_source={st.mask_source} finds none")
-            source = build_mask_source(cfg, classes, own_class_filter=object_class is not None)
-        for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
-                                  st.progress_every):
-            try:
-                image = _load(cfg, path)
-            except (BadImageError, FileNotFoundError) as err:
-                log.warning("bad image skipped: %s: %s", path, getattr(err, "reason", "file not found"))
-                out.skip(key, "bad_image")
-                summary.skip("bad_image")
-                why["bad_image"] += 1
-                continue
-            objects = find_objects(source, key, image, st.fit_size, object_class, st.max_objects)
-            if objects is not None and len(objects[0]) == 0:
-                log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
-                out.skip(key, "no_object")
-                summary.skip("no_object")
-                why[f"no_object (mask_source={st.mask_source})"] += 1
-                continue
-            if objects is not None and object_class is not None and model.kind == "part_distillation":
-                objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
-            elif objects is not None and model.kind == "part_distillation":
-                known = objects[1] >= 0
-                if not known.all():
-                    log.warning("%s: %d of its %d objects are of no class the model knows (%s): skipped; the "
-                                "class is the image's wnid (json 'wnid', file name n01234567_*, or its folder), "
-                                "or give stage.object_class", path, int((~known).sum()), len(known),
-                                _known_classes(classes))
-                    unknown_objects += int((~known).sum())
-                if not known.any():
-                    out.skip(key, "unknown_object_class")
-                    summary.skip("unknown_object_class")
-                    why["unknown_object_class"] += 1
-                    continue
-                objects = (objects[0][known], objects[1][known])
-            parts = predict_parts(model, image, objects, object_class, min_score=st.min_score,
-                                  max_parts=st.max_parts, classes=classes)
-            record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
-            write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
-            out.write(record)
-            summary.written += 1
-            if len(parts.scores):
-                with_parts += 1
-            else:
-                why[f"no part scored >= stage.min_score={st.min_score:g}"] += 1
+            setup = PredictSetup.load(cfg)
+            for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
+                                      st.progress_every):
+                predict_image(cfg, setup, key, path, out, summary, tally)
         counts = out.counts
-    if todo and not with_parts:
+    if todo and not tally.with_parts:
         log.warning("[predict] no part found in any of the %d images: %s", len(todo),
-                    ", ".join(f"{n} {reason}" for reason, n in why.most_common()))
+                    ", ".join(f"{n} {reason}" for reason, n in tally.why.most_common()))
     summary.skipped.clear()  # whole-shard counts: a resumed run reports earlier skips too
     summary.skipped.update(counts["skipped"])
-    summary.extra.update(overlays=str(Path(st.output) / OVERLAYS), overlays_redrawn=redrawn,
-                         images_found=len(images), objects_of_unknown_class=unknown_objects)
+    summary.extra.update(overlays=str(Path(st.output) / OVERLAYS), overlays_redrawn=tally.redrawn,
+                         images_found=len(images), objects_of_unknown_class=tally.unknown_objects)
     coco = Path(st.output) / COCO_FILE
     store = RecordStore(st.output)
     if getattr(context, "is_main", True) and not store.summary()["shards_missing_summary"]:
-        if summary.written or redrawn or not coco.is_file():
+        if summary.written or tally.redrawn or not coco.is_file():
             written = write_coco(store, coco)
             log.info("[predict] %d images, %d parts: %s", written["images"], written["annotations"], coco)
         summary.extra["coco"] = str(coco)
     return summary.finish()
+
+
+@dataclasses.dataclass
+class PredictTally:
+    """What one run did beyond the summary's counts."""
+
+    redrawn: int = 0  #: overlays redrawn from their records
+    with_parts: int = 0  #: images given at least one part
+    unknown_objects: int = 0  #: objects of no class the model knows, left out
+    #: this run's images without parts, by reason
+    why: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+@dataclasses.dataclass
+class PredictSetup:
+    """The model, its object classes, the object class asked for and the mask source."""
+
+    model: object
+    classes: ObjectClasses
+    object_class: int | None
+    source: object
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "PredictSetup":
+        st = cfg.stage
+        model = load_model(cfg)
+        classes = object_classes(cfg, model)
+        object_class = resolve_object_class(st.object_class, classes)
+        if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image", "grabcut"):
+            raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
+                              f"parts of a given object class, and mask_source={st.mask_source} finds none")
+        return cls(model, classes, object_class,
+                   build_mask_source(cfg, classes, own_class_filter=object_class is not None))
+
+
+def resume(cfg: RunConfig, out, mine: list[tuple[str, str]], summary: StageSummary, tally: PredictTally) -> list:
+    """The ``(key, path)`` still to predict; a done image whose overlay was lost gets it redrawn
+    from its record (no model needed)."""
+    todo = []
+    for key, path in mine:
+        if not out.has(key):
+            todo.append((key, path))
+            continue
+        record = out.read(key)  # None: skipped (bad image, no object)
+        if record is not None and not overlay_path(cfg.stage.output, key).is_file():
+            try:
+                write_png(overlay_path(cfg.stage.output, key), draw_prediction(_load(cfg, path), record))
+                tally.redrawn += 1
+            except (BadImageError, FileNotFoundError, ValueError) as err:
+                log.warning("overlay of %s not redrawn: %s", path, err)
+        summary.already_done += 1
+    summary.seen = len(mine)
+    return todo
+
+
+def _skip(out, summary: StageSummary, tally: PredictTally, key: str, reason: str, why: str | None = None) -> None:
+    out.skip(key, reason)
+    summary.skip(reason)
+    tally.why[why or reason] += 1
+
+
+def predict_image(cfg: RunConfig, setup: PredictSetup, key: str, path: str, out, summary: StageSummary,
+                  tally: PredictTally) -> None:
+    """One image: its objects, their parts, its record and overlay (or a skip)."""
+    st, model, object_class = cfg.stage, setup.model, setup.object_class
+    try:
+        image = _load(cfg, path)
+    except (BadImageError, FileNotFoundError) as err:
+        log.warning("bad image skipped: %s: %s", path, getattr(err, "reason", "file not found"))
+        return _skip(out, summary, tally, key, "bad_image")
+    objects = find_objects(setup.source, key, image, st.fit_size, object_class, st.max_objects)
+    if objects is not None and len(objects[0]) == 0:
+        log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
+        return _skip(out, summary, tally, key, "no_object", f"no_object (mask_source={st.mask_source})")
+    if objects is not None and object_class is not None and model.kind == "part_distillation":
+        objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
+    elif objects is not None and model.kind == "part_distillation":
+        known = objects[1] >= 0
+        if not known.all():
+            log.warning("%s: %d of its %d objects are of no class the model knows (%s): skipped; the "
+                        "class is the image's wnid (json 'wnid', file name n01234567_*, or its folder), "
+                        "or give stage.object_class", path, int((~known).sum()), len(known),
+                        _known_classes(setup.classes))
+            tally.unknown_objects += int((~known).sum())
+        if not known.any():
+            return _skip(out, summary, tally, key, "unknown_object_class")
+        objects = (objects[0][known], objects[1][known])
+    parts = predict_parts(model, image, objects, object_class, min_score=st.min_score, max_parts=st.max_parts,
+                          classes=setup.classes)
+    record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
+    write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
+    out.write(record)
+    summary.written += 1
+    if len(parts.scores):
+        tally.with_parts += 1
+    else:
+        tally.why[f"no part scored >= stage.min_score={st.min_score:g}"] += 1
 
 
 def write_coco(store: RecordStore, path: str | os.PathLike) -> dict:

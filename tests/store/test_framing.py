@@ -90,7 +90,7 @@ def test_truncation_at_every_offset_of_the_last_record_reopens_cleanly(tmp_path,
 
 
 def test_a_reader_whose_shard_shrinks_under_it_stops_at_the_cut(tmp_path):
-    from part_distillation.store import ShardScan
+    from part_distillation.store.framing import ShardScan
 
     with writer(tmp_path) as w:
         for i in range(3):
