@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from part_distillation.data.frame import ImageFrame, fitted_size, resize_image
+from part_distillation.data.object_annotations import wnid_of_key
 from part_distillation.masks import decode_rles, resize_masks_nearest
+from part_distillation.postprocess import instance_inference
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,6 @@ class AnnotationSource:
         keep = masks.reshape(len(masks), -1).any(1)
         wnids = list(given.wnids)
         if given.whole_image:  # a part file's object: the image's class, from its key when the json has none
-            from part_distillation.data.object_annotations import wnid_of_key
-
             wnids = [w or wnid_of_key(im.key) for w in wnids]
         classes = np.array([self.class_index_of.get(w or "", self.class_index_of.get(n, -1))
                             for w, n in zip(wnids, given.names)], dtype=np.int64)
@@ -193,8 +193,7 @@ class Mask2FormerSource:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[ImageInput]) -> list[ObjectMasks]:
-        from part_distillation.models.mask2former import preprocess_images
-        from part_distillation.postprocess import instance_inference
+        from part_distillation.models.mask2former import preprocess_images  # transformers: only for this source
 
         device = next(self.model.parameters()).device
         batch = preprocess_images([im.image for im in images], device=device)
@@ -242,7 +241,7 @@ class GrabCutSource:
         return [self._one(im) for im in images]
 
     def _one(self, im: ImageInput) -> ObjectMasks:
-        import cv2
+        import cv2  # OpenCV: only for GrabCut
 
         out_size = im.image.shape[:2]
         image = im.image
@@ -300,7 +299,8 @@ def build_source(kind: str, *, class_names: Sequence[str] = (), class_index_of: 
         if not Path(weights).is_file():
             raise FileNotFoundError(f"{kind} weights not found at {weights}")
     if kind == "mask2former":
-        from part_distillation.models.checkpoint import load_detectron2_pickle  # transformers: only for this source
+        # transformers: only for this source
+        from part_distillation.models.checkpoint import load_detectron2_pickle
         from part_distillation.models.mask2former import build_mask2former, spec_name_for_size
 
         model = build_mask2former(MASK2FORMER_SPECS.get(model_size) or spec_name_for_size(model_size))

@@ -59,9 +59,12 @@ from typing import Mapping
 
 import numpy as np
 
+from part_distillation import inference
 from part_distillation.config import ConfigError, RunConfig
+from part_distillation.data.images import load_rgb
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
-from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, image_groups, image_key, metrics)
+from part_distillation.evaluation.class_map import ModelClassRule
+from part_distillation.evaluation.evaluator import AR_SETTINGS, PROTOCOLS, image_groups, image_key, metrics
 from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
                                                      empty_prediction, prediction_from_record)
 from part_distillation.evaluation.scoring import (count_objects, new_evaluator, score_image, scores_at_test_size,
@@ -150,8 +153,6 @@ def check(cfg: RunConfig) -> None:
 
 def _checkpoint(spec: PredictorSpec) -> Path:
     """The checkpoint file of a model entry; ``ConfigError`` naming the entry (and the setting it defaults to)."""
-    from part_distillation import inference
-
     default = ":" not in spec.entry
     key = ("stage.proposal_run" if spec.kind == "proposal" else "stage.part_distillation_run") if default else "path"
     try:
@@ -162,8 +163,6 @@ def _checkpoint(spec: PredictorSpec) -> Path:
 
 def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
     """The predictor of one entry (models loaded on ``model.device``)."""
-    from part_distillation import inference
-
     st = cfg.stage
     if spec.kind == "records":
         return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
@@ -180,8 +179,6 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
                           f"tree not found): rerun part_distillation to write it")
     rule = None
     if model.kind == "part_distillation":
-        from part_distillation.evaluation.class_map import ModelClassRule
-
         rule = ModelClassRule.from_files(model.class_wnids, st.class_map_file, st.wordnet_is_a)
     return ModelPredictor(model, spec.label, st.num_clusters, class_rule=rule)
 
@@ -286,7 +283,7 @@ def write_collages(folder: Path, predictors: Mapping[str, Predictor], results: M
                    dataset: PartDatasetSplit, classes: int, per_class: int) -> list[Path]:
     """``collage_<label>.png`` per predictor: its ``classes`` best and worst object classes by
     reference-protocol mIoU, each row the prediction next to the ground truth (``viz``)."""
-    from part_distillation.data.images import load_rgb
+    # OpenCV: only when collages are drawn
     from part_distillation.viz import collage_sample, evaluation_collage, write_png
 
     def samples_of(predictor: Predictor, name: str):

@@ -38,6 +38,7 @@ below 2.5 x N x D x 4 bytes + 64 MiB for 1M embeddings).
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -54,6 +55,7 @@ from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation import inference
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models import part_ranking as ranking
+from part_distillation.models.kmeans import kmeans
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, manifest_path
@@ -152,8 +154,6 @@ def canvas_ratios(part_masks: np.ndarray, frame: ImageFrame) -> dict:
 def cluster_classes(work: EmbeddingLog, classes: list[int], k: int, n_init: int, seed: int,
                     device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, int]]:
     """K-means per class from its embedding file; classes with <= k embeddings get none."""
-    from part_distillation.models.kmeans import kmeans
-
     centroids, counts = {}, {}
     for cls in classes:
         n = work.lengths.get(cls, 0) // (4 * work.dim) if work.dim else 0
@@ -170,8 +170,6 @@ def cluster_classes(work: EmbeddingLog, classes: list[int], k: int, n_init: int,
 
 def save_centroids(folder: Path, centroids: dict[int, np.ndarray], counts: dict[int, int], checkpoint: Path,
                    k: int) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **{f"class_{c}": v for c, v in centroids.items()})
     atomic_write_bytes(folder / "centroids.npz", buffer.getvalue())

@@ -85,6 +85,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     device = device_for(cfg.model.device)
     spec = {}
     if st.features == "mask2former":
+        # transformers: only for features=mask2former
         from part_distillation.models.mask2former import spec_name_for_size
 
         spec = {"mask2former_spec": spec_name_for_size(cfg.model.size)}

@@ -46,14 +46,14 @@ import numpy as np
 
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
-from part_distillation.data.imagenet import IMAGE_EXTENSIONS, printable_name
+from part_distillation.data.imagenet import IMAGE_EXTENSIONS, list_image_tree, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.data.object_annotations import read_object_annotations
-from part_distillation.prediction import Prediction
-from part_distillation.inference import choose_device
+from part_distillation.inference import TrainedModel, choose_device, read_run_info, resolve_checkpoint
+from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models.object_masks import ImageInput, build_source
 from part_distillation.models.vocabulary import class_vocabulary
-from part_distillation.masks import decode_rles, encode_rles
+from part_distillation.prediction import Prediction
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore
@@ -128,7 +128,6 @@ def _tree_classes(root, split, words_file) -> tuple[list[str], list[str]] | None
     """(names, wnids) of an image tree, or None when it is not there."""
     if not root or not os.path.isdir(str(root)):
         return None
-    from part_distillation.data.imagenet import list_image_tree
 
     try:
         tree = list_image_tree(root, split=split, words_file=words_file)
@@ -145,8 +144,6 @@ def object_classes(cfg: RunConfig, model=None) -> ObjectClasses:
     trees = []
     checkpoint = getattr(model, "checkpoint", None)
     if wnids is not None and checkpoint is not None:
-        from part_distillation.inference import read_run_info
-
         info = read_run_info(checkpoint)
         trees.append((info.get("data.root"), info.get("data.split"), info.get("data.words_file")))
     trees.append((getattr(cfg.data, "root", None), cfg.data.split, cfg.data.words_file))
@@ -341,8 +338,6 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 
 def load_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
-    from part_distillation.inference import TrainedModel, choose_device
-
     return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration,
                              device=choose_device(cfg.model.device))
 
@@ -357,7 +352,6 @@ def check(cfg: RunConfig) -> None:
     if not os.path.exists(st.checkpoint):
         raise ConfigError(f"config key 'stage.checkpoint': {st.checkpoint} not found (a stage-4 or stage-6 run "
                           f"folder, or one of its checkpoints/model_*.pth)")
-    from part_distillation.inference import resolve_checkpoint
 
     resolve_checkpoint(st.checkpoint, st.iteration, path_key="stage.checkpoint", iteration_key="stage.iteration")
     if st.mask_source == "annotations" and not (st.annotations and os.path.isfile(st.annotations)):
