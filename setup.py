@@ -52,7 +52,8 @@ setup(
         "opencv-python-headless>=4.8,<6",
         "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
     ],
-    # scikit-learn: the reference k-means the tests and benchmarks compare models/kmeans.py with
-    extras_require={"test": ["pytest>=8,<10", "scikit-learn>=1.4,<2"]},
+    # scikit-learn: the reference k-means the tests and benchmarks compare models/kmeans.py with;
+    # import-linter: the layer contracts (tests/test_import_contracts.py)
+    extras_require={"test": ["pytest>=8,<10", "scikit-learn>=1.4,<2", "import-linter>=2,<3"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},
 )

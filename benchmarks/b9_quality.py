@@ -13,7 +13,7 @@ experiment's settings (``configs/stage_tuning/demo_*.yaml``), as the demo runs t
 - stage 4 (proposal learning), stage 5 (part ranking) and stage 6 (PartDistillation) on
   ``train`` only, a checkpoint every ``--curve-every`` iterations (all kept).
 
-Then on ``heldout`` (``evaluate.evaluate_in_memory``, the evaluate stage's per-image code)
+Then on ``heldout`` (``evaluation.scoring.evaluate_in_memory``, the evaluate stage's per-image code)
 it scores pixel grouping's and dense CRF's records, the final stage-4 and stage-6 models,
 box strips and k-means of colour + position (K = the parts per object): mean best-match
 IoU (each true part to its best segment; proposals: the top K one-label masks, those with
@@ -175,7 +175,7 @@ def records(folder: Path) -> dict[str, dict]:
 
 def score(predictor, samples: dict, num_parts: int, match: bool = True) -> dict:
     """The held-out row of one predictor: the strict protocol (matched on ``train_match``)."""
-    from part_distillation.stages.evaluate import evaluate_in_memory
+    from part_distillation.evaluation.scoring import evaluate_in_memory
 
     splits = samples if match else {HELDOUT: samples[HELDOUT]}
     result = evaluate_in_memory(predictor, splits, HELDOUT, MATCH if match else None, num_parts, top_k=TOP_K,

@@ -48,7 +48,7 @@ import torch
 from part_distillation.config import ConfigError, stage_schemas
 from part_distillation.data.frame import ImageFrame
 from part_distillation.engine import checkpoint as train_ckpt
-from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.prediction import Prediction
 
 #: The model kinds; which one a training stage's run holds is its schema's ``model_kind``
 #: (``config.py``). ``semantic``: the supervised and few-shot baselines' plain head, one output

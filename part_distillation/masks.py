@@ -13,6 +13,19 @@ from pycocotools import mask as _coco
 RLE = dict
 
 
+def resize_masks_nearest(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest resize of a bool (..., H, W) stack to ``shape`` (pixel-centre sampling): the one
+    rule masks change frames by (``data/frame.py``, the store's COCO export)."""
+    masks = np.asarray(masks)
+    h, w = masks.shape[-2:]
+    th, tw = int(shape[0]), int(shape[1])
+    if (h, w) == (th, tw):
+        return masks.astype(bool)
+    rows = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
+    return masks[..., rows[:, None], cols[None, :]].astype(bool)
+
+
 def encode_rle(mask: np.ndarray) -> RLE:
     """Encode one binary (H, W) mask as a JSON-ready COCO RLE."""
     mask = np.asarray(mask)

@@ -6,7 +6,7 @@ PIPELINE.md "The image frame": "fit to 640" scales an image so its longer side i
 Where a square canvas is needed (training crops, ranking) the fitted image is padded at
 the bottom/right to ``canvas x canvas``: the uint8 image with grey 128 *before*
 normalisation, masks with 0. (Batching for the network then pads to a multiple of 32
-with 0 *after* normalisation: ``models.batching.pad_batch``.)
+with 0 *after* normalisation: ``data.batching.pad_batch``.)
 
 Sizes are ``(height, width)`` everywhere; boxes are XYXY pixels.
 
@@ -28,6 +28,8 @@ from typing import Mapping
 
 import numpy as np
 from PIL import Image
+
+from part_distillation.masks import resize_masks_nearest
 
 #: The reference's input size: longer side 640, square canvas 640x640.
 FIT_SIZE = 640
@@ -54,18 +56,6 @@ def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if tuple(image.shape[:2]) == tuple(shape):
         return image
     return np.asarray(Image.fromarray(image).resize((int(shape[1]), int(shape[0])), Image.BILINEAR))
-
-
-def resize_masks_nearest(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest resize of a bool (..., H, W) stack to ``shape`` (pixel-centre sampling)."""
-    masks = np.asarray(masks)
-    h, w = masks.shape[-2:]
-    th, tw = int(shape[0]), int(shape[1])
-    if (h, w) == (th, tw):
-        return masks.astype(bool)
-    rows = np.minimum(((np.arange(th) + 0.5) * h / th).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(tw) + 0.5) * w / tw).astype(np.int64), w - 1)
-    return masks[..., rows[:, None], cols[None, :]].astype(bool)
 
 
 @dataclass(frozen=True)

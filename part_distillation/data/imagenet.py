@@ -27,12 +27,11 @@ records as bad with that reason. A name that is not valid UTF-8 gets a key that 
 text: its bytes with the undecodable ones written ``\\xNN`` (``printable_name``).
 
 ``shard`` splits a listing for parallel jobs, by class (every class wholly in one
-shard, which the per-class stages need) or by image.
+shard, which the per-class stages need) or by image, by the one rule of ``store/sharding.py``.
 """
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import os
 import re
@@ -40,6 +39,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
+
+from part_distillation.store.sharding import shard_items
 
 logger = logging.getLogger(__name__)
 
@@ -317,43 +318,13 @@ def find_words_file(split_dir: PathLike) -> Path | None:
 
 def shard(items: Sequence[ImageRecordRef], index: int, count: int,
           by: Literal["class", "image"] = "class") -> list[ImageRecordRef]:
-    """The ``index``-th of ``count`` disjoint shards covering ``items``, sorted by key.
-
-    ``by="class"`` keeps every class in one shard and balances image counts: classes
-    go, largest first (ties by wnid), to the shard with the fewest images so far (ties
-    to the lowest index). ``by="image"`` deals the images sorted by key round-robin.
-    Both depend only on the items' keys and wnids, never on their order or on the
-    filesystem, so every job of an array computes the same split.
-    """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"shard count must be a positive integer, got {count!r}")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"shard index must be an integer in [0, {count}), got {index!r}")
+    """The ``index``-th of ``count`` disjoint shards covering ``items``, sorted by key, by the
+    one sharding rule (``store/sharding.py``): ``by="class"`` keeps every class in one shard
+    and balances image counts, ``by="image"`` goes by key hash. Both depend only on the items'
+    keys and wnids, never on their order or on the filesystem, so every job of an array
+    computes the same split."""
     ordered = sorted(items, key=lambda ref: ref.key)
-    if by == "image":
-        return ordered[index::count]
-    if by != "class":
-        raise ValueError(f"shard by must be 'class' or 'image', got {by!r}")
-    owner = assign_classes_to_shards(_count_by_class(ordered), count)
-    return [ref for ref in ordered if owner[ref.wnid] == index]
-
-
-def assign_classes_to_shards(class_sizes: dict[str, int], count: int) -> dict[str, int]:
-    """Map each class to a shard, balancing total size (greedy, largest class first)."""
-    heap = [(0, s) for s in range(count)]  # (images so far, shard index): a valid heap as built
-    owner: dict[str, int] = {}
-    for wnid, size in sorted(class_sizes.items(), key=lambda kv: (-kv[1], kv[0])):
-        load, target = heapq.heappop(heap)
-        owner[wnid] = target
-        heapq.heappush(heap, (load + size, target))
-    return owner
-
-
-def _count_by_class(items: Iterable[ImageRecordRef]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ref in items:
-        counts[ref.wnid] = counts.get(ref.wnid, 0) + 1
-    return counts
+    return shard_items(ordered, index, count, by, key=lambda ref: ref.key, cls=lambda ref: ref.wnid)
 
 
 def _class_folders(split_dir: Path, skipped: list[tuple[str, str]]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from typing import Mapping
 
 from pycocotools import mask as _coco
 
-from part_distillation.data.partimagenet import _segmentation_rle, _wnid_from_file_name
+from part_distillation.data.partimagenet import segmentation_rle, wnid_from_file_name
 
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -61,7 +61,7 @@ class ObjectAnnotations:
 def wnid_of_key(key: str) -> str | None:
     """The ImageNet class of an image from its key or path: the ``n01234567_`` prefix of the
     file name, else the nearest folder named like a wnid; None when neither is there."""
-    found = _wnid_from_file_name(key)
+    found = wnid_from_file_name(key)
     if found is not None:
         return found
     folders = str(key).replace("\\", "/").split("/")[:-1]
@@ -88,7 +88,7 @@ def read_object_annotations(path: str | os.PathLike, parts: bool = False) -> Obj
         if image is None:
             raise ValueError(f"{path}: annotation of unknown image id {image_id}")
         h, w = int(image["height"]), int(image["width"])
-        rles = [_segmentation_rle(a["segmentation"], h, w) for a in anns]
+        rles = [segmentation_rle(a["segmentation"], h, w) for a in anns]
         rles = [_coco.frPyObjects(r, h, w) if isinstance(r.get("counts"), list) else r for r in rles]
         cats = [categories.get(int(a["category_id"]), {}) for a in anns]
         if parts:  # one object: the union of the parts, of the image's class (its wnid)

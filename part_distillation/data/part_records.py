@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from part_distillation.masks import decode_rles
-from part_distillation.models.mask2former import preprocess_images
 from part_distillation.store import RecordStore
 from part_distillation.store.errors import EmptyInputError
 
+from .batching import preprocess_images
 from .frame import ImageFrame
 from .images import load_rgb
 from .transforms import AugmentConfig, augment_with_retries, fit

@@ -96,7 +96,7 @@ class PartImageNetDataset:
             images.append(PartImage(id=image_id, file_name=file_name, path=self._resolve(file_name),
                                     width=int(entry["width"]), height=int(entry["height"]),
                                     object_class=min(classes) if classes else None,
-                                    wnid=entry.get("wnid") or _wnid_from_file_name(file_name)))
+                                    wnid=entry.get("wnid") or wnid_from_file_name(file_name)))
         self.images: tuple[PartImage, ...] = tuple(images)
         self._image_by_id = {im.id: im for im in self.images}
         if len(self._image_by_id) != len(self.images):
@@ -142,7 +142,7 @@ class PartImageNetDataset:
         """Decode the part masks of one image, at the size the json gives it."""
         image = self.image(image_id)
         anns = self._annotations.get(image_id, [])
-        rles = [_segmentation_rle(a["segmentation"], image.height, image.width) for a in anns]
+        rles = [segmentation_rle(a["segmentation"], image.height, image.width) for a in anns]
         masks = decode_rles(rles, size=(image.height, image.width))
         return PartMasks(masks=masks, category_ids=np.asarray([a["category_id"] for a in anns], dtype=np.int64))
 
@@ -153,7 +153,7 @@ class PartImageNetDataset:
             segmentations = self._object_segmentations.get(image_id, [])
             if not segmentations:
                 logger.warning("no object mask for image %s (%s) in the objects file", image_id, image.file_name)
-            masks = [decode_rle(_segmentation_rle(s, image.height, image.width)) for s in segmentations]
+            masks = [decode_rle(segmentation_rle(s, image.height, image.width)) for s in segmentations]
         else:
             masks = list(self.part_masks(image_id).masks)
         out = np.zeros((image.height, image.width), dtype=bool)
@@ -179,7 +179,7 @@ class PartImageNetDataset:
     def _resolve(self, file_name: str) -> str:
         """``root/file_name``; a bare ImageNet name falls back to ``root/<wnid>/file_name``."""
         direct = self.image_root / file_name
-        wnid = _wnid_from_file_name(file_name)
+        wnid = wnid_from_file_name(file_name)
         if "/" not in file_name and wnid is not None and not direct.exists():
             return str(self.image_root / wnid / file_name)
         return str(direct)
@@ -239,7 +239,7 @@ def _part_category(entry: dict) -> PartCategory:
     return PartCategory(id=int(entry["id"]), name=name, part=str(part), object_class=object_class)
 
 
-def _wnid_from_file_name(file_name: str) -> str | None:
+def wnid_from_file_name(file_name: str) -> str | None:
     match = _WNID_PREFIX.match(os.path.basename(file_name))
     return match.group(1) if match else None
 
@@ -263,7 +263,7 @@ def _object_segmentations(path: Path, images) -> dict[int, list]:
     return out
 
 
-def _segmentation_rle(segmentation, height: int, width: int) -> dict:
+def segmentation_rle(segmentation, height: int, width: int) -> dict:
     """Any COCO segmentation (polygons, uncompressed or compressed RLE) as one RLE."""
     if isinstance(segmentation, dict):
         return segmentation  # masks.decode_rle reads both RLE forms

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frame import IMAGE_PAD_VALUE, MASK_PAD_VALUE, resize_image, resize_masks_nearest
+from part_distillation.masks import resize_masks_nearest
+
+from .frame import IMAGE_PAD_VALUE, MASK_PAD_VALUE, resize_image
 
 
 @dataclass(frozen=True)

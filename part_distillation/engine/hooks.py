@@ -184,7 +184,7 @@ class PeriodicEval(HookBase):
     """Call ``evaluate(trainer) -> {name: float}`` every ``period`` iterations and after the
     last one (all ranks); the results go to ``trainer.storage`` as ``eval/<name>`` and are
     logged; :class:`TensorBoardWriter` (registered after it) writes them at that step.
-    The training stages pass ``stages.evaluate.training_evaluation``."""
+    The training stages pass ``evaluation.during_training.training_evaluation``."""
 
     def __init__(self, evaluate: Callable[[Any], Mapping[str, float]], period: int):
         self.evaluate = evaluate

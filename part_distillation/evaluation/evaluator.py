@@ -42,7 +42,7 @@ segments cut the object, whatever their cluster ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import groupby
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -52,13 +52,12 @@ from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import part_miou, proposals
 from part_distillation.evaluation.segments import best_match_iou, mean_best_match_iou
 from part_distillation.masks import mask_iou
+from part_distillation.prediction import AR_SETTINGS, Prediction  # noqa: F401 (evaluation's input type)
 
 #: The reference's ground-truth IoU filters (released evaluation): proposals, part segments.
 REFERENCE_PROPOSAL_MIN_GT_IOU = 0.001
 REFERENCE_SEGMENT_MIN_GT_IOU = 0.1
 PROTOCOLS = ("reference", "strict")
-#: AR settings: the top-k proposal masks as they are (the published AR), one label per pixel.
-AR_SETTINGS = ("overlapping", "one-label")
 #: The AR setting of a predictor whose masks are its only set (part segmentations).
 DEFAULT_AR_SETTINGS = ("one-label",)
 #: What keys the part mIoU (a confusion matrix and a majority vote per key): ``imagenet_class``
@@ -66,26 +65,6 @@ DEFAULT_AR_SETTINGS = ("one-label",)
 #: ``supercategory`` its coarser group (PartImageNet's 11 super-categories; the object class
 #: for datasets without one).
 OBJECT_KEYS = ("imagenet_class", "supercategory")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A model's (or a stage's records') output for one sample, at the sample's size."""
-
-    masks: np.ndarray                    #: bool (N, H, W)
-    scores: np.ndarray                   #: float (N,)
-    #: int (N,) part cluster per mask (0..K-1; -1: scored for recall only); None: proposals only
-    clusters: np.ndarray | None = None
-    #: the same forward pass's proposals without one label per pixel (a proposal model's
-    #: ``overlapping`` AR setting); None: the masks above are the only set (they do not overlap)
-    overlapping: "Prediction | None" = None
-
-    def ar_masks(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
-        """(masks, scores) scored for AR in ``setting`` (one of :data:`AR_SETTINGS`)."""
-        if setting not in AR_SETTINGS:
-            raise ValueError(f"AR setting must be one of {AR_SETTINGS}, got {setting!r}")
-        chosen = self.overlapping if setting == "overlapping" and self.overlapping is not None else self
-        return np.asarray(chosen.masks, dtype=bool), np.asarray(chosen.scores, dtype=np.float64)
 
 
 def image_key(sample: PartSample) -> str:

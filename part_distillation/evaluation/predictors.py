@@ -39,9 +39,13 @@ from typing import Callable
 import numpy as np
 
 from part_distillation.data.frame import ImageFrame
+from part_distillation.data.images import load_rgb
 from part_distillation.data.part_sample import PartSample
+from part_distillation.evaluation.class_map import ModelClassRule
 from part_distillation.evaluation.evaluator import AR_SETTINGS, DEFAULT_AR_SETTINGS, Prediction, union_sample
 from part_distillation.masks import decode_rles
+from part_distillation.models.baselines import strip_labels
+from part_distillation.store import RecordStore
 
 
 def empty_prediction(shape: tuple[int, int], with_clusters: bool = True) -> Prediction:
@@ -134,8 +138,6 @@ class RecordsPredictor(Predictor):
 
     @classmethod
     def from_store(cls, path: str | os.PathLike, label: str, num_clusters: int) -> "RecordsPredictor":
-        from part_distillation.store import RecordStore
-
         records = {os.path.realpath(r["path"]): r for r in RecordStore(path).iter_records()}
         return cls(records, label, num_clusters)
 
@@ -172,9 +174,6 @@ class ModelPredictor(Predictor):
 
     def __init__(self, model, label: str, num_clusters: int | None = None,
                  load_image: Callable[[str], np.ndarray] | None = None, class_rule=None):
-        from part_distillation.data.images import load_rgb
-        from part_distillation.evaluation.class_map import ModelClassRule
-
         self.model, self.label = model, label
         if model.kind == "proposal":
             if not model.one_label:
@@ -229,8 +228,6 @@ class StripsPredictor(Predictor):
         self.num_clusters, self.label = int(num_clusters), label
 
     def __call__(self, sample: PartSample, frame: ImageFrame | None = None) -> Prediction:
-        from part_distillation.models.baselines import strip_labels
-
         object_mask = sample.object_mask if frame is None else frame.masks_to_fitted(sample.object_mask[None])[0]
         return label_map_prediction(strip_labels(object_mask, self.num_clusters), self.num_clusters)
 

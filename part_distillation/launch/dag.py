@@ -296,7 +296,7 @@ def _read_shards(stage: PlannedStage, state: StageState) -> None:
 
 
 def _any_locked(files: list[Path]) -> bool:
-    from part_distillation.store.reader import _writer_active
+    from part_distillation.store.reader import writer_active
 
     for path in files:
         try:
@@ -304,7 +304,7 @@ def _any_locked(files: list[Path]) -> bool:
         except FileNotFoundError:
             continue
         try:
-            if _writer_active(fd):
+            if writer_active(fd):
                 return True
         except OSError:  # not a shard file (a folder in its place): no writer
             continue

@@ -12,7 +12,7 @@ extra pixel bottom/right for stride 2), batch norm eps 1e-3 as the TF original.
 
 ``forward`` returns feature maps at strides 4, 8, 16 and 32 (the outputs of the last
 block of each resolution: 24, 40, 112 and 320 channels) and the ImageNet logits. Input:
-(B, 3, H, W) float, normalised with ImageNet mean/std (``models.batching.PIXEL_MEAN`` /
+(B, 3, H, W) float, normalised with ImageNet mean/std (``data.batching.PIXEL_MEAN`` /
 ``PIXEL_STD`` on 0..255 values: the same statistics), H and W multiples of 32.
 
 Models compute only: no logging, files or config here, except finding the package's file.

@@ -31,8 +31,8 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from transformers.modeling_outputs import BackboneOutput
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
 
-# re-exported: the image batching lives in batching.py, importable without transformers
-from .batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, ImageBatch, preprocess_images  # noqa: F401
+# re-exported: the image batching lives in data/batching.py, importable without transformers
+from part_distillation.data.batching import PIXEL_MEAN, PIXEL_STD, SIZE_DIVISIBILITY, ImageBatch, preprocess_images  # noqa: F401
 from .conditioned import conditioned_head
 from .efficientnet import LEVEL_CHANNELS as EFFICIENTNET_CHANNELS
 from .efficientnet import EfficientNetLite0, build_efficientnet_lite0

@@ -14,18 +14,23 @@ descending score, so the stage writes the same record whichever source ran:
   apply (predicted class -1 = not a dataset class; the COCO id is in the name).
 - :class:`GrabCutSource`: OpenCV GrabCut initialised from a central box: no weights at all.
 
+:func:`build_source` builds any of them from plain values (stage 1 and ``predict`` both use it).
+
 Sources compute only: no logging, files or config (the stage wires them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from part_distillation.data.frame import ImageFrame, fitted_size, resize_image, resize_masks_nearest
-from part_distillation.masks import decode_rles
+from part_distillation.data.frame import ImageFrame, fitted_size, resize_image
+from part_distillation.data.object_annotations import wnid_of_key
+from part_distillation.masks import decode_rles, resize_masks_nearest
+from part_distillation.postprocess import instance_inference
 
 
 @dataclass(frozen=True)
@@ -162,8 +167,6 @@ class AnnotationSource:
         keep = masks.reshape(len(masks), -1).any(1)
         wnids = list(given.wnids)
         if given.whole_image:  # a part file's object: the image's class, from its key when the json has none
-            from part_distillation.data.object_annotations import wnid_of_key
-
             wnids = [w or wnid_of_key(im.key) for w in wnids]
         classes = np.array([self.class_index_of.get(w or "", self.class_index_of.get(n, -1))
                             for w, n in zip(wnids, given.names)], dtype=np.int64)
@@ -190,8 +193,7 @@ class Mask2FormerSource:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[SourceImage]) -> list[ObjectMasks]:
-        from part_distillation.models.mask2former import preprocess_images
-        from part_distillation.postprocess import instance_inference
+        from part_distillation.models.mask2former import preprocess_images  # transformers: only for this source
 
         device = next(self.model.parameters()).device
         batch = preprocess_images([im.image for im in images], device=device)
@@ -239,7 +241,7 @@ class GrabCutSource:
         return [self._one(im) for im in images]
 
     def _one(self, im: SourceImage) -> ObjectMasks:
-        import cv2
+        import cv2  # OpenCV: only for GrabCut
 
         out_size = im.image.shape[:2]
         image = im.image
@@ -260,3 +262,58 @@ class GrabCutSource:
             return ObjectMasks.empty(out_size)
         return ObjectMasks(found[None], boxes_from_masks(found[None]), np.ones(1, np.float32),
                            np.full(1, -1, np.int64), [""])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a source from plain values (stage 1 and predict read them from their own configs)
+
+#: ``model.size`` -> Mask2Former spec name for the ``mask2former`` source where it differs from the
+#: stages' map (``models.mask2former.spec_name_for_size``): the tiny model is the reference fixture's.
+MASK2FORMER_SPECS = {"tiny": "tiny_fixture"}
+SOURCES = ("detic", "annotations", "mask2former", "grabcut")
+
+
+def build_source(kind: str, *, class_names: Sequence[str] = (), class_index_of: Mapping[str, int] | None = None,
+                 keep_top: int = 10, own_class_filter: bool = True, device: torch.device | str = "cpu",
+                 weights: str | None = None, model_size: str = "base", vocabulary: np.ndarray | None = None,
+                 fit_size: int = 640, score_threshold: float = 0.02, nms_threshold: float = 0.5,
+                 max_detections: int = 1000, annotations=None, grabcut_margin: float = 0.1,
+                 grabcut_iterations: int = 5, grabcut_work_size: int | None = 320) -> ObjectMaskSource:
+    """The object-mask source ``kind``, ready to call.
+
+    ``class_names``: the dataset's classes in global index order (Detic's vocabulary names them;
+    ``vocabulary`` is their (C, 512) CLIP embeddings). ``class_index_of``: wnid or name -> class
+    index, for ``annotations`` (an ``ObjectAnnotations``, already read). ``weights``: the
+    detector's file for ``detic`` and ``mask2former``; ``fit_size``, ``score_threshold``,
+    ``nms_threshold``, ``max_detections``: Detic's own settings.
+    """
+    if kind == "grabcut":
+        return GrabCutSource(grabcut_margin, grabcut_iterations, grabcut_work_size)
+    if kind == "annotations":
+        if annotations is None:
+            raise ValueError("the annotations source needs the object annotations (a COCO json, read)")
+        return AnnotationSource(annotations, class_index_of or {}, keep_top, own_class_filter)
+    if kind in ("mask2former", "detic"):
+        if not weights:
+            raise FileNotFoundError(f"the {kind} source needs a weights file")
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{kind} weights not found at {weights}")
+    if kind == "mask2former":
+        # transformers: only for this source
+        from part_distillation.models.checkpoint import load_detectron2_pickle
+        from part_distillation.models.mask2former import build_mask2former, spec_name_for_size
+
+        model = build_mask2former(MASK2FORMER_SPECS.get(model_size) or spec_name_for_size(model_size))
+        load_detectron2_pickle(model, weights)
+        return Mask2FormerSource(model.to(device).eval(), keep_top)
+    if kind == "detic":
+        from part_distillation.models.detic import DeticConfig, build_detic  # heavy: only for this source
+
+        if vocabulary is None or len(vocabulary) != len(class_names):
+            raise ValueError(f"the detic source needs one vocabulary embedding per class ({len(class_names)}), "
+                             f"got {0 if vocabulary is None else len(vocabulary)}")
+        config = DeticConfig.for_labeling(model_size, min_size_test=fit_size, score_thresh=score_threshold,
+                                          nms_thresh=nms_threshold, detections_per_image=max_detections)
+        model = build_detic(weights, config, vocabulary=vocabulary, device=device)
+        return DeticSource(model, class_names, keep_top, own_class_filter)
+    raise ValueError(f"unknown object-mask source {kind!r} (one of {', '.join(SOURCES)})")

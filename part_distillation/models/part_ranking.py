@@ -16,22 +16,22 @@
   In both passes the area and the score filter each keep everything when nothing passes
   (the reference's ``if valid.any()``, as in stage 4); only the IoU filter has no such
   fallback, so an image can still come out with nothing (the stage skips it).
-* :class:`EmbeddingFile`: an append-only float32 file of one class's embeddings, so that
-  the cluster pass holds one image at a time whatever the class size; read back as a
-  memory map.
+* :func:`proposal_outputs`: one forward of the proposal model over a batch of square canvases,
+  per image the outputs both passes take.
+
+The per-class embedding files and their crash-recovery log are the store's
+(``store/embedding_log.py``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from part_distillation.data.batching import preprocess_images
 from part_distillation.postprocess import InstancePredictions, class_probabilities, part_inference
 
 CLASSIFIERS = ("dot", "l2")
@@ -110,45 +110,20 @@ def label_pass(class_logits: Tensor, mask_logits: Tensor, query_embeddings: Tens
                           min_object_iou=settings.min_object_iou)
 
 
-class EmbeddingFile:
-    """Append-only float32 rows of width ``dim`` in one file (one object class).
-
-    ``append`` writes and returns the file's byte length afterwards; ``truncate(length)``
-    drops rows written after a committed length (resume after a kill); ``read()`` maps
-    the rows copy-on-write (nothing is copied into memory unless written to).
-    """
-
-    def __init__(self, path: str | os.PathLike, dim: int):
-        self.path = Path(path)
-        self.dim = int(dim)
-        self.row_bytes = 4 * self.dim
-
-    def __len__(self) -> int:
-        return self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
-
-    def append(self, rows: np.ndarray | Tensor) -> int:
-        rows = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"{self.path}: rows must be (N, {self.dim}), got {rows.shape}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
-            f.write(rows.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-            return f.tell()
-
-    def truncate(self, length: int) -> None:
-        if self.path.exists() and self.path.stat().st_size != length:
-            with open(self.path, "r+b") as f:
-                f.truncate(length)
-
-    def read(self) -> np.ndarray:
-        n = len(self)
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.memmap(self.path, dtype=np.float32, mode="c", shape=(n, self.dim))  # copy-on-write: no copy
+@torch.no_grad()
+def proposal_outputs(model, canvases: Sequence, image_sizes: Sequence[tuple[int, int]],
+                     output_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[tuple]:
+    """One forward over ``canvases`` (uint8 RGB, all the same square size); per image
+    ``(class logits (Q, 2), mask logits (Q, h, w), query embeddings (Q, D), sizes)`` as
+    :func:`cluster_pass` and :func:`label_pass` take them (``sizes``: the padded size, the
+    image's fitted size on the canvas, the size its masks come back at). Equal canvases pad
+    nothing, so each image's outputs equal a batch of one's."""
+    pixels = preprocess_images(list(canvases), device=device)
+    out = model(pixels.pixel_values)
+    return [(out["pred_logits"][i], out["pred_masks"][i], out["query_embeddings"][i],
+             dict(padded_size=pixels.padded_size, image_size=tuple(image_size), output_size=tuple(output_size)))
+            for i, (image_size, output_size) in enumerate(zip(image_sizes, output_sizes))]
 
 
-__all__ = ["CLASSIFIERS", "EmbeddingFile", "LABEL_PASS", "PassSettings", "cluster_logits", "cluster_pass",
+__all__ = ["CLASSIFIERS", "LABEL_PASS", "PassSettings", "proposal_outputs", "cluster_logits", "cluster_pass",
            "label_pair_scores", "label_pass", "normalised"]

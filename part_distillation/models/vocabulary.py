@@ -152,3 +152,16 @@ def cached_vocabulary(
     # files (mkstemp's 0600 would hide the cache from teammates sharing it)
     atomic_write_bytes(path, buffer.getvalue())
     return array
+
+
+def class_vocabulary(names: Sequence[str], file: str | None, cache: str, clip_model: str) -> np.ndarray:
+    """(C, 512) CLIP embeddings of ``"a " + name`` for every class ``names``, in class order: read
+    from ``file`` (``stage.vocabulary``), or computed once with the local CLIP model ``clip_model``
+    and cached in ``cache`` (an atomic file every job of the array reuses)."""
+    if file:
+        array = load_vocabulary(file)
+        if len(array) != len(names):
+            raise ValueError(f"{file} holds {len(array)} class embeddings, the dataset has "
+                             f"{len(names)} classes (one per class, in class order)")
+        return array
+    return cached_vocabulary(list(names), cache, model=clip_model)

@@ -41,7 +41,8 @@ from part_distillation.context import JobContext
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.progress import progress_line
 from part_distillation.stages.shard_io import open_output
-from part_distillation.store import RecordStore, key_hash, manifest_path
+from part_distillation.store import RecordStore, manifest_path
+from part_distillation.store.sharding import in_shard
 from part_distillation.store.schemas import PART_SEGMENTS
 from part_distillation.summaries import StageSummary
 
@@ -141,12 +142,6 @@ def refine_record(record: dict, settings: RefineSettings) -> tuple[dict | None, 
     return out, None
 
 
-def in_shard(key: str, index: int, count: int) -> bool:
-    """Whether job ``index`` of ``count`` handles ``key``: the store's slices by key
-    (``RecordStore.iter_slice(index, count, by="key")``), stable while the input grows."""
-    return key_hash(key) % count == index
-
-
 # --------------------------------------------------------------------------- input
 
 def _input_store(path: str, follow: bool, poll_s: float) -> RecordStore:
@@ -242,7 +237,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     index, count = cfg.shard.index, cfg.shard.count
     refiner = _Refiner(settings, stage.workers)
     started, computed, last_log = time.monotonic(), 0, time.monotonic()
-    total = None if stage.follow else store.slice_size(index, count, by="key")  # for the ETA
+    total = None if stage.follow else store.slice_size(index, count, by="image")  # for the ETA
     seen_keys: set[str] = set()
     try:
         with open_output(cfg, PART_SEGMENTS, context) as out:

@@ -22,8 +22,10 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
+from part_distillation.data.object_annotations import read_object_annotations
 from part_distillation.masks import encode_rles
-from part_distillation.models.object_masks import ObjectMasks, SourceImage
+from part_distillation.models.object_masks import ObjectMasks, SourceImage, build_source
+from part_distillation.models.vocabulary import class_vocabulary
 from part_distillation.progress import progress
 from part_distillation.stages.shard_io import list_shard_images, open_output
 from part_distillation.store.schemas import OBJECT_MASKS
@@ -40,15 +42,12 @@ SPEC = StageSpec("detic_labeling", DeticStageConfig, SHARDED, shards_over="the i
 log = logging.getLogger("part_distillation")
 
 WEIGHTS_README = "weights/README.md"
-#: ``model.size`` -> Mask2Former spec name for ``source=mask2former`` where it differs from the
-#: stages' map (``models.mask2former.spec_name_for_size``): the tiny model is the reference fixture's.
-MASK2FORMER_SPECS = {"tiny": "tiny_fixture"}
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     tree, refs = list_shard_images(cfg)
-    source = build_source(cfg, tree)  # before the output opens: a missing file fails here
+    source = source_from_config(cfg, tree)  # before the output opens: a missing file fails here
     with open_output(cfg, OBJECT_MASKS, context) as out:
         todo = [ref for ref in refs if not out.has(ref.key)]
         summary.seen, summary.already_done = len(refs), len(refs) - len(todo)
@@ -145,56 +144,25 @@ def _require_weights(path: str | None, what: str) -> Path:
     return weights
 
 
-def build_source(cfg: RunConfig, tree: ImageTree):
-    """The object-mask source ``cfg.stage.source`` (``models/object_masks.py``), ready to call."""
+def source_from_config(cfg: RunConfig, tree: ImageTree):
+    """The object-mask source ``cfg.stage.source``, built by ``models.object_masks.build_source``
+    from this stage's settings (the image tree's classes are the vocabulary's)."""
     stage = cfg.stage
-    if stage.source == "grabcut":
-        from part_distillation.models.object_masks import GrabCutSource
-
-        return GrabCutSource(stage.grabcut_margin, stage.grabcut_iterations, stage.grabcut_work_size)
+    weights = vocabulary = annotations = None
+    if stage.source in ("detic", "mask2former"):
+        weights = str(_require_weights(cfg.model.weights, stage.source))
+    if stage.source == "detic":
+        vocabulary = class_vocabulary(tree.names, stage.vocabulary, stage.vocabulary_cache, stage.clip_model)
     if stage.source == "annotations":
-        from part_distillation.data.object_annotations import read_object_annotations
-        from part_distillation.models.object_masks import AnnotationSource
-
         if not stage.annotations:
             raise FileNotFoundError("stage.source=annotations needs stage.annotations (a COCO json)")
-        given = read_object_annotations(stage.annotations, parts=stage.annotations_are_parts)
-        index_of = {name: i for i, name in enumerate(tree.names)}
-        index_of.update({wnid: i for i, wnid in enumerate(tree.wnids)})
-        return AnnotationSource(given, index_of, stage.keep_top, stage.own_class_filter)
-    if stage.source == "mask2former":
-        from part_distillation.models.checkpoint import load_detectron2_pickle
-        from part_distillation.models.mask2former import build_mask2former, spec_name_for_size
-        from part_distillation.models.object_masks import Mask2FormerSource
-
-        weights = _require_weights(cfg.model.weights, "mask2former")
-        model = build_mask2former(MASK2FORMER_SPECS.get(cfg.model.size) or spec_name_for_size(cfg.model.size))
-        load_detectron2_pickle(model, weights)
-        return Mask2FormerSource(model.to(device_of(cfg)).eval(), stage.keep_top)
-    if stage.source == "detic":
-        from part_distillation.models.detic import DeticConfig, build_detic
-        from part_distillation.models.object_masks import DeticSource
-
-        weights = _require_weights(cfg.model.weights, "detic")
-        vocabulary = class_vocabulary(cfg, tree)
-        config = DeticConfig.for_labeling(cfg.model.size, min_size_test=stage.fit_size,
-                                          score_thresh=stage.score_threshold, nms_thresh=stage.nms_threshold,
-                                          detections_per_image=stage.max_detections)
-        model = build_detic(weights, config, vocabulary=vocabulary, device=device_of(cfg))
-        return DeticSource(model, tree.names, stage.keep_top, stage.own_class_filter)
-    raise ValueError(f"unknown stage.source {stage.source!r}")
-
-
-def class_vocabulary(cfg: RunConfig, tree: ImageTree) -> np.ndarray:
-    """(C, 512) CLIP embeddings of ``"a " + name`` for every class of the dataset, in class order:
-    read from ``stage.vocabulary``, or computed once with the local CLIP model and cached in
-    ``stage.vocabulary_cache`` (an atomic file every job of the array reuses)."""
-    from part_distillation.models.vocabulary import cached_vocabulary, load_vocabulary
-
-    if cfg.stage.vocabulary:
-        array = load_vocabulary(cfg.stage.vocabulary)
-        if len(array) != len(tree.names):
-            raise ValueError(f"{cfg.stage.vocabulary} holds {len(array)} class embeddings, the dataset has "
-                             f"{len(tree.names)} classes (one per class, in class order)")
-        return array
-    return cached_vocabulary(tree.names, cfg.stage.vocabulary_cache, model=cfg.stage.clip_model)
+        annotations = read_object_annotations(stage.annotations, parts=stage.annotations_are_parts)
+    index_of = {name: i for i, name in enumerate(tree.names)}
+    index_of.update({wnid: i for i, wnid in enumerate(tree.wnids)})
+    return build_source(stage.source, class_names=tree.names, class_index_of=index_of, keep_top=stage.keep_top,
+                        own_class_filter=stage.own_class_filter, device=device_of(cfg), weights=weights,
+                        model_size=cfg.model.size, vocabulary=vocabulary, fit_size=stage.fit_size,
+                        score_threshold=stage.score_threshold, nms_threshold=stage.nms_threshold,
+                        max_detections=stage.max_detections, annotations=annotations,
+                        grabcut_margin=stage.grabcut_margin, grabcut_iterations=stage.grabcut_iterations,
+                        grabcut_work_size=stage.grabcut_work_size)

@@ -45,15 +45,13 @@ prediction on the union of their masks, top-k per image, as the reference scores
 Pascal-Part and Cityscapes-Part), mIoU per object: jobs take whole images, and an image of
 several objects has an AR state keyed ``<split>/image:<path>`` besides its objects' states.
 
-Training (stages 4 and 6 and the baselines, ``stage.eval_period``) scores the model it is training with the
-same per-image code (:func:`score_sample`, :func:`evaluate_in_memory`):
-:func:`training_evaluation`.
+The per-image scoring lives in ``evaluation/scoring.py``; a training run scores the model it
+trains with the same code (``evaluation/during_training.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -61,24 +59,27 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
+from part_distillation import inference
 from part_distillation.config import ConfigError, RunConfig
+from part_distillation.data.images import load_rgb
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
-from part_distillation.data.part_sample import PartSample
-from part_distillation.evaluation import proposals
-from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, PartEvaluator, image_groups, image_key,
-                                                    metrics)
+from part_distillation.evaluation.class_map import ModelClassRule
+from part_distillation.evaluation.evaluator import AR_SETTINGS, PROTOCOLS, image_groups, image_key, metrics
 from part_distillation.evaluation.predictors import (ColourKMeansPredictor, ModelPredictor, Predictor,
                                                      RecordsPredictor, StripsPredictor, empty_prediction,
                                                      prediction_from_record)
+from part_distillation.evaluation.scoring import (count_objects, new_evaluator, score_image, scores_at_test_size,
+                                                  state_keys)
 from part_distillation.progress import progress
-from part_distillation.summaries import StageSummary
 from part_distillation.stages.shard_io import open_output
+from part_distillation.summaries import StageSummary
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
 from part_distillation.store.schemas import EVAL_STATES
+from part_distillation.store.sharding import in_shard
 
 from part_distillation.config import EvaluateStageConfig
 from part_distillation.stages import SHARDED, StageSpec
@@ -94,9 +95,8 @@ PREDICTOR_KINDS = ("records", "proposal", "part_distillation", "semantic", "stri
 BASELINE_KINDS = ("strips", "colour_kmeans")
 MODEL_KINDS = ("proposal", "part_distillation", "semantic")
 
-__all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "evaluate_in_memory", "markdown_table", "merge_and_write",
-           "parse_predictors", "prediction_from_record", "run", "score_image", "score_sample", "state_keys",
-           "training_evaluation"]
+__all__ = ["PREDICTOR_KINDS", "PredictorSpec", "check", "markdown_table", "merge_and_write", "parse_predictors",
+           "prediction_from_record", "run"]
 
 
 # --------------------------------------------------------------------------- predictors
@@ -161,8 +161,6 @@ def check(cfg: RunConfig) -> None:
 
 def _checkpoint(spec: PredictorSpec) -> Path:
     """The checkpoint file of a model entry; ``ConfigError`` naming the entry (and the setting it defaults to)."""
-    from part_distillation import inference
-
     default = ":" not in spec.entry
     key = ("stage.proposal_run" if spec.kind == "proposal" else "stage.part_distillation_run") if default else "path"
     try:
@@ -173,8 +171,6 @@ def _checkpoint(spec: PredictorSpec) -> Path:
 
 def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
     """The predictor of one entry (models loaded on ``model.device``)."""
-    from part_distillation import inference
-
     st = cfg.stage
     if spec.kind == "records":
         return RecordsPredictor.from_store(spec.path, spec.label, st.num_clusters)
@@ -193,8 +189,6 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
                           f"tree not found): rerun part_distillation to write it")
     rule = None
     if model.kind == "part_distillation":
-        from part_distillation.evaluation.class_map import ModelClassRule
-
         rule = ModelClassRule.from_files(model.class_wnids, st.class_map_file, st.wordnet_is_a)
     return ModelPredictor(model, spec.label, st.num_clusters, class_rule=rule)
 
@@ -216,89 +210,7 @@ def _predictor_config(spec: PredictorSpec, predictor: Predictor, st) -> dict:
 
 # --------------------------------------------------------------------------- one sample
 
-def scores_at_test_size(dataset: str, score_size: str = "auto") -> bool:
-    """Whether samples are scored at the predictor's test resolution (``stage.score_size``):
-    PartImageNet by default, as the reference; Pascal-Part and Cityscapes-Part at the original size."""
-    return score_size == "test" or (score_size == "auto" and dataset == "partimagenet")
-
-
-def at_frame(sample: PartSample, frame) -> PartSample:
-    """The sample's masks at ``frame.fitted`` (nearest)."""
-    return dataclasses.replace(sample, object_mask=frame.masks_to_fitted(sample.object_mask[None])[0],
-                               part_masks=frame.masks_to_fitted(np.asarray(sample.part_masks, dtype=bool)))
-
-
-def score_image(predictor: Predictor, evaluator: PartEvaluator, samples: Sequence[PartSample],
-                at_test_size: bool = False) -> tuple[list[dict], list[str]]:
-    """The evaluation states of one image's objects for one predictor (:meth:`PartEvaluator.process_image`:
-    per-object confusions, per-image AR), and why it predicted nothing, per object that got nothing
-    (each such object's state says it under ``skip``).
-
-    ``at_test_size``: ground truth and predictions scored at the predictor's test resolution
-    (``Predictor.score_frame``, one per image: the predictions, the one on the union of the
-    object masks included, made there, the ground truth resized to it)."""
-    samples = list(samples)
-    frame = predictor.score_frame(samples[0]) if at_test_size else None
-    scored = [at_frame(s, frame) for s in samples] if frame is not None else samples
-    shape = scored[0].object_mask.shape
-    predictions, skips = [], []
-    for sample in samples:
-        prediction = predictor(sample, frame)
-        skips.append(None if prediction is not None else predictor.last_skip or "no_prediction")
-        predictions.append(prediction if prediction is not None else empty_prediction(shape))
-    image_prediction = None
-    if len(samples) > 1 and predictor.proposal_type:
-        image_prediction = predictor.image_prediction(samples, predictions, frame) or empty_prediction(shape)
-    states = evaluator.process_image(scored, predictions, image_prediction)
-    for state, skip in zip(states[-len(samples):], skips):  # the objects' states (after an image's AR state)
-        if skip:
-            state["skip"] = skip
-    evaluator.reset()  # the caller keeps the states (a record store, or a list)
-    return states, [skip for skip in skips if skip]
-
-
-def score_sample(predictor: Predictor, evaluator: PartEvaluator, sample: PartSample,
-                 at_test_size: bool = False) -> tuple[dict, str | None]:
-    """The evaluation state of an image holding one object (``sample``), and why it predicted nothing (or None)."""
-    states, skips = score_image(predictor, evaluator, [sample], at_test_size)
-    return states[0], (skips[0] if skips else None)
-
-
-def state_keys(samples: Sequence[PartSample]) -> list[str]:
-    """The keys of the states :func:`score_image` gives for one image's samples (in its order)."""
-    keys = [s.key for s in samples]
-    return keys if len(samples) == 1 else [image_key(samples[0]), *keys]
-
-
-def _evaluator(predictor: Predictor, num_parts: int, top_k: Sequence[int]) -> PartEvaluator:
-    return PartEvaluator(num_parts=num_parts, num_clusters=predictor.num_clusters, top_k=tuple(top_k),
-                         ar_settings=predictor.ar_settings)
-
-
-def evaluate_in_memory(predictor: Predictor, samples: Mapping[str, Iterable[PartSample]], split: str,
-                       match_split: str | None, num_parts: int, top_k: Sequence[int] = proposals.TOP_K,
-                       mapping: str = "majority", at_test_size: bool = False) -> dict:
-    """Both protocols' metrics of ``predictor`` over ``samples`` (split -> samples), no files."""
-    evaluator = _evaluator(predictor, num_parts, top_k)
-    states: dict[str, list[dict]] = {}
-    images: dict[str, int] = {}
-    for name, items in samples.items():
-        states[name] = []
-        for group in image_groups(items):
-            states[name] += score_image(predictor, evaluator, group, at_test_size)[0]
-            images[name] = images.get(name, 0) + 1
-    result = metrics(states.get(split, []), states.get(match_split) if match_split else None, top_k=tuple(top_k),
-                     mapping=mapping)
-    result["images"] = images.get(split, 0)
-    result["objects"] = _count_objects(states.get(split, []))
-    return result
-
-
 # --------------------------------------------------------------------------- the stage
-
-def _open_datasets(kind: str, root, splits: Sequence[str], image_root, annotations_root) -> dict[str, PartDatasetSplit]:
-    return {s: open_part_dataset(kind, root, s, image_root, annotations_root) for s in splits}
-
 
 def _open_store(cfg: RunConfig, folder: Path, config: dict, context) -> ShardWriter:
     rank = getattr(context, "rank", 0) if context is not None else 0
@@ -315,9 +227,9 @@ def run(cfg: RunConfig, context) -> StageSummary:
     specs = parse_predictors(st)
     predictors = [build_predictor(spec, cfg) for spec in specs]
     splits = [st.split] + ([st.match_split] if st.match_split else [])
-    datasets = _open_datasets(st.dataset, st.dataset_root, splits, st.image_root, st.annotations_root)
+    datasets = {s: open_part_dataset(st.dataset, st.dataset_root, s, st.image_root, st.annotations_root) for s in splits}
     num_parts = max(d.num_parts for d in datasets.values())
-    evaluators = [_evaluator(p, num_parts, st.top_k) for p in predictors]
+    evaluators = [new_evaluator(p, num_parts, st.top_k) for p in predictors]
     output = Path(st.output)
     at_test_size = scores_at_test_size(st.dataset, st.score_size)
     with contextlib.ExitStack() as stack:
@@ -328,8 +240,8 @@ def run(cfg: RunConfig, context) -> StageSummary:
                    for spec, p in zip(specs, predictors)]
         for split, dataset in datasets.items():
             samples = progress(dataset.samples(), None, f"evaluate {split}", st.progress_every)
-            for i, group in enumerate(image_groups(samples)):  # whole images: AR is per image
-                if i % cfg.shard.count != cfg.shard.index:
+            for group in image_groups(samples):  # whole images (AR is per image), by key (store/sharding.py)
+                if not in_shard(f"{split}/{image_key(group[0])}", cfg.shard.index, cfg.shard.count):
                     continue
                 summary.seen += len(group)
                 keys = [f"{split}/{key}" for key in state_keys(group)]
@@ -381,7 +293,7 @@ def write_collages(folder: Path, predictors: Mapping[str, Predictor], results: M
                    dataset: PartDatasetSplit, classes: int, per_class: int) -> list[Path]:
     """``collage_<label>.png`` per predictor: its ``classes`` best and worst object classes by
     reference-protocol mIoU, each row the prediction next to the ground truth (``viz``)."""
-    from part_distillation.data.images import load_rgb
+    # OpenCV: only when collages are drawn
     from part_distillation.viz import collage_sample, evaluation_collage, write_png
 
     def samples_of(predictor: Predictor, name: str):
@@ -413,18 +325,13 @@ def merge_and_write(store: RecordStore, folder: Path, split: str, match_split: s
     matching = [s for s in states if s["split"] == match_split] if match_split else None
     result = metrics(evaluation, matching, top_k=top_k, mapping=mapping, object_key=object_key)
     result["images"] = sum(1 for s in evaluation if "ar_strict" in s)  # one AR state per image
-    result["objects"] = _count_objects(evaluation)
+    result["objects"] = count_objects(evaluation)
     result["split"], result["match_split"] = split, match_split
     result["object_key_label"] = object_key_label(object_key, dataset)
     _write_atomic(folder / "metrics.json", json.dumps(result, indent=2, default=_json_default))
     _write_atomic(folder / "metrics.md", markdown_table(result, top_k))
     _write_atomic(folder / "per_class.csv", per_class_csv(result, class_names))
     return result
-
-
-def _count_objects(states: Iterable[Mapping]) -> int:
-    """The samples (objects) among states: an image's AR-only state is none."""
-    return sum(1 for s in states if "object_class" in s)
 
 
 def object_key_label(object_key: str, dataset: str) -> str:
@@ -533,94 +440,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- during training
-
-def check_training_evaluation(stage) -> None:
-    """Periodic evaluation settings of a training stage (``stage.eval_*``) are usable."""
-    if stage.eval_period and not stage.eval_root:
-        raise ConfigError(f"stage.eval_period={stage.eval_period} needs stage.eval_root (the part dataset to "
-                          f"evaluate on); or set stage.eval_period=0")
-    if stage.eval_period and not Path(stage.eval_root).is_dir():
-        raise ConfigError(f"stage.eval_root={stage.eval_root} does not exist: give the {stage.eval_dataset} "
-                          f"root, or set stage.eval_period=0")
-
-
-def training_evaluation(stage, kind: str, class_wnids: Sequence[str] | None = None,
-                        top_k: Sequence[int] = proposals.TOP_K) -> Callable:
-    """``evaluate(trainer) -> {"<protocol>/<metric>": value}`` for ``engine.hooks.PeriodicEval``.
-
-    Scores the model being trained (``trainer.module``, run in eval mode, left as it was)
-    as a ``kind`` predictor on ``stage.eval_split`` (and ``stage.eval_match_split`` for the
-    strict protocol's matching), the first ``stage.eval_max_images`` samples of each (0:
-    all; samples and images read once and kept). Rank 0 evaluates; other ranks return {}.
-    """
-    from part_distillation.data.images import load_rgb
-    from part_distillation.engine import distributed
-    from part_distillation.inference import TrainedModel, eval_max_size
-
-    check_training_evaluation(stage)
-    splits = [stage.eval_split] + ([stage.eval_match_split] if stage.eval_match_split else [])
-    # opened now (json only), so a wrong dataset setting fails before training, not at the first evaluation
-    try:
-        datasets = _open_datasets(stage.eval_dataset, stage.eval_root, splits, stage.eval_image_root, None)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"periodic evaluation (stage.eval_root={stage.eval_root}, stage.eval_split="
-                          f"{stage.eval_split}, stage.eval_match_split={stage.eval_match_split}): {err}") from None
-    cache: dict = {}
-    images: dict[str, np.ndarray] = {}
-
-    def load_image(path: str) -> np.ndarray:
-        if path not in images:
-            images[path] = load_rgb(path)
-        return images[path]
-
-    def data() -> tuple[dict[str, list[PartSample]], int]:
-        if "samples" not in cache:
-            limit = stage.eval_max_images or None
-            cache["samples"] = {s: _first(d.samples(), limit) for s, d in datasets.items()}
-            cache["num_parts"] = max(d.num_parts for d in datasets.values())
-        return cache["samples"], cache["num_parts"]
-
-    def evaluate(trainer) -> dict[str, float]:
-        if not distributed.is_main():
-            return {}
-        samples, num_parts = data()
-        model = TrainedModel(trainer.module, kind, image_size=stage.image_size,
-                             max_size=eval_max_size(kind, stage.image_size),
-                             class_wnids=tuple(class_wnids) if class_wnids is not None else None)
-        predictor = ModelPredictor(model, kind, stage.eval_num_clusters, load_image=load_image)
-        result = evaluate_in_memory(predictor, samples, stage.eval_split, stage.eval_match_split, num_parts,
-                                    top_k=top_k, at_test_size=scores_at_test_size(stage.eval_dataset))
-        return flat_metrics(result, top_k)
-
-    return evaluate
-
-
-def flat_metrics(result: dict, top_k: Sequence[int] = proposals.TOP_K) -> dict[str, float]:
-    """``{"reference/overlapping/AR@10": ..., "reference/one-label/AR@10": ..., "strict/C-mIoU": ...}``
-    without the undefined (NaN) ones."""
-    out = {}
-
-    def put(name: str, value) -> None:
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            out[name] = float(value)
-
-    for protocol in PROTOCOLS:
-        row = result[protocol]
-        for setting in AR_SETTINGS:
-            for k in top_k:
-                put(f"{protocol}/{setting}/AR@{k}", row.get(setting, {}).get(f"AR@{k}"))
-        for column in ("C-mIoU", "A-mIoU", "bestIoU"):
-            put(f"{protocol}/{column}", row.get(column))
-    return out
-
-
-def _first(items: Iterable, limit: int | None) -> list:
-    out = []
-    for item in items:
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(item)
-    return out

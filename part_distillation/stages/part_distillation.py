@@ -39,7 +39,7 @@ SPEC = StageSpec("part_distillation", PartDistillationStageConfig, TRAINING, loa
 
 def check(cfg: RunConfig) -> None:
     """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
-    from part_distillation.stages.evaluate import check_training_evaluation
+    from part_distillation.evaluation.during_training import check_training_evaluation
 
     check_training_evaluation(cfg.stage)
 

@@ -8,7 +8,7 @@ Object mask = union of the record's part masks; the model sees the image fitted 
 record's fitted frame.
 
 Partitioned over object classes: job ``shard.index`` of ``shard.count`` takes the
-classes of ``RecordStore.iter_slice(index, count, by="class")``, so jobs are independent.
+classes of ``RecordStore.iter_slice(index, count, by="class")`` (``store/sharding.py``), so jobs are independent.
 Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<n>/``:
 
 1. Cluster pass: per image the kept proposals' L2-normalised embeddings
@@ -25,9 +25,11 @@ Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<
    of a class with no part classes are skipped with ``no_part_classes``, images left with
    no part (none of the object predicted) with ``no_parts``.
 
-Both passes run the model on ``stage.batch_size`` images at a time (``with_model_outputs``;
-every canvas has the same size, so a batch pads nothing and each image's outputs equal a
-batch of one's) and handle the records one by one in their order.
+Both passes run the model on ``stage.batch_size`` images at a time (``with_model_outputs``
+over ``data.batching.in_batches`` and ``models.part_ranking.proposal_outputs``; every canvas
+has the same size, so a batch pads nothing and each image's outputs equal a batch of one's)
+and handle the records one by one in their order. The embedding files and their
+crash-recovery log are ``store.embedding_log.EmbeddingLog``.
 
 Memory: the cluster pass holds one batch's model outputs; k-means holds the class's
 embeddings once as float32 (N x D x 4 bytes, read from the file) plus the k-means
@@ -36,9 +38,9 @@ below 2.5 x N x D x 4 bytes + 64 MiB for 1M embeddings).
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -47,18 +49,20 @@ import torch
 
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
+from part_distillation.data.batching import in_batches
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation import inference
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models import part_ranking as ranking
-from part_distillation.models.mask2former import preprocess_images
+from part_distillation.models.kmeans import kmeans
 from part_distillation.progress import progress
+from part_distillation.summaries import StageSummary
 from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore, manifest_path
+from part_distillation.store.embedding_log import EmbeddingLog
 from part_distillation.store.files import atomic_write_bytes, atomic_write_json
 from part_distillation.store.schemas import PART_LABELS
-from part_distillation.summaries import StageSummary
 
 from part_distillation.config import PartRankingStageConfig
 from part_distillation.stages import SHARDED, StageSpec
@@ -120,49 +124,21 @@ class RankingInput:
         self.canvas = self.model_frame.pad_image(self.model_frame.fit_image(image))
 
 
-@torch.no_grad()
 def model_outputs(model, batch: Sequence[RankingInput], device: torch.device) -> list[tuple]:
-    """One forward over ``batch``; per image ``(class logits (Q, 2), mask logits (Q, h, w),
-    query embeddings (Q, D), sizes)`` as the passes take them. Every canvas has the same
-    size, so the batch pads nothing and each image's outputs equal a batch of one's."""
-    pixels = preprocess_images([inputs.canvas for inputs in batch], device=device)
-    out = model(pixels.pixel_values)
-    return [(out["pred_logits"][i], out["pred_masks"][i], out["query_embeddings"][i],
-             dict(padded_size=pixels.padded_size, image_size=inputs.model_frame.fitted,
-                  output_size=inputs.frame.fitted))
-            for i, inputs in enumerate(batch)]
+    """``models.part_ranking.proposal_outputs`` for a batch of images."""
+    return ranking.proposal_outputs(model, [inputs.canvas for inputs in batch],
+                                    [inputs.model_frame.fitted for inputs in batch],
+                                    [inputs.frame.fitted for inputs in batch], device)
 
 
 def with_model_outputs(records: Iterable[dict], wanted: Callable[[dict], bool], model, device: torch.device,
                        size: int, batch_size: int) -> Iterator[tuple[dict, object]]:
-    """Every record, in order, with what the model made of it: ``(record, (inputs, outputs))``
-    where ``outputs`` are ``model_outputs``'s for its image; ``(record, None)`` for a record
-    ``wanted`` declines; ``(record, error)`` for an image that cannot be read. Wanted
-    records are run through the model ``batch_size`` at a time."""
-    pending: list[tuple[dict, object]] = []  # in record order; RankingInput entries await the model
-    loaded = 0
-
-    def flush():
-        batch = [item for _, item in pending if isinstance(item, RankingInput)]
-        outputs = iter(model_outputs(model, batch, device) if batch else ())
-        for record, item in pending:
-            yield record, ((item, next(outputs)) if isinstance(item, RankingInput) else item)
-        pending.clear()
-
-    for record in records:
-        if not wanted(record):
-            item = None
-        else:
-            try:
-                item = RankingInput(record, size)
-                loaded += 1
-            except (BadImageError, FileNotFoundError) as error:
-                item = error
-        pending.append((record, item))
-        if loaded == batch_size:
-            yield from flush()
-            loaded = 0
-    yield from flush()
+    """Every record, in order, with what the model made of it (``data.batching.in_batches``):
+    ``(record, (inputs, outputs))``, ``(record, None)`` for a record ``wanted`` declines,
+    ``(record, error)`` for an image that cannot be read."""
+    return in_batches(records, lambda record: RankingInput(record, size) if wanted(record) else None,
+                      lambda batch: model_outputs(model, batch, device), batch_size,
+                      skip=(BadImageError, FileNotFoundError))
 
 
 def canvas_ratios(part_masks: np.ndarray, frame: ImageFrame) -> dict:
@@ -176,67 +152,9 @@ def canvas_ratios(part_masks: np.ndarray, frame: ImageFrame) -> dict:
 
 # --------------------------------------------------------------------------- work folder
 
-class ClusterWork:
-    """The job's cluster-pass state: per-class embedding files and the progress log."""
-
-    def __init__(self, folder: Path, checkpoint: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / "checkpoint.txt"
-        if marker.exists() and marker.read_text().strip() != str(checkpoint):
-            raise ConfigError(f"{folder} was made with checkpoint {marker.read_text().strip()}, this run uses "
-                              f"{checkpoint}: delete {folder} (and the output) or set stage.checkpoint to it")
-        if not marker.exists():
-            atomic_write_bytes(marker, f"{checkpoint}\n".encode())
-        self.progress = folder / "progress.tsv"
-        self.done: set[str] = set()
-        self.lengths: dict[int, int] = {}
-        self.dim: int | None = None
-        self._recover()
-
-    def _recover(self) -> None:
-        """Keep the complete log lines; cut every class file back to its committed length."""
-        lines = []
-        if self.progress.exists():
-            for line in self.progress.read_text().splitlines(keepends=True):
-                fields = line.rstrip("\n").split("\t")
-                if not line.endswith("\n") or len(fields) != 4:
-                    break
-                key, cls, length, dim = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-                self.done.add(key)
-                self.lengths[cls] = length
-                self.dim = dim or self.dim
-                lines.append(line)
-            atomic_write_bytes(self.progress, "".join(lines).encode())
-        for path in self.folder.glob("class_*.f32"):
-            cls = int(path.stem.split("_")[1])
-            length = self.lengths.get(cls, 0)
-            if path.stat().st_size != length:
-                with open(path, "r+b") as f:
-                    f.truncate(length)
-
-    def file(self, cls: int, dim: int) -> ranking.EmbeddingFile:
-        return ranking.EmbeddingFile(self.folder / f"class_{cls}.f32", dim)
-
-    def add(self, key: str, cls: int, embeddings: torch.Tensor) -> None:
-        if len(embeddings):
-            self.dim = int(embeddings.shape[1])
-            length = self.file(cls, self.dim).append(embeddings)
-        else:
-            length = self.lengths.get(cls, 0)
-        self.lengths[cls] = length
-        with open(self.progress, "a") as f:
-            f.write(f"{key}\t{cls}\t{length}\t{self.dim or 0}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.add(key)
-
-
-def cluster_classes(work: ClusterWork, classes: list[int], k: int, n_init: int, seed: int,
+def cluster_classes(work: EmbeddingLog, classes: list[int], k: int, n_init: int, seed: int,
                     device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, int]]:
     """K-means per class from its embedding file; classes with <= k embeddings get none."""
-    from part_distillation.models.kmeans import kmeans
-
     centroids, counts = {}, {}
     for cls in classes:
         n = work.lengths.get(cls, 0) // (4 * work.dim) if work.dim else 0
@@ -253,8 +171,6 @@ def cluster_classes(work: ClusterWork, classes: list[int], k: int, n_init: int, 
 
 def save_centroids(folder: Path, centroids: dict[int, np.ndarray], counts: dict[int, int], checkpoint: Path,
                    k: int) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **{f"class_{c}": v for c, v in centroids.items()})
     atomic_write_bytes(folder / "centroids.npz", buffer.getvalue())
@@ -288,89 +204,93 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     device = device_of(cfg)
     model = load_proposal_model(cfg, checkpoint, device)
     store = RecordStore(stage.input)
-    cluster_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_proposal_score,
-                                            stage.min_object_iou)
-    label_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_label_score,
-                                          stage.min_object_iou)
     folder = work_folder(cfg)
-    work = ClusterWork(folder, checkpoint)
-
-    def records():
-        return store.iter_slice(cfg.shard.index, cfg.shard.count, by="class")
-
     total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class")  # for the progress ETA
 
-    # 1. cluster pass (skipped entirely once the centroids exist)
-    classes: list[int] = []
+    def records(step: str) -> Iterator[dict]:
+        return progress(store.iter_slice(cfg.shard.index, cfg.shard.count, by="class"), total,
+                        f"{stage.name} {step}", stage.progress_every)
+
     cluster_images = 0
-    if not (folder / "centroids.json").exists():
-        records_seen = progress(records(), total, f"{stage.name} cluster pass", stage.progress_every)
-        for record, result in with_model_outputs(records_seen, lambda r: r["key"] not in work.done, model, device,
-                                                 stage.image_size, stage.batch_size):
-            cls = int(record["class_index"])
-            if cls not in classes:
-                classes.append(cls)
-            if result is None:  # done before a restart
-                continue
-            if isinstance(result, Exception):
-                work.add(record["key"], cls, torch.zeros((0, 0)))
-                continue
-            inputs, (logits, masks, queries, sizes) = result
-            embeddings, _ = ranking.cluster_pass(logits, masks, queries, torch.from_numpy(inputs.object_mask),
-                                                 settings=cluster_settings, **sizes)
-            work.add(record["key"], cls, embeddings)
-            cluster_images += 1
-        # 2. k-means per class
-        log.info("[%s] cluster pass done (%d new images); k-means over %d classes", stage.name, cluster_images,
-                 len(classes))
-        centroids, counts = cluster_classes(work, classes, stage.num_clusters, stage.n_init, cfg.seed, device)
-        save_centroids(folder, centroids, counts, checkpoint, stage.num_clusters)
+    if not (folder / "centroids.json").exists():  # steps 1 and 2, skipped entirely once the centroids exist
+        cluster_images = cluster_step(cfg, records("cluster pass"), model, device, folder, checkpoint)
     centroids, meta = load_centroids(folder)
     if meta["checkpoint"] != str(checkpoint):
         raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}")
-
-    # 3. label pass
-    with open_output(cfg, PART_LABELS, context) as writer:
-        def wanted(record):
-            return not writer.has(record["key"]) and int(record["class_index"]) in centroids
-
-        records_seen = progress(records(), total, f"{stage.name} label pass", stage.progress_every)
-        for record, result in with_model_outputs(records_seen, wanted, model, device, stage.image_size,
-                                                 stage.batch_size):
-            key = record["key"]
-            summary.seen += 1
-            if writer.has(key):
-                summary.already_done += 1
-                continue
-            cls = int(record["class_index"])
-            if cls not in centroids:
-                writer.skip(key, "no_part_classes")
-                summary.skip("no_part_classes")
-                continue
-            if isinstance(result, Exception):
-                writer.skip(key, "bad_image")
-                summary.skip("bad_image")
-                continue
-            inputs, (logits, masks, queries, sizes) = result
-            obj = torch.from_numpy(inputs.object_mask)
-            parts = ranking.label_pass(logits, masks, queries, torch.from_numpy(centroids[cls]).to(device), obj,
-                                       classifier=stage.classifier, settings=label_settings, **sizes)
-            if len(parts) == 0:  # the IoU-with-the-object filter has no fallback
-                writer.skip(key, "no_parts")
-                summary.skip("no_parts")
-                continue
-            part_masks = parts.masks.cpu().numpy()
-            writer.write({
-                "key": key, **{name: record[name] for name in ("path", "wnid", "class_index", "class_name")},
-                **inputs.frame.as_record(),
-                "object_mask": encode_rles(inputs.object_mask[None])[0],
-                **canvas_ratios(part_masks, inputs.frame),
-                "part_masks": encode_rles(part_masks),
-                "cluster_ids": parts.classes.cpu().numpy().astype(np.int64),
-                "scores": parts.scores.cpu().numpy().astype(np.float32),
-            })
-            summary.written += 1
+    with open_output(cfg, PART_LABELS, context) as writer:  # 3. label pass
+        label_step(cfg, records("label pass"), model, device, centroids, writer, summary)
     summary.output = str(stage.output)
     summary.extra.update({"checkpoint": str(checkpoint), "cluster_pass_images": cluster_images,
                           "classes_with_parts": len(centroids), "centroids": str(folder / "centroids.npz")})
     return summary.finish()
+
+
+def cluster_step(cfg: RunConfig, records: Iterable[dict], model, device: torch.device, folder: Path,
+                 checkpoint: Path) -> int:
+    """1. The cluster pass into the job's embedding log, then 2. k-means per class; returns the
+    number of images embedded by this run (earlier ones are in the log)."""
+    stage = cfg.stage
+    settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_proposal_score, stage.min_object_iou)
+    work = EmbeddingLog(folder, checkpoint)
+    classes: list[int] = []
+    images = 0
+    for record, result in with_model_outputs(records, lambda r: r["key"] not in work.done, model, device,
+                                             stage.image_size, stage.batch_size):
+        cls = int(record["class_index"])
+        if cls not in classes:
+            classes.append(cls)
+        if result is None:  # done before a restart
+            continue
+        if isinstance(result, Exception):
+            work.add(record["key"], cls, torch.zeros((0, 0)))
+            continue
+        inputs, (logits, masks, queries, sizes) = result
+        embeddings, _ = ranking.cluster_pass(logits, masks, queries, torch.from_numpy(inputs.object_mask),
+                                             settings=settings, **sizes)
+        work.add(record["key"], cls, embeddings)
+        images += 1
+    log.info("[%s] cluster pass done (%d new images); k-means over %d classes", stage.name, images, len(classes))
+    centroids, counts = cluster_classes(work, classes, stage.num_clusters, stage.n_init, cfg.seed, device)
+    save_centroids(folder, centroids, counts, checkpoint, stage.num_clusters)
+    return images
+
+
+def label_step(cfg: RunConfig, records: Iterable[dict], model, device: torch.device,
+               centroids: dict[int, np.ndarray], writer, summary: StageSummary) -> None:
+    """3. The label pass: one ``PART_LABELS`` record (or skip) per record of the job's classes."""
+    stage = cfg.stage
+    settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_label_score, stage.min_object_iou)
+
+    def wanted(record):
+        return not writer.has(record["key"]) and int(record["class_index"]) in centroids
+
+    for record, result in with_model_outputs(records, wanted, model, device, stage.image_size, stage.batch_size):
+        key = record["key"]
+        summary.seen += 1
+        if writer.has(key):
+            summary.already_done += 1
+            continue
+        cls = int(record["class_index"])
+        skip = ("no_part_classes" if cls not in centroids else "bad_image" if isinstance(result, Exception)
+                else None)
+        if skip is None:
+            inputs, (logits, masks, queries, sizes) = result
+            parts = ranking.label_pass(logits, masks, queries, torch.from_numpy(centroids[cls]).to(device),
+                                       torch.from_numpy(inputs.object_mask), classifier=stage.classifier,
+                                       settings=settings, **sizes)
+            skip = "no_parts" if len(parts) == 0 else None  # the IoU-with-the-object filter has no fallback
+        if skip is not None:
+            writer.skip(key, skip)
+            summary.skip(skip)
+            continue
+        part_masks = parts.masks.cpu().numpy()
+        writer.write({
+            "key": key, **{name: record[name] for name in ("path", "wnid", "class_index", "class_name")},
+            **inputs.frame.as_record(),
+            "object_mask": encode_rles(inputs.object_mask[None])[0],
+            **canvas_ratios(part_masks, inputs.frame),
+            "part_masks": encode_rles(part_masks),
+            "cluster_ids": parts.classes.cpu().numpy().astype(np.int64),
+            "scores": parts.scores.cpu().numpy().astype(np.float32),
+        })
+        summary.written += 1

@@ -23,7 +23,7 @@ from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
-from part_distillation.models.batching import preprocess_images
+from part_distillation.data.batching import preprocess_images
 from part_distillation.progress import progress
 from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore
@@ -41,8 +41,8 @@ log = logging.getLogger("part_distillation")
 
 
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
-    """This job's slice of the stage-1 records (whole classes, or by key with ``by=image``)."""
-    return store.iter_slice(index, count, by="class" if by == "class" else "key")
+    """This job's slice of the stage-1 records (``store/sharding.py``: whole classes, or by key)."""
+    return store.iter_slice(index, count, by=by)
 
 
 def device_for(setting: str) -> torch.device:
@@ -86,6 +86,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     device = device_for(cfg.model.device)
     spec = {}
     if st.features == "mask2former":
+        # transformers: only for features=mask2former
         from part_distillation.models.mask2former import spec_name_for_size
 
         spec = {"mask2former_spec": spec_name_for_size(cfg.model.size)}
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         weights=cfg.model.weights if st.features == "mask2former" else None, **spec).to(device)
     store = RecordStore(st.input)
     records = shard_input_records(store, cfg.shard.index, cfg.shard.count, cfg.shard.by)
-    total = store.slice_size(cfg.shard.index, cfg.shard.count, by="class" if cfg.shard.by == "class" else "key")
+    total = store.slice_size(cfg.shard.index, cfg.shard.count, by=cfg.shard.by)
     with open_output(cfg, PART_SEGMENTS, context) as out:
         records = progress(records, total, f"pixel_grouping {cfg.shard.index}/{cfg.shard.count}", st.progress_every)
         for batch in _batches(_pending(records, out, st.objects, summary), st.batch_size):

@@ -31,7 +31,8 @@ and left out, an image left with none skipped (``unknown_object_class``). Skips 
 remembered by the store, so a rerun skips them too. With ``mask_source=annotations`` an
 object's class is the image's ImageNet class (its wnid, as the evaluator keys it): a
 PartImageNet json's super-category never names it. A run in which no image yields a part
-ends with one warning line counting why. Images are spread over ``shard.count`` jobs by position.
+ends with one warning line counting why. Images are spread over ``shard.count`` jobs by key
+(``store/sharding.py``).
 """
 from __future__ import annotations
 
@@ -40,28 +41,32 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from part_distillation.config import ConfigError, DeticStageConfig, RunConfig
+from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
-from part_distillation.data.imagenet import IMAGE_EXTENSIONS, printable_name
+from part_distillation.data.imagenet import IMAGE_EXTENSIONS, list_image_tree, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
-from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.data.object_annotations import read_object_annotations
+from part_distillation.inference import TrainedModel, choose_device, read_run_info, resolve_checkpoint
 from part_distillation.masks import decode_rles, encode_rles
+from part_distillation.models.object_masks import SourceImage, build_source
+from part_distillation.models.vocabulary import class_vocabulary
+from part_distillation.prediction import Prediction
 from part_distillation.progress import progress
+from part_distillation.summaries import StageSummary
 from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore
 from part_distillation.store.coco import export_coco
 from part_distillation.store.schemas import PART_PREDICTIONS
-from part_distillation.summaries import StageSummary
+from part_distillation.store.sharding import in_shard
 from part_distillation.viz import draw_parts, write_png
 
 from part_distillation.config import PredictStageConfig
 from part_distillation.stages import SHARDED, StageSpec
 
-SPEC = StageSpec("predict", PredictStageConfig, SHARDED, shards_over="the images, by position",
+SPEC = StageSpec("predict", PredictStageConfig, SHARDED, shards_over="the images, by key",
                  loads_weights=lambda run: run.stage.mask_source == "detic", merged_file="predictions.json")
 
 log = logging.getLogger("part_distillation")
@@ -124,7 +129,6 @@ def _tree_classes(root, split, words_file) -> tuple[list[str], list[str]] | None
     """(names, wnids) of an image tree, or None when it is not there."""
     if not root or not os.path.isdir(str(root)):
         return None
-    from part_distillation.data.imagenet import list_image_tree
 
     try:
         tree = list_image_tree(root, split=split, words_file=words_file)
@@ -141,8 +145,6 @@ def object_classes(cfg: RunConfig, model=None) -> ObjectClasses:
     trees = []
     checkpoint = getattr(model, "checkpoint", None)
     if wnids is not None and checkpoint is not None:
-        from part_distillation.inference import read_run_info
-
         info = read_run_info(checkpoint)
         trees.append((info.get("data.root"), info.get("data.split"), info.get("data.words_file")))
     trees.append((getattr(cfg.data, "root", None), cfg.data.split, cfg.data.words_file))
@@ -196,26 +198,31 @@ def _known_classes(classes: ObjectClasses) -> str:
 
 
 def build_mask_source(cfg: RunConfig, classes: ObjectClasses, own_class_filter: bool = False):
-    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``); its
-    class ids are indices of ``classes`` (the Detic vocabulary is their names, in that order).
-    ``own_class_filter``: prefer the objects of the image's given class (stage 1's rule)."""
+    """Stage 1's object-mask source for ``stage.mask_source`` (None for ``whole_image``), built by
+    ``models.object_masks.build_source`` from this stage's settings; its class ids are indices of
+    ``classes`` (the Detic vocabulary is their names, in that order). ``own_class_filter``: prefer
+    the objects of the image's given class (stage 1's rule)."""
     st = cfg.stage
     if st.mask_source == "whole_image":
         return None
     if st.mask_source == "detic" and not classes.names:
         raise ValueError("stage.mask_source=detic needs the object classes for its vocabulary: "
                          "data.root=<the training image tree> (or a model that carries its class names)")
-    from part_distillation.stages.detic_labeling import build_source
-
-    labeling = DeticStageConfig(
-        source=st.mask_source, output=st.output, fit_size=st.fit_size, score_threshold=st.score_threshold,
-        nms_threshold=st.nms_threshold, max_detections=st.max_detections, keep_top=st.max_objects,
-        own_class_filter=own_class_filter, vocabulary=st.vocabulary, clip_model=st.clip_model,
-        vocabulary_cache=st.vocabulary_cache, annotations=st.annotations,
-        annotations_are_parts=st.annotations_are_parts, grabcut_margin=st.grabcut_margin,
-        grabcut_iterations=st.grabcut_iterations, grabcut_work_size=st.grabcut_work_size)
-    tree = SimpleNamespace(names=list(classes.names or []), wnids=list(classes.wnids or []))
-    return build_source(dataclasses.replace(cfg, stage=labeling), tree)
+    names = list(classes.names or [])
+    vocabulary = annotations = None
+    if st.mask_source == "detic":
+        vocabulary = class_vocabulary(names, st.vocabulary, st.vocabulary_cache, st.clip_model)
+    if st.mask_source == "annotations":
+        annotations = read_object_annotations(st.annotations, parts=st.annotations_are_parts)
+    index_of = {name: i for i, name in enumerate(names)}
+    index_of.update({wnid: i for i, wnid in enumerate(classes.wnids or [])})
+    return build_source(st.mask_source, class_names=names, class_index_of=index_of, keep_top=st.max_objects,
+                        own_class_filter=own_class_filter, device=choose_device(cfg.model.device),
+                        weights=cfg.model.weights, model_size=cfg.model.size, vocabulary=vocabulary,
+                        fit_size=st.fit_size, score_threshold=st.score_threshold, nms_threshold=st.nms_threshold,
+                        max_detections=st.max_detections, annotations=annotations,
+                        grabcut_margin=st.grabcut_margin, grabcut_iterations=st.grabcut_iterations,
+                        grabcut_work_size=st.grabcut_work_size)
 
 
 def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_class: int | None,
@@ -225,8 +232,6 @@ def find_objects(source, key: str, image: np.ndarray, fit_size: int, object_clas
     without a mask (returns None)."""
     if source is None:
         return None
-    from part_distillation.models.object_masks import SourceImage
-
     frame = ImageFrame.fit(image.shape[:2], fit_size)
     found = source([SourceImage(key, frame.fit_image(image), frame, -1 if object_class is None else object_class)])[0]
     keep = np.flatnonzero([mask.any() for mask in found.masks])[:max_objects]
@@ -334,8 +339,6 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 
 def load_trained_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
-    from part_distillation.inference import TrainedModel, choose_device
-
     return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration,
                              device=choose_device(cfg.model.device))
 
@@ -350,7 +353,6 @@ def check(cfg: RunConfig) -> None:
     if not os.path.exists(st.checkpoint):
         raise ConfigError(f"config key 'stage.checkpoint': {st.checkpoint} not found (a stage-4 or stage-6 run "
                           f"folder, or one of its checkpoints/model_*.pth)")
-    from part_distillation.inference import resolve_checkpoint
 
     resolve_checkpoint(st.checkpoint, st.iteration, path_key="stage.checkpoint", iteration_key="stage.iteration")
     if st.mask_source == "annotations" and not (st.annotations and os.path.isfile(st.annotations)):
@@ -365,94 +367,128 @@ def run(cfg: RunConfig, context) -> StageSummary:
     st = cfg.stage
     summary = StageSummary(st.name, output=st.output)
     images = list_images(st.images)
-    mine = images[cfg.shard.index::cfg.shard.count]
-    model = source = object_class = None
-    classes = ObjectClasses()
-    redrawn = with_parts = unknown_objects = 0
-    why: collections.Counter = collections.Counter()  # this run's images without parts, by reason
+    mine = [(key, path) for key, path in images if in_shard(key, cfg.shard.index, cfg.shard.count)]
+    tally = PredictTally()
     with open_output(cfg, PART_PREDICTIONS, context) as out:
-        todo = []
-        for key, path in mine:
-            if not out.has(key):
-                todo.append((key, path))
-                continue
-            record = out.read(key)  # None: skipped (bad image, no object)
-            if record is not None and not overlay_path(st.output, key).is_file():
-                try:  # the overlay was lost: redraw it from the record, no model needed
-                    write_png(overlay_path(st.output, key), draw_prediction(_load(cfg, path), record))
-                    redrawn += 1
-                except (BadImageError, FileNotFoundError, ValueError) as err:
-                    log.warning("overlay of %s not redrawn: %s", path, err)
-            summary.already_done += 1
-        summary.seen = len(mine)
+        todo = resume(cfg, out, mine, summary, tally)
         if todo:
-            model = load_trained_model(cfg)
-            classes = object_classes(cfg, model)
-            object_class = resolve_object_class(st.object_class, classes)
-            if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image",
-                                                                                                 "grabcut"):
-                raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
-                                  f"parts of a given object class, and mask_source={st.mask_source} finds none")
-            source = build_mask_source(cfg, classes, own_class_filter=object_class is not None)
-        for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
-                                  st.progress_every):
-            try:
-                image = _load(cfg, path)
-            except (BadImageError, FileNotFoundError) as err:
-                log.warning("bad image skipped: %s: %s", path, getattr(err, "reason", "file not found"))
-                out.skip(key, "bad_image")
-                summary.skip("bad_image")
-                why["bad_image"] += 1
-                continue
-            objects = find_objects(source, key, image, st.fit_size, object_class, st.max_objects)
-            if objects is not None and len(objects[0]) == 0:
-                log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
-                out.skip(key, "no_object")
-                summary.skip("no_object")
-                why[f"no_object (mask_source={st.mask_source})"] += 1
-                continue
-            if objects is not None and object_class is not None and model.kind == "part_distillation":
-                objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
-            elif objects is not None and model.kind == "part_distillation":
-                known = objects[1] >= 0
-                if not known.all():
-                    log.warning("%s: %d of its %d objects are of no class the model knows (%s): skipped; the "
-                                "class is the image's wnid (json 'wnid', file name n01234567_*, or its folder), "
-                                "or give stage.object_class", path, int((~known).sum()), len(known),
-                                _known_classes(classes))
-                    unknown_objects += int((~known).sum())
-                if not known.any():
-                    out.skip(key, "unknown_object_class")
-                    summary.skip("unknown_object_class")
-                    why["unknown_object_class"] += 1
-                    continue
-                objects = (objects[0][known], objects[1][known])
-            parts = predict_parts(model, image, objects, object_class, min_score=st.min_score,
-                                  max_parts=st.max_parts, classes=classes)
-            record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
-            write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
-            out.write(record)
-            summary.written += 1
-            if len(parts.scores):
-                with_parts += 1
-            else:
-                why[f"no part scored >= stage.min_score={st.min_score:g}"] += 1
+            setup = PredictSetup.load(cfg)
+            for key, path in progress(todo, len(todo), f"predict {cfg.shard.index}/{cfg.shard.count}",
+                                      st.progress_every):
+                predict_image(cfg, setup, key, path, out, summary, tally)
         counts = out.counts
-    if todo and not with_parts:
+    if todo and not tally.with_parts:
         log.warning("[predict] no part found in any of the %d images: %s", len(todo),
-                    ", ".join(f"{n} {reason}" for reason, n in why.most_common()))
+                    ", ".join(f"{n} {reason}" for reason, n in tally.why.most_common()))
     summary.skipped.clear()  # whole-shard counts: a resumed run reports earlier skips too
     summary.skipped.update(counts["skipped"])
-    summary.extra.update(overlays=str(Path(st.output) / OVERLAYS), overlays_redrawn=redrawn,
-                         images_found=len(images), objects_of_unknown_class=unknown_objects)
+    summary.extra.update(overlays=str(Path(st.output) / OVERLAYS), overlays_redrawn=tally.redrawn,
+                         images_found=len(images), objects_of_unknown_class=tally.unknown_objects)
     coco = Path(st.output) / COCO_FILE
     store = RecordStore(st.output)
     if getattr(context, "is_main", True) and not store.summary()["shards_missing_summary"]:
-        if summary.written or redrawn or not coco.is_file():
+        if summary.written or tally.redrawn or not coco.is_file():
             written = write_coco(store, coco)
             log.info("[predict] %d images, %d parts: %s", written["images"], written["annotations"], coco)
         summary.extra["coco"] = str(coco)
     return summary.finish()
+
+
+@dataclasses.dataclass
+class PredictTally:
+    """What one run did beyond the summary's counts."""
+
+    redrawn: int = 0  #: overlays redrawn from their records
+    with_parts: int = 0  #: images given at least one part
+    unknown_objects: int = 0  #: objects of no class the model knows, left out
+    #: this run's images without parts, by reason
+    why: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+@dataclasses.dataclass
+class PredictSetup:
+    """The model, its object classes, the object class asked for and the mask source."""
+
+    model: object
+    classes: ObjectClasses
+    object_class: int | None
+    source: object
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "PredictSetup":
+        st = cfg.stage
+        model = load_trained_model(cfg)
+        classes = object_classes(cfg, model)
+        object_class = resolve_object_class(st.object_class, classes)
+        if model.kind == "part_distillation" and object_class is None and st.mask_source in ("whole_image", "grabcut"):
+            raise ConfigError(f"config key 'stage.object_class' is needed: a PartDistillation model segments the "
+                              f"parts of a given object class, and mask_source={st.mask_source} finds none")
+        return cls(model, classes, object_class,
+                   build_mask_source(cfg, classes, own_class_filter=object_class is not None))
+
+
+def resume(cfg: RunConfig, out, mine: list[tuple[str, str]], summary: StageSummary, tally: PredictTally) -> list:
+    """The ``(key, path)`` still to predict; a done image whose overlay was lost gets it redrawn
+    from its record (no model needed)."""
+    todo = []
+    for key, path in mine:
+        if not out.has(key):
+            todo.append((key, path))
+            continue
+        record = out.read(key)  # None: skipped (bad image, no object)
+        if record is not None and not overlay_path(cfg.stage.output, key).is_file():
+            try:
+                write_png(overlay_path(cfg.stage.output, key), draw_prediction(_load(cfg, path), record))
+                tally.redrawn += 1
+            except (BadImageError, FileNotFoundError, ValueError) as err:
+                log.warning("overlay of %s not redrawn: %s", path, err)
+        summary.already_done += 1
+    summary.seen = len(mine)
+    return todo
+
+
+def _skip(out, summary: StageSummary, tally: PredictTally, key: str, reason: str, why: str | None = None) -> None:
+    out.skip(key, reason)
+    summary.skip(reason)
+    tally.why[why or reason] += 1
+
+
+def predict_image(cfg: RunConfig, setup: PredictSetup, key: str, path: str, out, summary: StageSummary,
+                  tally: PredictTally) -> None:
+    """One image: its objects, their parts, its record and overlay (or a skip)."""
+    st, model, object_class = cfg.stage, setup.model, setup.object_class
+    try:
+        image = _load(cfg, path)
+    except (BadImageError, FileNotFoundError) as err:
+        log.warning("bad image skipped: %s: %s", path, getattr(err, "reason", "file not found"))
+        return _skip(out, summary, tally, key, "bad_image")
+    objects = find_objects(setup.source, key, image, st.fit_size, object_class, st.max_objects)
+    if objects is not None and len(objects[0]) == 0:
+        log.info("no object found in %s (mask_source=%s): skipped", path, st.mask_source)
+        return _skip(out, summary, tally, key, "no_object", f"no_object (mask_source={st.mask_source})")
+    if objects is not None and object_class is not None and model.kind == "part_distillation":
+        objects = (objects[0], np.full(len(objects[0]), object_class, np.int64))  # the class segmented
+    elif objects is not None and model.kind == "part_distillation":
+        known = objects[1] >= 0
+        if not known.all():
+            log.warning("%s: %d of its %d objects are of no class the model knows (%s): skipped; the "
+                        "class is the image's wnid (json 'wnid', file name n01234567_*, or its folder), "
+                        "or give stage.object_class", path, int((~known).sum()), len(known),
+                        _known_classes(setup.classes))
+            tally.unknown_objects += int((~known).sum())
+        if not known.any():
+            return _skip(out, summary, tally, key, "unknown_object_class")
+        objects = (objects[0][known], objects[1][known])
+    parts = predict_parts(model, image, objects, object_class, min_score=st.min_score, max_parts=st.max_parts,
+                          classes=setup.classes)
+    record = part_record(key, path, image.shape[:2], parts, objects, st.mask_source, model.kind)
+    write_png(overlay_path(st.output, key), draw_prediction(image, record))  # first: a record means both
+    out.write(record)
+    summary.written += 1
+    if len(parts.scores):
+        tally.with_parts += 1
+    else:
+        tally.why[f"no part scored >= stage.min_score={st.min_score:g}"] += 1
 
 
 def write_coco(store: RecordStore, path: str | os.PathLike) -> dict:

@@ -27,7 +27,7 @@ SPEC = StageSpec("proposal_learning", ProposalLearningStageConfig, TRAINING, loa
 
 def check(cfg: RunConfig) -> None:
     """Before submission: periodic evaluation (``stage.eval_*``), when on, has its dataset."""
-    from part_distillation.stages.evaluate import check_training_evaluation
+    from part_distillation.evaluation.during_training import check_training_evaluation
 
     check_training_evaluation(cfg.stage)
 

@@ -161,7 +161,7 @@ def train_stage(cfg: RunConfig, context: JobContext, *, dataset: PartRecordDatas
     distributed.seed_all(cfg.seed, context.rank)  # then per-rank training noise
     evaluator = None
     if evaluation and stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation  # its metrics stack, only when on
+        from part_distillation.evaluation.during_training import training_evaluation  # its metrics stack, only when on
 
         evaluator = training_evaluation(stage, evaluation, class_wnids=class_wnids)
     criterion = reference_criterion(num_classes=parts_per_class or num_classes, num_points=stage.num_points,

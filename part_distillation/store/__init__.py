@@ -37,7 +37,7 @@ from part_distillation.store.errors import (
 )
 from part_distillation.store.files import atomic_write_json, manifest_path, shard_name
 from part_distillation.store.framing import (
-    FORMAT, FRAME_HEADER_SIZE, MAGIC, _ShardScan, encode_payload, repair_shard, scan_file,
+    FORMAT, FRAME_HEADER_SIZE, MAGIC, encode_payload, repair_shard, scan_file,
 )
 from part_distillation.store.keytable import KeyTable, key_hash, load_table
 from part_distillation.store.manifest import (

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from part_distillation.data.frame import ImageFrame
-from part_distillation.masks import decode_rles, encode_rles, rle_area, rle_to_bbox
+from part_distillation.masks import decode_rles, encode_rles, resize_masks_nearest, rle_area, rle_to_bbox
 from part_distillation.store.errors import StoreError
 from part_distillation.store.files import create_tmp, fsync_dir
-from part_distillation.store.reader import RecordStore, _check_store
+from part_distillation.store.reader import RecordStore, check_store
 from part_distillation.store.schemas import STAGE_RECORDS
 
 logger = logging.getLogger("part_distillation.store")
@@ -49,12 +48,13 @@ def _image_size(record: dict) -> tuple[int, int]:
     raise StoreError(f"record {record['key']!r} has no height/width, fitted_size, image_size or masks")
 
 
-def _record_frame(record: dict) -> ImageFrame | None:
-    """The record's fitted frame when it says so (``original_size`` and ``fitted_size``), else None:
-    its masks are then in the frame of its ``height``/``width`` (e.g. predict's, at the image's size)."""
+def _record_frame(record: dict) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The record's ``(original, fitted)`` sizes when it was written in the fitted frame
+    (``data/frame.py``: ``original_size`` and ``fitted_size``), else None: its masks are then in
+    the frame of its ``height``/``width`` (e.g. predict's, at the image's size)."""
     if record.get("original_size") is None or record.get("fitted_size") is None:
         return None
-    return ImageFrame.from_record(record)
+    return tuple(record["original_size"][:2]), tuple(record["fitted_size"][:2])
 
 
 def _decoded(record: dict) -> bool:
@@ -164,18 +164,23 @@ class _Exporter:
                                  f"its masks are at the image's size; export it in the original frame")
             h, w = _image_size(rec)
             return {"height": h, "width": w, "frame": "original"}
+        original, fitted = frame
         if self.frame == "fitted":
-            return {"height": frame.fitted[0], "width": frame.fitted[1], "frame": "fitted",
-                    "original_height": frame.original[0], "original_width": frame.original[1]}
-        return {"height": frame.original[0], "width": frame.original[1], "frame": "original"}
+            return {"height": fitted[0], "width": fitted[1], "frame": "fitted",
+                    "original_height": original[0], "original_width": original[1]}
+        return {"height": original[0], "width": original[1], "frame": "original"}
 
     def _masks(self, rec: dict, masks: list[dict]) -> tuple[list[dict], tuple[int, int]]:
         """The record's masks in the exported frame, and that frame's (h, w)."""
         frame = _record_frame(rec)
         if frame is None or self.frame == "fitted":
             return masks, _image_size(rec)
-        decoded = decode_rles(masks, size=_image_size(rec))
-        return encode_rles(frame.masks_to_original(decoded)), frame.original
+        original, fitted = (tuple(int(v) for v in size) for size in frame)
+        decoded = decode_rles(masks, size=_image_size(rec))  # fitted frame -> original: ImageFrame's rule
+        if tuple(decoded.shape[-2:]) != fitted:
+            raise StoreError(f"record {rec['key']!r}: masks of size {tuple(decoded.shape[-2:])} are not in its "
+                             f"fitted frame {fitted}")
+        return encode_rles(resize_masks_nearest(decoded, original)), original
 
     def annotations(self) -> Iterator[dict]:
         """Pass 2: the annotations (after :meth:`images`, which fixes the categories)."""
@@ -250,7 +255,7 @@ def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathL
     of names (ids 1..n) or a dict id -> name. Otherwise it is built from the values seen
     (names get ids 1..n in sorted order).
     """
-    ex = _Exporter(_check_store(store), shards, category_field, categories, default_category, frame)
+    ex = _Exporter(check_store(store), shards, category_field, categories, default_category, frame)
     if out_path is None:
         images = list(ex.images())
         return {"info": ex.info(), "images": images, "annotations": list(ex.annotations()), "categories": ex.cats}

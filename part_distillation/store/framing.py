@@ -44,9 +44,9 @@ logger = logging.getLogger("part_distillation.store")
 
 FORMAT = "part_distillation.store/1"
 MAGIC = b"PDR1"
-_FRAME = struct.Struct("<4sQI")  # magic, payload length, crc32(payload)
-_U32 = struct.Struct("<I")
-FRAME_HEADER_SIZE = _FRAME.size
+FRAME_HEADER = struct.Struct("<4sQI")  # magic, payload length, crc32(payload)
+U32 = struct.Struct("<I")
+FRAME_HEADER_SIZE = FRAME_HEADER.size
 _READ_CHUNK = 8 << 20
 
 
@@ -147,19 +147,19 @@ def encode_payload(key: str, fields: Mapping[str, Any], skip_reason: str | None 
     if entries:
         meta["arrays"] = entries
     meta_b, values_b = _json_bytes(meta), _json_bytes(values)
-    head = b"".join((_U32.pack(len(meta_b)), meta_b, _U32.pack(len(values_b)), values_b))
+    head = b"".join((U32.pack(len(meta_b)), meta_b, U32.pack(len(values_b)), values_b))
     return b"".join((head, b"\0" * (-len(head) % 8), *blobs))
 
 
 def decode_meta(buf: bytes, pos: int) -> tuple[dict, int]:
     """Meta header of the payload at ``pos``; returns it and the position after it."""
-    (n,) = _U32.unpack_from(buf, pos)
+    (n,) = U32.unpack_from(buf, pos)
     return json.loads(buf[pos + 4:pos + 4 + n].decode()), pos + 4 + n
 
 
 def decode_record(buf: bytes, pos: int, meta: dict, after_meta: int) -> dict:
     """The full record of a payload whose meta header was already parsed."""
-    (m,) = _U32.unpack_from(buf, after_meta)
+    (m,) = U32.unpack_from(buf, after_meta)
     values_end = after_meta + 4 + m
     # str.decode first: json.loads(bytes) decodes with 'surrogatepass', twice as slow.
     fields = json.loads(buf[after_meta + 4:values_end].decode())
@@ -181,8 +181,8 @@ def decode_record(buf: bytes, pos: int, meta: dict, after_meta: int) -> dict:
     return {"key": meta["key"], **fields}
 
 
-def _frame(payload: bytes) -> bytes:
-    return _FRAME.pack(MAGIC, len(payload), zlib.crc32(payload))
+def frame_payload(payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(MAGIC, len(payload), zlib.crc32(payload))
 
 
 
@@ -213,7 +213,7 @@ def try_flock(fd: int, mode: int) -> bool:
     return True
 
 
-def _writer_active(fd: int) -> bool:
+def writer_active(fd: int) -> bool:
     """Whether some process holds the shard's write lock (probe with a shared lock)."""
     if not try_flock(fd, fcntl.LOCK_SH):
         return True
@@ -221,7 +221,7 @@ def _writer_active(fd: int) -> bool:
     return False
 
 
-class _ShardScan:
+class ShardScan:
     """Walks the valid frames of one shard file with large reads, checking each CRC.
 
     Iterating yields ``(offset, buf, payload_pos, payload_len)``; ``buf`` stays valid
@@ -251,7 +251,7 @@ class _ShardScan:
             elif off + FRAME_HEADER_SIZE > self._base + len(self._buf) and not self._fill(off, FRAME_HEADER_SIZE):
                 reason = "file shrank while being read"
             else:
-                magic, length, crc = _FRAME.unpack_from(self._buf, off - self._base)
+                magic, length, crc = FRAME_HEADER.unpack_from(self._buf, off - self._base)
                 end = off + FRAME_HEADER_SIZE + length
                 if magic != MAGIC:
                     reason = "bad magic"
@@ -289,7 +289,7 @@ class _ShardScan:
         self.valid_end = offset
         if self.tail_log_level is None:
             return
-        level = logging.DEBUG if _writer_active(self.fd) else self.tail_log_level
+        level = logging.DEBUG if writer_active(self.fd) else self.tail_log_level
         logger.log(level, "%s: ignoring incomplete record at byte offset %d (%s, %d trailing bytes)",
                    self.path, offset, reason, self.size - offset)
 
@@ -311,7 +311,7 @@ class _ShardScan:
         head = pread_exact(self.fd, FRAME_HEADER_SIZE, offset)
         if len(head) < FRAME_HEADER_SIZE:
             return False
-        magic, length, crc = _FRAME.unpack(head)
+        magic, length, crc = FRAME_HEADER.unpack(head)
         if magic != MAGIC or offset + FRAME_HEADER_SIZE + length > self.size:
             return False
         return zlib.crc32(pread_exact(self.fd, length, offset + FRAME_HEADER_SIZE)) == crc
@@ -324,7 +324,7 @@ def scan_file(path: Path, on_corrupt: str = "raise") -> Iterator[tuple[int, byte
     except FileNotFoundError:
         return
     try:
-        yield from _ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt)
+        yield from ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt)
     finally:
         os.close(fd)
 
@@ -342,7 +342,7 @@ def repair_shard(path: str | os.PathLike) -> dict:
         if not try_flock(fd, fcntl.LOCK_EX):
             raise ShardLockedError(f"shard {path} is being written by another process; repair it later")
         size = os.fstat(fd).st_size
-        scan = _ShardScan(path, fd, size, on_corrupt="skip", tail_log_level=None)
+        scan = ShardScan(path, fd, size, on_corrupt="skip", tail_log_level=None)
         out_fd, tmp = create_tmp(path)
         kept = 0
         try:

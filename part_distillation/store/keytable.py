@@ -33,7 +33,7 @@ import numpy as np
 
 from part_distillation.store.files import atomic_write_bytes
 from part_distillation.store.framing import (
-    _FRAME, _U32, FRAME_HEADER_SIZE, _ShardScan, _writer_active, decode_meta, pread_exact,
+    FRAME_HEADER, U32, FRAME_HEADER_SIZE, ShardScan, writer_active, decode_meta, pread_exact,
 )
 
 logger = logging.getLogger("part_distillation.store")
@@ -63,7 +63,7 @@ def table_path(shard_path: Path) -> Path:
 def frame_key(fd: int, offset: int) -> str:
     """The key of the frame at ``offset`` (reads its header and meta only)."""
     head = pread_exact(fd, FRAME_HEADER_SIZE + 4, offset)
-    (n,) = _U32.unpack_from(head, FRAME_HEADER_SIZE)
+    (n,) = U32.unpack_from(head, FRAME_HEADER_SIZE)
     meta = json.loads(pread_exact(fd, n, offset + FRAME_HEADER_SIZE + 4).decode())
     return meta["key"]
 
@@ -106,7 +106,7 @@ class TableBuilder:
         meta, after = decode_meta(buf, pos)
         class_name, bad = meta.get("class"), "bad" in meta
         if "skip" not in meta and "class" not in meta:  # shards written before meta carried them
-            (m,) = _U32.unpack_from(buf, after)
+            (m,) = U32.unpack_from(buf, after)
             values = json.loads(buf[after + 4:after + 4 + m].decode())
             wnid = values.get("wnid")
             class_name = wnid if isinstance(wnid, str) else None
@@ -180,7 +180,7 @@ class KeyTable:
                   "classes": self.class_names, "body_crc": zlib.crc32(body)}
         head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
         pad = -(len(TABLE_MAGIC) + 4 + len(head)) % 8
-        return b"".join((TABLE_MAGIC, _U32.pack(len(head) + pad), head, b" " * pad, body))
+        return b"".join((TABLE_MAGIC, U32.pack(len(head) + pad), head, b" " * pad, body))
 
     def save(self) -> None:
         atomic_write_bytes(table_path(self.path), self.to_bytes())
@@ -191,7 +191,7 @@ class KeyTable:
         try:
             if data[:4] != TABLE_MAGIC:
                 return None
-            (n_head,) = _U32.unpack_from(data, 4)
+            (n_head,) = U32.unpack_from(data, 4)
             header = json.loads(data[8:8 + n_head].decode())
             body = memoryview(data)[8 + n_head:]
             n = header["n"]
@@ -220,7 +220,7 @@ class KeyTable:
         offset, header = self.last_frame
         if pread_exact(fd, len(header), offset) != header:
             return False
-        _, length, _ = _FRAME.unpack(header)
+        _, length, _ = FRAME_HEADER.unpack(header)
         return offset + FRAME_HEADER_SIZE + length == self.covered
 
 
@@ -248,12 +248,12 @@ def load_table(path: Path, *, on_corrupt: str = "raise", save: bool = True) -> K
             table = saved
         else:
             builder = TableBuilder(saved)
-            scan = _ShardScan(path, fd, st.st_size, on_corrupt=on_corrupt,
+            scan = ShardScan(path, fd, st.st_size, on_corrupt=on_corrupt,
                               start=saved.covered if saved is not None else 0)
             for offset, buf, pos, length in scan:
                 builder.add_frame(buf, pos, offset, length)
             table = builder.table(path, scan.valid_end, st.st_ino)
-            if save and not scan.corrupt and not _writer_active(fd):
+            if save and not scan.corrupt and not writer_active(fd):
                 try:
                     table.save()
                 except OSError as e:  # a read-only output: the table is only a cache

@@ -22,10 +22,11 @@ Slices
     ``iter_slice(index, count, by=...)`` streams the records of one of ``count`` disjoint
     slices covering the output, so a stage of N jobs reads an output written by M jobs
     without loading its keys. ``by="class"``: whole classes (the record's ``wnid``) go to
-    slices with ``data.imagenet.assign_classes_to_shards`` over the number of records
+    slices with ``store.sharding.assign_classes_to_shards`` over the number of records
     per class in this output: for an index output (one record per image of the tree)
     the slices are exactly ``data.imagenet.shard(tree.images, index, count, by="class")``.
-    Records without a ``wnid`` go by key hash. ``by="key"``: ``key_hash(key) % count``.
+    Records without a ``wnid`` go by key hash. ``by="image"`` (or ``"key"``):
+    ``key_hash(key) % count``. The rule is ``store/sharding.py``'s, here vectorised.
 """
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ import numpy as np
 from part_distillation.store.errors import CorruptShardError, StoreError
 from part_distillation.store.files import SHARD_RE, shard_name
 from part_distillation.store.framing import (
-    _FRAME, FRAME_HEADER_SIZE, MAGIC, _ShardScan, _writer_active, decode_meta, decode_record, pread_exact,
+    FRAME_HEADER, FRAME_HEADER_SIZE, MAGIC, ShardScan, writer_active, decode_meta, decode_record, pread_exact,
 )
 from part_distillation.store.keytable import FLAG_SKIP, NO_CLASS, KeyTable, key_hash, load_table
 from part_distillation.store.manifest import read_manifest
+from part_distillation.store.sharding import assign_classes_to_shards, check_shard
 
 logger = logging.getLogger("part_distillation.store")
 
@@ -81,7 +83,7 @@ def _read_entries(path: Path, table: KeyTable, entries: np.ndarray, on_corrupt: 
                 length = ends[k] - offsets[k] - FRAME_HEADER_SIZE
                 ok = len(buf) >= pos + FRAME_HEADER_SIZE + length
                 if ok:
-                    magic, n_bytes, crc = _FRAME.unpack_from(buf, pos)
+                    magic, n_bytes, crc = FRAME_HEADER.unpack_from(buf, pos)
                     payload = memoryview(buf)[pos + FRAME_HEADER_SIZE:pos + FRAME_HEADER_SIZE + length]
                     ok = magic == MAGIC and n_bytes == length and zlib.crc32(payload) == crc
                 if not ok:
@@ -94,7 +96,7 @@ def _read_entries(path: Path, table: KeyTable, entries: np.ndarray, on_corrupt: 
 
 
 def _rescan(path: Path, fd: int, start: int, wanted: set, on_corrupt: str) -> Iterator[tuple[int, bytes, int, int]]:
-    scan = _ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt, start=start)
+    scan = ShardScan(path, fd, os.fstat(fd).st_size, on_corrupt=on_corrupt, start=start)
     for offset, buf, pos, length in scan:
         if offset in wanted:
             yield offset, buf, pos, length
@@ -196,8 +198,6 @@ class RecordStore:
                 dup_hashes = np.unique(all_h[1:][all_h[1:] == all_h[:-1]])
                 del all_h
             if slice_ is not None and slice_[2] == "class":
-                from part_distillation.data.imagenet import assign_classes_to_shards
-
                 owner = assign_classes_to_shards(class_sizes, slice_[1])
         for t in self._tables(paths, on_corrupt):
             mask = t.live & ((t.flags & FLAG_SKIP) != 0) if skips else t.is_record
@@ -248,10 +248,11 @@ class RecordStore:
         """The records of slice ``index`` of ``count`` disjoint slices covering the output.
 
         ``by="class"``: whole classes, balanced as ``data.imagenet.shard`` balances them
-        (see the module docstring); ``by="key"``: ``key_hash(key) % count == index``.
+        (see the module docstring); ``by="image"`` (or ``"key"``): ``key_hash(key) % count == index``
+        (``store/sharding.py``).
         Streams: memory is one shard file's key table plus 8 bytes per record for one pass.
         """
-        _check_slice(index, count, by)
+        by = check_shard(index, count, by)
         for _, _, buf, pos, _, meta, after in self._iter_frames(None, on_corrupt, slice_=(index, count, by)):
             yield decode_record(buf, pos, meta, after)
 
@@ -259,7 +260,7 @@ class RecordStore:
         """How many records ``iter_slice(index, count, by)`` yields, from the key tables alone
         (no record is read; cheap enough for a progress total). A key written to two files
         counts twice here (the iteration keeps one)."""
-        _check_slice(index, count, by)
+        by = check_shard(index, count, by)
         return sum(len(entries) for _, entries, _ in self._plan(None, on_corrupt, slice_=(index, count, by)))
 
     def iter_keys(self, shards: Iterable[int] | None = None, *, on_corrupt: str = "raise") -> Iterator[str]:
@@ -325,7 +326,7 @@ class RecordStore:
             data = pread_exact(fd, FRAME_HEADER_SIZE + length, offset)
             if len(data) < FRAME_HEADER_SIZE + length:
                 raise CorruptShardError(path, offset, "file shrank since the index was built")
-            magic, n, crc = _FRAME.unpack_from(data, 0)
+            magic, n, crc = FRAME_HEADER.unpack_from(data, 0)
             if magic != MAGIC or n != length or zlib.crc32(memoryview(data)[FRAME_HEADER_SIZE:]) != crc:
                 raise CorruptShardError(path, offset, "record changed since the index was built")
             meta, after = decode_meta(data, FRAME_HEADER_SIZE)
@@ -364,7 +365,7 @@ class RecordStore:
         except FileNotFoundError:
             return
         try:
-            scan = _ShardScan(Path(path), fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
+            scan = ShardScan(Path(path), fd, os.fstat(fd).st_size, start=offset, tail_log_level=logging.DEBUG)
             for frame_offset, buf, pos, length in scan:
                 meta, after = decode_meta(buf, pos)
                 record = None if "skip" in meta else decode_record(buf, pos, meta, after)
@@ -410,15 +411,6 @@ class RecordStore:
         return f"RecordStore({str(self.path)!r}, stage={self.stage!r}, num_shards={self.num_shards})"
 
 
-def _check_slice(index: int, count: int, by: str) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"slice count must be a positive integer, got {count!r}")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"slice index must be an integer in [0, {count}), got {index!r}")
-    if by not in ("class", "key"):
-        raise ValueError(f"slice by must be 'class' or 'key', got {by!r}")
-
-
 def _file_closed(path: Path) -> bool:
     if not path.with_name(path.name[:-len(".rec")] + ".summary.json").exists():
         return False
@@ -427,12 +419,12 @@ def _file_closed(path: Path) -> bool:
     except FileNotFoundError:
         return False
     try:
-        return not _writer_active(fd)
+        return not writer_active(fd)
     finally:
         os.close(fd)
 
 
-def _check_store(store) -> RecordStore:
+def check_store(store) -> RecordStore:
     if isinstance(store, RecordStore):
         return store
     if isinstance(store, (str, os.PathLike)):

@@ -41,7 +41,7 @@ from typing import Any
 from part_distillation.store.errors import DuplicateKeyError, ShardLockedError, StoreError
 from part_distillation.store.files import atomic_write_json, shard_name
 from part_distillation.store.framing import (
-    FRAME_HEADER_SIZE, _frame, _ShardScan, decode_meta, decode_record, encode_payload, pread_exact,
+    FRAME_HEADER_SIZE, frame_payload, ShardScan, decode_meta, decode_record, encode_payload, pread_exact,
     record_class_and_bad, try_flock,
 )
 from part_distillation.store.keytable import TableBuilder
@@ -150,7 +150,7 @@ class ShardWriter:
     def _recover(self, on_corrupt: str) -> int:
         """Read the done keys; truncate a torn tail. Returns the append offset."""
         size = os.fstat(self._fd).st_size
-        scan = _ShardScan(self.path, self._fd, size, on_corrupt=on_corrupt, tail_log_level=None)
+        scan = ShardScan(self.path, self._fd, size, on_corrupt=on_corrupt, tail_log_level=None)
         for offset, buf, pos, length in scan:
             meta = self._table.add_frame(buf, pos, offset, length)
             self._count(meta["key"], offset, length, meta.get("skip"), meta.get("bad"))
@@ -238,7 +238,7 @@ class ShardWriter:
         if key in self._done and not replace:
             raise DuplicateKeyError(f"key {key!r} is already in {self.path}; check writer.has(key) "
                                     f"before computing a record (or write with replace=True to supersede it)")
-        header = _frame(payload)
+        header = frame_payload(payload)
         total = len(header) + len(payload)
         try:
             written = os.writev(self._fd, [header, payload])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from part_distillation.models.batching import PIXEL_MEAN, PIXEL_STD
+from part_distillation.data.batching import PIXEL_MEAN, PIXEL_STD
 from part_distillation.models.efficientnet import (
     LEVEL_CHANNELS,
     SameConv2d,

@@ -212,3 +212,40 @@ def test_mask2former_source_gives_fitted_masks_best_first(reference_models: Path
         assert np.all(np.diff(objects.scores) <= 0) and objects.classes.tolist() == [-1] * len(objects)
         assert all(name.startswith("coco:") for name in objects.class_names)
         assert objects.masks.reshape(len(objects), -1).any(1).all()
+
+
+# --------------------------------------------------------------------------- building from plain values
+
+
+def test_build_source_makes_each_kind_from_plain_values(tmp_path):
+    from part_distillation.models.object_masks import build_source
+
+    grabcut = build_source("grabcut", grabcut_margin=0.2, grabcut_iterations=3, grabcut_work_size=None)
+    assert isinstance(grabcut, GrabCutSource) and (grabcut.margin, grabcut.iterations) == (0.2, 3)
+    assert grabcut.work_size is None
+    given = build_source("annotations", annotations={}, class_index_of={"n01": 0}, keep_top=2,
+                         own_class_filter=False)
+    assert isinstance(given, AnnotationSource) and given.keep_top == 2 and not given.own_class_filter
+    with pytest.raises(ValueError, match="annotations source needs"):
+        build_source("annotations")
+    with pytest.raises(FileNotFoundError, match=f"detic weights not found at {tmp_path / 'no.pth'}"):
+        build_source("detic", weights=str(tmp_path / "no.pth"), class_names=["a"])
+    with pytest.raises(FileNotFoundError, match="mask2former source needs a weights file"):
+        build_source("mask2former")
+    with pytest.raises(ValueError, match="unknown object-mask source 'sam'"):
+        build_source("sam")
+
+
+@pytest.mark.reference
+def test_build_source_detic_is_the_labelling_preset_with_the_vocabulary(reference_models: Path):
+    from part_distillation.models.object_masks import build_source
+
+    vocabulary = np.load(reference_models / "detic_tiny_vocab.npy")
+    names = [f"c{i}" for i in range(len(vocabulary))]
+    source = build_source("detic", weights=str(reference_models / "detic_tiny.pth"), model_size="tiny",
+                          class_names=names, vocabulary=vocabulary, keep_top=3, score_threshold=0.3)
+    assert isinstance(source, DeticSource) and source.keep_top == 3 and source.class_names == names
+    assert source.model.num_classes == len(names)
+    with pytest.raises(ValueError, match="one vocabulary embedding per class"):
+        build_source("detic", weights=str(reference_models / "detic_tiny.pth"), model_size="tiny",
+                     class_names=names[:-1], vocabulary=vocabulary)

@@ -85,19 +85,6 @@ def test_label_pass_merges_clusters_restricts_and_filters():
     assert parts.masks[parts.classes == 1].sum() == 1
 
 
-def test_embedding_file_appends_truncates_and_maps(tmp_path):
-    f = ranking.EmbeddingFile(tmp_path / "c.f32", 3)
-    assert len(f) == 0 and f.read().shape == (0, 3)
-    end = f.append(np.ones((2, 3)))
-    assert end == 24
-    f.append(torch.zeros(1, 3))
-    assert len(f) == 3
-    f.truncate(end)
-    np.testing.assert_array_equal(f.read(), np.ones((2, 3), np.float32))
-    with pytest.raises(ValueError, match=r"\(N, 3\)"):
-        f.append(np.ones((2, 4)))
-
-
 def test_label_pass_keeps_every_part_when_none_passes_the_score_or_area_filter():
     """The reference's ``if valid.any()``: each filter keeps what it was given when nothing passes."""
     obj = torch.ones(4, 4, dtype=torch.bool)

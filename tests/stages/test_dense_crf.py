@@ -13,7 +13,8 @@ import pytest
 from tests.helpers import kill_entry_after_first_record
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rles
-from part_distillation.stages.dense_crf import RefineSettings, in_shard, part_label_map, refine_record
+from part_distillation.stages.dense_crf import RefineSettings, part_label_map, refine_record
+from part_distillation.store.sharding import in_shard
 from part_distillation.store import RecordStore
 from tests.slurm_cluster import slurm_cluster, wait_for
 from tests.stages.fixtures import degrade, part_segments_record, true_part_labels, write_stage2

@@ -18,12 +18,16 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.partimagenet import PartImageNetDataset
 from part_distillation.data.part_datasets import open_part_dataset
 from part_distillation.data.synthetic import make_synthetic_dataset, write_split_halves
+from part_distillation.data.part_sample import PartSample
+from part_distillation.evaluation import during_training, scoring
+from part_distillation.evaluation.evaluator import metrics
 from part_distillation.evaluation.predictors import ColourKMeansPredictor, ModelPredictor
 from part_distillation.launch import JobContext
 from part_distillation.masks import encode_rles
 from part_distillation.stages import evaluate
 from part_distillation.store import ConfigMismatchError, RecordStore, ShardWriter
 from part_distillation.store.schemas import PART_SEGMENTS
+from part_distillation.store.sharding import key_shard
 
 from tests.model_runs import write_run
 
@@ -303,7 +307,7 @@ def test_training_evaluation_scores_the_live_model(halves):
                                         eval_split="train_eval", eval_match_split="train_match",
                                         eval_image_root=str(halves["root"] / "train"), eval_max_images=2,
                                         image_size=64, parts_per_class=3)
-    evaluate_fn = evaluate.training_evaluation(stage, "part_distillation", class_wnids=halves["wnids"])
+    evaluate_fn = during_training.training_evaluation(stage, "part_distillation", class_wnids=halves["wnids"])
     model.train()
     got = evaluate_fn(SimpleNamespace(module=model))
     assert model.training
@@ -319,11 +323,11 @@ def test_training_evaluation_scores_the_live_model(halves):
                for s in ("train_eval", "train_match")}
     assert {s.supercategory for s in samples["train_eval"]} == {"rover", "lantern"}   # halves interleave classes
     assert {s.object_class for s in samples["train_eval"]} == set(halves["wnids"])    # keyed by ImageNet class
-    want = evaluate.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7,
+    want = scoring.evaluate_in_memory(predictor, samples, "train_eval", "train_match", num_parts=7,
                                        at_test_size=True)   # PartImageNet-style: at the test resolution
-    assert got == evaluate.flat_metrics(want)
+    assert got == scoring.flat_metrics(want)
     with pytest.raises(ConfigError, match="stage.eval_root"):
-        evaluate.training_evaluation(ProposalLearningStageConfig(output="x", eval_period=5), "proposal")
+        during_training.training_evaluation(ProposalLearningStageConfig(output="x", eval_period=5), "proposal")
 
 
 @pytest.mark.integration
@@ -372,7 +376,7 @@ def test_training_evaluation_refuses_a_missing_split_before_training(halves):
 
     stage = ProposalLearningStageConfig(output="x", eval_period=5, eval_root=str(halves["root"]), eval_split="val")
     with pytest.raises(ConfigError, match="stage.eval_split=val.*no annotation file for split 'val'"):
-        evaluate.training_evaluation(stage, "proposal")
+        during_training.training_evaluation(stage, "proposal")
 
 
 @pytest.mark.integration
@@ -418,10 +422,18 @@ def test_pascal_part_ar_is_per_image_sharded_and_resumable(tmp_path):
     common = [f"data.root={voc}", f"paths.root={tmp_path}", "stage.dataset=pascal_part",
               f"stage.dataset_root={voc}", f"stage.annotations_root={parts}", "stage.split=val",
               "stage.predictors=[strips]", "stage.num_clusters=2", "stage.top_k=[1,10]", "shard.count=2"]
+    # jobs take whole images by the one sharding rule (store/sharding.py) on the image's state key;
+    # image 1: two dogs, its AR state and one state per dog; image 2: one object, one state
+    names = ("2008_000001", "2008_000002")
+    owner = {name: key_shard(f"val/image:{voc / 'JPEGImages' / name}.jpg", 2) for name in names}
+    expected = [[0, 0], [0, 0]]
+    for name, (objects, states) in zip(names, ((2, 3), (1, 1))):
+        expected[owner[name]][0] += objects
+        expected[owner[name]][1] += states
     first = evaluate.run(_cfg(*common, "shard.index=0"), JobContext()).as_dict()
-    assert first["seen"] == 2 and first["written"] == 3   # image 1: its AR state and one state per dog
+    assert [first["seen"], first["written"]] == expected[0]
     second = evaluate.run(cfg := _cfg(*common, "shard.index=1"), JobContext()).as_dict()
-    assert second["seen"] == 1 and second["written"] == 1  # image 2: one object, one state
+    assert [second["seen"], second["written"]] == expected[1]
     result = _metrics(cfg, "strips")
     assert result["images"] == 2 and result["objects"] == 3
     for protocol in ("reference", "strict"):
@@ -433,7 +445,7 @@ def test_pascal_part_ar_is_per_image_sharded_and_resumable(tmp_path):
     assert "| strips | reference | overlapping | 50.0 | 100.0 | – | – |" in table
     assert "| strips | reference | one-label | 50.0 | 100.0 |" in table
     again = evaluate.run(_cfg(*common, "shard.index=0"), JobContext()).as_dict()
-    assert again["written"] == 0 and again["already_done"] == 3
+    assert again["written"] == 0 and again["already_done"] == expected[0][1]
     # the same samples each taken as an image of its own: the per-object figures
     from dataclasses import replace
 
@@ -441,7 +453,7 @@ def test_pascal_part_ar_is_per_image_sharded_and_resumable(tmp_path):
 
     samples = [replace(s, path=f"{s.path}#{s.key}") for s in open_part_dataset("pascal_part", voc, "val", None,
                                                                                  parts).samples()]
-    alone = evaluate.evaluate_in_memory(StripsPredictor(2), {"val": samples}, "val", None, 50, top_k=(1, 10))
+    alone = scoring.evaluate_in_memory(StripsPredictor(2), {"val": samples}, "val", None, 50, top_k=(1, 10))
     assert alone["images"] == 3 and alone["strict"]["overlapping"] == pytest.approx({"AR@1": 40.0, "AR@10": 65.0})
 
 
@@ -467,7 +479,7 @@ def test_class_conditioned_predictions_are_pooled_per_image_for_ar(tmp_path):
     voc, parts = _pascal_two_objects(tmp_path)
     samples = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())
     assert [s.key for s in samples] == ["2008_000001/0", "2008_000001/1", "2008_000002/0"]
-    result = evaluate.evaluate_in_memory(_ObjectFinder(), {"val": samples[:2]}, "val", None, num_parts=50,
+    result = scoring.evaluate_in_memory(_ObjectFinder(), {"val": samples[:2]}, "val", None, num_parts=50,
                                          top_k=(1, 10))
     assert result["images"] == 1 and result["objects"] == 2
     assert "one-label" in result["strict"] and "overlapping" not in result["strict"]
@@ -510,7 +522,7 @@ def test_proposals_are_scored_overlapping_and_one_label_side_by_side(tmp_path):
     Both rows in the table, overlapping first; the mIoU on the one-label row."""
     voc, parts = _pascal_two_objects(tmp_path)
     samples = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())[2:]
-    result = evaluate.evaluate_in_memory(_TwoSettings(), {"val": samples}, "val", None, num_parts=50,
+    result = scoring.evaluate_in_memory(_TwoSettings(), {"val": samples}, "val", None, num_parts=50,
                                          top_k=(1, 10))
     strict = result["strict"]
     assert strict["one-label"] == pytest.approx({"AR@1": 50.0, "AR@10": 100.0})
@@ -522,7 +534,7 @@ def test_proposals_are_scored_overlapping_and_one_label_side_by_side(tmp_path):
     assert table[2:4] == ["| reference | overlapping | 5.0 | 100.0 | – | – | – |",
                           f"| reference | one-label | 50.0 | 100.0 | {reference['C-mIoU']:.1f} | "
                           f"{reference['A-mIoU']:.1f} | {reference['bestIoU']:.1f} |"]
-    assert evaluate.flat_metrics(result, (1, 10))["strict/overlapping/AR@1"] == pytest.approx(5.0)
+    assert scoring.flat_metrics(result, (1, 10))["strict/overlapping/AR@1"] == pytest.approx(5.0)
 
 
 # --------------------------------------------------------------------------- test resolution
@@ -531,18 +543,18 @@ def test_partimagenet_is_scored_at_the_test_resolution_other_datasets_at_the_ori
     from part_distillation.evaluation.evaluator import PartEvaluator
     from part_distillation.evaluation.predictors import RecordsPredictor, StripsPredictor
 
-    assert evaluate.scores_at_test_size("partimagenet") and not evaluate.scores_at_test_size("pascal_part")
-    assert evaluate.scores_at_test_size("pascal_part", "test")
-    assert not evaluate.scores_at_test_size("partimagenet", "original")
+    assert scoring.scores_at_test_size("partimagenet") and not scoring.scores_at_test_size("pascal_part")
+    assert scoring.scores_at_test_size("pascal_part", "test")
+    assert not scoring.scores_at_test_size("partimagenet", "original")
     obj = np.zeros((32, 48), bool)
     obj[8:24, 8:40] = True
     left, right = obj.copy(), obj.copy()
     left[:, 24:], right[:, :24] = False, False
-    sample = evaluate.PartSample(key="0", path="/x/n1_0.JPEG", object_class="n1", wnid="n1", object_mask=obj,
+    sample = PartSample(key="0", path="/x/n1_0.JPEG", object_class="n1", wnid="n1", object_mask=obj,
                                  part_masks=np.stack([left, right]), part_ids=np.array([0, 1]))
     evaluator = PartEvaluator(num_parts=2, num_clusters=2, top_k=(10,))
-    original, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample)
-    scaled, _ = evaluate.score_sample(StripsPredictor(2), evaluator, sample, at_test_size=True)
+    original, _ = scoring.score_sample(StripsPredictor(2), evaluator, sample)
+    scaled, _ = scoring.score_sample(StripsPredictor(2), evaluator, sample, at_test_size=True)
     assert original["ar_strict"]["one-label"]["gt_areas"].tolist() == [256, 256]
     # 32 x 48 -> 427 x 640 (longer side 640 for what is not a PartDistillation model): x 13.3 per axis
     assert scaled["ar_strict"]["one-label"]["gt_areas"].sum() == pytest.approx(512 * (640 / 48) ** 2, rel=0.02)
@@ -552,7 +564,7 @@ def test_partimagenet_is_scored_at_the_test_resolution_other_datasets_at_the_ori
     record = {"key": "r", "path": "/x/n1_0.JPEG", **frame.as_record(),
               "part_masks": encode_rles(frame.masks_to_fitted(np.stack([left, right]))), "part_ids": [1, 2]}
     records = RecordsPredictor({"/x/n1_0.JPEG": record}, "records", 2)
-    state, skip = evaluate.score_sample(records, evaluator, sample, at_test_size=True)
+    state, skip = scoring.score_sample(records, evaluator, sample, at_test_size=True)
     assert skip is None and state["ar_strict"]["one-label"]["overlaps"].min() == pytest.approx(1.0)
 
 
@@ -567,20 +579,20 @@ def test_an_image_of_several_objects_is_scored_at_the_test_resolution_as_one_fra
     group = list(open_part_dataset("pascal_part", voc, "val", None, parts).samples())[:2]
     predictor = StripsPredictor(2)
     evaluator = PartEvaluator(num_parts=50, num_clusters=2, top_k=(1, 10), ar_settings=predictor.ar_settings)
-    states, skips = evaluate.score_image(predictor, evaluator, group, at_test_size=True)
+    states, skips = scoring.score_image(predictor, evaluator, group, at_test_size=True)
     assert not skips and [s["key"] for s in states] == ["image:" + group[0].path, *[s.key for s in group]]
     for setting in ("overlapping", "one-label"):
         ar = states[0]["ar_strict"][setting]
         assert ar["gt_areas"].tolist() == [20 * 64 ** 2, 20 * 64 ** 2]   # each dog 4 x 5, x 64 per axis
         assert ar["overlaps"].max() == pytest.approx(1.0)
     assert all(s["confusion_strict"].sum() == 512 * 640 for s in states[1:])
-    result = evaluate.evaluate_in_memory(predictor, {"val": group}, "val", None, 50, top_k=(1, 10),
+    result = scoring.evaluate_in_memory(predictor, {"val": group}, "val", None, 50, top_k=(1, 10),
                                          at_test_size=True)
     assert result["strict"]["overlapping"] == pytest.approx({"AR@1": 50.0, "AR@10": 100.0})
     # no record of the image: each object is a counted skip (the image's AR state is none), found nothing
     missing = RecordsPredictor({}, "records", 2)
-    states, skips = evaluate.score_image(missing, evaluator, group, at_test_size=True)
+    states, skips = scoring.score_image(missing, evaluator, group, at_test_size=True)
     assert skips == ["no_prediction"] * 2 and "skip" not in states[0]
     assert [s["skip"] for s in states[1:]] == ["no_prediction"] * 2
     assert states[0]["ar_strict"]["one-label"]["gt_areas"].sum() == 2 * 20 * 64 ** 2
-    assert evaluate.metrics(states, top_k=(1, 10))["skipped"] == {"no_prediction": 2}
+    assert metrics(states, top_k=(1, 10))["skipped"] == {"no_prediction": 2}

@@ -19,6 +19,7 @@ from part_distillation.masks import decode_rles
 from part_distillation.stages import part_ranking
 from part_distillation.models.checkpoint import build_model
 from part_distillation.store import RecordStore
+from part_distillation.store.embedding_log import EmbeddingFile, EmbeddingLog
 
 from ..data.part_fixtures import write_part_segments
 
@@ -108,14 +109,14 @@ def test_two_jobs_split_the_classes(tmp_path, records, proposal_run):
 
 KILL_SCRIPT = """
 import sys, torch
-from part_distillation.models import part_ranking as ranking
+from part_distillation.store import embedding_log
 from part_distillation.stages import part_ranking
 from part_distillation.launch import JobContext
 from tests.stages.test_part_ranking import _cfg
 from pathlib import Path
 torch.set_num_threads(1)
 count = [0]
-original = ranking.EmbeddingFile.append
+original = embedding_log.EmbeddingFile.append
 def append(self, rows):
     count[0] += 1
     if count[0] == int(sys.argv[4]):
@@ -125,7 +126,7 @@ def append(self, rows):
         import os
         os._exit(9)
     return original(self, rows)
-ranking.EmbeddingFile.append = append
+embedding_log.EmbeddingFile.append = append
 part_ranking.run(_cfg(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])), JobContext())
 """
 
@@ -254,7 +255,7 @@ def test_one_class_of_a_million_embeddings_stays_within_the_memory_bound(tmp_pat
     K-means from the file: < 2.5 x N x D x 4 bytes + 64 MiB (the bound in the stage's docstring)."""
     torch.set_num_threads(1)
     n, dim, per_image = 1_000_000, 64, 500
-    work = part_ranking.ClusterWork(tmp_path / "work", Path("model.pth"))
+    work = EmbeddingLog(tmp_path / "work", Path("model.pth"))
     generator = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(8, dim, generator=generator), dim=1)
 
@@ -265,7 +266,7 @@ def test_one_class_of_a_million_embeddings_stays_within_the_memory_bound(tmp_pat
             work.add(f"image{i}", 3, torch.nn.functional.normalize(x, dim=1))
 
     _, stream_rise = _peak_rise(stream)
-    assert len(part_ranking.ranking.EmbeddingFile(work.folder / "class_3.f32", dim)) == n
+    assert len(EmbeddingFile(work.folder / "class_3.f32", dim)) == n
     assert stream_rise < 32 * 2**20, stream_rise / 2**20
     (centroids, counts), cluster_rise = _peak_rise(
         lambda: part_ranking.cluster_classes(work, [3], 8, 1, 0, torch.device("cpu")))

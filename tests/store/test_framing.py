@@ -90,7 +90,7 @@ def test_truncation_at_every_offset_of_the_last_record_reopens_cleanly(tmp_path,
 
 
 def test_a_reader_whose_shard_shrinks_under_it_stops_at_the_cut(tmp_path):
-    from part_distillation.store import _ShardScan
+    from part_distillation.store.framing import ShardScan
 
     with writer(tmp_path) as w:
         for i in range(3):
@@ -98,7 +98,7 @@ def test_a_reader_whose_shard_shrinks_under_it_stops_at_the_cut(tmp_path):
     size_seen = w.path.stat().st_size
     with open(w.path, "rb") as f:
         os.truncate(w.path, frame_offsets(w.path)[2])  # a writer cutting what it took for a torn tail
-        scan = _ShardScan(w.path, f.fileno(), size_seen)
+        scan = ShardScan(w.path, f.fileno(), size_seen)
         assert len(list(scan)) == 2 and scan.tail[1] == "file shrank while being read"
 
 

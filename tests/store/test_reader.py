@@ -208,9 +208,12 @@ def test_slices_by_class_match_the_class_partition_of_the_tree(tmp_path):
             # the size of a slice (a progress total) from the key tables, without reading records
             assert store.slice_size(index, count, by="class") == len(got)
             assert store.slice_size(index, count, by="key") == sum(1 for _ in store.iter_slice(index, count, by="key"))
-    with pytest.raises(ValueError, match="slice index"):
+            # one rule (store/sharding.py): the store's slices by image are the tree's shards by image
+            by_image = [r["key"] for r in store.iter_slice(index, count, by="image")]
+            assert sorted(by_image) == [r.key for r in shard(refs, index, count, by="image")]
+    with pytest.raises(ValueError, match="shard index"):
         next(store.iter_slice(3, 3))
-    with pytest.raises(ValueError, match="'class' or 'key'"):
-        next(store.iter_slice(0, 3, by="image"))
-    with pytest.raises(ValueError, match="slice index"):
+    with pytest.raises(ValueError, match="'class' or 'image'"):
+        next(store.iter_slice(0, 3, by="wnid"))
+    with pytest.raises(ValueError, match="shard index"):
         store.slice_size(3, 3)

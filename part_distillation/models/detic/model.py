@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data.frame import fitted_size, resize_image
-from ..batching import PIXEL_MEAN, PIXEL_STD, pad_batch
+from part_distillation.data.batching import PIXEL_MEAN, PIXEL_STD, pad_batch
 from ..errors import CheckpointMismatchError
 from .centernet import CenterNet
 from .fpn import FPN

@@ -1,4 +1,5 @@
-"""Batching images the way detectron2 does, shared by Mask2Former and Detic.
+"""Batching images the way detectron2 does, shared by Mask2Former and Detic (and the training
+data's ``collate``, hence in ``data/``: models read it, data never imports models).
 
 Both upstream models normalise with the same ImageNet statistics (RGB, 0..255) and
 zero-pad after normalisation, bottom/right, to a multiple of 32 (``ImageList``);
@@ -7,7 +8,7 @@ matching that exactly is what makes outputs agree with the official checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -74,3 +75,43 @@ def preprocess_images(
     sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
     batch = pad_batch([(t - mean) / std for t in tensors], size_divisibility)
     return ImageBatch(pixel_values=batch, image_sizes=sizes)
+
+
+T = TypeVar("T")
+
+
+def in_batches(items: Iterable[T], prepare: Callable[[T], object], forward: Callable[[list], list],
+               batch_size: int, skip: tuple[type[BaseException], ...] = ()) -> Iterator[tuple[T, object]]:
+    """Every item, in order, with what ``forward`` made of it, ``batch_size`` prepared items per call.
+
+    ``prepare(item)``: the item's model input, or None to pass the item through untouched (it
+    yields ``(item, None)``); an exception of a type in ``skip`` is yielded in place of the
+    output (``(item, error)``). Else ``(item, (input, output))``. Items wait for their batch,
+    so the order is kept whatever is skipped."""
+    pending: list[tuple[T, object]] = []
+    ready = 0
+
+    def flush():
+        inputs = [entry for _, entry in pending if isinstance(entry, _Input)]
+        outputs = iter(forward([entry.value for entry in inputs]) if inputs else ())
+        for item, entry in pending:
+            yield item, ((entry.value, next(outputs)) if isinstance(entry, _Input) else entry)
+        pending.clear()
+
+    for item in items:
+        try:
+            value = prepare(item)
+            entry = None if value is None else _Input(value)
+        except skip as error:
+            entry = error
+        pending.append((item, entry))
+        ready += isinstance(entry, _Input)
+        if ready == batch_size:
+            yield from flush()
+            ready = 0
+    yield from flush()
+
+
+@dataclass(frozen=True)
+class _Input:
+    value: object
