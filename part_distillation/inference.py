@@ -28,7 +28,7 @@ by part class). Masks are computed in the fitted frame and mapped back to the or
 size (nearest).
 
 This module also holds what stage 5 needs to find and load its proposal checkpoint
-(:func:`resolve_checkpoint`, :func:`load_model`, :func:`choose_device`), written once.
+(:func:`resolve_checkpoint`, :func:`load_model`), written once.
 Models only compute here: no logging, no files written.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 
 from part_distillation.config import ConfigError
 from part_distillation.data.frame import ImageFrame
+from part_distillation.devices import resolve_device
 from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.evaluation.evaluator import Prediction
 
@@ -62,15 +63,6 @@ PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------- settings
-
-def choose_device(setting: str | torch.device = "auto") -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` (or ``cuda:N``) -> a device."""
-    if isinstance(setting, torch.device):
-        return setting
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
 
 def resolve_checkpoint(path: PathLike, iteration: int | None = None, *, path_key: str = "path",
                        iteration_key: str = "iteration") -> Path:
@@ -230,7 +222,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     model = build_model(MODEL_SIZES.get(size, size), None, num_classes=outputs - 1,
                         parts_per_class=parts_per_class)
     ckpt.load_project_checkpoint(model, checkpoint)
-    return model.to(choose_device(device)).eval(), kind, info
+    return model.to(resolve_device(device)).eval(), kind, info
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -427,5 +419,5 @@ class TrainedModel:
                           scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 
-__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "choose_device", "load_model",
+__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "STAGE_KINDS", "TrainedModel", "load_model",
            "read_run_info", "resolve_checkpoint", "run_folder_of", "eval_max_size"]

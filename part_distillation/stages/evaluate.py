@@ -165,7 +165,7 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
     if spec.kind == "strips":
         return StripsPredictor(st.num_clusters, spec.label)
     checkpoint = _checkpoint(spec)
-    model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
+    model = inference.TrainedModel.load(checkpoint, device=cfg.model.device)
     if model.kind != spec.kind:
         raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} is a {model.kind} model, "
                           f"not {spec.kind}")

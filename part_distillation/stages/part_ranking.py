@@ -45,6 +45,7 @@ import torch
 
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
+from part_distillation.devices import resolve_device
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation import inference
@@ -83,10 +84,6 @@ def check(cfg: RunConfig) -> None:
 
 def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
     return inference.load_model(checkpoint, device, kind="proposal", size=cfg.model.size)[0]
-
-
-def device_of(cfg: RunConfig) -> torch.device:
-    return inference.choose_device(cfg.model.device)
 
 
 # --------------------------------------------------------------------------- one image
@@ -263,7 +260,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                                 f"dense_crf first, or set stage.input")
     check(cfg)
     checkpoint = resolve_checkpoint(stage)
-    device = device_of(cfg)
+    device = resolve_device(cfg.model.device)
     model = load_model(cfg, checkpoint, device)
     store = RecordStore(stage.input)
     cluster_settings = ranking.PassSettings(stage.topk, stage.min_area_ratio, stage.min_proposal_score,

@@ -21,6 +21,7 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
+from part_distillation.devices import resolve_device
 from part_distillation.masks import decode_rle, encode_rles
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
 from part_distillation.models.batching import preprocess_images
@@ -37,15 +38,6 @@ _MASK2FORMER_SPECS = {"swinl": "swin_l_coco_instance", "tiny": "demo_cpu"}
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
     """This job's slice of the stage-1 records (whole classes, or by key with ``by=image``)."""
     return store.iter_slice(index, count, by="class" if by == "class" else "key")
-
-
-def device_for(setting: str) -> torch.device:
-    """``model.device``: auto = GPU when present."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'model.device' = 'cuda' but no GPU is visible; use auto or cpu")
-    return torch.device(setting)
 
 
 def object_keys(record: dict, objects: str) -> list[tuple[str, int]]:
@@ -77,7 +69,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                           f"stage.features={st.features}: expected levels from {list(SOURCES[st.features])}")
     if st.input is None:
         raise ConfigError("config key 'stage.input' is not set: the stage-1 output folder to read")
-    device = device_for(cfg.model.device)
+    device = resolve_device(cfg.model.device)
     source = build_feature_source(
         st.features, st.feature_levels, pretrained=st.pretrained,
         weights=cfg.model.weights if st.features == "mask2former" else None,
