@@ -47,6 +47,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.devices import resolve_device
 from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.evaluation.evaluator import Prediction
+from part_distillation.models.state_file import read_model_state
 
 #: The model kinds, and the training stage each comes from. ``semantic``: the supervised and
 #: few-shot baselines' plain head, one output per part class of their dataset (not conditioned);
@@ -149,17 +150,6 @@ def _training_classes(info: RunInfo) -> tuple[str, ...] | None:
         return None
 
 
-def _state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    state = train_ckpt.load_checkpoint(checkpoint, map_location="cpu")
-    state = state.get("model", state) if isinstance(state, Mapping) else state
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{checkpoint}: not a model checkpoint (no 'model' state dict)")
-    state = dict(state)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _recognise_size(state: Mapping[str, torch.Tensor], num_classes: int, source: Path) -> str:
     """The Mask2Former spec whose parameter shapes are those of ``state`` (built on the meta device)."""
     from part_distillation.models.mask2former import SPECS, build_mask2former
@@ -194,7 +184,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
 
     checkpoint = Path(checkpoint)
     info = read_run_info(checkpoint)
-    state = _state_dict(checkpoint)
+    state = read_model_state(checkpoint)  # read once: recognised, then loaded
     head = state.get("class_predictor.weight")
     if head is None:
         raise ValueError(f"{checkpoint}: no class head (class_predictor.weight): not a Mask2Former checkpoint")
@@ -221,7 +211,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     size = size or info.get("model.size") or _recognise_size(state, outputs - 1, checkpoint)
     model = build_model(MODEL_SIZES.get(size, size), None, num_classes=outputs - 1,
                         parts_per_class=parts_per_class)
-    ckpt.load_project_checkpoint(model, checkpoint)
+    ckpt.load_project_state(model, state, str(checkpoint))
     return model.to(resolve_device(device)).eval(), kind, info
 
 

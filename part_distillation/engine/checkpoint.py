@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from part_distillation.models.errors import CheckpointMismatchError, UnsafePickleError
+from part_distillation.models.state_file import load_tensor_file
 from part_distillation.store import code_version, ensure_manifest
 from part_distillation.store.files import fsync_dir
 
@@ -122,12 +124,13 @@ def remove_stale(run_dir: str | os.PathLike, keep_last: int) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (``weights_only=True``); one-line error if unreadable."""
+    """Load a training checkpoint safely (``models.state_file.load_tensor_file``); one-line error if
+    unreadable, with what to do about it when resuming."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"cannot read training checkpoint {path}: {err}; delete it to resume "
-                           f"from the previous one") from err
+        return load_tensor_file(path, map_location=map_location)
+    except (CheckpointMismatchError, UnsafePickleError) as err:
+        raise RuntimeError(f"cannot read training checkpoint: {err}; or delete it to resume from the "
+                           f"previous one") from err
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, *, stage: str, config: Mapping[str, Any],

@@ -63,7 +63,7 @@ log = logging.getLogger("part_distillation")
 
 # --------------------------------------------------------------------------- settings
 
-def resolve_checkpoint(stage) -> Path:
+def proposal_checkpoint(stage) -> Path:
     """The proposal checkpoint this job uses (one-line error naming the setting when absent)."""
     if stage.checkpoint:
         path = Path(stage.checkpoint)
@@ -79,7 +79,7 @@ def check(cfg: RunConfig) -> None:
     if cfg.shard.by != "class":
         raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
                           f"use shard.by=class")
-    resolve_checkpoint(cfg.stage)
+    proposal_checkpoint(cfg.stage)
 
 
 def load_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
@@ -259,7 +259,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         raise FileNotFoundError(f"stage.input={stage.input} holds no stage output (no manifest.json): run "
                                 f"dense_crf first, or set stage.input")
     check(cfg)
-    checkpoint = resolve_checkpoint(stage)
+    checkpoint = proposal_checkpoint(stage)
     device = resolve_device(cfg.model.device)
     model = load_model(cfg, checkpoint, device)
     store = RecordStore(stage.input)
