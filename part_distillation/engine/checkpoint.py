@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -30,7 +29,7 @@ import torch
 from part_distillation.models.errors import CheckpointMismatchError, UnsafePickleError
 from part_distillation.models.state_file import load_tensor_file
 from part_distillation.store import code_version, ensure_manifest
-from part_distillation.store.files import fsync_dir
+from part_distillation.store.files import atomic_open
 
 log = logging.getLogger("part_distillation")
 
@@ -99,18 +98,8 @@ def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def remove_stale(run_dir: str | os.PathLike, keep_last: int) -> None:

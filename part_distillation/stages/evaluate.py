@@ -70,6 +70,7 @@ from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, 
 from part_distillation.progress import StageSummary, progress
 from part_distillation.stages.common import open_output
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
+from part_distillation.store.files import atomic_write_text
 from part_distillation.store.schemas import EVAL_STATES
 
 log = logging.getLogger("part_distillation")
@@ -445,10 +446,9 @@ def _json_default(value):
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Any shard may do the final merge: a temporary file of its own per writer (store.files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- during training

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from part_distillation.store.errors import ConfigMismatchError, ShardCountMismatchError, StoreError
-from part_distillation.store.files import fsync_dir, manifest_path, write_tmp
+from part_distillation.store.files import atomic_write_bytes, fsync_dir, manifest_path, write_tmp
 from part_distillation.store.framing import FORMAT
 
 logger = logging.getLogger("part_distillation.store")
@@ -246,10 +246,7 @@ def _start_afresh(output_dir: Path, manifest: dict, data: bytes, diff: list[str]
                                "moved it aside to %s and starting the output afresh",
                                output_dir, ", ".join(diff) or "stage", old)
             output_dir.mkdir(parents=True)
-            path = manifest_path(output_dir)
-            tmp = write_tmp(path, data)
-            os.replace(tmp, path)
-            fsync_dir(output_dir)
+            atomic_write_bytes(manifest_path(output_dir), data)
             return manifest
         finally:
             fcntl.flock(parent_fd, fcntl.LOCK_UN)
