@@ -200,26 +200,58 @@ def ensure_manifest(output_dir: str | os.PathLike, *, stage: str, config: Mappin
             return manifest
         existing = read_manifest(output_dir)
         diff, problems = _differences(existing, stage, config, ignore_keys)
+        refusal = _refusal(output_dir, existing, num_shards, diff, problems, overwrite_config)
+        if refusal is not None:
+            raise refusal
         if not problems:
-            if existing.get("num_shards") != num_shards:
-                raise _shard_count_error(output_dir, existing, num_shards)
             if existing.get("code_version") != code_version:
                 logger.info("%s was created by code %s, this run is %s", output_dir,
                             existing.get("code_version"), code_version)
             return existing
-        if not overwrite_config:
-            if existing.get("num_shards") != num_shards:
-                raise _shard_count_error(output_dir, existing, num_shards)
-            raise ConfigMismatchError(
-                f"{output_dir} was made with a different config; differing keys: {', '.join(diff) or 'stage'}\n  "
-                + "\n  ".join(problems)
-                + "\nUse a new output directory, or start this one afresh with overwrite_config=True "
-                  "(overwrite_config=true on the command line: the old output is moved aside to "
-                  f"{output_dir.name}.old-<time>, nothing is deleted)")
     finally:
         if tmp.exists():
             tmp.unlink()
     return _start_afresh(output_dir, manifest, data, diff)
+
+
+def _refusal(output_dir: Path, existing: dict, num_shards: int, diff: list[str], problems: list[str],
+             overwrite_config: bool) -> StoreError | None:
+    """The one rule of what :func:`ensure_manifest` refuses (None: it writes into the output)."""
+    if problems and overwrite_config:
+        return None  # moved aside and started afresh
+    if existing.get("num_shards") != num_shards:
+        return _shard_count_error(output_dir, existing, num_shards)
+    if problems:
+        return ConfigMismatchError(
+            f"{output_dir} was made with a different config; differing keys: {', '.join(diff) or 'stage'}\n  "
+            + "\n  ".join(problems)
+            + "\nUse a new output directory, or start this one afresh with overwrite_config=True "
+              "(overwrite_config=true on the command line: the old output is moved aside to "
+              f"{output_dir.name}.old-<time>, nothing is deleted)")
+    return None
+
+
+def check_manifest(output_dir: str | os.PathLike, *, stage: str, config: Mapping[str, Any], num_shards: int,
+                   ignore_keys: Iterable[str] = (), overwrite_config: bool = False) -> str | None:
+    """Why :func:`ensure_manifest` would refuse this run's output, as one line, or None; reads only.
+
+    For checks before any job starts (nothing is created); the wording is the refusal's own.
+    """
+    output_dir = Path(output_dir)
+    if not manifest_path(output_dir).is_file():
+        return None
+    try:
+        existing = read_manifest(output_dir)
+    except StoreError as err:
+        return one_line(err)
+    diff, problems = _differences(existing, stage, _normalise_config(config), list(ignore_keys))
+    refusal = _refusal(output_dir, existing, num_shards, diff, problems, overwrite_config)
+    return None if refusal is None else one_line(refusal)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its lines joined with '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _shard_count_error(output_dir: Path, existing: dict, num_shards: int) -> ShardCountMismatchError:
