@@ -65,6 +65,7 @@ from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation import proposals
 from part_distillation.evaluation.evaluator import (AR_SETTINGS, PROTOCOLS, PartEvaluator, image_groups, image_key,
                                                     metrics)
+from part_distillation.evaluation.tables import metric_cell, render_table
 from part_distillation.evaluation.predictors import (ModelPredictor, Predictor, RecordsPredictor, StripsPredictor,
                                                      empty_prediction, prediction_from_record)
 from part_distillation.progress import StageSummary, progress
@@ -381,28 +382,22 @@ def _rows(result: dict, top_k: tuple[int, ...]) -> list[tuple[str, str, list[str
         for setting in [s for s in AR_SETTINGS if s in row] or ["one-label"]:
             ar = row.get(setting, {})
             miou = setting == "one-label"
-            rows.append((protocol, setting, [_fmt(ar.get(f"AR@{k}")) for k in top_k] +
-                         [_fmt(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU")]))
+            rows.append((protocol, setting, [metric_cell(ar.get(f"AR@{k}")) for k in top_k] +
+                         [metric_cell(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU")]))
     return rows
 
 
 def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     """One predictor's table: a row per protocol and AR setting (``masks``)."""
-    columns = _columns(top_k)
-    lines = ["| protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for protocol, setting, cells in _rows(result, top_k):
-        lines.append(f"| {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return render_table(["protocol", "masks", *_columns(top_k)],
+                        ([protocol, setting, *cells] for protocol, setting, cells in _rows(result, top_k)))
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
     """Every predictor's table: a row per predictor, protocol and AR setting (``masks``)."""
-    columns = _columns(top_k)
-    lines = ["| predictor | protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
-    for label, result in results.items():
-        for protocol, setting, cells in _rows(result, top_k):
-            lines.append(f"| {label} | {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return render_table(["predictor", "protocol", "masks", *_columns(top_k)],
+                        ([label, protocol, setting, *cells] for label, result in results.items()
+                         for protocol, setting, cells in _rows(result, top_k)))
 
 
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
@@ -424,7 +419,7 @@ def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_
 
 def _per_class_rows(result: dict) -> list[list[str]]:
     classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
-    return [[c, *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]] for c in classes]
+    return [[c, *[metric_cell(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]] for c in classes]
 
 
 def per_class_csv(result: dict) -> str:
@@ -433,10 +428,6 @@ def per_class_csv(result: dict) -> str:
     writer.writerow(["object_class", *[f"mIoU_{p}" for p in PROTOCOLS]])
     writer.writerows(_per_class_rows(result))
     return buffer.getvalue()
-
-
-def _fmt(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
 def _json_default(value):
