@@ -162,3 +162,17 @@ def test_semantic_baseline_predicts_its_dataset_part_classes(tmp_path, image):
     assert got.masks.shape[1:] == (50, 90) and not (got.masks & ~obj).any()
     assert set(got.clusters.tolist()) <= set(range(5)) and len(set(got.clusters.tolist())) == len(got.clusters)
     assert ModelPredictor(model, "semantic").num_clusters == 5
+
+
+def test_a_checkpoint_file_is_read_once(runs, monkeypatch):
+    reads = []
+    real_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    model = TrainedModel.load(runs["proposal"], iteration=5)
+    assert reads == [str(ckpt.checkpoint_path(runs["proposal"], 5))]
+    assert model.kind == "proposal"

@@ -515,5 +515,6 @@ __all__ = [
     "CheckpointMismatchError", "ConversionPlan", "DEFAULT_WEIGHTS_PATH", "DROPPED_BUFFERS", "KNOWN_WEIGHTS",
     "LoadReport", "Rename", "SWIN_L_COCO_INSTANCE_URL", "UNUSED_MODEL_KEYS", "UnsafePickleError",
     "check_fits", "convert_detectron2_state_dict", "detectron2_model_state", "load_detectron2_pickle", "load_hub",
-    "load_project_checkpoint", "load_project_state", "load_tensor_file", "model_state", "modernise_name", "plan_conversion", "read_detectron2_pickle", "read_model_state",
+    "load_project_checkpoint", "load_project_state", "load_tensor_file", "model_state", "modernise_name",
+    "plan_conversion", "read_detectron2_pickle", "read_model_state",
 ]

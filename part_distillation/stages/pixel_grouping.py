@@ -22,7 +22,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.devices import resolve_device
-from part_distillation.masks import decode_rle, encode_rles
+from part_distillation.masks import decode_rle, encode_rles, label_map_to_masks
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
 from part_distillation.models.batching import preprocess_images
 from part_distillation.progress import StageSummary, progress
@@ -151,8 +151,7 @@ def _part_record(record: dict, key: str, mask_index: int, obj: ObjectToGroup, la
     """The PART_SEGMENTS record of one grouped object (masks in the fitted frame)."""
     h, w = obj.fitted_size
     object_mask = obj.mask[:h, :w].numpy()
-    ids = np.array([k for k in range(1, num_parts + 1) if (label_map == k).any()], dtype=np.int64)
-    parts = label_map[None] == ids[:, None, None] if len(ids) else np.zeros((0, h, w), bool)
+    parts, ids = label_map_to_masks(label_map, range(1, num_parts + 1))
     return {
         "key": key, "path": record["path"], "wnid": record["wnid"], "class_index": record["class_index"],
         "class_name": record["class_name"], "original_size": record["original_size"],
