@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from part_distillation.errors import ConfigError
 
-class DeviceError(ValueError):
-    """A device setting this machine cannot honour; the message names the setting."""
+
+class DeviceError(ConfigError):
+    """A device setting this machine cannot honour; the message names the setting (one line)."""
 
 
 def resolve_device(setting: str | torch.device = "auto", *, key: str = "model.device",

@@ -28,7 +28,7 @@ by part class). Masks are computed in the fitted frame and mapped back to the or
 size (nearest).
 
 This module also holds what stage 5 needs to find and load its proposal checkpoint
-(:func:`resolve_checkpoint`, :func:`load_model`), written once.
+(``engine.checkpoint.resolve_checkpoint``, :func:`load_model`), written once.
 Models only compute here: no logging, no files written.
 """
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from part_distillation.config import ConfigError
 from part_distillation.data.frame import ImageFrame
 from part_distillation.devices import resolve_device
 from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation.engine.checkpoint import resolve_checkpoint  # noqa: F401 (part of this module's API)
 from part_distillation.evaluation.evaluator import Prediction
 from part_distillation.models.state_file import read_model_state
 
@@ -64,29 +64,6 @@ PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------- settings
-
-def resolve_checkpoint(path: PathLike, iteration: int | None = None, *, path_key: str = "path",
-                       iteration_key: str = "iteration") -> Path:
-    """The checkpoint file ``path`` names: the file itself, or in a run folder the newest
-    checkpoint (or the one at ``iteration``). Errors are one line naming the setting
-    (``path_key``/``iteration_key``: how the caller's config calls them)."""
-    path = Path(path)
-    if path.is_file():
-        if iteration is not None:
-            raise ConfigError(f"{iteration_key}={iteration} but {path_key}={path} is a checkpoint file: give its "
-                              f"run folder to choose an iteration")
-        return path
-    found = dict(train_ckpt.list_checkpoints(path))
-    if not found:
-        raise ConfigError(f"no checkpoint under {path_key}={path}/checkpoints: train it first (proposal_learning "
-                          f"or part_distillation), or give a checkpoint file")
-    if iteration is None:
-        return found[max(found)]
-    if iteration not in found:
-        raise ConfigError(f"{iteration_key}={iteration}: no such checkpoint in {path}/checkpoints "
-                          f"(have {sorted(found)})")
-    return found[iteration]
-
 
 def run_folder_of(checkpoint: PathLike) -> Path | None:
     """The run folder of a checkpoint at ``<run>/checkpoints/model_<iter>.pth`` (None otherwise)."""

@@ -35,3 +35,9 @@ def test_local_rank_spreads_processes_over_the_gpus(monkeypatch):
     assert resolve_device("auto", local_rank=2) == torch.device("cuda", 0)
     assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_a_device_error_is_a_config_error_printed_as_one_line():
+    from part_distillation.config import ConfigError
+
+    assert issubclass(DeviceError, ConfigError)  # the entry point prints ConfigError without a traceback

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "part_distillation"
 #: helper -> the one module (relative to the package) that defines it
 ONE_HOME = {
     "resolve_device": "devices.py",
-    "resolve_checkpoint": "inference.py",
+    "resolve_checkpoint": "engine/checkpoint.py",
     "list_checkpoints": "engine/checkpoint.py",
     "load_tensor_file": "models/state_file.py",
     "model_state": "models/state_file.py",

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from part_distillation.errors import ConfigError
 from part_distillation.models.errors import CheckpointMismatchError, UnsafePickleError
 from part_distillation.models.state_file import load_tensor_file
 from part_distillation.store import code_version, ensure_manifest
@@ -92,6 +93,29 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike, iteration: int | None = None, *, path_key: str = "path",
+                       iteration_key: str = "iteration") -> Path:
+    """The checkpoint file ``path`` names: the file itself, or in a run folder the newest
+    checkpoint (or the one at ``iteration``). Errors are one line naming the setting
+    (``path_key``/``iteration_key``: how the caller's config calls them)."""
+    path = Path(path)
+    if path.is_file():
+        if iteration is not None:
+            raise ConfigError(f"{iteration_key}={iteration} but {path_key}={path} is a checkpoint file: give its "
+                              f"run folder to choose an iteration")
+        return path
+    found = dict(list_checkpoints(path))
+    if not found:
+        raise ConfigError(f"no checkpoint under {path_key}={path}/checkpoints: train it first (proposal_learning "
+                          f"or part_distillation), or give a checkpoint file")
+    if iteration is None:
+        return found[max(found)]
+    if iteration not in found:
+        raise ConfigError(f"{iteration_key}={iteration}: no such checkpoint in {path}/checkpoints "
+                          f"(have {sorted(found)})")
+    return found[iteration]
 
 
 def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:

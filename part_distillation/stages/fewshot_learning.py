@@ -21,7 +21,7 @@ from pathlib import Path
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.labelled_records import fewshot_subset
-from part_distillation.inference import resolve_checkpoint
+from part_distillation.engine.checkpoint import resolve_checkpoint
 from part_distillation.engine import distributed as ddp_utils
 from part_distillation.progress import StageSummary
 from part_distillation.store.files import atomic_write_json
