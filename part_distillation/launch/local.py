@@ -198,6 +198,7 @@ def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
     close); the first OS error with a known cause in the chain is the one reported.
     """
     from part_distillation.store import StoreError
+    from part_distillation.store.manifest import one_line
 
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
@@ -210,7 +211,7 @@ def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{os.fsdecode(exc.filename)}: {exc.strerror or exc}"
     if isinstance(exc, (OSError, StoreError, ConfigError)):
-        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        return one_line(exc)
     if type(exc).__module__.startswith("part_distillation.models"):  # a checkpoint that does not fit
         return (f"{run.model.weights}: not the weights model={run.model.name} expects ({exc}); "
                 f"see weights/README.md for the file to use")

@@ -22,6 +22,7 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
+from part_distillation.devices import resolve_device
 from part_distillation.masks import encode_rles
 from part_distillation.models.object_masks import ImageInput, ObjectMasks
 from part_distillation.progress import StageSummary, progress
@@ -110,14 +111,13 @@ def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Itera
 # Wiring the source from the config
 
 
-def device_of(cfg: RunConfig) -> torch.device:
-    """The GPU when present (or asked for), else the CPU; TF32 off unless ``stage.allow_tf32``."""
-    want = cfg.model.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+def prepare_device(cfg: RunConfig) -> torch.device:
+    """``model.device`` (``devices.resolve_device``); on a GPU, TF32 off unless ``stage.allow_tf32``."""
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.stage.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.stage.allow_tf32
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return device
 
 
 def check(cfg: RunConfig) -> None:
@@ -169,7 +169,7 @@ def build_source(cfg: RunConfig, tree: ImageTree):
         weights = _require_weights(cfg.model.weights, "mask2former")
         model = build_mask2former(MASK2FORMER_SPECS.get(cfg.model.size) or spec_name_for_size(cfg.model.size))
         load_detectron2_pickle(model, weights)
-        return Mask2FormerSource(model.to(device_of(cfg)).eval(), stage.keep_top)
+        return Mask2FormerSource(model.to(prepare_device(cfg)).eval(), stage.keep_top)
     if stage.source == "detic":
         from part_distillation.models.detic import DeticConfig, build_detic
         from part_distillation.models.object_masks import DeticSource
@@ -179,7 +179,7 @@ def build_source(cfg: RunConfig, tree: ImageTree):
         config = DeticConfig.for_labeling(cfg.model.size, min_size_test=stage.fit_size,
                                           score_thresh=stage.score_threshold, nms_thresh=stage.nms_threshold,
                                           detections_per_image=stage.max_detections)
-        model = build_detic(weights, config, vocabulary=vocabulary, device=device_of(cfg))
+        model = build_detic(weights, config, vocabulary=vocabulary, device=prepare_device(cfg))
         return DeticSource(model, tree.names, stage.keep_top, stage.own_class_filter)
     raise ValueError(f"unknown stage.source {stage.source!r}")
 

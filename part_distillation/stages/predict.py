@@ -333,10 +333,10 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 
 def load_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
-    from part_distillation.inference import TrainedModel, choose_device
+    from part_distillation.inference import TrainedModel
 
     return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration,
-                             device=choose_device(cfg.model.device))
+                             device=cfg.model.device)
 
 
 def check(cfg: RunConfig) -> None:
