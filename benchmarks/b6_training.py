@@ -1,5 +1,5 @@
 """B6: training step time and peak memory per image on CPU (forward + backward + clipping +
-AdamW step), the engine's real loss (``engine.recipe.reference_criterion``: 12544 points per
+AdamW step), the engine's real loss (``stages.training.reference_criterion``: 12544 points per
 mask, oversample 3, importance ratio 0.0) and optimiser, backbone and pixel-decoder encoder
 frozen by name as the reference does (frozen modules follow ``train()``: drop-path acts).
 
@@ -71,7 +71,8 @@ def _rss_gb() -> float:
 def measure(size_name: str, batch_size: int, size: int, repeats: int, threads: int) -> dict:
     """One config's step times (median of ``repeats`` after one warm-up) and memory; run in a child."""
     from part_distillation.engine.optim import build_adamw, clip_grad_norm
-    from part_distillation.engine.recipe import build_model, mask2former_loss, reference_criterion
+    from part_distillation.models.checkpoint import build_model
+    from part_distillation.stages.training import mask2former_loss, reference_criterion
     from part_distillation.models.mask2former import MODEL_SIZES
 
     limit_threads(threads)

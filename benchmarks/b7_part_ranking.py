@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from part_distillation.engine import checkpoint as ckpt  # noqa: E402
 from part_distillation.models import part_ranking as ranking  # noqa: E402
 from part_distillation.stages import part_ranking as stage  # noqa: E402
-from part_distillation.stages.proposal_learning import build_model  # noqa: E402
+from part_distillation.models.checkpoint import build_model  # noqa: E402
 from part_distillation.store import RecordStore  # noqa: E402
 from tests.data.part_fixtures import write_part_segments  # noqa: E402
 

@@ -7,12 +7,12 @@ Sections (``--sections``, all by default), each measured the way its stage runs 
   frozen by name (``FREEZE_NAME_KEYS``, frozen modules follow ``train()``), the engine's
   own step (``engine.train_loop.Trainer``: float16 autocast with a grad scaler on CUDA,
   unscale, clipping 0.01, AdamW over ``engine.optim.build_adamw``) and loss
-  (``engine.recipe.reference_criterion``, 12544 points per mask), at ``--batch`` images
+  (``stages.training.reference_criterion``, 12544 points per mask), at ``--batch`` images
   per GPU (8, the reference's per-device batch) of ``--size`` (640) pixels, targets 4
   random-box parts;
 * ``stage6``: the same step with the object-conditioned head (stage 6): ``--objects``
   classes x K = 8 parts + 1 outputs, each image's object class selecting its K + 1 rows
-  (``stages.part_distillation.conditioned_forward``);
+  (``stages.training.conditioned_forward``);
 * ``detic``: object-mask inference (stage 1) of the native Detic Swin-B under its
   labelling preset (fitted to 640, score 0.02, NMS 0.5, up to 1000 detections, the top 10
   of the image's class get masks: ``models.object_masks.DeticSource``), a vocabulary of
@@ -242,7 +242,7 @@ def _train_row(section: str, model_name: str, model, s: Settings, seconds: float
                size: int, parts_per_class: int | None = None) -> Row:
     """The engine's training step (``Trainer``: AMP on CUDA, clipping, AdamW) on one batch, repeated."""
     from part_distillation.engine.optim import build_adamw
-    from part_distillation.engine.recipe import mask2former_loss, reference_criterion
+    from part_distillation.stages.training import mask2former_loss, reference_criterion
     from part_distillation.engine.train_loop import Trainer
     from part_distillation.models.mask2former import FREEZE_NAME_KEYS
 
@@ -252,7 +252,7 @@ def _train_row(section: str, model_name: str, model, s: Settings, seconds: float
     batch = training_batch(s.batch, size, s.device, parts_per_class=parts_per_class, objects=s.objects)
     forward = None
     if parts_per_class:
-        from part_distillation.stages.part_distillation import conditioned_forward
+        from part_distillation.stages.training import conditioned_forward
 
         forward = conditioned_forward(s.device)
     loss_fn = mask2former_loss(reference_criterion(classes, num_points=s.num_points).to(s.device), s.device, forward)
@@ -274,7 +274,7 @@ def _train_row(section: str, model_name: str, model, s: Settings, seconds: float
 
 
 def section_stage4(s: Settings, seconds: float) -> list[Row]:
-    from part_distillation.engine.recipe import build_model
+    from part_distillation.models.checkpoint import build_model
 
     with PeakMemory(s.device) as memory:
         torch.manual_seed(0)
@@ -283,7 +283,7 @@ def section_stage4(s: Settings, seconds: float) -> list[Row]:
 
 
 def section_stage6(s: Settings, seconds: float) -> list[Row]:
-    from part_distillation.engine.recipe import build_model
+    from part_distillation.models.checkpoint import build_model
 
     with PeakMemory(s.device) as memory:
         torch.manual_seed(0)
@@ -373,7 +373,7 @@ def cpu_model_size(name: str) -> str:
 
 def build_cpu_model(name: str):
     """(size, model) of the CPU model, or (size, None) when this version knows no such model."""
-    from part_distillation.engine.recipe import build_model
+    from part_distillation.models.checkpoint import build_model
 
     size = cpu_model_size(name)
     try:

@@ -61,13 +61,26 @@ if not OmegaConf.has_resolver("pd.stem"):
 
 @dataclass
 class PathsConfig:
-    """Every output location derives from ``root``; nothing is hard-coded to a cluster."""
+    """Every output location derives from ``root``; nothing is hard-coded to a cluster.
+
+    The stages' output folders are named here, once, by stage name: a stage's YAML writes
+    ``output: ${paths.<stage>}`` and the next stage ``input: ${paths.<stage>}``, so moving an
+    output is one edit (the folder names follow the reference's layout).
+    """
 
     root: str = "."
     weights: str = "${paths.root}/weights"
     pseudo_labels: str = "${paths.root}/pseudo_labels"
     datasets: str = "${paths.root}/datasets"
     outputs: str = "${paths.root}/outputs"
+    detic_labeling: str = "${paths.pseudo_labels}/object_labels/${data.name}/detic_predictions"
+    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"  # CLIP class embeddings
+    pixel_grouping: str = "${paths.pseudo_labels}/part_labels/proposal_generation/${data.name}"
+    dense_crf: str = "${paths.pseudo_labels}/part_labels/proposal_generation_dcrf/${data.name}"
+    part_ranking: str = "${paths.pseudo_labels}/part_labels/part_ranking/${data.name}"
+    proposal_learning: str = "${paths.outputs}/proposal_learning/${data.name}"
+    part_distillation: str = "${paths.outputs}/part_distillation/${data.name}"
+    pipeline: str = "${paths.outputs}/pipeline"  # the pipeline's plan and job ledger (read by status)
 
 
 @dataclass
@@ -244,38 +257,50 @@ class ReportStageConfig(StageConfig):
 
 
 @dataclass
-class DeticStageConfig(StageConfig):
-    """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
+class ObjectMaskSourceFields:
+    """The settings of stage 1's object mask sources (``models/object_masks``), written once:
+    stage 1 (:class:`DeticStageConfig`) and ``predict`` (:class:`PredictStageConfig`) inherit
+    them, so both take the same keys (``stage.score_threshold``, ``stage.grabcut_margin``, ...).
+    A mixin rather than a nested ``stage.source.*`` node: the flat keys are the ones the
+    scripts, experiments and saved manifests already use."""
 
-    ``source``: ``detic`` (the reference; ``model=detic_swinb`` and a vocabulary), ``annotations``
-    (a COCO json of given objects, or of parts with ``annotations_are_parts``), ``mask2former``
-    (a COCO instance Mask2Former, ``model.weights`` its detectron2 .pkl) or ``grabcut`` (no
-    weights). ``score_threshold``, ``nms_threshold`` and ``max_detections`` are Detic's own.
-    """
-
-    name: str = "detic_labeling"
-    source: str = "detic"
     fit_size: int = 640  # the image frame: longer side fitted to this (data/frame.py)
-    score_threshold: float = 0.02
-    nms_threshold: float = 0.5
-    max_detections: int = 1000
-    keep_top: int = 10
-    own_class_filter: bool = True  # keep the image's own class when detected (the intent; Trap 1)
-    batch_size: int = 4  # images per forward pass
-    allow_tf32: bool = False  # fp32 matmuls/convolutions on GPU unless turned on
+    score_threshold: float = 0.02  # Detic's
+    nms_threshold: float = 0.5  # Detic's
+    max_detections: int = 1000  # Detic's
     vocabulary: Optional[str] = None  # (C, 512) .npy in class order; default: CLIP, cached in vocabulary_cache
     clip_model: str = "${paths.weights}/clip/clip-vit-base-patch32"  # local transformers CLIP directory
-    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"
-    annotations: Optional[str] = None  # COCO json for source=annotations
+    vocabulary_cache: str = "${paths.vocabulary_cache}"
+    annotations: Optional[str] = None  # COCO json for the annotations source
     annotations_are_parts: bool = False  # object = union of the image's parts (PartImageNet)
     grabcut_margin: float = 0.1  # GrabCut's initial box leaves this fraction of each side out
     grabcut_iterations: int = 5
     grabcut_work_size: Optional[int] = 320  # GrabCut on the image at this longer side (null: fitted size)
 
-    _checks = {"source": _one_of("detic", "annotations", "mask2former", "grabcut"), "fit_size": _at_least(32),
-               "max_detections": _at_least(1), "keep_top": _at_least(1), "score_threshold": _ratio(),
-               "nms_threshold": _ratio(), "batch_size": _at_least(1), "grabcut_margin": _ratio(),
-               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16)}
+    _checks = {"fit_size": _at_least(32), "max_detections": _at_least(1), "score_threshold": _ratio(),
+               "nms_threshold": _ratio(), "grabcut_margin": _ratio(), "grabcut_iterations": _at_least(1),
+               "grabcut_work_size": _at_least(16)}
+
+
+@dataclass
+class DeticStageConfig(StageConfig, ObjectMaskSourceFields):
+    """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
+
+    ``source``: ``detic`` (the reference; ``model=detic_swinb`` and a vocabulary), ``annotations``
+    (a COCO json of given objects, or of parts with ``annotations_are_parts``), ``mask2former``
+    (a COCO instance Mask2Former, ``model.weights`` its detectron2 .pkl) or ``grabcut`` (no
+    weights). The sources' own settings: :class:`ObjectMaskSourceFields`.
+    """
+
+    name: str = "detic_labeling"
+    source: str = "detic"
+    keep_top: int = 10
+    own_class_filter: bool = True  # keep the image's own class when detected (the intent; Trap 1)
+    batch_size: int = 4  # images per forward pass
+    allow_tf32: bool = False  # fp32 matmuls/convolutions on GPU unless turned on
+
+    _checks = {"source": _one_of("detic", "annotations", "mask2former", "grabcut"),
+               "keep_top": _at_least(1), "batch_size": _at_least(1)}
 
 
 @dataclass
@@ -445,7 +470,7 @@ class PartRankingStageConfig(StageConfig):
     """
 
     name: str = "part_ranking"
-    proposal_run: str = "${paths.outputs}/proposal_learning/${data.name}"
+    proposal_run: str = "${paths.proposal_learning}"
     checkpoint: Optional[str] = None
     checkpoint_iteration: Optional[int] = None
     image_size: int = 640
@@ -466,7 +491,22 @@ class PartRankingStageConfig(StageConfig):
 
 
 @dataclass
-class EvaluateStageConfig(StageConfig):
+class PartDatasetFields:
+    """Which labelled part dataset a stage reads (``data/part_datasets.py``), written once:
+    ``evaluate`` and the two baselines inherit it (same keys, ``stage.dataset_root`` etc.).
+    The training stages' periodic evaluation names its dataset with ``eval_*`` keys instead."""
+
+    dataset: str = "partimagenet"
+    dataset_root: str = "${data.root}"
+    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
+    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
+    split: str = "valtest"
+
+    _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part")}
+
+
+@dataclass
+class EvaluateStageConfig(StageConfig, PartDatasetFields):
     """Stage ``evaluate``: predictors scored against a part dataset (both protocols).
 
     ``predictors``: ``<kind>`` or ``<kind>:<path>``; kinds ``records`` (a stage's records,
@@ -477,13 +517,8 @@ class EvaluateStageConfig(StageConfig):
 
     name: str = "evaluate"
     predictors: list[str] = field(default_factory=lambda: ["records"])
-    proposal_run: str = "${paths.outputs}/proposal_learning/${data.name}"  # default of `proposal`
-    part_distillation_run: str = "${paths.outputs}/part_distillation/${data.name}"  # default of `part_distillation`
-    dataset: str = "partimagenet"
-    dataset_root: str = "${data.root}"
-    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
-    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
-    split: str = "valtest"
+    proposal_run: str = "${paths.proposal_learning}"  # default of `proposal`
+    part_distillation_run: str = "${paths.part_distillation}"  # default of `part_distillation`
     match_split: Optional[str] = None  # a split disjoint from `split` for the strict protocol's matching
     num_clusters: int = 8
     top_k: list[int] = field(default_factory=lambda: [1, 10, 50, 100, 200])
@@ -503,15 +538,14 @@ class EvaluateStageConfig(StageConfig):
     collage_classes: int = 4  # the best and the worst classes drawn per predictor (collage_<label>.png); 0: none
     collage_per_class: int = 2  # images per class in that collage
 
-    _checks = {"dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
-               "num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian"),
+    _checks = {"num_clusters": _at_least(1), "mapping": _one_of("majority", "hungarian"),
                "object_key": _one_of("imagenet_class", "supercategory"),
                "score_size": _one_of("auto", "test", "original"),
                "collage_classes": _at_least(0), "collage_per_class": _at_least(1)}
 
 
 @dataclass
-class PredictStageConfig(StageConfig):
+class PredictStageConfig(StageConfig, ObjectMaskSourceFields):
     """Stage ``predict``: parts of any images (a file or a folder) with a stage-4 or stage-6 model.
 
     ``images``: an image file or a folder (searched recursively; default ``<paths.root>/images``).
@@ -523,7 +557,9 @@ class PredictStageConfig(StageConfig):
     (name or index) a PartDistillation model segments the parts of; null: the class the
     mask source found (a wnid or a words-file name is looked up in the model's classes).
     Parts scoring below ``min_score`` are dropped and the best ``max_parts`` of each object
-    kept (the model gives one label per pixel, so by default every part is kept).
+    kept (the model gives one label per pixel, so by default every part is kept). The mask
+    sources' settings (``fit_size``, ``annotations``, ``grabcut_*``, Detic's): as in stage 1,
+    :class:`ObjectMaskSourceFields`.
     """
 
     name: str = "predict"
@@ -535,28 +571,14 @@ class PredictStageConfig(StageConfig):
     max_objects: int = 1  # the best objects of the mask source, each segmented into parts
     min_score: float = 0.0
     max_parts: int = 20
-    fit_size: int = 640  # the frame the mask sources work in (data/frame.py)
-    annotations: Optional[str] = None  # COCO json for mask_source=annotations
-    annotations_are_parts: bool = False
-    grabcut_margin: float = 0.1
-    grabcut_iterations: int = 5
-    grabcut_work_size: Optional[int] = 320
-    score_threshold: float = 0.02  # Detic's, as in stage 1
-    nms_threshold: float = 0.5
-    max_detections: int = 1000
-    vocabulary: Optional[str] = None
-    clip_model: str = "${paths.weights}/clip/clip-vit-base-patch32"
-    vocabulary_cache: str = "${paths.pseudo_labels}/object_labels/${data.name}/vocabulary"
 
     _checks = {"mask_source": _one_of("whole_image", "grabcut", "annotations", "detic"),
                "iteration": _at_least(0), "max_objects": _at_least(1), "min_score": _ratio(),
-               "max_parts": _at_least(1), "fit_size": _at_least(32), "grabcut_margin": _ratio(),
-               "grabcut_iterations": _at_least(1), "grabcut_work_size": _at_least(16),
-               "score_threshold": _ratio(), "nms_threshold": _ratio(), "max_detections": _at_least(1)}
+               "max_parts": _at_least(1)}
 
 
 @dataclass
-class SupervisedLearningStageConfig(TrainStageConfig):
+class SupervisedLearningStageConfig(TrainStageConfig, PartDatasetFields):
     """The supervised baseline: Mask2Former trained on a part dataset's labelled split.
 
     ``variant``: ``proposal`` (one class-agnostic foreground class, like stage 4) or
@@ -568,10 +590,6 @@ class SupervisedLearningStageConfig(TrainStageConfig):
 
     name: str = "supervised_learning"
     variant: str = "semantic"
-    dataset: str = "partimagenet"
-    dataset_root: str = "${data.root}"
-    image_root: Optional[str] = None  # PartImageNet: the ImageNet-1k train folder (default <root>/<split>)
-    annotations_root: Optional[str] = None  # Pascal-Part: Annotations_Part (default <root>/Annotations_Part)
     split: str = "train"
     batch_size: int = 128
     per_device_batch: int = 4
@@ -588,7 +606,6 @@ class SupervisedLearningStageConfig(TrainStageConfig):
         return "proposal" if stage.get("variant") == "proposal" else "semantic"
 
     _checks = {"variant": _one_of("proposal", "semantic"),
-               "dataset": _one_of("partimagenet", "pascal_part", "cityscapes_part"),
                "importance_sample_ratio": _ratio()}
 
 
@@ -601,7 +618,7 @@ class FewshotLearningStageConfig(SupervisedLearningStageConfig):
     variant's classes. Reference (``fewshot_learning/*.sh``): 1 node x 8 GPUs, batch 32."""
 
     name: str = "fewshot_learning"
-    checkpoint: str = "${paths.outputs}/part_distillation/${data.name}"
+    checkpoint: str = "${paths.part_distillation}"
     percent: float = 1.0
     subset_seed: int = 0
     batch_size: int = 32

@@ -1,7 +1,8 @@
-"""Trained models of stages 4 and 6 as part predictors: load a checkpoint, predict parts of an image.
+"""Trained models of the training stages (4, 6 and the baselines) as part predictors: load a checkpoint, predict parts of an image.
 
 A stage-4 run (``proposal_learning``) gives a class-agnostic *proposal* model, a stage-6
-run (``part_distillation``) an object-conditioned *part_distillation* model. Either is
+run (``part_distillation``) an object-conditioned *part_distillation* model, a baseline run
+(``supervised_learning``, ``fewshot_learning``) a *proposal* or *semantic* one. Any is
 loaded from a checkpoint file or its run folder (the newest checkpoint, or the one at an
 iteration)::
 
@@ -157,7 +158,7 @@ def load_model(checkpoint: PathLike, device: torch.device | str = "cpu", *, kind
     PartDistillation checkpoint file without its run folder: K). Returns
     ``(model, kind, info)`` with ``info`` the run folder's :class:`RunInfo`.
     """
-    from part_distillation.engine.recipe import build_model
+    from part_distillation.models.checkpoint import build_model
     from part_distillation.models import checkpoint as ckpt
 
     checkpoint = Path(checkpoint)

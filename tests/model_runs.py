@@ -15,7 +15,7 @@ import torch
 from part_distillation.config import (DataConfig, ModelConfig, PartDistillationStageConfig,
                                       ProposalLearningStageConfig, RunConfig, SupervisedLearningStageConfig)
 from part_distillation.engine import checkpoint as ckpt
-from part_distillation.engine.recipe import build_model
+from part_distillation.models.checkpoint import build_model
 from part_distillation.inference import CLASSES_FILE
 from part_distillation.store.files import atomic_write_json
 

@@ -204,3 +204,38 @@ def test_part_ranking_script_ranks_with_the_40k_checkpoint_in_the_reference_expe
     stage = validate(compose_config(job)).stage
     assert stage.name == "part_ranking" and stage.checkpoint_iteration == iteration
     assert part_ranking.proposal_checkpoint(stage) == ckpt.checkpoint_path(run_dir, iteration or 50000)
+
+
+#: The script that submits each stage of the reference pipeline.
+PIPELINE_SCRIPTS = {"detic_labeling": "detic/run.sh", "pixel_grouping": "proposal_generation/run.sh",
+                    "dense_crf": "dcrf/run.sh", "proposal_learning": "proposal_learning/train_multi.sh",
+                    "part_ranking": "part_ranking/run.sh", "part_distillation": "part_distillation_training/train.sh"}
+
+
+@pytest.mark.parametrize("experiment", ["in22k", "in1k"])
+@pytest.mark.parametrize("stage", sorted(PIPELINE_SCRIPTS))
+def test_scripts_submit_the_jobs_of_the_reference_pipeline(tmp_path, experiment, stage):
+    """``sh_files/`` and ``stage=pipeline experiment=in22k|in1k`` (configs/cluster/reference.yaml,
+    through the experiments' pipeline tunings) ask for the same jobs: each script, run with its
+    own defaults (``PD_PYTHON`` a script that prints its arguments, no ``JOBS``/``NODES``), gives
+    the pipeline's job count for its stage and exactly the pipeline's overrides of that stage
+    (model, sharding, stage settings, SLURM resources)."""
+    from part_distillation.config import validate
+    from part_distillation.launch import compose_config
+
+    pipeline = validate(compose_config(["stage=pipeline", f"experiment={experiment}"])).stage
+    expected = sorted(o.split(":", 1)[1] for o in pipeline.overrides if o.split(":", 1)[0] == stage)
+    echo = tmp_path / "echo_python"
+    echo.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    echo.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBS", "NODES")}
+    env.update(PD_PYTHON=str(echo), PD_EXPERIMENT=experiment)
+    args = subprocess.run(["bash", str(SCRIPTS / PIPELINE_SCRIPTS[stage])], env=env, capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    assert args[:3] == ["-m", "part_distillation", "-m"], args
+    assert f"experiment={experiment}" in args and f"stage={stage}" in args
+    count = [a.split("=", 1)[1] for a in args if a.startswith("shard.count=")]
+    assert count == ([str(pipeline.shards[stage])] if stage in pipeline.shards else []), (stage, count)
+    given = sorted(a for a in args[3:] if not a.startswith(("hydra/launcher=", "experiment=", "stage=", "shard.count=",
+                                                            "shard.index=")) or a.startswith("stage."))
+    assert given == expected, f"{PIPELINE_SCRIPTS[stage]} vs configs/cluster/reference.yaml"

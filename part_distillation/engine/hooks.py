@@ -21,6 +21,9 @@ from .train_loop import HookBase
 
 log = logging.getLogger("part_distillation")
 
+#: Where :class:`PeriodicEval` puts its results in the trainer's event store.
+EVAL_PREFIX = "eval/"
+
 
 def _due(trainer, period: int) -> bool:
     """Whether the iteration just finished is a multiple of ``period`` or the last one."""
@@ -126,7 +129,7 @@ class ProgressLog(HookBase):
         elapsed = time.perf_counter() - self._start
         per_iter = elapsed / max(done - self._start_iter, 1)
         eta = datetime.timedelta(seconds=int(per_iter * (trainer.max_iter - done)))
-        m = trainer.metrics
+        m = trainer.storage.latest()
         log.info("[%s] iter %d/%d  loss %.4f  lr %.3g  %.2f img/s  data %.3fs  step %.3fs  eta %s",
                  self.prefix, done, trainer.max_iter, m.get("total_loss", float("nan")), m.get("lr", 0.0),
                  m.get("images_per_s", 0.0), m.get("data_time", 0.0), m.get("step_time", 0.0), eta)
@@ -134,7 +137,7 @@ class ProgressLog(HookBase):
 
 class TensorBoardWriter(HookBase):
     """Scalars every ``period`` iterations (each loss term, lr, images/s, data time) on rank 0,
-    and images from ``preview(trainer) -> {tag: (3, H, W) uint8}`` every ``preview_period``
+    the ``eval/`` scalars at the step they were put (``trainer.storage``), and images from ``preview(trainer) -> {tag: (3, H, W) uint8}`` every ``preview_period``
     (called on rank 0 only)."""
 
     def __init__(self, log_dir: str | os.PathLike, period: int = 20,
@@ -159,9 +162,10 @@ class TensorBoardWriter(HookBase):
             for name, value in trainer.metrics.items():
                 tag = f"loss/{name}" if name.startswith("loss") or name == "total_loss" else f"train/{name}"
                 self._writer.add_scalar(tag, value, done)
-        if self._writer is not None and getattr(trainer, "eval_iter", None) == done:  # PeriodicEval's, this step
-            for name, value in trainer.eval_results.items():
-                self._writer.add_scalar(f"eval/{name}", value, done)
+        evaluated = trainer.storage.put_at(trainer.iter, prefix=EVAL_PREFIX)  # PeriodicEval's, this step
+        if self._writer is not None and evaluated:
+            for name, value in evaluated.items():
+                self._writer.add_scalar(name, value, done)
             self._writer.flush()
         if self.preview is not None and self._writer is not None and _due(trainer, self.preview_period):
             # rank 0 only: the preview must not run collectives (use trainer.module, not the DDP model)
@@ -178,9 +182,9 @@ class TensorBoardWriter(HookBase):
 
 class PeriodicEval(HookBase):
     """Call ``evaluate(trainer) -> {name: float}`` every ``period`` iterations and after the
-    last one (all ranks); the results go to ``trainer.eval_results`` and are logged;
-    :class:`TensorBoardWriter` (registered after it) writes them under ``eval/`` at that step.
-    Stages 4 and 6 pass ``stages.evaluate.training_evaluation``."""
+    last one (all ranks); the results go to ``trainer.storage`` as ``eval/<name>`` and are
+    logged; :class:`TensorBoardWriter` (registered after it) writes them at that step.
+    The training stages pass ``stages.evaluate.training_evaluation``."""
 
     def __init__(self, evaluate: Callable[[Any], Mapping[str, float]], period: int):
         self.evaluate = evaluate
@@ -189,8 +193,7 @@ class PeriodicEval(HookBase):
     def after_step(self) -> None:
         if _due(self.trainer, self.period):
             results = dict(self.evaluate(self.trainer))
-            self.trainer.eval_results = results
-            self.trainer.eval_iter = self.trainer.iter + 1  # TensorBoard writes them at this step
+            self.trainer.storage.put_scalars(results, prefix=EVAL_PREFIX, iteration=self.trainer.iter)
             self.trainer.model.train()
             if ddp_utils.is_main():
                 log.info("[eval] iter %d: %s", self.trainer.iter + 1,

@@ -29,7 +29,9 @@ For example, a hook that stops nothing but counts::
     trainer.train(start_iter=0, max_iter=100)
 
 Hooks reach the trainer through ``self.trainer``, a weak reference (no cycle keeps a
-finished trainer alive). Their ``state_dict`` is saved with the trainer's.
+finished trainer alive). Their ``state_dict`` is saved with the trainer's. They exchange
+numbers through ``trainer.storage`` (``events.EventStorage``: ``put_scalar``, ``latest``,
+``history``), never through attributes set on the trainer.
 
 One step is the global batch: ``accum`` micro-batches of ``per_device_batch`` images on
 each of ``world_size`` processes. Gradients of all but the last micro-batch stay local
@@ -51,6 +53,7 @@ import torch
 from torch import nn
 
 from . import distributed as ddp_utils
+from .events import EventStorage
 from .optim import clip_grad_norm
 
 log = logging.getLogger("part_distillation")
@@ -92,9 +95,10 @@ class Trainer:
     ``data`` is a callable ``start_iter -> iterator of micro-batches`` (this rank's, in
     order; see ``engine.sampler``), so that a resumed run starts reading where the
     interrupted one stopped. ``model`` may be wrapped in DDP (``distributed.wrap_ddp``).
-    After every step ``metrics`` holds the step's losses (mean over the global batch,
-    all ranks), ``lr``, ``grad_norm``, ``data_time`` and ``step_time`` (seconds), and
-    ``images_per_s``.
+    Every step puts into ``storage`` (:class:`~.events.EventStorage`, where hooks read and
+    put their numbers) the step's losses (mean over the global batch, all ranks), ``lr``,
+    ``grad_norm``, ``data_time`` and ``step_time`` (seconds), and ``images_per_s``;
+    ``metrics`` reads them back.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -115,7 +119,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.iter = 0
         self.start_iter = 0
-        self.metrics: dict[str, float] = {}
+        self.storage = EventStorage()
+        self._step_names: tuple[str, ...] = ()  # what run_step puts (``metrics``)
         self._hooks: list[HookBase] = []
         self._data_iter: Iterator[Any] | None = None
 
@@ -146,6 +151,12 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
     @property
+    def metrics(self) -> dict[str, float]:
+        """The last step's training scalars (losses, ``total_loss``, ``lr``, ...) from ``storage``."""
+        latest = self.storage.latest()
+        return {name: latest[name] for name in self._step_names if name in latest}
+
+    @property
     def module(self) -> nn.Module:
         """The model without its DDP wrapper (what is saved and evaluated)."""
         return ddp_utils.unwrap(self.model)
@@ -160,6 +171,7 @@ class Trainer:
         try:
             self._call("before_train")
             for self.iter in range(self.start_iter, self.max_iter):
+                self.storage.iter = self.iter
                 self._call("before_step")
                 self.run_step()
                 self._call("after_step")
@@ -209,7 +221,8 @@ class Trainer:
         metrics["data_time"] = data_time
         metrics["step_time"] = time.perf_counter() - start
         metrics["images_per_s"] = self.global_batch / max(metrics["step_time"], 1e-9)
-        self.metrics = metrics
+        self.storage.put_scalars(metrics, iteration=self.iter)
+        self._step_names = tuple(metrics)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

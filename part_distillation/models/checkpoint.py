@@ -511,9 +511,30 @@ def load_hub(
     return model, report
 
 
+def load_initial_weights(model: Mask2Former, weights: str | os.PathLike) -> LoadReport:
+    """Initialise a freshly built model from ``weights`` (detectron2 ``.pkl`` or a project
+    checkpoint), its class head re-initialised (a training stage sizes its own head)."""
+    loader = load_detectron2_pickle if str(weights).endswith(".pkl") else load_project_checkpoint
+    return loader(model, weights, reinit_class_head=True)
+
+
+def build_model(size: str, weights: str | os.PathLike | None = None, num_classes: int = 1,
+                parts_per_class: int | None = None) -> Mask2Former:
+    """The Mask2Former of ``model.size`` with a fresh ``num_classes`` + 1 class head
+    (object-conditioned when ``parts_per_class`` = K is given: ``num_classes`` = objects x K);
+    the other weights from ``weights`` when given (:func:`load_initial_weights`). An
+    EfficientNet backbone starts from its ImageNet weights (``models.mask2former``)."""
+    from .mask2former import build_mask2former, spec_name_for_size
+
+    model = build_mask2former(spec_name_for_size(size), num_classes=num_classes, parts_per_class=parts_per_class)
+    if weights:
+        load_initial_weights(model, weights)
+    return model
+
+
 __all__ = [
     "CheckpointMismatchError", "ConversionPlan", "DEFAULT_WEIGHTS_PATH", "DROPPED_BUFFERS", "KNOWN_WEIGHTS",
-    "LoadReport", "Rename", "SWIN_L_COCO_INSTANCE_URL", "UNUSED_MODEL_KEYS", "UnsafePickleError",
+    "LoadReport", "Rename", "build_model", "load_initial_weights", "SWIN_L_COCO_INSTANCE_URL", "UNUSED_MODEL_KEYS", "UnsafePickleError",
     "check_fits", "convert_detectron2_state_dict", "detectron2_model_state", "load_detectron2_pickle", "load_hub",
     "load_project_checkpoint", "load_project_state", "load_tensor_file", "model_state", "modernise_name",
     "plan_conversion", "read_detectron2_pickle", "read_model_state",

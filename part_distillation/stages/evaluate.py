@@ -45,7 +45,7 @@ prediction on the union of their masks, top-k per image, as the reference scores
 Pascal-Part and Cityscapes-Part), mIoU per object: jobs take whole images, and an image of
 several objects has an AR state keyed ``<split>/image:<path>`` besides its objects' states.
 
-Training (stages 4 and 6, ``stage.eval_period``) scores the model it is training with the
+Training (stages 4 and 6 and the baselines, ``stage.eval_period``) scores the model it is training with the
 same per-image code (:func:`score_sample`, :func:`evaluate_in_memory`):
 :func:`training_evaluation`.
 """

@@ -69,12 +69,12 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     chosen = set(subset)
     log.info("[%s] %g%% of %d labelled images (seed %d): %d images; from %s", stage.name, stage.percent,
              len(records), stage.subset_seed, len(subset), checkpoint)
-    baseline = supervised.prepare(cfg, context, split, [r for r in records if r["key"] in chosen],
-                                  weights=str(checkpoint))
-    keep_subset(Path(stage.output), subset, context)  # after the manifest check: other settings named first
     summary.extra.update({"checkpoint": str(checkpoint), "subset_images": len(subset),
                           "labelled_images": len(records)})
-    return supervised.train(cfg, baseline, summary)
+    # the subset is kept after the manifest check: other settings are named first
+    return supervised.train(cfg, context, split, [r for r in records if r["key"] in chosen],
+                            weights=str(checkpoint), summary=summary,
+                            after_setup=lambda: keep_subset(Path(stage.output), subset, context))
 
 
 __all__ = ["SUBSET_FILE", "check", "keep_subset", "run"]

@@ -11,27 +11,23 @@ are objects with ratio >= ``min_object_area_ratio`` and parts with area ratio >=
 ``min_part_area_ratio`` (both 0.05, inclusive). Each fitted image is padded to the
 ``image_size`` square canvas (grey) before augmentation, the reference's
 ``SET_IMAGE_SQUARE`` (``AugmentConfig.square_canvas``; stage 4 augments the fitted image).
-Backbone and pixel-decoder encoder frozen as in stage 4; the engine's reference recipe. Output under ``stage.output`` as stage 4:
+Backbone and pixel-decoder encoder frozen as in stage 4; trained through the one training wiring
+(``stages.training.train_stage``). Output under ``stage.output`` as stage 4:
 ``checkpoints/``, ``tensorboard/``, the manifest.
 """
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
-
-import torch
 
 from part_distillation.config import RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.imagenet import ImageTreeError, list_classes
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, cluster_labels
 from part_distillation.data.transforms import AugmentConfig
-from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import build_model, build_trainer, frozen_name_keys, proposal_preview, \
-    reference_criterion
 from part_distillation.inference import CLASSES_FILE
 from part_distillation.progress import StageSummary
+from part_distillation.stages.training import train_stage
 from part_distillation.store.files import atomic_write_json
 
 from part_distillation.config import PartDistillationStageConfig
@@ -39,8 +35,6 @@ from part_distillation.stages import TRAINING, StageSpec
 
 SPEC = StageSpec("part_distillation", PartDistillationStageConfig, TRAINING, loads_weights=True,
                  model_family="mask2former")
-
-log = logging.getLogger("part_distillation")
 
 
 def check(cfg: RunConfig) -> None:
@@ -64,13 +58,6 @@ def object_classes(cfg: RunConfig) -> tuple[str, ...]:
 def num_object_classes(cfg: RunConfig) -> int:
     """C: the number of object classes of ``cfg.data``'s image tree (:func:`object_classes`)."""
     return len(object_classes(cfg))
-
-
-def conditioned_forward(device: torch.device):
-    """The engine's ``forward`` hook: the batch's object classes select each image's K + 1 head rows."""
-    def forward(model, batch):
-        return model(batch["pixel_values"], object_class=batch["class_indices"].to(device))
-    return forward
 
 
 def checked_cluster_labels(record, *, num_classes: int, parts_per_class: int):
@@ -101,38 +88,17 @@ def training_dataset(cfg: RunConfig, num_classes: int) -> PartRecordDataset:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     stage = cfg.stage
     if not stage.input:
         raise ValueError("stage.input is not set: give the part-ranking records (PART_LABELS) to train on")
-    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
-    if stage.deterministic:
-        torch.use_deterministic_algorithms(True)
     wnids = object_classes(cfg)
     classes, parts = len(wnids), stage.parts_per_class
-    dataset = training_dataset(cfg, classes)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.size, cfg.model.weights, num_classes=classes * parts, parts_per_class=parts)
-    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
-    model.to(device)
-    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
-    log.info("[%s] %d object classes x %d parts: class head %d outputs", stage.name, classes, parts,
-             classes * parts + 1)
-    evaluator = None
-    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation
 
-        evaluator = training_evaluation(stage, "part_distillation", class_wnids=wnids)
-    trainer, _ = build_trainer(cfg, context, model, dataset,
-                               reference_criterion(num_classes=parts, num_points=stage.num_points),
-                               forward=conditioned_forward(device), preview=proposal_preview(dataset, device), evaluate=evaluator)
-    if context.is_main:  # the head's object classes, for inference (part_distillation.inference)
-        atomic_write_json(Path(stage.output) / CLASSES_FILE, {"wnids": list(wnids)})
-    start = trainer.iter
-    trainer.train()
-    summary.seen = (trainer.iter - start) * stage.batch_size
-    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(dataset),
-                          "object_classes": classes, "parts_per_class": parts,
-                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
-                          "run_dir": str(stage.output)})
-    return summary.finish()
+    def keep_classes() -> None:  # the head's object classes, for inference (part_distillation.inference)
+        if context.is_main:
+            atomic_write_json(Path(stage.output) / CLASSES_FILE, {"wnids": list(wnids)})
+
+    return train_stage(cfg, context, dataset=training_dataset(cfg, classes), num_classes=classes * parts,
+                       parts_per_class=parts, weights=cfg.model.weights, evaluation="part_distillation",
+                       class_wnids=wnids, after_setup=keep_classes,
+                       extra={"object_classes": classes, "parts_per_class": parts})

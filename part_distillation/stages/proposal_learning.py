@@ -3,33 +3,26 @@
 Mask2Former with one foreground class ("part"), its class head re-initialised and
 everything else from the COCO instance weights when ``model.weights`` is given (the demo
 trains the tiny model from scratch), backbone and pixel-decoder encoder frozen, trained
-on the stage-3 records (``stage.input`` plus ``stage.extra_inputs``) with the engine's
+on the stage-3 records (``stage.input`` plus ``stage.extra_inputs``) through the training wiring's
 reference recipe. Output under ``stage.output``: ``checkpoints/model_<iter>.pth``
 (``model_<max_iter>.pth`` is the final one), ``tensorboard/``, and the manifest with the
 resolved config. The checkpoint that ranking uses is chosen there (the reference: 40k).
 """
 from __future__ import annotations
 
-import logging
-
-import torch
 
 from part_distillation.config import RunConfig
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
-from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import (build_model, build_trainer, frozen_name_keys, proposal_preview,
-                                             reference_criterion)
 from part_distillation.context import JobContext
 from part_distillation.progress import StageSummary
+from part_distillation.stages.training import train_stage
 
 from part_distillation.config import ProposalLearningStageConfig
 from part_distillation.stages import TRAINING, StageSpec
 
 SPEC = StageSpec("proposal_learning", ProposalLearningStageConfig, TRAINING, loads_weights=True,
                  model_family="mask2former")
-
-log = logging.getLogger("part_distillation")
 
 
 def check(cfg: RunConfig) -> None:
@@ -52,30 +45,7 @@ def training_dataset(cfg: RunConfig) -> PartRecordDataset:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
-    stage = cfg.stage
-    if not stage.input:
+    if not cfg.stage.input:
         raise ValueError("stage.input is not set: give the stage-3 records (dense_crf output) to train on")
-    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
-    if stage.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.size, cfg.model.weights, num_classes=1)
-    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
-    model.to(device)
-    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
-    dataset = training_dataset(cfg)
-    evaluator = None
-    if stage.eval_period:  # the model in training, scored as the evaluate stage scores a checkpoint
-        from part_distillation.stages.evaluate import training_evaluation
-
-        evaluator = training_evaluation(stage, "proposal")
-    trainer, _ = build_trainer(cfg, context, model, dataset, reference_criterion(num_classes=1, num_points=stage.num_points),
-                               preview=proposal_preview(dataset, device), evaluate=evaluator)
-    start = trainer.iter
-    trainer.train()
-    summary.seen = (trainer.iter - start) * stage.batch_size
-    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(dataset),
-                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
-                          "run_dir": str(stage.output)})
-    return summary.finish()
+    return train_stage(cfg, context, dataset=training_dataset(cfg), num_classes=1, weights=cfg.model.weights,
+                       evaluation="proposal")

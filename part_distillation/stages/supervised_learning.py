@@ -14,16 +14,13 @@ stages 4/6 (augmentation, matcher and losses, optimiser, checkpoints and resume)
 Initialised from ``model.weights`` (the COCO instance weights; class head re-initialised;
 the demo's tiny model from scratch). Output under ``stage.output`` as stages 4/6:
 ``checkpoints/model_<iter>.pth``, ``tensorboard/``, the manifest. The few-shot baseline
-(``stages/fewshot_learning.py``) reuses :func:`prepare` and :func:`train`.
+(``stages/fewshot_learning.py``) reuses :func:`open_split`, :func:`training_records` and :func:`train`.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import Callable, Sequence
 
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
@@ -31,11 +28,8 @@ from part_distillation.data.labelled_records import RecordList, labelled_records
 from part_distillation.data.part_datasets import PartDatasetSplit, open_part_dataset
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, class_agnostic_labels
 from part_distillation.data.transforms import AugmentConfig
-from part_distillation.engine import distributed as ddp_utils
-from part_distillation.engine.recipe import (build_model, build_trainer, frozen_name_keys, proposal_preview,
-                                             reference_criterion)
-from part_distillation.engine.train_loop import Trainer
 from part_distillation.progress import StageSummary
+from part_distillation.stages.training import train_stage
 from part_distillation.store.files import atomic_write_json
 
 from part_distillation.config import SupervisedLearningStageConfig
@@ -72,55 +66,30 @@ def num_model_classes(stage, split: PartDatasetSplit) -> int:
     return 1 if stage.variant == "proposal" else split.num_parts
 
 
-@dataclass
-class Baseline:
-    """A prepared baseline run: the trainer (resumed if the run folder has checkpoints)
-    and what it trains on."""
-
-    trainer: Trainer
-    dataset: PartRecordDataset
-    num_classes: int
-
-
-def prepare(cfg: RunConfig, context: JobContext, split: PartDatasetSplit, records: Sequence[dict], *,
-            weights: str | None) -> Baseline:
-    """Model (from ``weights``, class head re-initialised), dataset, criterion and trainer."""
+def train(cfg: RunConfig, context: JobContext, split: PartDatasetSplit, records: Sequence[dict], *,
+          weights: str | None, summary: StageSummary | None = None,
+          after_setup: Callable[[], None] | None = None) -> StageSummary:
+    """Train the variant's model (from ``weights``, class head re-initialised) on ``records``
+    of ``split`` through the training wiring; ``part_classes.json`` names a semantic head."""
     stage = cfg.stage
-    device = ddp_utils.training_device(cfg.model.device, context.local_rank)
-    if stage.deterministic:
-        torch.use_deterministic_algorithms(True)
     classes = num_model_classes(stage, split)
     dataset = PartRecordDataset(
         [RecordList(records, name=f"{stage.dataset} {stage.split}")],
         augment=AugmentConfig(size=stage.image_size, min_part_ratio=stage.min_part_area_ratio),
         filter=RecordFilter(min_object_ratio=stage.min_object_area_ratio, inclusive=True),
         labels=class_agnostic_labels if stage.variant == "proposal" else part_class_labels, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.size, weights, num_classes=classes)
-    model.freeze(frozen_name_keys(stage), frozen_mode=stage.frozen_mode)
-    model.to(device)
-    ddp_utils.seed_all(cfg.seed, context.rank)  # then per-rank training noise
-    criterion = reference_criterion(num_classes=classes, num_points=stage.num_points,
-                                    importance_sample_ratio=stage.importance_sample_ratio)
-    trainer, _ = build_trainer(cfg, context, model, dataset, criterion, preview=proposal_preview(dataset, device))
-    if context.is_main and stage.variant == "semantic":
-        atomic_write_json(Path(stage.output) / PART_CLASSES_FILE,
-                          {"dataset": stage.dataset, "part_names": list(split.part_names)})
-    log.info("[%s] variant %s: %d class(es) + no-object", stage.name, stage.variant, classes)
-    return Baseline(trainer, dataset, classes)
 
+    def setup() -> None:
+        if context.is_main and stage.variant == "semantic":
+            atomic_write_json(Path(stage.output) / PART_CLASSES_FILE,
+                              {"dataset": stage.dataset, "part_names": list(split.part_names)})
+        log.info("[%s] variant %s: %d class(es) + no-object", stage.name, stage.variant, classes)
+        if after_setup is not None:
+            after_setup()
 
-def train(cfg: RunConfig, baseline: Baseline, summary: StageSummary) -> StageSummary:
-    """Train to ``stage.max_iter`` (from where the run folder stopped) and fill the summary."""
-    trainer = baseline.trainer
-    start = trainer.iter
-    trainer.train()
-    summary.seen = (trainer.iter - start) * cfg.stage.batch_size
-    summary.extra.update({"iterations": trainer.iter, "resumed_at": start, "images": len(baseline.dataset),
-                          "variant": cfg.stage.variant, "classes": baseline.num_classes,
-                          "final_loss": round(trainer.metrics.get("total_loss", float("nan")), 5),
-                          "run_dir": str(cfg.stage.output)})
-    return summary.finish()
+    return train_stage(cfg, context, dataset=dataset, num_classes=classes, weights=weights,
+                       importance_sample_ratio=stage.importance_sample_ratio, after_setup=setup,
+                       extra={"variant": stage.variant, "classes": classes}, summary=summary)
 
 
 def check_dataset(stage) -> None:
@@ -139,11 +108,9 @@ def check(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
-    summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     split = open_split(cfg.stage)
-    baseline = prepare(cfg, context, split, training_records(cfg.stage, split), weights=cfg.model.weights)
-    return train(cfg, baseline, summary)
+    return train(cfg, context, split, training_records(cfg.stage, split), weights=cfg.model.weights)
 
 
-__all__ = ["Baseline", "PART_CLASSES_FILE", "check", "check_dataset", "num_model_classes", "open_split", "prepare", "run", "train",
+__all__ = ["PART_CLASSES_FILE", "check", "check_dataset", "num_model_classes", "open_split", "run", "train",
            "training_records"]

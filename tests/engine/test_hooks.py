@@ -44,7 +44,8 @@ def test_periodic_eval_and_progress_line(tmp_path, caplog):
         trainer = toy.train(tmp_path, max_iter=5, period=100,
                             extra_hooks=[PeriodicEval(evaluate, period=2), ProgressLog(period=2)])
     assert calls == [2, 4, 5]
-    assert trainer.eval_results == {"ap": 0.5}
+    assert trainer.storage.latest(prefix="eval/") == {"eval/ap": 0.5}
+    assert [i for i, _ in trainer.storage.history("eval/ap")] == [1, 3, 4]  # put at the 0-based step
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[train] iter ")]
     assert len(lines) == 3 and "iter 5/5" in lines[-1] and "eta 0:00:00" in lines[-1]
     assert "img/s" in lines[0] and "data" in lines[0]

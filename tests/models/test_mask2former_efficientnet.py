@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from part_distillation.config import DataConfig, ModelConfig, ProposalLearningStageConfig, RunConfig
-from part_distillation.engine.recipe import build_model, reference_criterion
+from part_distillation.models.checkpoint import build_model
+from part_distillation.stages.training import reference_criterion
 from part_distillation.inference import TrainedModel, load_model
 from part_distillation.launch import JobContext
 from part_distillation.models.checkpoint import load_project_checkpoint

@@ -10,7 +10,7 @@ import torch
 
 from part_distillation.config import DataConfig, ModelConfig, PartDistillationStageConfig, RunConfig
 from part_distillation.launch import JobContext
-from part_distillation.stages import part_distillation
+from part_distillation.stages import part_distillation, training
 
 from ..engine.toy import KillAt, RecordLoss, kill_during_save_of
 
@@ -33,14 +33,14 @@ def main(records, data_root, run_dir, *kill) -> None:
         extra.append(KillAt(int(kill[1])))
     if kill and kill[0] == "kill_during_save":
         kill_during_save_of(int(kill[1]))
-    real_build = part_distillation.build_trainer
+    real_build = training.build_trainer
 
     def build_trainer(*args, **kwargs):  # the stage's own trainer, plus the test's hooks
         trainer, checkpointer = real_build(*args, **kwargs)
         trainer.register_hooks(extra)
         return trainer, checkpointer
 
-    part_distillation.build_trainer = build_trainer
+    training.build_trainer = build_trainer  # the one wiring's
     part_distillation.run(config(records, data_root, run_dir), JobContext())
 
 

@@ -14,9 +14,10 @@ from part_distillation.config import ConfigError, DataConfig, FewshotLearningSta
 from part_distillation.data.labelled_records import fewshot_subset
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.engine import checkpoint as ckpt
-from part_distillation.engine.recipe import build_model
+from part_distillation.engine.train_loop import Trainer
+from part_distillation.models.checkpoint import build_model
 from part_distillation.launch import JobContext
-from part_distillation.stages import fewshot_learning, supervised_learning
+from part_distillation.stages import fewshot_learning
 from part_distillation.store import ConfigMismatchError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,39 +52,38 @@ def _cfg(tmp_path, dataset, checkpoint, **stage):
                      model=ModelConfig(name="mask2former", size="tiny", device="cpu"), seed=0)
 
 
-def test_fine_tuning_trains_the_backbone_at_a_tenth_of_the_learning_rate(tmp_path, dataset, pd_run):
+def test_fine_tuning_trains_the_backbone_at_a_tenth_of_the_learning_rate(tmp_path, dataset, pd_run, monkeypatch):
     cfg = _cfg(tmp_path, dataset, pd_run)
     assert (cfg.stage.backbone_multiplier, cfg.stage.freeze_backbone, cfg.stage.freeze_encoder) == (0.1, False, False)
-    split = supervised_learning.open_split(cfg.stage)
-    records = supervised_learning.training_records(cfg.stage, split)
-    baseline = supervised_learning.prepare(cfg, JobContext(), split, records, weights=str(ckpt.checkpoint_path(pd_run, 7)))
-    by_name = {n: g["lr"] for g in baseline.trainer.optimizer.param_groups for n in g["param_names"]}
+    built = []
+    monkeypatch.setattr(Trainer, "train", lambda trainer, *a, **k: built.append(trainer))  # built, not trained
+    fewshot_learning.run(cfg, JobContext())
+    by_name = {n: g["lr"] for g in built[0].optimizer.param_groups for n in g["param_names"]}
     backbone = {n: lr for n, lr in by_name.items() if n.startswith("model.pixel_level_module.encoder.")}
     assert backbone and all(lr == pytest.approx(1e-4) for lr in backbone.values())
     assert all(lr == pytest.approx(1e-3) for n, lr in by_name.items() if n not in backbone)
 
 
 def _images_by_key(dataset):
-    """Image key (json id) -> object classes, read from the json independently of the stage."""
+    """Image key (json id) -> object classes, read from the json independently of the stage:
+    the image's ImageNet class (its wnid), as PartImageNet's evaluation keys them, of every
+    image with an annotated part."""
     parts = json.loads((dataset / "annotations" / "train.json").read_text())
-    supercategory = {c["id"]: c["supercategory"] for c in parts["categories"]}
-    classes = {}
-    for ann in parts["annotations"]:
-        classes.setdefault(str(ann["image_id"]), set()).add(supercategory[ann["category_id"]])
-    return {k: sorted(v) for k, v in classes.items()}
+    wnid = {str(image["id"]): image["wnid"] for image in parts["images"]}
+    return {k: [wnid[k]] for k in sorted({str(ann["image_id"]) for ann in parts["annotations"]})}
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_trains_on_the_saved_subset(tmp_path, dataset, pd_run,
                                                                                monkeypatch):
     torch.set_num_threads(1)
     start = {}
-    real_train = supervised_learning.train
+    real_train = Trainer.train
 
-    def spy(cfg, baseline, summary):  # the model as training is about to begin (before step 1)
-        start.update({k: v.clone() for k, v in baseline.trainer.module.state_dict().items()})
-        return real_train(cfg, baseline, summary)
+    def spy(trainer, *args, **kwargs):  # the model as training is about to begin (before step 1)
+        start.update({k: v.clone() for k, v in trainer.module.state_dict().items()})
+        return real_train(trainer, *args, **kwargs)
 
-    monkeypatch.setattr(supervised_learning, "train", spy)
+    monkeypatch.setattr(Trainer, "train", spy)
     summary = fewshot_learning.run(_cfg(tmp_path, dataset, pd_run), JobContext())
     pd = ckpt.load_checkpoint(ckpt.checkpoint_path(pd_run, 7))["model"]
     body = [k for k in pd if not k.startswith("class_predictor.")]

@@ -20,7 +20,8 @@ from part_distillation.config import register_configs, validate
 from part_distillation.data.part_records import PartRecordDataset, RecordFilter, collate
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.engine import checkpoint as ckpt
-from part_distillation.engine.recipe import build_model, mask2former_loss, reference_criterion
+from part_distillation.models.checkpoint import build_model
+from part_distillation.stages.training import conditioned_forward, mask2former_loss, reference_criterion
 from part_distillation.engine.sampler import accumulation_steps
 from part_distillation.launch import JobContext
 from part_distillation.stages import part_distillation
@@ -135,7 +136,7 @@ def test_the_loss_uses_each_images_own_conditioned_rows(records):
     batch = collate([dataset[(0, by_class[0])], dataset[(0, by_class[2])]])
     assert batch["class_indices"].tolist() == [0, 2]
     device = torch.device("cpu")
-    out = part_distillation.conditioned_forward(device)(model, batch)
+    out = conditioned_forward(device)(model, batch)
     queries = out["query_embeddings"]
     assert out["pred_logits"].shape == (2, queries.shape[1], K + 1)
     assert all(aux["pred_logits"].shape == (2, queries.shape[1], K + 1) for aux in out["aux_outputs"])
@@ -144,7 +145,7 @@ def test_the_loss_uses_each_images_own_conditioned_rows(records):
         rows = list(range(c * K, (c + 1) * K)) + [NUM_CLASSES * K]
         torch.testing.assert_close(out["pred_logits"][b], full[b][:, rows])
     loss_fn = mask2former_loss(reference_criterion(num_classes=K, num_points=256), device,
-                               forward=part_distillation.conditioned_forward(device))
+                               forward=conditioned_forward(device))
     losses = loss_fn(model, batch)
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     grad = model.class_predictor.weight.grad.abs().sum(1)

@@ -17,7 +17,7 @@ from part_distillation.engine import checkpoint as ckpt
 from part_distillation.launch import JobContext
 from part_distillation.masks import decode_rles
 from part_distillation.stages import part_ranking
-from part_distillation.stages.proposal_learning import build_model
+from part_distillation.models.checkpoint import build_model
 from part_distillation.store import RecordStore
 
 from ..data.part_fixtures import write_part_segments

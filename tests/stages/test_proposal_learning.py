@@ -7,6 +7,7 @@ from part_distillation.data.part_records import PartRecordDataset, collate
 from part_distillation.data.transforms import AugmentConfig
 from part_distillation.config import DataConfig, ModelConfig, ProposalLearningStageConfig, RunConfig
 from part_distillation.engine import checkpoint as ckpt
+from part_distillation.models.checkpoint import build_model
 from part_distillation.launch import JobContext
 from part_distillation.stages import proposal_learning
 from part_distillation.store import ConfigMismatchError
@@ -125,8 +126,8 @@ def test_loss_falls_over_a_few_hundred_iterations(tmp_path, records):
     # the trained model's masks overlap the true parts better than the untrained one's
     dataset = PartRecordDataset([records], augment=AugmentConfig(size=64), seed=1)
     torch.manual_seed(0)
-    untrained = proposal_learning.build_model("tiny", None)
-    trained = proposal_learning.build_model("tiny", None)
+    untrained = build_model("tiny", None)
+    trained = build_model("tiny", None)
     trained.load_state_dict(final["model"])
     before, after = _part_recall(untrained, dataset), _part_recall(trained, dataset)
     print(f"part recall (mean best IoU): untrained {before:.3f}, trained {after:.3f}; "

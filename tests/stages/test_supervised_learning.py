@@ -14,7 +14,8 @@ import torch
 from part_distillation.config import ConfigError, DataConfig, ModelConfig, RunConfig, SupervisedLearningStageConfig
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.engine import checkpoint as ckpt
-from part_distillation.engine.recipe import build_model
+from part_distillation.engine.train_loop import Trainer
+from part_distillation.models.checkpoint import build_model
 from part_distillation.launch import JobContext
 from part_distillation.models.checkpoint import load_project_checkpoint
 from part_distillation.stages import supervised_learning
@@ -83,23 +84,30 @@ def test_both_variants_train_and_write_loadable_checkpoints(tmp_path, dataset, v
         supervised_learning.run(_cfg(tmp_path, dataset, variant=variant, importance_sample_ratio=0.0), JobContext())
 
 
-def test_the_backbone_trains_at_a_tenth_of_the_learning_rate(tmp_path, dataset):
+def test_the_backbone_trains_at_a_tenth_of_the_learning_rate(tmp_path, dataset, monkeypatch):
     """The reference's BACKBONE_MULTIPLIER 0.1: nothing is frozen in the baselines, so the Swin
     backbone's parameter groups get lr x 0.1 (at construction and at every step)."""
     cfg = _cfg(tmp_path, dataset, variant="proposal", max_iter=1, lr=2e-3)
     assert (cfg.stage.backbone_multiplier, cfg.stage.freeze_backbone) == (0.1, False)
-    split = supervised_learning.open_split(cfg.stage)
-    baseline = supervised_learning.prepare(cfg, JobContext(), split, supervised_learning.training_records(
-        cfg.stage, split), weights=None)
-    groups = baseline.trainer.optimizer.param_groups
-    backbone = [g for g in groups if all(n.startswith("model.pixel_level_module.encoder.") for n in g["param_names"])]
-    assert backbone and sum(len(g["params"]) for g in backbone) == sum(
-        1 for n, _ in baseline.trainer.module.named_parameters() if n.startswith("model.pixel_level_module.encoder."))
-    assert all(g["lr"] == pytest.approx(2e-4) for g in backbone)
-    assert all(g["lr"] == pytest.approx(2e-3) for g in groups if g not in backbone)
-    baseline.trainer.train()  # one step: the schedule sets each group's lr with its scale
-    assert all(g["lr"] == pytest.approx(2e-4) for g in backbone)
-    assert all(g["lr"] == pytest.approx(2e-3) for g in groups if g not in backbone)
+    real_train = Trainer.train
+
+    def check_then_train(trainer, *args, **kwargs):  # the trainer as the wiring built it
+        groups = trainer.optimizer.param_groups
+        backbone = [g for g in groups
+                    if all(n.startswith("model.pixel_level_module.encoder.") for n in g["param_names"])]
+        assert backbone and sum(len(g["params"]) for g in backbone) == sum(
+            1 for n, _ in trainer.module.named_parameters() if n.startswith("model.pixel_level_module.encoder."))
+        assert all(g["lr"] == pytest.approx(2e-4) for g in backbone)
+        assert all(g["lr"] == pytest.approx(2e-3) for g in groups if g not in backbone)
+        real_train(trainer, *args, **kwargs)  # one step: the schedule sets each group's lr with its scale
+        assert all(g["lr"] == pytest.approx(2e-4) for g in backbone)
+        assert all(g["lr"] == pytest.approx(2e-3) for g in groups if g not in backbone)
+        checked.append(trainer.iter)
+
+    checked = []
+    monkeypatch.setattr(Trainer, "train", check_then_train)
+    supervised_learning.run(cfg, JobContext())
+    assert checked == [1]
 
 
 def test_a_missing_dataset_is_one_line_naming_the_path(tmp_path):
