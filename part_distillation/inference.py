@@ -51,7 +51,7 @@ from part_distillation.devices import resolve_device
 from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.engine.checkpoint import resolve_checkpoint  # noqa: F401 (part of this module's API)
 from part_distillation.evaluation.evaluator import Prediction
-from part_distillation.models.state_file import read_model_state
+from part_distillation.state_file import read_model_state
 
 #: The model kinds; which one a training stage's run holds is its schema's ``model_kind``
 #: (``config.py``). ``semantic``: the supervised and few-shot baselines' plain head, one output

@@ -18,8 +18,8 @@ ONE_HOME = {
     "resolve_device": "devices.py",
     "resolve_checkpoint": "engine/checkpoint.py",
     "list_checkpoints": "engine/checkpoint.py",
-    "load_tensor_file": "models/state_file.py",
-    "model_state": "models/state_file.py",
+    "load_tensor_file": "state_file.py",
+    "model_state": "state_file.py",
     "atomic_open": "store/files.py",
     "atomic_write_bytes": "store/files.py",
     "atomic_write_text": "store/files.py",
@@ -74,7 +74,7 @@ def test_the_replaced_copies_are_gone():
 
 
 def test_one_safe_torch_load():
-    assert [c.split(":")[0] for c in _calls("torch.load")] == ["models/state_file.py"]
+    assert [c.split(":")[0] for c in _calls("torch.load")] == ["state_file.py"]
 
 
 def test_files_are_replaced_only_by_the_store():

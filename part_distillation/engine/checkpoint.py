@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -27,8 +28,7 @@ import numpy as np
 import torch
 
 from part_distillation.errors import ConfigError
-from part_distillation.models.errors import CheckpointMismatchError, UnsafePickleError
-from part_distillation.models.state_file import load_tensor_file
+from part_distillation.state_file import load_tensor_file
 from part_distillation.store import code_version, ensure_manifest
 from part_distillation.store.files import atomic_open
 
@@ -151,11 +151,11 @@ def remove_stale(run_dir: str | os.PathLike, keep_last: int, period: int | None 
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (``models.state_file.load_tensor_file``); one-line error if
+    """Load a training checkpoint safely (``state_file.load_tensor_file``); one-line error if
     unreadable, with what to do about it when resuming."""
     try:
         return load_tensor_file(path, map_location=map_location)
-    except (CheckpointMismatchError, UnsafePickleError) as err:
+    except (ValueError, pickle.UnpicklingError) as err:  # its two refusals (models.errors), by their bases
         raise RuntimeError(f"cannot read training checkpoint: {err}; or delete it to resume from the "
                            f"previous one") from err
 

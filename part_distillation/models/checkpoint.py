@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointMismatchError, UnsafePickleError
 from .mask2former import PIXEL_MEAN, PIXEL_STD, Mask2Former
-from .state_file import first_line, load_tensor_file, model_state, read_model_state
+from part_distillation.state_file import first_line, load_tensor_file, model_state, read_model_state
 
 SWIN_L_COCO_INSTANCE_URL = (
     "https://dl.fbaipublicfiles.com/maskformer/mask2former/coco/instance/"

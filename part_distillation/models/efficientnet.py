@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .state_file import load_tensor_file
+from part_distillation.state_file import load_tensor_file
 
 #: Feature levels by name: the stride of each returned map.
 LEVEL_STRIDES = {"stride4": 4, "stride8": 8, "stride16": 16, "stride32": 32}

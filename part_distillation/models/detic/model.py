@@ -22,7 +22,7 @@ from torch import nn
 from ...data.frame import fitted_size, resize_image
 from ..batching import PIXEL_MEAN, PIXEL_STD, pad_batch
 from ..errors import CheckpointMismatchError
-from ..state_file import read_model_state
+from part_distillation.state_file import read_model_state
 from .centernet import CenterNet
 from .fpn import FPN
 from .roi_heads import CascadeROIHeads, RawDetections, clip_boxes

@@ -5,7 +5,8 @@ weights all come through :func:`load_tensor_file` (``torch.load(weights_only=Tru
 file asking for more than tensors and plain containers is refused unexecuted) and
 :func:`model_state` (a bare state dict, or ``{"model": state_dict, ...}``; a DDP
 wrapper's ``module.`` prefixes removed). Kept free of ``transformers`` so light loaders
-can use it.
+can use it, and outside ``models/`` so the training engine (which imports no model module)
+reads its checkpoints through it too.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .errors import CheckpointMismatchError, UnsafePickleError
+from part_distillation.models.errors import CheckpointMismatchError, UnsafePickleError
 
 
 def first_line(error: BaseException) -> str:
