@@ -21,8 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the key."""
+from part_distillation.errors import ConfigError  # noqa: E402 (defined below every layer)
 
 
 # ---------------------------------------------------------------------------------

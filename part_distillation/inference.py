@@ -31,7 +31,7 @@ by part class). Masks are computed in the fitted frame and mapped back to the or
 size (nearest).
 
 This module also holds what stage 5 needs to find and load its proposal checkpoint
-(:func:`resolve_checkpoint`, :func:`load_checkpoint_model`, :func:`choose_device`), written once.
+(``engine.checkpoint.resolve_checkpoint``, :func:`load_checkpoint_model`), written once.
 Models only compute here: no logging, no files written.
 """
 from __future__ import annotations
@@ -45,10 +45,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from part_distillation.config import ConfigError, stage_schemas
+from part_distillation.config import stage_schemas
 from part_distillation.data.frame import ImageFrame
+from part_distillation.devices import resolve_device
 from part_distillation.engine import checkpoint as train_ckpt
+from part_distillation.engine.checkpoint import resolve_checkpoint  # noqa: F401 (part of this module's API)
 from part_distillation.prediction import Prediction
+from part_distillation.state_file import read_model_state
 
 #: The model kinds; which one a training stage's run holds is its schema's ``model_kind``
 #: (``config.py``). ``semantic``: the supervised and few-shot baselines' plain head, one output
@@ -63,38 +66,6 @@ PathLike = str | os.PathLike
 
 
 # --------------------------------------------------------------------------- settings
-
-def choose_device(setting: str | torch.device = "auto") -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` (or ``cuda:N``) -> a device."""
-    if isinstance(setting, torch.device):
-        return setting
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def resolve_checkpoint(path: PathLike, iteration: int | None = None, *, path_key: str = "path",
-                       iteration_key: str = "iteration") -> Path:
-    """The checkpoint file ``path`` names: the file itself, or in a run folder the newest
-    checkpoint (or the one at ``iteration``). Errors are one line naming the setting
-    (``path_key``/``iteration_key``: how the caller's config calls them)."""
-    path = Path(path)
-    if path.is_file():
-        if iteration is not None:
-            raise ConfigError(f"{iteration_key}={iteration} but {path_key}={path} is a checkpoint file: give its "
-                              f"run folder to choose an iteration")
-        return path
-    found = dict(train_ckpt.list_checkpoints(path))
-    if not found:
-        raise ConfigError(f"no checkpoint under {path_key}={path}/checkpoints: train it first (proposal_learning "
-                          f"or part_distillation), or give a checkpoint file")
-    if iteration is None:
-        return found[max(found)]
-    if iteration not in found:
-        raise ConfigError(f"{iteration_key}={iteration}: no such checkpoint in {path}/checkpoints "
-                          f"(have {sorted(found)})")
-    return found[iteration]
-
 
 def run_folder_of(checkpoint: PathLike) -> Path | None:
     """The run folder of a checkpoint at ``<run>/checkpoints/model_<iter>.pth`` (None otherwise)."""
@@ -158,17 +129,6 @@ def _training_classes(info: RunInfo) -> tuple[str, ...] | None:
         return None
 
 
-def _state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    state = train_ckpt.load_checkpoint(checkpoint, map_location="cpu")
-    state = state.get("model", state) if isinstance(state, Mapping) else state
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{checkpoint}: not a model checkpoint (no 'model' state dict)")
-    state = dict(state)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _recognise_size(state: Mapping[str, torch.Tensor], num_classes: int, source: Path) -> str:
     """The Mask2Former spec whose parameter shapes are those of ``state`` (built on the meta device)."""
     from part_distillation.models.mask2former import SPECS, build_mask2former
@@ -203,7 +163,7 @@ def load_checkpoint_model(checkpoint: PathLike, device: torch.device | str = "cp
 
     checkpoint = Path(checkpoint)
     info = read_run_info(checkpoint)
-    state = _state_dict(checkpoint)
+    state = read_model_state(checkpoint)  # read once: recognised, then loaded
     head = state.get("class_predictor.weight")
     if head is None:
         raise ValueError(f"{checkpoint}: no class head (class_predictor.weight): not a Mask2Former checkpoint")
@@ -230,8 +190,8 @@ def load_checkpoint_model(checkpoint: PathLike, device: torch.device | str = "cp
     size = size or info.get("model.size") or _recognise_size(state, outputs - 1, checkpoint)
     model = build_model(size, None, num_classes=outputs - 1,
                         parts_per_class=parts_per_class)
-    ckpt.load_project_checkpoint(model, checkpoint)
-    return model.to(choose_device(device)).eval(), kind, info
+    ckpt.load_project_state(model, state, str(checkpoint))
+    return model.to(resolve_device(device)).eval(), kind, info
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -440,5 +400,5 @@ class TrainedModel:
                           scores=found.scores.float().cpu().numpy().astype(np.float64))
 
 
-__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "TrainedModel", "choose_device", "load_checkpoint_model",
+__all__ = ["CLASSES_FILE", "KINDS", "RunInfo", "TrainedModel", "load_checkpoint_model",
            "read_run_info", "resolve_checkpoint", "run_folder_of", "eval_max_size"]

@@ -119,6 +119,34 @@ def union(masks: Iterable[np.ndarray]) -> np.ndarray:
     return out
 
 
+def masks_to_label_map(masks: np.ndarray, labels: Sequence[int] | None = None, background: int = 0,
+                       shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Bool masks (N, H, W) -> an int64 (H, W) label map: mask i's pixels get ``labels[i]``
+    (default ``i + 1``), uncovered pixels ``background``; where masks overlap the later one
+    wins. ``shape`` gives (H, W) when there are no masks."""
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3:
+        if shape is None:
+            raise ValueError(f"masks must be (N, H, W), got {masks.shape}")
+        masks = masks.reshape(0, *shape)
+    labels = range(1, len(masks) + 1) if labels is None else labels
+    out = np.full(masks.shape[1:] if shape is None else tuple(shape), background, dtype=np.int64)
+    for mask, label in zip(masks, labels):
+        out[mask] = int(label)
+    return out
+
+
+def label_map_to_masks(label_map: np.ndarray, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An (H, W) int label map -> (bool masks (S, H, W), their labels (S,) int64): one mask per
+    label of ``ids`` present in the map, in that order (default: every label > 0, ascending)."""
+    label_map = np.asarray(label_map)
+    present = np.unique(label_map)
+    wanted = present[present > 0] if ids is None else np.asarray(list(ids), dtype=np.int64)
+    wanted = wanted[np.isin(wanted, present)].astype(np.int64)
+    masks = label_map[None] == wanted[:, None, None] if len(wanted) else np.zeros((0, *label_map.shape), bool)
+    return masks, wanted
+
+
 def label_map_miou(a: np.ndarray, b: np.ndarray, background: int = 0) -> float:
     """Mean IoU between two integer label maps over the labels present in either.
 

@@ -187,3 +187,17 @@ def test_masks_at_the_test_resolution_on_request(runs, image):
     original = model.predict(img, obj, with_overlapping=True)
     assert fitted.overlapping.masks.shape[1:] == frame.fitted and len(fitted.overlapping.masks)
     np.testing.assert_array_equal(frame.masks_to_original(fitted.overlapping.masks), original.overlapping.masks)
+
+
+def test_a_checkpoint_file_is_read_once(runs, monkeypatch):
+    reads = []
+    real_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    model = TrainedModel.load(runs["proposal"], iteration=5)
+    assert reads == [str(ckpt.checkpoint_path(runs["proposal"], 5))]
+    assert model.kind == "proposal"

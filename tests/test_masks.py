@@ -79,3 +79,30 @@ def test_mask_iou_is_float64_so_an_exact_threshold_is_reached():
     iou = masks.mask_iou(a, b)
     assert iou.dtype == np.float64
     assert iou[0, 0] >= 0.65
+
+
+def test_masks_to_label_map_later_masks_win_and_labels_default_to_position():
+    from part_distillation.masks import masks_to_label_map
+
+    masks = np.zeros((2, 3, 4), bool)
+    masks[0, 0, :2] = masks[1, 2, 3] = True
+    assert masks_to_label_map(masks).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2]]
+    masks[1, 0, 1] = True  # overlaps mask 0: the later mask wins
+    assert masks_to_label_map(masks, [7, 9], background=-1).tolist() == [[7, 9, -1, -1], [-1] * 4, [-1, -1, -1, 9]]
+    assert masks_to_label_map(np.zeros(0, bool), [], 5, shape=(2, 2)).tolist() == [[5, 5], [5, 5]]
+    with pytest.raises(ValueError, match="must be"):
+        masks_to_label_map(np.zeros(0, bool))
+
+
+def test_label_map_to_masks_one_mask_per_label_present_in_order():
+    from part_distillation.masks import label_map_to_masks, masks_to_label_map
+
+    labels = np.array([[0, 2, 2], [3, 3, 0], [0, 0, 5]])
+    masks, ids = label_map_to_masks(labels)
+    assert ids.tolist() == [2, 3, 5] and ids.dtype == np.int64
+    assert masks.dtype == bool and masks.sum((1, 2)).tolist() == [2, 2, 1]
+    assert (masks_to_label_map(masks, ids) == labels).all()  # the two are inverse
+    masks, ids = label_map_to_masks(labels, ids=range(1, 5))  # only these, absent ones left out
+    assert ids.tolist() == [2, 3] and masks.shape == (2, 3, 3)
+    masks, ids = label_map_to_masks(np.zeros((2, 3), np.int64))
+    assert masks.shape == (0, 2, 3) and ids.shape == (0,)

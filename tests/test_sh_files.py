@@ -203,7 +203,7 @@ def test_part_ranking_script_ranks_with_the_40k_checkpoint_in_the_reference_expe
     job = [a for a in args[3:] if not a.startswith(("hydra/launcher=", "shard.index="))] + ["shard.index=1"]
     stage = validate(compose_config(job)).stage
     assert stage.name == "part_ranking" and stage.checkpoint_iteration == iteration
-    assert part_ranking.resolve_checkpoint(stage) == ckpt.checkpoint_path(run_dir, iteration or 50000)
+    assert part_ranking.proposal_checkpoint(stage) == ckpt.checkpoint_path(run_dir, iteration or 50000)
 
 
 #: The script that submits each stage of the reference pipeline.

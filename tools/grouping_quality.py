@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from part_distillation.data.synthetic import make_synthetic_dataset  # noqa: E402
-from part_distillation.evaluation.segments import best_match_iou, labels_to_segments, synthetic_objects  # noqa: E402
+from part_distillation.evaluation.segments import best_match_iou, synthetic_objects  # noqa: E402
+from part_distillation.masks import label_map_to_masks  # noqa: E402
 from part_distillation.models.baselines import color_position_labels, strip_labels  # noqa: E402
 from part_distillation.models.efficientnet import build_efficientnet_lite0  # noqa: E402
 from part_distillation.models.grouping import ObjectToGroup, concat_levels, group_pixels  # noqa: E402
@@ -62,7 +63,7 @@ def grouping_scores(maps_list, items, levels, k: int, n_init: int, assignment: s
             objects.append(ObjectToGroup(row, mask, it["fitted"], start + row))
         for row, labels in enumerate(group_pixels(feats, objects, k, assignment=assignment, n_init=n_init)):
             it = items[start + row]
-            segs = labels_to_segments(labels.numpy()) if labels is not None else np.zeros((0, *it["fitted"]), bool)
+            segs = label_map_to_masks(labels.numpy())[0] if labels is not None else np.zeros((0, *it["fitted"]), bool)
             scores.append(best_match_iou(it["parts"], segs))
     return scores
 
@@ -70,10 +71,10 @@ def grouping_scores(maps_list, items, levels, k: int, n_init: int, assignment: s
 def evaluate_variant(root: Path, args) -> dict[str, float]:
     items = synthetic_objects(root, "train", args.fit)
     results: dict[str, float] = {}
-    results["baseline strips"] = float(np.mean([best_match_iou(it["parts"], labels_to_segments(
-        strip_labels(it["object"], args.k))) for it in items]))
-    results["baseline rgb+xy k-means"] = float(np.mean([best_match_iou(it["parts"], labels_to_segments(
-        color_position_labels(it["image"], it["object"], args.k, n_init=args.restarts, seed=i)))
+    results["baseline strips"] = float(np.mean([best_match_iou(it["parts"], label_map_to_masks(
+        strip_labels(it["object"], args.k))[0]) for it in items]))
+    results["baseline rgb+xy k-means"] = float(np.mean([best_match_iou(it["parts"], label_map_to_masks(
+        color_position_labels(it["image"], it["object"], args.k, n_init=args.restarts, seed=i))[0])
         for i, it in enumerate(items)]))
     for pretrained in (True, False):
         torch.manual_seed(0)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from part_distillation.store.files import atomic_open
+
 #: skimage.data function -> (synset, class name): what each photo shows.
 PHOTOS: dict[str, tuple[str, str]] = {
     "chelsea": ("n02123045", "tabby, tabby cat"),
@@ -41,9 +43,8 @@ def write_photo_tree(root: str | os.PathLike, split: str = "train") -> list[Path
             if image.ndim == 2:
                 image = np.stack([image] * 3, axis=-1)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            Image.fromarray(image[..., :3].astype(np.uint8)).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with atomic_open(path, "wb") as f:
+                Image.fromarray(image[..., :3].astype(np.uint8)).save(f, format="PNG")
         paths.append(path)
     words = "".join(f"{wnid}\t{label}\n" for wnid, label in PHOTOS.values())
     words_file = root / "words.txt"

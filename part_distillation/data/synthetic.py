@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from part_distillation.masks import encode_rle, rle_area, rle_to_bbox
+from part_distillation.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -381,9 +382,7 @@ def _write_words(path: Path, templates: list[ClassTemplate]) -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------- disjoint halves

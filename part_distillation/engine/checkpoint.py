@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 
+from part_distillation.errors import ConfigError
+from part_distillation.state_file import load_tensor_file
 from part_distillation.store import code_version, ensure_manifest
-from part_distillation.store.files import fsync_dir
+from part_distillation.store.files import atomic_open
 
 log = logging.getLogger("part_distillation")
 
@@ -93,22 +95,35 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_checkpoint(path: str | os.PathLike, iteration: int | None = None, *, path_key: str = "path",
+                       iteration_key: str = "iteration") -> Path:
+    """The checkpoint file ``path`` names: the file itself, or in a run folder the newest
+    checkpoint (or the one at ``iteration``). Errors are one line naming the setting
+    (``path_key``/``iteration_key``: how the caller's config calls them)."""
+    path = Path(path)
+    if path.is_file():
+        if iteration is not None:
+            raise ConfigError(f"{iteration_key}={iteration} but {path_key}={path} is a checkpoint file: give its "
+                              f"run folder to choose an iteration")
+        return path
+    found = dict(list_checkpoints(path))
+    if not found:
+        raise ConfigError(f"no checkpoint under {path_key}={path}/checkpoints: train it first (proposal_learning "
+                          f"or part_distillation), or give a checkpoint file")
+    if iteration is None:
+        return found[max(found)]
+    if iteration not in found:
+        raise ConfigError(f"{iteration_key}={iteration}: no such checkpoint in {path}/checkpoints "
+                          f"(have {sorted(found)})")
+    return found[iteration]
+
+
 def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def remove_stale(run_dir: str | os.PathLike, keep_last: int, period: int | None = None) -> None:
@@ -136,12 +151,13 @@ def remove_stale(run_dir: str | os.PathLike, keep_last: int, period: int | None 
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (``weights_only=True``); one-line error if unreadable."""
+    """Load a training checkpoint safely (``state_file.load_tensor_file``); one-line error if
+    unreadable, with what to do about it when resuming."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"cannot read training checkpoint {path}: {err}; delete it to resume "
-                           f"from the previous one") from err
+        return load_tensor_file(path, map_location=map_location)
+    except (ValueError, pickle.UnpicklingError) as err:  # its two refusals (models.errors), by their bases
+        raise RuntimeError(f"cannot read training checkpoint: {err}; or delete it to resume from the "
+                           f"previous one") from err
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, *, stage: str, config: Mapping[str, Any],

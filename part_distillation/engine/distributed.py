@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from part_distillation.devices import resolve_device
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -32,12 +34,8 @@ def barrier() -> None:
 
 
 def training_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
-    """``cuda:<local_rank mod GPUs>`` when CUDA is there (or asked for), else CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("model.device=cuda but CUDA is not available; use model.device=cpu or auto")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    """``cuda:<local_rank mod GPUs>`` when CUDA is there (or asked for), else CPU (``devices.resolve_device``)."""
+    return resolve_device(requested, local_rank=local_rank)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:

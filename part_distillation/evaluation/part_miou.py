@@ -31,20 +31,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-
-def label_map(masks: np.ndarray, labels: Sequence[int], background: int, shape: tuple[int, int] | None = None
-              ) -> np.ndarray:
-    """Integer (H, W) map from binary masks (N, H, W) and their labels; uncovered pixels
-    get ``background``. Later masks overwrite earlier ones where they overlap."""
-    masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3:
-        if shape is None:
-            raise ValueError(f"masks must be (N, H, W), got {masks.shape}")
-        masks = masks.reshape(0, *shape)
-    out = np.full(masks.shape[1:] if shape is None else shape, background, dtype=np.int64)
-    for mask, label in zip(masks, labels):
-        out[mask] = int(label)
-    return out
+from part_distillation.masks import masks_to_label_map
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, num_pred: int, num_gt: int) -> np.ndarray:
@@ -194,8 +181,8 @@ def image_confusion(pred_masks: np.ndarray, pred_clusters: Sequence[int], gt_mas
     """
     gt_masks = np.asarray(gt_masks, dtype=bool)
     shape = gt_masks.shape[1:] if gt_masks.ndim == 3 and len(gt_masks) else np.asarray(pred_masks).shape[1:]
-    gt = label_map(gt_masks, gt_parts, num_parts, shape=tuple(shape))
-    pred = label_map(np.asarray(pred_masks, dtype=bool), pred_clusters, num_clusters, shape=tuple(shape))
+    gt = masks_to_label_map(gt_masks, gt_parts, num_parts, shape=tuple(shape))
+    pred = masks_to_label_map(np.asarray(pred_masks, dtype=bool), pred_clusters, num_clusters, shape=tuple(shape))
     return confusion(pred, gt, num_clusters, num_parts)
 
 

@@ -43,7 +43,7 @@ from part_distillation.data.images import load_rgb
 from part_distillation.data.part_sample import PartSample
 from part_distillation.evaluation.class_map import ModelClassRule
 from part_distillation.evaluation.evaluator import AR_SETTINGS, DEFAULT_AR_SETTINGS, Prediction, union_sample
-from part_distillation.masks import decode_rles
+from part_distillation.masks import decode_rles, label_map_to_masks
 from part_distillation.models.baselines import strip_labels
 from part_distillation.store import RecordStore
 
@@ -85,11 +85,8 @@ def prediction_from_record(record: dict, sample: PartSample, frame: ImageFrame |
 
 def label_map_prediction(labels: np.ndarray, num_clusters: int) -> Prediction:
     """An (H, W) label map (0: none, k: cluster k - 1) as one mask per label present, score 1 each."""
-    ids = np.arange(1, num_clusters + 1)
-    masks = labels[None] == ids[:, None, None]
-    present = masks.reshape(len(ids), -1).any(1)
-    return Prediction(masks=masks[present], scores=np.ones(int(present.sum())),
-                      clusters=(ids[present] - 1).astype(np.int64))
+    masks, ids = label_map_to_masks(labels, range(1, num_clusters + 1))
+    return Prediction(masks=masks, scores=np.ones(len(ids)), clusters=ids - 1)
 
 
 class Predictor:

@@ -32,12 +32,6 @@ def best_match_iou(true_parts: np.ndarray, segments: np.ndarray) -> float:
     return float(mask_iou(true_parts, segments).max(1).mean())
 
 
-def labels_to_segments(labels: np.ndarray) -> np.ndarray:
-    """(H, W) int label map (0 = none) -> (S, H, W) bool, one per label present."""
-    ids = [i for i in np.unique(labels) if i > 0]
-    return np.stack([labels == i for i in ids]) if ids else np.zeros((0, *labels.shape), bool)
-
-
 def mean_best_match_iou(scores: Iterable[float]) -> float:
     """The mean over objects (NaN for none)."""
     scores = list(scores)
@@ -66,4 +60,4 @@ def synthetic_objects(root: str | Path, split: str = "train", fit: int = 640) ->
     return items
 
 
-__all__ = ["best_match_iou", "labels_to_segments", "mean_best_match_iou", "synthetic_objects"]
+__all__ = ["best_match_iou", "mean_best_match_iou", "synthetic_objects"]

@@ -228,12 +228,10 @@ def stage_state(stage: PlannedStage, pipeline_output: str) -> StageState:
 
 def _read_checkpoints(stage: PlannedStage, state: StageState) -> None:
     """A training run: done at its final checkpoint, started at any checkpoint."""
-    from part_distillation.engine.checkpoint import CHECKPOINT_RE, checkpoint_path
+    from part_distillation.engine.checkpoint import checkpoint_path, list_checkpoints
 
     max_iter = stage.run.stage.max_iter
-    folder = Path(stage.output) / "checkpoints"
-    iterations = [int(m.group(1)) for p in (folder.glob("model_*.pth") if folder.is_dir() else [])
-                  if (m := CHECKPOINT_RE.match(p.name))]
+    iterations = [iteration for iteration, _ in list_checkpoints(stage.output)]
     state.detail = f"iteration {max(iterations, default=0)}/{max_iter}"
     if checkpoint_path(stage.output, max_iter).is_file():
         state.done.add(0)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from part_distillation import stages
 from part_distillation.config import ConfigError, RunConfig, config_dir, register_configs, validate
+from part_distillation.errors import CheckpointMismatchError, UnsafePickleError
 from part_distillation.context import JobContext  # re-exported: launch.JobContext
 from part_distillation.summaries import StageSummary, record_summary
 
@@ -198,6 +199,7 @@ def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
     close); the first OS error with a known cause in the chain is the one reported.
     """
     from part_distillation.store import StoreError
+    from part_distillation.store.manifest import one_line
 
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
@@ -210,8 +212,9 @@ def job_error_message(exc: BaseException, run: RunConfig) -> str | None:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{os.fsdecode(exc.filename)}: {exc.strerror or exc}"
     if isinstance(exc, (OSError, StoreError, ConfigError)):
-        return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    if type(exc).__module__.startswith("part_distillation.models"):  # a checkpoint that does not fit
+        return one_line(exc)
+    if isinstance(exc, (CheckpointMismatchError, UnsafePickleError)) or type(exc).__module__.startswith(
+            "part_distillation.models"):  # a checkpoint that does not fit
         return (f"{run.model.weights}: not the weights model={run.model.name} expects ({exc}); "
                 f"see weights/README.md for the file to use")
     return None

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointMismatchError, UnsafePickleError
 from .mask2former import PIXEL_MEAN, PIXEL_STD, Mask2Former
+from part_distillation.state_file import first_line, load_tensor_file, model_state, read_model_state
 
 SWIN_L_COCO_INSTANCE_URL = (
     "https://dl.fbaipublicfiles.com/maskformer/mask2former/coco/instance/"
@@ -41,10 +42,6 @@ UNUSED_MODEL_KEYS = (
     "model.pixel_level_module.encoder.swin.layernorm.weight",
     "model.pixel_level_module.encoder.swin.layernorm.bias",
 )
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for something outside the allow-list."""
 
 
 # --------------------------------------------------------------------------- unpickler
@@ -120,7 +117,7 @@ def read_detectron2_pickle(path: str | os.PathLike) -> dict[str, Any]:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
             raise CheckpointMismatchError(f"{path}: not a readable pickle (truncated or damaged: "
-                                          f"{_first_line(error)}); download it again") from None
+                                          f"{first_line(error)}); download it again") from None
     if not isinstance(obj, dict):
         raise CheckpointMismatchError(f"{path}: expected a dict at the top of the pickle, got {type(obj).__name__}")
     return obj
@@ -333,27 +330,6 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def load_tensor_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors naming the file: a file
-    that asks for more than tensors and plain containers is refused unexecuted
-    (:class:`UnsafePickleError`), a truncated or foreign file is a :class:`CheckpointMismatchError`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused a global: loading it could run code
-        raise UnsafePickleError(f"{path}: refusing to load: the file asks for more than tensors and may execute "
-                                f"code when loaded. Do not load it.") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        if isinstance(error, OSError) and error.errno is not None:
-            raise
-        raise CheckpointMismatchError(f"{path}: not a readable PyTorch file (truncated or damaged: "
-                                      f"{_first_line(error).split('. ')[0]}); write or download it again") from None
-
-
 def _require_file(path: Path, kind: str) -> None:
     if path.is_file():
         return
@@ -478,14 +454,22 @@ def load_project_checkpoint(
     """Load a project checkpoint: ``torch.save`` of a state dict, or of ``{"model": state_dict, ...}``."""
     path = Path(path)
     _require_file(path, kind="project checkpoint")
-    obj = load_tensor_file(path)
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")
-    state = dict(state)
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return _fit(model, state, LoadReport(source=str(path)), strict=strict, reinit_class_head=reinit_class_head)
+    return load_project_state(model, read_model_state(path), str(path), strict=strict,
+                              reinit_class_head=reinit_class_head)
+
+
+def load_project_state(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str,
+    *,
+    strict: bool = True,
+    reinit_class_head: bool = False,
+) -> LoadReport:
+    """:func:`load_project_checkpoint` of a state dict already read (``state_file.read_model_state``),
+    so a caller that looked at the weights first does not read the file twice."""
+    return _fit(model, model_state(state, source), LoadReport(source=source), strict=strict,
+                reinit_class_head=reinit_class_head)
 
 
 def load_hub(
@@ -552,5 +536,6 @@ __all__ = [
     "CheckpointMismatchError", "ConversionPlan", "DEFAULT_WEIGHTS_PATH", "DROPPED_BUFFERS", "KNOWN_WEIGHTS",
     "LoadReport", "Rename", "build_model", "load_initial_weights", "SWIN_L_COCO_INSTANCE_URL", "UNUSED_MODEL_KEYS", "UnsafePickleError",
     "check_fits", "convert_detectron2_state_dict", "detectron2_model_state", "load_detectron2_pickle", "load_hub",
-    "load_project_checkpoint", "modernise_name", "plan_conversion", "read_detectron2_pickle",
+    "load_project_checkpoint", "load_project_state", "load_tensor_file", "model_state", "modernise_name",
+    "plan_conversion", "read_detectron2_pickle", "read_model_state",
 ]

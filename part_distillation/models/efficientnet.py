@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from part_distillation.state_file import load_tensor_file
+
 #: Feature levels by name: the stride of each returned map.
 LEVEL_STRIDES = {"stride4": 4, "stride8": 8, "stride16": 16, "stride32": 32}
 LEVEL_CHANNELS = {"stride4": 24, "stride8": 40, "stride16": 112, "stride32": 320}
@@ -162,7 +164,7 @@ def build_efficientnet_lite0(pretrained: bool = True, weights: str | Path | None
         path = Path(weights) if weights is not None else pretrained_weights_path()
         if not path.is_file():
             raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path)
         model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -38,7 +38,7 @@ from part_distillation.config import RunConfig
 from part_distillation.data.frame import ImageFrame, fitted_size
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
-from part_distillation.masks import decode_rles, encode_rles
+from part_distillation.masks import decode_rles, encode_rles, masks_to_label_map
 from part_distillation.progress import progress_line
 from part_distillation.stages.shard_io import open_output
 from part_distillation.store import RecordStore, manifest_path
@@ -81,14 +81,6 @@ class InputFrameError(ValueError):
     """A stage-2 record is not in the frame this stage expects (trap 2 of PIPELINE.md)."""
 
 
-def part_label_map(part_masks: np.ndarray, num_parts: int) -> np.ndarray:
-    """(P, H, W) bool masks -> (H, W) labels 0..P (0 = background, i + 1 = ``part_masks[i]``)."""
-    labels = np.zeros(part_masks.shape[1:], dtype=np.int64)
-    for i in range(num_parts):
-        labels[part_masks[i]] = i + 1
-    return labels
-
-
 def refine_parts(image: np.ndarray, part_masks: np.ndarray, part_ids: np.ndarray,
                  settings: RefineSettings) -> tuple[np.ndarray, np.ndarray]:
     """CRF of one object's parts on its fitted image.
@@ -101,7 +93,7 @@ def refine_parts(image: np.ndarray, part_masks: np.ndarray, part_ids: np.ndarray
 
     params = CRFParams(gt_prob=settings.gt_prob, steps=settings.steps)
     num_parts = len(part_ids)
-    labels = part_label_map(part_masks, num_parts)
+    labels = masks_to_label_map(part_masks[:num_parts])  # 0 = background, i + 1 = part_masks[i]
     if settings.variant == "reference":
         refined = dense_crf_reference(image, labels, num_parts + 1, params)
     else:

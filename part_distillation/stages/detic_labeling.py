@@ -23,6 +23,7 @@ from part_distillation.data.imagenet import ImageRecordRef, ImageTree
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
 from part_distillation.data.object_annotations import read_object_annotations
+from part_distillation.devices import resolve_device
 from part_distillation.masks import encode_rles
 from part_distillation.models.object_masks import ObjectMasks, SourceImage, build_source
 from part_distillation.models.vocabulary import class_vocabulary
@@ -110,14 +111,13 @@ def _batches(refs: Sequence[ImageRecordRef], size: int, cfg: RunConfig) -> Itera
 # Wiring the source from the config
 
 
-def device_of(cfg: RunConfig) -> torch.device:
-    """The GPU when present (or asked for), else the CPU; TF32 off unless ``stage.allow_tf32``."""
-    want = cfg.model.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+def prepare_device(cfg: RunConfig) -> torch.device:
+    """``model.device`` (``devices.resolve_device``); on a GPU, TF32 off unless ``stage.allow_tf32``."""
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.stage.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.stage.allow_tf32
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return device
 
 
 def check(cfg: RunConfig) -> None:
@@ -160,7 +160,7 @@ def source_from_config(cfg: RunConfig, tree: ImageTree):
     index_of = {name: i for i, name in enumerate(tree.names)}
     index_of.update({wnid: i for i, wnid in enumerate(tree.wnids)})
     return build_source(stage.source, class_names=tree.names, class_index_of=index_of, keep_top=stage.keep_top,
-                        own_class_filter=stage.own_class_filter, device=device_of(cfg), weights=weights,
+                        own_class_filter=stage.own_class_filter, device=prepare_device(cfg), weights=weights,
                         model_size=cfg.model.size, vocabulary=vocabulary, fit_size=stage.fit_size,
                         score_threshold=stage.score_threshold, nms_threshold=stage.nms_threshold,
                         max_detections=stage.max_detections, annotations=annotations,

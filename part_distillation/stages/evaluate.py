@@ -55,8 +55,6 @@ import csv
 import io
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -74,10 +72,12 @@ from part_distillation.evaluation.predictors import (ColourKMeansPredictor, Mode
                                                      prediction_from_record)
 from part_distillation.evaluation.scoring import (count_objects, new_evaluator, score_image, scores_at_test_size,
                                                   state_keys)
+from part_distillation.evaluation.tables import metric_cell, render_table
 from part_distillation.progress import progress
 from part_distillation.stages.shard_io import open_output
 from part_distillation.summaries import StageSummary
 from part_distillation.store import RecordStore, ShardWriter, code_version, manifest_path, read_manifest
+from part_distillation.store.files import atomic_write_text
 from part_distillation.store.schemas import EVAL_STATES
 from part_distillation.store.sharding import in_shard
 
@@ -179,7 +179,7 @@ def build_predictor(spec: PredictorSpec, cfg: RunConfig) -> Predictor:
     if spec.kind == "colour_kmeans":
         return ColourKMeansPredictor(st.num_clusters, spec.label)
     checkpoint = _checkpoint(spec)
-    model = inference.TrainedModel.load(checkpoint, device=inference.choose_device(cfg.model.device))
+    model = inference.TrainedModel.load(checkpoint, device=cfg.model.device)
     if model.kind != spec.kind:
         raise ConfigError(f"stage.predictors entry {spec.entry!r}: {checkpoint} is a {model.kind} model, "
                           f"not {spec.kind}")
@@ -368,28 +368,23 @@ def _rows(result: dict, top_k: tuple[int, ...]) -> list[tuple[str, str, list[str
         for setting in [s for s in AR_SETTINGS if s in row] or ["one-label"]:
             ar = row.get(setting, {})
             miou = setting == "one-label"
-            rows.append((protocol, setting, [_fmt(ar.get(f"AR@{k}")) for k in top_k] +
-                         [_fmt(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU", "bestIoU")]))
+            rows.append((protocol, setting, [metric_cell(ar.get(f"AR@{k}")) for k in top_k] +
+                         [metric_cell(row.get(c) if miou else None) for c in ("C-mIoU", "A-mIoU", "bestIoU")]))
     return rows
 
 
 def markdown_table(result: dict, top_k: tuple[int, ...]) -> str:
     """One predictor's table: a row per protocol and AR setting (``masks``)."""
-    columns = _columns(top_k)
-    lines = ["| protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for protocol, setting, cells in _rows(result, top_k):
-        lines.append(f"| {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + _key_line({"": result})
+    return render_table(["protocol", "masks", *_columns(top_k)],
+                        ([protocol, setting, *cells] for protocol, setting, cells in _rows(result, top_k))
+                        ) + _key_line({"": result})
 
 
 def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
     """Every predictor's table: a row per predictor, protocol and AR setting (``masks``)."""
-    columns = _columns(top_k)
-    lines = ["| predictor | protocol | masks | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
-    for label, result in results.items():
-        for protocol, setting, cells in _rows(result, top_k):
-            lines.append(f"| {label} | {protocol} | {setting} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + _key_line(results)
+    return render_table(["predictor", "protocol", "masks", *_columns(top_k)],
+                        ([label, protocol, setting, *cells] for label, result in results.items()
+                         for protocol, setting, cells in _rows(result, top_k))) + _key_line(results)
 
 
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
@@ -413,7 +408,7 @@ def _per_class_rows(result: dict, class_names: Mapping[str, str] | None = None) 
     """A row per object class: its key (a wnid for PartImageNet), its name (the key when unnamed)."""
     names = class_names or {}
     classes = sorted(set().union(*(result[p].get("per_class_mIoU", {}).keys() for p in PROTOCOLS)))
-    return [[c, names.get(c, c), *[_fmt(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]]
+    return [[c, names.get(c, c), *[metric_cell(result[p].get("per_class_mIoU", {}).get(c)) for p in PROTOCOLS]]
             for c in classes]
 
 
@@ -425,10 +420,6 @@ def per_class_csv(result: dict, class_names: Mapping[str, str] | None = None) ->
     return buffer.getvalue()
 
 
-def _fmt(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
-
-
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -436,7 +427,6 @@ def _json_default(value):
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Any shard may do the final merge: a temporary file of its own per writer (store.files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

@@ -21,8 +21,8 @@ from pathlib import Path
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.labelled_records import fewshot_subset
-from part_distillation.engine import checkpoint as train_ckpt
 from part_distillation.engine import distributed
+from part_distillation.engine.checkpoint import resolve_checkpoint
 from part_distillation.store.files import atomic_write_json
 from part_distillation.summaries import StageSummary
 
@@ -38,25 +38,10 @@ log = logging.getLogger("part_distillation")
 SUBSET_FILE = "fewshot_subset.json"
 
 
-def resolve_checkpoint(stage) -> Path:
-    """The PartDistillation checkpoint file (one-line error naming the setting when absent)."""
-    path = Path(stage.checkpoint)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        latest = train_ckpt.latest_checkpoint(path)
-        if latest is None:
-            raise ConfigError(f"config key 'stage.checkpoint': no checkpoint under {path}/checkpoints; run "
-                              f"part_distillation first or give a checkpoint file")
-        return latest
-    raise ConfigError(f"config key 'stage.checkpoint': {path} not found (a part_distillation run folder or "
-                      f"checkpoint file)")
-
-
 def check(cfg: RunConfig) -> None:
     """Before submission: the dataset folder and the PartDistillation checkpoint exist."""
     supervised.check_dataset(cfg.stage)
-    resolve_checkpoint(cfg.stage)
+    resolve_checkpoint(cfg.stage.checkpoint, path_key="stage.checkpoint")
 
 
 def keep_subset(run_dir: Path, subset: list[str], context: JobContext) -> None:
@@ -77,7 +62,7 @@ def keep_subset(run_dir: Path, subset: list[str], context: JobContext) -> None:
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     stage = cfg.stage
     summary = StageSummary(stage.name, output=stage.output)
-    checkpoint = resolve_checkpoint(stage)
+    checkpoint = resolve_checkpoint(stage.checkpoint, path_key="stage.checkpoint")
     split = supervised.open_split(stage)
     records = supervised.training_records(stage, split)
     subset = fewshot_subset({r["key"]: r["object_classes"] for r in records}, stage.percent, stage.subset_seed)
@@ -92,4 +77,4 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                             after_setup=lambda: keep_subset(Path(stage.output), subset, context))
 
 
-__all__ = ["SUBSET_FILE", "check", "keep_subset", "resolve_checkpoint", "run"]
+__all__ = ["SUBSET_FILE", "check", "keep_subset", "run"]

@@ -50,6 +50,7 @@ import torch
 from part_distillation.config import ConfigError, RunConfig
 from part_distillation.context import JobContext
 from part_distillation.data.batching import in_batches
+from part_distillation.devices import resolve_device
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation import inference
@@ -76,7 +77,7 @@ log = logging.getLogger("part_distillation")
 
 # --------------------------------------------------------------------------- settings
 
-def resolve_checkpoint(stage) -> Path:
+def proposal_checkpoint(stage) -> Path:
     """The proposal checkpoint this job uses (one-line error naming the setting when absent)."""
     if stage.checkpoint:
         path = Path(stage.checkpoint)
@@ -92,7 +93,7 @@ def check(cfg: RunConfig) -> None:
     if cfg.shard.by != "class":
         raise ConfigError(f"shard.by={cfg.shard.by}: part ranking clusters each object class as a whole, "
                           f"use shard.by=class")
-    resolve_checkpoint(cfg.stage)
+    proposal_checkpoint(cfg.stage)
 
 
 def load_proposal_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
@@ -100,10 +101,6 @@ def load_proposal_model(cfg: RunConfig, checkpoint: Path, device: torch.device):
     ``model.size`` only when a Mask2Former is chosen (``model=none`` has no size of its own)."""
     size = cfg.model.size if cfg.model.name == "mask2former" else None
     return inference.load_checkpoint_model(checkpoint, device, kind="proposal", size=size)[0]
-
-
-def device_of(cfg: RunConfig) -> torch.device:
-    return inference.choose_device(cfg.model.device)
 
 
 # --------------------------------------------------------------------------- one image
@@ -200,8 +197,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         raise FileNotFoundError(f"stage.input={stage.input} holds no stage output (no manifest.json): run "
                                 f"dense_crf first, or set stage.input")
     check(cfg)
-    checkpoint = resolve_checkpoint(stage)
-    device = device_of(cfg)
+    checkpoint = proposal_checkpoint(stage)
+    device = resolve_device(cfg.model.device)
     model = load_proposal_model(cfg, checkpoint, device)
     store = RecordStore(stage.input)
     folder = work_folder(cfg)

@@ -21,7 +21,8 @@ from part_distillation.config import ConfigError, RunConfig
 from part_distillation.data.frame import ImageFrame
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.context import JobContext
-from part_distillation.masks import decode_rle, encode_rles
+from part_distillation.devices import resolve_device
+from part_distillation.masks import decode_rle, encode_rles, label_map_to_masks
 from part_distillation.models.grouping import SOURCES, ObjectToGroup, build_feature_source, group_pixels
 from part_distillation.data.batching import preprocess_images
 from part_distillation.progress import progress
@@ -43,15 +44,6 @@ log = logging.getLogger("part_distillation")
 def shard_input_records(store: RecordStore, index: int, count: int, by: str = "class") -> Iterator[dict]:
     """This job's slice of the stage-1 records (``store/sharding.py``: whole classes, or by key)."""
     return store.iter_slice(index, count, by=by)
-
-
-def device_for(setting: str) -> torch.device:
-    """``model.device``: auto = GPU when present."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'model.device' = 'cuda' but no GPU is visible; use auto or cpu")
-    return torch.device(setting)
 
 
 def object_keys(record: dict, objects: str) -> list[tuple[str, int]]:
@@ -83,7 +75,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                           f"stage.features={st.features}: expected levels from {list(SOURCES[st.features])}")
     if st.input is None:
         raise ConfigError("config key 'stage.input' is not set: the stage-1 output folder to read")
-    device = device_for(cfg.model.device)
+    device = resolve_device(cfg.model.device)
     spec = {}
     if st.features == "mask2former":
         # transformers: only for features=mask2former
@@ -170,8 +162,7 @@ def _part_record(record: dict, key: str, mask_index: int, obj: ObjectToGroup, la
     """The PART_SEGMENTS record of one grouped object (masks in the fitted frame)."""
     h, w = obj.fitted_size
     object_mask = obj.mask[:h, :w].numpy()
-    ids = np.array([k for k in range(1, num_parts + 1) if (label_map == k).any()], dtype=np.int64)
-    parts = label_map[None] == ids[:, None, None] if len(ids) else np.zeros((0, h, w), bool)
+    parts, ids = label_map_to_masks(label_map, range(1, num_parts + 1))
     return {
         "key": key, "path": record["path"], "wnid": record["wnid"], "class_index": record["class_index"],
         "class_name": record["class_name"], "original_size": record["original_size"],

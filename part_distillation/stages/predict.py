@@ -49,7 +49,8 @@ from part_distillation.data.frame import ImageFrame
 from part_distillation.data.imagenet import IMAGE_EXTENSIONS, list_image_tree, printable_name
 from part_distillation.data.images import BadImageError, load_rgb
 from part_distillation.data.object_annotations import read_object_annotations
-from part_distillation.inference import TrainedModel, choose_device, read_run_info, resolve_checkpoint
+from part_distillation.devices import resolve_device
+from part_distillation.inference import TrainedModel, read_run_info, resolve_checkpoint
 from part_distillation.masks import decode_rles, encode_rles
 from part_distillation.models.object_masks import SourceImage, build_source
 from part_distillation.models.vocabulary import class_vocabulary
@@ -217,7 +218,7 @@ def build_mask_source(cfg: RunConfig, classes: ObjectClasses, own_class_filter: 
     index_of = {name: i for i, name in enumerate(names)}
     index_of.update({wnid: i for i, wnid in enumerate(classes.wnids or [])})
     return build_source(st.mask_source, class_names=names, class_index_of=index_of, keep_top=st.max_objects,
-                        own_class_filter=own_class_filter, device=choose_device(cfg.model.device),
+                        own_class_filter=own_class_filter, device=resolve_device(cfg.model.device),
                         weights=cfg.model.weights, model_size=cfg.model.size, vocabulary=vocabulary,
                         fit_size=st.fit_size, score_threshold=st.score_threshold, nms_threshold=st.nms_threshold,
                         max_detections=st.max_detections, annotations=annotations,
@@ -340,7 +341,7 @@ def draw_prediction(image: np.ndarray, record: dict) -> np.ndarray:
 def load_trained_model(cfg: RunConfig):
     """The trained model of ``stage.checkpoint`` (``inference.TrainedModel``) on ``model.device``."""
     return TrainedModel.load(cfg.stage.checkpoint, iteration=cfg.stage.iteration,
-                             device=choose_device(cfg.model.device))
+                             device=cfg.model.device)
 
 
 def check(cfg: RunConfig) -> None:

@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 from part_distillation import stages as registry
 from part_distillation.config import ReportStageConfig, RunConfig
+from part_distillation.evaluation.tables import metric_cell, render_table
 from part_distillation.launch.dag import compose_stage, own_overrides, stage_overrides
 from part_distillation.progress import format_eta
 from part_distillation.stages import SINGLE, StageSpec
@@ -162,14 +163,8 @@ def metrics_table(metrics: dict) -> str:
     columns += [k for k in ("C-mIoU", "A-mIoU", "bestIoU") if k in keys]
     columns = columns or sorted(keys)
 
-    def cell(value) -> str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            return f"{value:.1f}"
-        return "–"
-
-    lines = ["| predictions | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(cell(row.get(c)) for c in columns) + " |" for label, row in rows]
-    return "\n".join(lines) + "\n"
+    return render_table(["predictions", *columns], ([label, *(metric_cell(row.get(c)) for c in columns)]
+                                                     for label, row in rows))
 
 
 def evaluation_table(evaluate_output: str | None, folder: Path) -> tuple[str | None, str]:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from part_distillation.config import RunConfig
 from part_distillation.data.imagenet import ImageRecordRef, ImageTree, list_image_tree, shard
-from part_distillation.store import ShardWriter, StoreError, code_version, config_diff, manifest_path, read_manifest
+from part_distillation.store import ShardWriter, check_manifest, code_version
 from part_distillation.store.schemas import RecordSchema
 
 
@@ -32,27 +32,12 @@ def open_output(cfg: RunConfig, schema: RecordSchema, context=None) -> ShardWrit
 def output_conflict(cfg: RunConfig) -> str | None:
     """Why ``open_output`` would refuse this job's output (shard count, stage or config), or None.
 
-    Checked before any job is submitted. The one place that reads another run's
-    manifest for that purpose: it uses the store's own reader and comparison.
+    Checked before any job is submitted, by the store's own rule (``store.check_manifest``),
+    in the words of the refusal itself.
     """
-    output = cfg.stage.output
-    if not manifest_path(output).is_file():
-        return None
-    try:
-        existing = read_manifest(output)
-    except StoreError as err:
-        return str(err)
-    if existing.get("num_shards") != cfg.shard.count:
-        return (f"{output} was made with shard.count={existing.get('num_shards')}, this run asks for "
-                f"{cfg.shard.count}: use shard.count={existing.get('num_shards')} or another output folder")
-    if existing.get("stage") != cfg.stage.name:
-        return f"{output} holds the output of stage {existing.get('stage')!r}, not {cfg.stage.name!r}"
-    ignore = set(existing.get("ignore_keys", ()))  # plus store.DEFAULT_IGNORE_KEYS, applied by config_diff
-    diff = config_diff(existing.get("config", {}), dataclasses.asdict(cfg), ignore)
-    if diff and not cfg.overwrite_config:
-        return (f"{output} was made with a different config (differing keys: {', '.join(diff)}): use another "
-                f"output folder (paths.root=...), or overwrite_config=true to write into it anyway")
-    return None
+    return check_manifest(cfg.stage.output, stage=cfg.stage.name, config=dataclasses.asdict(cfg),
+                          num_shards=cfg.shard.count, overwrite_config=cfg.overwrite_config,
+                          count_key="shard.count")
 
 
 def list_shard_images(cfg: RunConfig, include_rejected: bool = False) -> tuple[ImageTree, Sequence[ImageRecordRef]]:

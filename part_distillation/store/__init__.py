@@ -41,7 +41,7 @@ from part_distillation.store.framing import (
 )
 from part_distillation.store.keytable import KeyTable, key_hash, load_table
 from part_distillation.store.manifest import (
-    DEFAULT_IGNORE_KEYS, code_version, config_diff, config_fingerprint, ensure_manifest, read_manifest,
+    DEFAULT_IGNORE_KEYS, check_manifest, code_version, config_diff, config_fingerprint, ensure_manifest, read_manifest,
 )
 from part_distillation.store.reader import RecordStore
 from part_distillation.store.schemas import RecordSchema
@@ -53,6 +53,6 @@ __all__ = [
     "DuplicateKeyError",
     "ShardWriter", "RecordStore", "RecordSchema", "KeyTable",
     "export_coco", "coco_results", "repair_shard", "scan_file", "encode_payload", "key_hash", "load_table",
-    "atomic_write_json", "manifest_path", "shard_name", "code_version", "config_diff", "config_fingerprint",
+    "atomic_write_json", "manifest_path", "shard_name", "check_manifest", "code_version", "config_diff", "config_fingerprint",
     "ensure_manifest", "read_manifest",
 ]

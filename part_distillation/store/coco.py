@@ -22,7 +22,7 @@ import numpy as np
 
 from part_distillation.masks import decode_rles, encode_rles, resize_masks_nearest, rle_area, rle_to_bbox
 from part_distillation.store.errors import StoreError
-from part_distillation.store.files import create_tmp, fsync_dir
+from part_distillation.store.files import atomic_open
 from part_distillation.store.reader import RecordStore, check_store
 from part_distillation.store.schemas import STAGE_RECORDS
 
@@ -261,21 +261,12 @@ def export_coco(store: RecordStore | str | os.PathLike, out_path: str | os.PathL
         return {"info": ex.info(), "images": images, "annotations": list(ex.annotations()), "categories": ex.cats}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_tmp(out_path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write('{"images": [')
-            n_images = _write_list(f, ex.images())
-            f.write(',\n"annotations": [')
-            n_anns = _write_list(f, ex.annotations())
-            f.write(f',\n"categories": {json.dumps(ex.cats)},\n"info": {json.dumps(ex.info())}}}\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-        fsync_dir(out_path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(out_path, "w", encoding="utf-8") as f:
+        f.write('{"images": [')
+        n_images = _write_list(f, ex.images())
+        f.write(',\n"annotations": [')
+        n_anns = _write_list(f, ex.annotations())
+        f.write(f',\n"categories": {json.dumps(ex.cats)},\n"info": {json.dumps(ex.info())}}}\n')
     logger.info("wrote %s: %d images, %d annotations (%d images left out: not decoded)",
                 out_path, n_images, n_anns, ex.left_out)
     return {"path": str(out_path), "images": n_images, "annotations": n_anns, "categories": ex.cats,

@@ -6,12 +6,13 @@ cluster can read what a job wrote.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 #: Shard files: ``00003-of-00060.rec`` (rank 0) and ``00003-of-00060.r01.rec`` (rank 1 of a
 #: multi-process job); summaries and key tables share the stem.
@@ -66,12 +67,38 @@ def write_tmp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part (tmp + os.replace)."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """A file whose content replaces ``path`` when the block completes, never in part.
+
+    Written to a temporary file of its own next to ``path`` (unique per process and call,
+    so concurrent writers of the same file never write into one another's), fsynced, then
+    ``os.replace``-d: readers, and the last of several writers, see one complete file. On an
+    error the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
-    tmp = write_tmp(path, data)
-    os.replace(tmp, path)
+    fd, tmp = create_tmp(path)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Readers see the old file or the new one, never a part (:func:`atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from part_distillation.store.errors import ConfigMismatchError, ShardCountMismatchError, StoreError
-from part_distillation.store.files import fsync_dir, manifest_path, write_tmp
+from part_distillation.store.files import atomic_write_bytes, fsync_dir, manifest_path, write_tmp
 from part_distillation.store.framing import FORMAT
 
 logger = logging.getLogger("part_distillation.store")
@@ -200,32 +200,68 @@ def ensure_manifest(output_dir: str | os.PathLike, *, stage: str, config: Mappin
             return manifest
         existing = read_manifest(output_dir)
         diff, problems = _differences(existing, stage, config, ignore_keys)
+        refusal = _refusal(output_dir, existing, num_shards, diff, problems, overwrite_config)
+        if refusal is not None:
+            raise refusal
         if not problems:
-            if existing.get("num_shards") != num_shards:
-                raise _shard_count_error(output_dir, existing, num_shards)
             if existing.get("code_version") != code_version:
                 logger.info("%s was created by code %s, this run is %s", output_dir,
                             existing.get("code_version"), code_version)
             return existing
-        if not overwrite_config:
-            if existing.get("num_shards") != num_shards:
-                raise _shard_count_error(output_dir, existing, num_shards)
-            raise ConfigMismatchError(
-                f"{output_dir} was made with a different config; differing keys: {', '.join(diff) or 'stage'}\n  "
-                + "\n  ".join(problems)
-                + "\nUse a new output directory, or start this one afresh with overwrite_config=True "
-                  "(overwrite_config=true on the command line: the old output is moved aside to "
-                  f"{output_dir.name}.old-<time>, nothing is deleted)")
     finally:
         if tmp.exists():
             tmp.unlink()
     return _start_afresh(output_dir, manifest, data, diff)
 
 
-def _shard_count_error(output_dir: Path, existing: dict, num_shards: int) -> ShardCountMismatchError:
+def _refusal(output_dir: Path, existing: dict, num_shards: int, diff: list[str], problems: list[str],
+             overwrite_config: bool, count_key: str = "num_shards") -> StoreError | None:
+    """The one rule of what :func:`ensure_manifest` refuses (None: it writes into the output);
+    ``count_key``: what the caller calls the shard count."""
+    if problems and overwrite_config:
+        return None  # moved aside and started afresh
+    if existing.get("num_shards") != num_shards:
+        return _shard_count_error(output_dir, existing, num_shards, count_key)
+    if problems:
+        return ConfigMismatchError(
+            f"{output_dir} was made with a different config; differing keys: {', '.join(diff) or 'stage'}\n  "
+            + "\n  ".join(problems)
+            + "\nUse a new output directory, or start this one afresh with overwrite_config=True "
+              "(overwrite_config=true on the command line: the old output is moved aside to "
+              f"{output_dir.name}.old-<time>, nothing is deleted)")
+    return None
+
+
+def check_manifest(output_dir: str | os.PathLike, *, stage: str, config: Mapping[str, Any], num_shards: int,
+                   ignore_keys: Iterable[str] = (), overwrite_config: bool = False,
+                   count_key: str = "num_shards") -> str | None:
+    """Why :func:`ensure_manifest` would refuse this run's output, as one line, or None; reads only.
+
+    For checks before any job starts (nothing is created); the wording is the refusal's own,
+    the shard count named ``count_key`` (the caller's setting, e.g. ``shard.count``).
+    """
+    output_dir = Path(output_dir)
+    if not manifest_path(output_dir).is_file():
+        return None
+    try:
+        existing = read_manifest(output_dir)
+    except StoreError as err:
+        return one_line(err)
+    diff, problems = _differences(existing, stage, _normalise_config(config), list(ignore_keys))
+    refusal = _refusal(output_dir, existing, num_shards, diff, problems, overwrite_config, count_key)
+    return None if refusal is None else one_line(refusal)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its lines joined with '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _shard_count_error(output_dir: Path, existing: dict, num_shards: int,
+                       count_key: str = "num_shards") -> ShardCountMismatchError:
     return ShardCountMismatchError(
-        f"{output_dir} was made with num_shards={existing.get('num_shards')}, this run asks for "
-        f"num_shards={num_shards}; shard files would overlap. Use num_shards="
+        f"{output_dir} was made with {count_key}={existing.get('num_shards')}, this run asks for "
+        f"{count_key}={num_shards}; shard files would overlap. Use {count_key}="
         f"{existing.get('num_shards')} or a new output directory")
 
 
@@ -246,10 +282,7 @@ def _start_afresh(output_dir: Path, manifest: dict, data: bytes, diff: list[str]
                                "moved it aside to %s and starting the output afresh",
                                output_dir, ", ".join(diff) or "stage", old)
             output_dir.mkdir(parents=True)
-            path = manifest_path(output_dir)
-            tmp = write_tmp(path, data)
-            os.replace(tmp, path)
-            fsync_dir(output_dir)
+            atomic_write_bytes(manifest_path(output_dir), data)
             return manifest
         finally:
             fcntl.flock(parent_fd, fcntl.LOCK_UN)

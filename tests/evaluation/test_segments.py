@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from part_distillation.evaluation.segments import best_match_iou, labels_to_segments, mean_best_match_iou
+from part_distillation.evaluation.segments import best_match_iou, mean_best_match_iou
 from part_distillation.models.baselines import color_position_labels, strip_labels
 
 
@@ -20,12 +20,6 @@ def test_best_match_iou_hand_worked():
     assert mean_best_match_iou([1.0, 0.5]) == 0.75
     with pytest.raises(ValueError):
         best_match_iou(true, np.zeros((1, 3, 3), bool))
-
-
-def test_labels_to_segments_one_mask_per_label_present():
-    labels = np.array([[0, 2], [2, 5]])
-    segs = labels_to_segments(labels)
-    assert segs.shape == (2, 2, 2) and segs[0].sum() == 2 and segs[1].sum() == 1
 
 
 def test_strips_split_the_longer_side_of_the_box_inside_the_object():

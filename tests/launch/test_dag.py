@@ -74,7 +74,7 @@ def test_reference_pipelines_rank_parts_with_the_40k_proposal_checkpoint(tmp_pat
     for i in (40000, 50000):  # the run folder part ranking reads, holding the 40k and 50k checkpoints
         ckpt.checkpoint_path(ranking.proposal_run, i).parent.mkdir(parents=True, exist_ok=True)
         ckpt.checkpoint_path(ranking.proposal_run, i).write_bytes(b"")
-    assert part_ranking.resolve_checkpoint(ranking) == ckpt.checkpoint_path(ranking.proposal_run, iteration or 50000)
+    assert part_ranking.proposal_checkpoint(ranking) == ckpt.checkpoint_path(ranking.proposal_run, iteration or 50000)
 
 
 def test_a_complete_stage_made_with_another_config_is_not_taken_as_done(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import kill_entry_after_first_record
 from part_distillation.data.synthetic import make_synthetic_dataset
 from part_distillation.masks import decode_rles
-from part_distillation.stages.dense_crf import RefineSettings, part_label_map, refine_record
+from part_distillation.stages.dense_crf import RefineSettings, refine_record
 from part_distillation.store.sharding import in_shard
 from part_distillation.store import RecordStore
 from tests.slurm_cluster import slurm_cluster, wait_for
@@ -83,13 +83,6 @@ def _iou_to_truth(record: dict, truth: np.ndarray) -> float:
 
 def _item(dataset: Path, n: int = 0) -> dict:
     return next(x for i, x in enumerate(true_part_labels(dataset)) if i == n)
-
-
-def test_label_map_puts_each_part_at_its_compact_label():
-    masks = np.zeros((2, 3, 4), bool)
-    masks[0, 0, :2] = True
-    masks[1, 2, 3] = True
-    assert part_label_map(masks, 2).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2]]
 
 
 def test_parts_covering_the_whole_image_keep_every_id(dataset):

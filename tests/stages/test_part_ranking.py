@@ -89,11 +89,11 @@ def test_classes_with_at_most_k_embeddings_get_no_part_classes(tmp_path, records
 
 def test_selected_iteration_and_missing_checkpoint(tmp_path, records, proposal_run):
     cfg = _cfg(tmp_path, records, proposal_run, checkpoint_iteration=10)
-    assert part_ranking.resolve_checkpoint(cfg.stage) == ckpt.checkpoint_path(proposal_run, 10)
+    assert part_ranking.proposal_checkpoint(cfg.stage) == ckpt.checkpoint_path(proposal_run, 10)
     with pytest.raises(ConfigError, match="checkpoint_iteration=5"):
-        part_ranking.resolve_checkpoint(_cfg(tmp_path, records, proposal_run, checkpoint_iteration=5).stage)
+        part_ranking.proposal_checkpoint(_cfg(tmp_path, records, proposal_run, checkpoint_iteration=5).stage)
     with pytest.raises(ConfigError, match="stage.proposal_run"):
-        part_ranking.resolve_checkpoint(_cfg(tmp_path, records, tmp_path / "none").stage)
+        part_ranking.proposal_checkpoint(_cfg(tmp_path, records, tmp_path / "none").stage)
 
 
 def test_two_jobs_split_the_classes(tmp_path, records, proposal_run):

@@ -85,7 +85,7 @@ def test_the_fewshot_baseline_trains_its_subset_from_the_checkpoint_through_the_
                                                                                        monkeypatch):
     records = [{"key": f"k{i}", "object_classes": [f"c{i % 2}"]} for i in range(10)]
     _fake_split(monkeypatch, records)
-    monkeypatch.setattr(fewshot_learning, "resolve_checkpoint", lambda stage: Path("pd/model_0000007.pth"))
+    monkeypatch.setattr(fewshot_learning, "resolve_checkpoint", lambda path, **kw: Path("pd/model_0000007.pth"))
     cfg = _run_cfg(FewshotLearningStageConfig(output=str(tmp_path / "run"), percent=20), tmp_path)
     fewshot_learning.run(cfg, JobContext())
     (call,) = wiring

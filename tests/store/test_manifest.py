@@ -122,3 +122,43 @@ def test_code_version_starts_with_the_package_version():
     assert code_version().startswith(__version__)
 
 
+
+
+def test_check_manifest_refuses_exactly_what_ensure_manifest_refuses_in_its_words(tmp_path):
+    from part_distillation.store import StoreError, check_manifest, ensure_manifest
+
+    assert check_manifest(tmp_path / "none", stage="test", config=CONFIG, num_shards=3) is None
+    with writer(tmp_path, 0, 3):
+        pass
+    changed = {**CONFIG, "model": {"k": 8}}
+    cases = [
+        dict(stage="test", config=CONFIG, num_shards=3),                           # the same run: accepted
+        dict(stage="test", config=changed, num_shards=3),                          # another config
+        dict(stage="test", config=changed, num_shards=3, overwrite_config=True),   # ... started afresh
+        dict(stage="test", config=CONFIG, num_shards=2),                           # another shard count
+        dict(stage="test", config=CONFIG, num_shards=2, overwrite_config=True),    # ... refused all the same
+        dict(stage="other", config=CONFIG, num_shards=3),                          # another stage
+    ]
+    for case in cases:
+        before = (tmp_path / "manifest.json").read_text()
+        said = check_manifest(tmp_path, **case)
+        assert (tmp_path / "manifest.json").read_text() == before  # a check writes nothing
+        if said is None:
+            continue  # (writing with those settings is covered by the tests above)
+        assert "\n" not in said
+        with pytest.raises(StoreError) as err:
+            ensure_manifest(tmp_path, code_version="test", **case)
+        assert said == "; ".join(line.strip() for line in str(err.value).splitlines() if line.strip())
+    refused = [check_manifest(tmp_path, **case) is not None for case in cases]
+    assert refused == [False, True, False, True, True, True]
+
+
+def test_check_manifest_names_the_shard_count_as_the_caller_calls_it(tmp_path):
+    # the stages' preflight names the setting to change (shard.count), not the store's own word
+    from part_distillation.store import check_manifest
+
+    with writer(tmp_path, 0, 3):
+        pass
+    said = check_manifest(tmp_path, stage="test", config=CONFIG, num_shards=2, count_key="shard.count")
+    assert "asks for shard.count=2" in said and "Use shard.count=3" in said and "num_shards" not in said
+    assert "num_shards=3" in check_manifest(tmp_path, stage="test", config=CONFIG, num_shards=2)

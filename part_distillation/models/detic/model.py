@@ -22,6 +22,7 @@ from torch import nn
 from ...data.frame import fitted_size, resize_image
 from part_distillation.data.batching import PIXEL_MEAN, PIXEL_STD, pad_batch
 from ..errors import CheckpointMismatchError
+from part_distillation.state_file import read_model_state
 from .centernet import CenterNet
 from .fpn import FPN
 from .roi_heads import CascadeROIHeads, RawDetections, clip_boxes
@@ -314,11 +315,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"Detic weights not found at {path}. Download {WEIGHTS_URL} and place it there "
             f"(expected layout: {DEFAULT_WEIGHTS_PATH})."
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"{path} holds no state dict (expected {{'model': state_dict}})")
-    return dict(state)
+    return read_model_state(path)
 
 
 #: Entries some detectron2 versions saved that carry no weights here (the config holds them).
