@@ -1,7 +1,7 @@
 """B8: peak memory of the object-conditioned class head at ImageNet-21k size.
 
 The stage-two class head is Linear(256, 22,000 x 8 + 1) applied to 200 queries at each
-of 10 decoder predictions (PIPELINE.md section 6). Two ways, one training step each
+of 10 decoder predictions (docs/method.md#stage-6). Two ways, one training step each
 (head forward at every layer, a cross-entropy over each image's K + 1 logits, backward):
 
 * before: every layer's full logits, then each image's K + 1 columns gathered (the old

@@ -284,7 +284,7 @@ class ObjectMaskSourceFields:
 
 @dataclass
 class DeticStageConfig(StageConfig, ObjectMaskSourceFields):
-    """Stage 1, object masks for every image (PIPELINE.md section 1); the source is a choice.
+    """Stage 1, object masks for every image (docs/method.md#stage-1); the source is a choice.
 
     ``source``: ``detic`` (the reference; ``model=detic_swinb`` and a vocabulary), ``annotations``
     (a COCO json of given objects, or of parts with ``annotations_are_parts``), ``mask2former``
@@ -295,7 +295,7 @@ class DeticStageConfig(StageConfig, ObjectMaskSourceFields):
     name: str = "detic_labeling"
     source: str = "detic"
     keep_top: int = 10
-    own_class_filter: bool = True  # keep the image's own class when detected (the intent; Trap 1)
+    own_class_filter: bool = True  # keep the image's own class when detected (the intent; docs/differences.md#trap-1)
     batch_size: int = 4  # images per forward pass
     allow_tf32: bool = False  # fp32 matmuls/convolutions on GPU unless turned on
 

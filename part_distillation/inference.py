@@ -18,7 +18,7 @@ order, written by the stage). A bare checkpoint file without a run folder is acc
 too: the architecture is recognised from its weights, the kind from its class head
 (2 outputs: proposals), and what cannot be recognised is passed to :meth:`TrainedModel.load`.
 
-Prediction follows PIPELINE.md: the image is fitted to the model's image size (longer
+Prediction follows docs/method.md#inference: the image is fitted to the model's image size (longer
 side; ``data.frame.ImageFrame``); a proposal model sees the fitted image as it is, padded to
 a multiple of 32 with 0 after normalisation (the reference's stage-4 test input, no grey
 square), a PartDistillation model its test resolution (``eval_max_size``); proposals use
@@ -209,14 +209,14 @@ class TrainedModel:
     ``model``: the network (any device; also a model in training, which :meth:`predict`
     runs in eval mode and leaves as it was); ``image_size``: the size images are fitted to;
     ``class_wnids``: stage 6's object classes in head order (None: unknown, pass
-    class indices); ``topk``/``one_label``: inference settings (PIPELINE.md: 200, True);
+    class indices); ``topk``/``one_label``: inference settings (docs/method.md#inference: 200, True);
     ``max_size``: see the field.
     """
 
     model: torch.nn.Module
     kind: str
     image_size: int = 640
-    #: test-time resolution (PIPELINE.md "Evaluation"): shortest side ``image_size``, longer side
+    #: test-time resolution (docs/evaluation.md#resolution): shortest side ``image_size``, longer side
     #: capped at ``max_size``; None: the longer side fitted to ``image_size`` (proposal models:
     #: no canvas, zero-padded to a multiple of 32; semantic baselines: the grey square canvas).
     #: :meth:`load` sets it for PartDistillation.

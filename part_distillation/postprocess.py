@@ -10,7 +10,7 @@ named ``mask_logits`` are the model's pre-sigmoid mask predictions; ``masks`` ar
   inside its mask.
   It stays for the COCO model.
 * :func:`part_inference` is PartDistillation's inference, one function for every stage
-  (PIPELINE.md sections 4-6): top-k (query, class) pairs by score with **no** mask-score
+  (docs/method.md#inference): top-k (query, class) pairs by score with **no** mask-score
   factor; mask logits restricted to the object before binarising (or, for the ranking
   stage's cluster pass, after the filters); one label per pixel (argmax of score x
   sigmoid(mask) inside the union of positive logits); optional merge by class; area filter
@@ -246,7 +246,7 @@ def part_inference(
     keep_all_if_none_pass: bool = True,
     min_object_iou: float | None = None,
 ) -> InstancePredictions:
-    """PartDistillation's inference for one image (every stage; PIPELINE.md sections 4-6).
+    """PartDistillation's inference for one image (every stage; docs/method.md#inference).
 
     ``pair_scores`` (Q, C): the score of each (query, class) pair, e.g.
     :func:`class_probabilities` of the class logits (stages 4 and 6) or foreground
@@ -328,7 +328,7 @@ def _select(top: _TopLogits, *, one_label, merge_classes, min_area_ratio, min_sc
     return predictions.sorted_by_score()
 
 
-#: The two proposal settings of the evaluation (PIPELINE.md "Evaluation"): the top-k masks as
+#: The two proposal settings of the evaluation (docs/evaluation.md#protocols): the top-k masks as
 #: they are (the published AR), and one label per pixel.
 PROPOSAL_SETTINGS = ("overlapping", "one-label")
 
@@ -346,7 +346,7 @@ def proposal_inference_settings(
     min_area_ratio: float | None = 0.05,
     min_score: float | None = -1.0,
 ) -> dict[str, InstancePredictions]:
-    """Part proposals of the stage-one model (PIPELINE.md section 4) in each of ``settings``
+    """Part proposals of the stage-one model (docs/method.md#stage-4) in each of ``settings``
     (``overlapping``: each mask its pair's logit > 0; ``one-label``: one label per pixel),
     from one top-k selection and one resize of the logits: top ``topk`` queries by softmax
     foreground probability, restricted to ``object_mask`` before binarising, area > 5% of the

@@ -257,7 +257,7 @@ def test_proposal_filters_fall_back_to_everything_when_nothing_passes():
 
 def np_part_inference(pair_scores, mask_logits, padded, image, obj, topk, restrict, one_label, merge,
                       min_area, min_score, min_iou):
-    """The inference steps of PIPELINE.md written out with loops over pairs and pixels."""
+    """The inference steps of docs/method.md#inference written out with loops over pairs and pixels."""
     num_queries, num_classes = pair_scores.shape
     pairs = sorted(((pair_scores[q, c], q, c) for q in range(num_queries) for c in range(num_classes)),
                    key=lambda t: -t[0])[:topk]
@@ -295,7 +295,7 @@ def np_part_inference(pair_scores, mask_logits, padded, image, obj, topk, restri
     return sorted(items, key=lambda it: -it[0])
 
 
-CASES = {  # the settings of each stage (PIPELINE.md sections 4-6)
+CASES = {  # the settings of each stage (docs/method.md#inference)
     "stage4_proposals": dict(restrict="before", one_label=True, merge=False, min_area=0.05, min_score=-1.0,
                              min_iou=None),
     "stage4_overlapping": dict(restrict="before", one_label=False, merge=False, min_area=0.05, min_score=-1.0,

@@ -1,6 +1,6 @@
 """The image frame every stage shares: original size -> fitted size -> square canvas.
 
-PIPELINE.md "The image frame": "fit to 640" scales an image so its longer side is
+docs/method.md#image-frame: "fit to 640" scales an image so its longer side is
 ``size`` (small images are scaled up), keeping the aspect ratio, with no padding. Stages
 1-3 store masks in this *fitted* frame and record both sizes (``frame.as_record()``).
 Where a square canvas is needed (training crops, ranking) the fitted image is padded at

@@ -9,7 +9,7 @@ only, so workers hold no state and a resumed run sees the same samples
 (``engine/sampler.py``). :func:`collate` batches samples for Mask2Former with the model
 layer's normalisation and padding; targets are padded exactly like the input.
 
-Load filters (PIPELINE.md section 4 and 6): ``object_ratio`` > ``min_object_ratio``
+Load filters (docs/method.md#stage-4 and #stage-6): ``object_ratio`` > ``min_object_ratio``
 (stage 4, strict) or >= (stage 6, ``inclusive=True``); for PART_LABELS parts whose
 ``part_ratios`` is below ``min_part_ratio`` are dropped at load. Both of a PART_LABELS
 record's ratios are over the square canvas (stage 5 writes them as the reference does),

@@ -1,4 +1,4 @@
-"""Training augmentation of PIPELINE.md section 4, as pure functions of a numpy Generator.
+"""Training augmentation of docs/method.md#stage-4, as pure functions of a numpy Generator.
 
 One call of :func:`augment` takes the fitted image (longer side = ``size``) and its part
 masks (stage 6: already padded to the ``size`` x ``size`` canvas, see ``square_canvas``)

@@ -4,7 +4,7 @@ Shaped like detectron2's ``DatasetEvaluator`` (``reset`` / ``process`` / ``evalu
 with the per-image state returned by ``process`` so a stage can write it as a record
 (evaluation is then sharded and resumable) and :func:`metrics` a pure function of states.
 
-Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
+Two protocols, always reported side by side (docs/evaluation.md#protocols):
 
 ``reference``
     The released code's, for comparison with published figures: proposals whose IoU with
@@ -23,7 +23,7 @@ Two protocols, always reported side by side (PIPELINE.md "Evaluation"):
     matched on a split disjoint from the evaluation split (``match_states``); without
     one, strict mIoU is not reported (NaN) rather than silently matched on the test data.
 
-Proposal AR comes in two settings (PIPELINE.md "Evaluation"), reported side by side for
+Proposal AR comes in two settings (docs/evaluation.md#protocols), reported side by side for
 proposal-type predictors: ``overlapping`` (the top-k masks as they are: the published
 stage-one AR) and ``one-label`` (one label per pixel); other predictors have their masks
 as they are, labelled ``one-label``. AR is per image: all objects of an image together,

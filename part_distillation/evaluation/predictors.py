@@ -27,7 +27,7 @@ reference).
 
 Predictions are at the sample's original size, or, given ``frame`` (an
 ``ImageFrame``), at ``frame.fitted``: PartImageNet is scored at the test resolution
-(PIPELINE.md "Evaluation"), each predictor's own (:meth:`Predictor.score_frame`: a
+(docs/evaluation.md#protocols), each predictor's own (:meth:`Predictor.score_frame`: a
 model's test frame; a stage record's own frame; else longer side 640), and a predictor
 gives its masks there directly rather than through the original size.
 """

@@ -39,7 +39,7 @@ __all__ = ["CRFParams", "REFERENCE_PARAMS", "dense_crf", "dense_crf_reference", 
 
 @dataclass(frozen=True)
 class CRFParams:
-    """The CRF's parameters; the defaults are the reference settings (PIPELINE.md section 3)."""
+    """The CRF's parameters; the defaults are the reference settings (docs/method.md#stage-3)."""
 
     gt_prob: float = 0.7
     gaussian_sxy: float = 3.0

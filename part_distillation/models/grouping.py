@@ -1,4 +1,4 @@
-"""Pixel grouping (PIPELINE.md section 2): k-means of backbone features inside an object.
+"""Pixel grouping (docs/method.md#stage-2): k-means of backbone features inside an object.
 
 The reference algorithm, batched over many objects:
 

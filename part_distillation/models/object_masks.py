@@ -4,7 +4,7 @@ Every source takes a batch of :class:`SourceImage` (the image already fitted to 
 ``data/frame.py``) and returns one :class:`ObjectMasks` per image, in the fitted frame and by
 descending score, so the stage writes the same record whichever source ran:
 
-- :class:`DeticSource` (the reference, PIPELINE.md section 1): Detic with a vocabulary of all
+- :class:`DeticSource` (the reference, docs/method.md#stage-1): Detic with a vocabulary of all
   the dataset's classes; keep the detections of the image's own class (compared by the one
   global class index), else all; the top ``keep_top`` by score (:func:`select_own_class_top`).
 - :class:`AnnotationSource`: object masks given with the dataset (COCO json; see

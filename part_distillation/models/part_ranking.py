@@ -1,7 +1,7 @@
-"""Part ranking's computations (PIPELINE.md section 5): compute only, no files or config.
+"""Part ranking's computations (docs/method.md#stage-5): compute only, no files or config.
 
 * :func:`cluster_logits`: the classifier of a query embedding against a class's centroids,
-  ``dot`` (x·c) or the reference's ``l2`` (x·c − |x|² − |c|², no factor 2: trap 6).
+  ``dot`` (x·c) or the reference's ``l2`` (x·c − |x|² − |c|², no factor 2: docs/differences.md#trap-6).
 * :func:`cluster_pass`: the kept proposals' L2-normalised embeddings of one image.
   Top 200 queries by foreground probability; one label per pixel over the whole image
   (unmasked logits); area > 5% of the predicted foreground, then score > 0.3; only then

@@ -1,4 +1,4 @@
-"""Stage ``dense_crf``: dense-CRF refinement of stage 2's part segments (PIPELINE.md section 3).
+"""Stage ``dense_crf``: dense-CRF refinement of stage 2's part segments (docs/method.md#stage-3).
 
 Input: stage-2 records (``PART_SEGMENTS``: part masks in the fitted frame, ids 1..K).
 Output: the same records with the part masks replaced by the CRF's argmax labels.
@@ -78,7 +78,7 @@ class RefineSettings:
 
 
 class InputFrameError(ValueError):
-    """A stage-2 record is not in the frame this stage expects (trap 2 of PIPELINE.md)."""
+    """A stage-2 record is not in the frame this stage expects (docs/differences.md#trap-2)."""
 
 
 def refine_parts(image: np.ndarray, part_masks: np.ndarray, part_ids: np.ndarray,

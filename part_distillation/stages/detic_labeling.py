@@ -1,12 +1,12 @@
 """Stage 1 ``detic_labeling``: object masks for every image of one shard of the tree.
 
-PIPELINE.md section 1. Each image is decoded once, fitted to 640 (``data/frame.py``) and
+docs/method.md#stage-1. Each image is decoded once, fitted to 640 (``data/frame.py``) and
 handed, in batches, to the object-mask source ``stage.source`` (``models/object_masks.py``):
 Detic (the reference), given annotations, a COCO Mask2Former or GrabCut. One
 ``OBJECT_MASKS`` record per image (masks as RLE in the fitted frame); an image with no
 object is skipped as ``no_detections``, a file that does not decode as ``bad_image``; both
 are remembered so a rerun skips them too. The Detic vocabulary covers every class of the
-dataset whatever the shard (Trap 1), so the own-class filter compares global indices.
+dataset whatever the shard (docs/differences.md#trap-1), so the own-class filter compares global indices.
 """
 from __future__ import annotations
 

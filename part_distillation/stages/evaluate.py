@@ -35,7 +35,7 @@ predictor ``metrics.json``, ``metrics.md``, ``per_class.csv`` in its folder, and
 setting: AR@k, C-mIoU, A-mIoU, bestIoU), ``metrics.json`` and ``per_class.csv``; the table is
 logged and put in the stage summary.
 
-AR settings (PIPELINE.md "Evaluation"): proposal-type predictors (``proposal``, ``records``,
+AR settings (docs/evaluation.md#protocols): proposal-type predictors (``proposal``, ``records``,
 ``strips``, ``colour_kmeans``) get two rows per protocol, ``overlapping`` (the top-k masks
 as they are: the setting of the published stage-one AR, the one to compare with the paper)
 and ``one-label`` (one label per pixel; their mIoU and bestIoU are of these masks, so they

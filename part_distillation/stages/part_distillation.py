@@ -1,4 +1,4 @@
-"""Stage 6 ``part_distillation``: the object-conditioned part Mask2Former (PIPELINE.md section 6).
+"""Stage 6 ``part_distillation``: the object-conditioned part Mask2Former (docs/method.md#stage-6).
 
 Mask2Former from the COCO instance weights when ``model.weights`` is given (never from
 stage 4; the demo trains the tiny model from scratch) with a fresh class head of

@@ -1,4 +1,4 @@
-"""Stage 5 ``part_ranking``: global part classes per object class (PIPELINE.md section 5).
+"""Stage 5 ``part_ranking``: global part classes per object class (docs/method.md#stage-5).
 
 Input: stage-3 records (``PART_SEGMENTS``, ``stage.input``, default the dense_crf output)
 and the stage-4 proposal model (``stage.checkpoint``, default the newest checkpoint of

@@ -3,7 +3,7 @@
 Reads stage-1 object records (``OBJECT_MASKS``), writes ``PART_SEGMENTS``: for each image
 the highest-scoring object mask (``stage.objects=all``: every kept mask, keys
 ``<image key>/<i>``) split into up to K parts by ``models.grouping.group_pixels``
-(PIPELINE.md section 2). Images go through the backbone ``stage.batch_size`` at a
+(docs/method.md#stage-2). Images go through the backbone ``stage.batch_size`` at a
 time; all their objects share one k-means call. Each image is decoded once. Each
 object's k-means seed comes from its key, so results do not depend on batching (a
 killed and rerun job writes what an uninterrupted one would).

@@ -1,4 +1,4 @@
-"""Stage 4 ``proposal_learning``: a class-agnostic part-proposal Mask2Former (PIPELINE.md section 4).
+"""Stage 4 ``proposal_learning``: a class-agnostic part-proposal Mask2Former (docs/method.md#stage-4).
 
 Mask2Former with one foreground class ("part"), its class head re-initialised and
 everything else from the COCO instance weights when ``model.weights`` is given (the demo

@@ -112,7 +112,7 @@ def test_invalid_inputs_give_clear_errors():
 
 
 def reference_script_crf(image: np.ndarray, labels: np.ndarray, bilateral_compat: float = 10) -> np.ndarray:
-    """The reference script's CRF call, written out as it is there (PIPELINE.md section 3):
+    """The reference script's CRF call, written out as it is there (docs/method.md#stage-3):
     pydensecrf's default kernel and normalisation, number of labels = parts + 1."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels

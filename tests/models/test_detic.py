@@ -63,7 +63,7 @@ def test_swin_b_layout_matches_public_checkpoint(reference_models: Path):
 
 
 def test_config_for_labeling_uses_pipeline_settings():
-    # The reference's object-mask settings, PIPELINE.md section 1 ("Input: the fitted image (fit
+    # The reference's object-mask settings, docs/method.md#stage-1 ("Input: the fitted image (fit
     # to 640). Score threshold 0.02, NMS 0.5, at most 1000 detections"), not the DefaultPredictor's
     # shortest edge 640 / max 1333.
     cfg = DeticConfig.for_labeling()

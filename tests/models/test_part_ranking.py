@@ -1,4 +1,4 @@
-"""Part ranking's computations on hand-worked values (PIPELINE.md section 5, traps 4-6)."""
+"""Part ranking's computations on hand-worked values (docs/method.md#stage-5, docs/differences.md#trap-4 to #trap-6)."""
 import math
 
 import numpy as np
@@ -13,7 +13,7 @@ def test_classifiers_on_hand_values():
     c = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     # dot: x·c
     np.testing.assert_allclose(ranking.cluster_logits(x, c, "dot"), [[1.0, 0.0], [0.6, 1.6]])
-    # l2: x·c - |x|^2 - |c|^2, no factor 2 (trap 6): [1-1-1, 0-1-4], [0.6-1-1, 1.6-1-4]
+    # l2: x·c - |x|^2 - |c|^2, no factor 2 (docs/differences.md#trap-6): [1-1-1, 0-1-4], [0.6-1-1, 1.6-1-4]
     np.testing.assert_allclose(ranking.cluster_logits(x, c, "l2"), [[-1.0, -5.0], [-1.4, -3.4]], atol=1e-6)
     with pytest.raises(ValueError, match="classifier"):
         ranking.cluster_logits(x, c, "cosine")

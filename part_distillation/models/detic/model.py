@@ -74,7 +74,7 @@ class DeticConfig:
 
     @classmethod
     def for_labeling(cls, architecture: str = "swinb", **overrides) -> "DeticConfig":
-        """PartDistillation's object-mask settings (PIPELINE.md section 1) on a named architecture.
+        """PartDistillation's object-mask settings (docs/method.md#stage-1) on a named architecture.
 
         The image fitted to 640 (longer side, ``data/frame.py``), score threshold 0.02, NMS 0.5,
         at most 1000 detections; ``overrides`` change any of them.
@@ -87,7 +87,7 @@ class DeticConfig:
         return cls(**base)
 
 
-#: PartDistillation's labelling input: the longer side fitted to 640 (PIPELINE.md "The image frame").
+#: PartDistillation's labelling input: the longer side fitted to 640 (docs/method.md#image-frame).
 LABELING_FIT_SIZE = 640
 
 #: Architectures by name (``model.size``): the public Swin-B model, and the tiny reference fixture
