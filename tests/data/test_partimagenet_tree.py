@@ -22,6 +22,9 @@ def test_partimagenet_tree_is_a_partimagenet_layout_unlike_the_demo(tmp_path):
         samples = list(dataset.samples())
         assert len(samples) == len(dataset) and all(s.part_masks.any(axis=(1, 2)).all() for s in samples)
         assert all(len(s.part_ids) >= 2 for s in samples)
+        # objects fill much of the photo, as in ImageNet: well above the reference's stage-6 filter
+        # (object >= 5 % of the square canvas of the longer side), so the pipeline can train on them
+        assert all(s.part_masks.any(0).sum() / max(s.part_masks.shape[1:]) ** 2 >= 0.15 for s in samples)
     assert not {im.path for im in train} & {im.path for im in val}  # disjoint splits
     listed = list_image_tree(tmp_path / "parts", split="train")
     assert list(listed.wnids) == sorted(w for w, _, _ in CLASSES) and len(listed) == 10
