@@ -258,33 +258,40 @@ def run(cfg: RunConfig, context) -> StageSummary:
                             summary.written += 1
     stores = {spec.label: RecordStore(output / spec.label) for spec in specs}
     if all(not store.summary()["shards_missing_summary"] for store in stores.values()):
-        part_names = datasets[st.split].part_names
-        class_names = datasets[st.split].class_names
-        results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
-                                          st.mapping, part_names, object_key=st.object_key,
-                                          class_names=class_names, dataset=st.dataset)
-                   for label, store in stores.items()}
-        table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k), class_names)
-        summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items()
-                                                if k in AR_SETTINGS or not isinstance(v, (dict, list))}
-                                            for p in PROTOCOLS} for label, r in results.items()}
-        summary.extra["metrics_table"] = table
-        summary.extra["metrics_file"] = str(output / "metrics.json")
-        if st.collage_classes and context.is_main:
-            summary.extra["collages"] = [str(p) for p in write_collages(
-                output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
-                st.collage_classes, st.collage_per_class)]
-        for label, result in results.items():
-            if result.get("skipped"):
-                log.warning("[evaluate] %s skipped %d of %d samples of split %s (scored as finding nothing): %s%s",
-                            label, sum(result["skipped"].values()), result["objects"], st.split, result["skipped"],
-                            " (a PartDistillation model on another dataset's classes: see stage.class_map_file "
-                            "and stage.wordnet_is_a)" if "object_class_not_in_model" in result["skipped"] else "")
-        images = next(iter(results.values()))["images"]
-        log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
-                 f" (strict protocol matched on {st.match_split})" if st.match_split else
-                 " (no disjoint matching split: strict mIoU not computed)", table)
+        merge_all(st, context, specs, predictors, datasets, stores, summary)
     return summary.finish()
+
+
+def merge_all(st, context, specs, predictors, datasets, stores, summary: StageSummary) -> None:
+    """Once every job's shard is closed: each predictor's metrics, the combined table and
+    collages, written by whichever job finds them complete (a pure function of the states)."""
+    output = Path(st.output)
+    part_names = datasets[st.split].part_names
+    class_names = datasets[st.split].class_names
+    results = {label: merge_and_write(store, output / label, st.split, st.match_split, tuple(st.top_k),
+                                      st.mapping, part_names, object_key=st.object_key,
+                                      class_names=class_names, dataset=st.dataset)
+               for label, store in stores.items()}
+    table = write_combined(output, results, st.split, st.match_split, tuple(st.top_k), class_names)
+    summary.extra["metrics"] = {label: {p: {k: v for k, v in r[p].items()
+                                            if k in AR_SETTINGS or not isinstance(v, (dict, list))}
+                                        for p in PROTOCOLS} for label, r in results.items()}
+    summary.extra["metrics_table"] = table
+    summary.extra["metrics_file"] = str(output / "metrics.json")
+    if st.collage_classes and context.is_main:
+        summary.extra["collages"] = [str(p) for p in write_collages(
+            output, dict(zip((s.label for s in specs), predictors)), results, datasets[st.split],
+            st.collage_classes, st.collage_per_class)]
+    for label, result in results.items():
+        if result.get("skipped"):
+            log.warning("[evaluate] %s skipped %d of %d samples of split %s (scored as finding nothing): %s%s",
+                        label, sum(result["skipped"].values()), result["objects"], st.split, result["skipped"],
+                        " (a PartDistillation model on another dataset's classes: see stage.class_map_file "
+                        "and stage.wordnet_is_a)" if "object_class_not_in_model" in result["skipped"] else "")
+    images = next(iter(results.values()))["images"]
+    log.info("[evaluate] %s, %d images of split %s%s:\n%s", st.dataset, images, st.split,
+             f" (strict protocol matched on {st.match_split})" if st.match_split else
+             " (no disjoint matching split: strict mIoU not computed)", table)
 
 
 # --------------------------------------------------------------------------- merge and files

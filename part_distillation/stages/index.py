@@ -52,11 +52,42 @@ def _changed(record: dict | None, state: tuple[int, float] | None) -> bool:
     return state is None or (record["file_size"], record["mtime"]) != state
 
 
+def index_record(cfg: RunConfig, tree, ref, state) -> dict:
+    """The index record of one listed image: its class and what probing the file found."""
+    if ref.problem:  # listed, but not a readable file: logged by the listing
+        probe = ImageInfo(0, 0, False, ref.problem)
+    else:
+        probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
+        if not probe.ok:
+            log.warning("bad image: %s: %s (recorded as bad and skipped by later stages; replace the "
+                        "file and rerun with stage.redo_changed=true to index it again)", ref.path, probe.reason)
+    return {"key": ref.key, "path": ref.path, "wnid": ref.wnid, "class_index": ref.class_index,
+            "class_name": tree.names[ref.class_index], "height": probe.height, "width": probe.width,
+            "ok": probe.ok, "reason": probe.reason,
+            "file_size": state[0] if state else None, "mtime": state[1] if state else None}
+
+
+def forget_vanished(out, listed: set, redo: bool) -> int:
+    """Images indexed by an earlier run whose file is gone: counted and warned about, and
+    removed from the index with ``stage.redo_changed``. Returns how many."""
+    vanished = 0
+    for key in sorted(set(out.done_keys) - listed):
+        record = out.read(key)
+        if record is None or os.path.exists(record["path"]):
+            continue  # a tombstone, or an image now listed in another job's slice
+        vanished += 1
+        log.warning("image indexed before is gone%s: %s", "; removing it from the index" if redo
+                    else " (stage.redo_changed=true removes it)", record["path"])
+        if redo:
+            out.skip(key, "file_missing", replace=True)
+    return vanished
+
+
 def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     summary = StageSummary(cfg.stage.name, output=cfg.stage.output)
     tree, refs = list_shard_images(cfg, include_rejected=True)
     redo = getattr(cfg.stage, "redo_changed", False)
-    changed = vanished = 0
+    changed = 0
     with open_output(cfg, INDEX, context) as out:
         listed = set()
         for ref in progress(refs, len(refs), f"index {cfg.shard.index}/{cfg.shard.count}",
@@ -76,29 +107,9 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                     summary.already_done += 1
                     continue
                 replace = True
-            if ref.problem:  # listed, but not a readable file: logged by the listing
-                probe = ImageInfo(0, 0, False, ref.problem)
-            else:
-                probe = probe_image(ref.path, max_pixels=cfg.data.max_pixels, oversize=cfg.data.oversize)
-                if not probe.ok:
-                    log.warning("bad image: %s: %s (recorded as bad and skipped by later stages; replace the "
-                                "file and rerun with stage.redo_changed=true to index it again)", ref.path,
-                                probe.reason)
-            out.write({"key": ref.key, "path": ref.path, "wnid": ref.wnid, "class_index": ref.class_index,
-                       "class_name": tree.names[ref.class_index], "height": probe.height,
-                       "width": probe.width, "ok": probe.ok, "reason": probe.reason,
-                       "file_size": state[0] if state else None, "mtime": state[1] if state else None},
-                      replace=replace)
+            out.write(index_record(cfg, tree, ref, state), replace=replace)
             summary.written += 1
-        for key in sorted(set(out.done_keys) - listed):
-            record = out.read(key)
-            if record is None or os.path.exists(record["path"]):
-                continue  # a tombstone, or an image now listed in another job's slice
-            vanished += 1
-            log.warning("image indexed before is gone%s: %s", "; removing it from the index" if redo
-                        else " (stage.redo_changed=true removes it)", record["path"])
-            if redo:
-                out.skip(key, "file_missing", replace=True)
+        vanished = forget_vanished(out, listed, redo)
         counts = out.counts
     # Whole-shard counts: a resumed run reports the bad images found by earlier runs too.
     summary.skipped.clear()
