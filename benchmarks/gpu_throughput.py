@@ -320,7 +320,7 @@ def section_detic(s: Settings, seconds: float) -> list[Row]:
 
 
 def section_grouping(s: Settings, seconds: float) -> list[Row]:
-    from part_distillation.models.batching import preprocess_images
+    from part_distillation.data.batching import preprocess_images
     from part_distillation.models.grouping import ObjectToGroup, build_feature_source, group_pixels
 
     stage = PixelGroupingStageConfig
