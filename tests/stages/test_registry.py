@@ -39,7 +39,7 @@ def test_a_stage_is_found_by_name_and_an_unknown_one_names_the_known_ones():
 def test_looking_a_stage_up_imports_that_stage_only():
     code = ("import sys; from part_distillation import stages; stages.spec('index'); "
             "loaded = sorted(m for m in sys.modules if m.startswith('part_distillation.stages.')); "
-            "assert loaded == ['part_distillation.stages.shard_io', 'part_distillation.stages.index'], loaded")
+            "assert loaded == ['part_distillation.stages.index', 'part_distillation.stages.shard_io'], loaded")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
