@@ -51,6 +51,7 @@ setup(
         "scikit-image>=0.22,<0.27",
         "opencv-python-headless>=4.8,<6",
         "tensorboard>=2.20,<2.22",  # torch.utils.tensorboard (training logs)
+        "matplotlib>=3.8,<4",  # the report's training curves (viz.plot_curves)
     ],
     # scikit-learn: the reference k-means the tests and benchmarks compare models/kmeans.py with;
     # import-linter: the layer contracts (tests/test_import_contracts.py)

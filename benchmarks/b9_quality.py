@@ -11,10 +11,12 @@ experiment's settings (``configs/stage_tuning/demo_*.yaml``), as the demo runs t
 - stages 1-3 (index, object masks from the annotations, pixel grouping, dense CRF) on
   ``train`` and on ``heldout``, so the pseudo-labels can be scored on held-out images;
 - stage 4 (proposal learning), stage 5 (part ranking) and stage 6 (PartDistillation) on
-  ``train`` only, a checkpoint every ``--curve-every`` iterations (all kept).
+  ``train`` only, a checkpoint every ``--curve-every`` iterations (all kept);
+- stage 5's label pass on ``heldout`` with the training run's stage-4 model and part classes
+  (``stage.part_classes``): the part-ranking labels of held-out images, what stage 6 learns from.
 
 Then on ``heldout`` (``evaluation.scoring.evaluate_in_memory``, the evaluate stage's per-image code)
-it scores pixel grouping's and dense CRF's records, the final stage-4 and stage-6 models,
+it scores pixel grouping's, dense CRF's and part ranking's records, the final stage-4 and stage-6 models,
 box strips and k-means of colour + position (K = the parts per object): mean best-match
 IoU (each true part to its best segment; proposals: the top K one-label masks, those with
 a cluster), AR@1/AR@10 in the ``overlapping`` setting (no filter; a PartDistillation model's
@@ -33,8 +35,8 @@ the curves; writes ``b9_quality.json`` (tables, curves, margins, settings) and
 line gives each model's margin over each baseline (percentage points):
 ``B9 distinct: s4-vs-crf bestIoU +5.0 AR10 +3.1 C-mIoU ... | ...; shared: ...``. All figures are percentages.
 
-    .venv/bin/python benchmarks/b9_quality.py                       # 4 classes x 12 images, 100 iterations
-    .venv/bin/python benchmarks/b9_quality.py --model mask2former_effnet --iters 400
+    .venv/bin/python benchmarks/b9_quality.py        # the demo's model and recipe: 4 classes x 12 images, 400 it.
+    .venv/bin/python benchmarks/b9_quality.py --set proposal_learning:stage.lr=3e-4 --out benchmarks_output/b9_lr
     .venv/bin/python benchmarks/b9_quality.py --variants shared --images 6 --iters 20 --curve-every 10
 """
 from __future__ import annotations
@@ -60,13 +62,15 @@ limit_threads(threads_from_argv())
 ROWS = {
     "pixel_grouping": "pixel grouping records (stage 2)",
     "dense_crf": "dense-CRF records (stage 3)",
+    "part_ranking": "part-ranking labels (stage 5)",
     "proposal": "stage-4 proposal model (top K)",
     "part_distillation": "stage-6 PartDistillation model",
     "strips": "box strips (K along the longer side)",
     "colour_kmeans": "k-means of colour + position",
 }
 MODELS = {"s4": "proposal", "s6": "part_distillation"}
-BASELINES = {"grouping": "pixel_grouping", "crf": "dense_crf", "strips": "strips", "kmeans": "colour_kmeans"}
+BASELINES = {"grouping": "pixel_grouping", "crf": "dense_crf", "rank": "part_ranking", "strips": "strips",
+             "kmeans": "colour_kmeans"}
 COLUMNS = ("bestIoU", "AR@1", "AR@10", "C-mIoU", "A-mIoU")
 #: The AR setting of the table (the published stage-one AR), where a predictor has it.
 AR_SETTING = "overlapping"
@@ -75,19 +79,21 @@ HELDOUT, MATCH = "heldout", "train_match"
 TRAIN_STAGES = ("synthetic_data", "index", "detic_labeling", "pixel_grouping", "dense_crf",
                 "proposal_learning", "part_ranking", "part_distillation")
 HELDOUT_STAGES = ("synthetic_data", "index", "detic_labeling", "pixel_grouping", "dense_crf")
+#: Run on ``heldout`` after training: with the training run's stage-4 model.
+HELDOUT_MODEL_STAGES = ("part_ranking",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mask2former_tiny",
+    parser.add_argument("--model", default="mask2former_effnet",
                         help="the Mask2Former of stages 4-6 (a configs/model name; default: the demo's)")
     parser.add_argument("--variants", default="distinct,shared", help="comma-separated: distinct, shared")
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--images", type=int, default=12, help="training images per class (the demo's 12)")
-    parser.add_argument("--heldout-images", type=int, default=6, help="held-out images per class")
+    parser.add_argument("--heldout-images", type=int, default=12, help="held-out images per class")
     parser.add_argument("--parts", type=int, default=4, help="parts per object = K of every predictor")
-    parser.add_argument("--iters", type=int, default=100, help="stage-4 and stage-6 iterations (the demo's 100)")
-    parser.add_argument("--curve-every", type=int, default=25, help="a checkpoint (curve point) every N iterations")
+    parser.add_argument("--iters", type=int, default=400, help="stage-4 and stage-6 iterations (the demo's 400)")
+    parser.add_argument("--curve-every", type=int, default=100, help="a checkpoint (curve point) every N iterations")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                         help="an extra override of one stage, e.g. proposal_learning:stage.lr=3e-4 (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks_output" / "b9"))
@@ -112,8 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- running the stages
 
-def stage_overrides(args, root: Path, variant: str, split: str) -> dict[str, list[str]]:
-    """Each stage's command-line overrides (on top of ``experiment=demo``) for one split."""
+def stage_overrides(args, root: Path, variant: str, split: str, names: tuple[str, ...] | None = None
+                    ) -> dict[str, list[str]]:
+    """Each stage's command-line overrides (on top of ``experiment=demo``) for one split
+    (``names``: those stages; default: the split's stages 1-6 or 1-3)."""
     steps = f"[{max(1, int(0.8 * args.iters))}]"
     train = [f"stage.max_iter={args.iters}", f"stage.steps={steps}", f"stage.checkpoint_period={args.curve_every}",
              "stage.keep_last=100000", f"stage.preview_period={args.iters}"]
@@ -123,7 +131,10 @@ def stage_overrides(args, root: Path, variant: str, split: str) -> dict[str, lis
                            f"stage.appearance={variant}"],
         "pixel_grouping": [f"stage.num_parts={args.parts}"],
         "proposal_learning": train,
-        "part_ranking": [f"stage.num_clusters={args.parts}"],
+        "part_ranking": [f"stage.num_clusters={args.parts}"] + ([   # held-out: the training run's model and classes
+            f"stage.proposal_run={root / 'outputs' / 'proposal_learning' / 'synthetic_train'}",
+            f"stage.part_classes={root / 'pseudo_labels' / 'part_labels' / 'part_ranking' / 'synthetic_train'}"]
+            if split == "heldout" else []),
         "part_distillation": [*train, f"stage.parts_per_class={args.parts}"],
     }
     for entry in args.set:
@@ -131,7 +142,8 @@ def stage_overrides(args, root: Path, variant: str, split: str) -> dict[str, lis
         per_stage.setdefault(name, []).append(override)
     common = ["experiment=demo", f"paths.root={root}", f"model={args.model}", f"data.split={split}",
               f"data.name=synthetic_{split}"]
-    return {name: common + per_stage.get(name, []) for name in (TRAIN_STAGES if split == "train" else HELDOUT_STAGES)}
+    names = names or (TRAIN_STAGES if split == "train" else HELDOUT_STAGES)
+    return {name: common + per_stage.get(name, []) for name in names}
 
 
 #: Stages whose failure leaves the benchmark running: a model that could not be trained at a
@@ -206,7 +218,10 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
     runs = {"proposal": outputs / "proposal_learning" / "synthetic_train",
             "part_distillation": outputs / "part_distillation" / "synthetic_train"}
     predictors = {}
-    for label, folder in (("pixel_grouping", "proposal_generation"), ("dense_crf", "proposal_generation_dcrf")):
+    for label, folder in (("pixel_grouping", "proposal_generation"), ("dense_crf", "proposal_generation_dcrf"),
+                          ("part_ranking", "part_ranking")):
+        if not (labels / folder / "synthetic_heldout").is_dir():   # part ranking, when stage 4 failed
+            continue
         found = {**records(labels / folder / "synthetic_train"), **records(labels / folder / "synthetic_heldout")}
         predictors[label] = RecordsPredictor(found, label, args.parts)
     runs = {kind: run for kind, run in runs.items() if list_checkpoints(run)}   # the others failed to train
@@ -295,6 +310,12 @@ def main(argv=None) -> dict:
         seconds = run_stages(stage_overrides(args, root, variant, "heldout"), "held-out", failures)
         seconds.update({f"train/{k}": v for k, v in
                         run_stages(stage_overrides(args, root, variant, "train"), "train", failures).items()})
+        if "part_ranking" not in failures:
+            heldout_failures: dict[str, str] = {}
+            seconds.update({f"heldout/{k}": v for k, v in run_stages(
+                stage_overrides(args, root, variant, "heldout", HELDOUT_MODEL_STAGES), "held-out",
+                heldout_failures).items()})
+            failures.update({f"{k} (held-out)": v for k, v in heldout_failures.items()})
         table, curves = evaluate_variant(args, root)
         all_margins[variant] = margins(table)
         text = markdown(table)

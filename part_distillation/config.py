@@ -462,7 +462,7 @@ class PartRankingStageConfig(StageConfig):
 
     The proposal model: ``checkpoint`` (a file) or, when null, the checkpoint of
     ``proposal_run`` at ``checkpoint_iteration`` (null: the newest; the in22k/in1k experiments
-    set the reference's 40k).
+    set the reference's 40k). ``part_classes``: label with the part classes another run found.
     ``image_size``: the model's input canvas (reference 640). ``classifier``: ``l2``
     (the reference, x·c − |x|² − |c|²) or ``dot``. ``batch_size``: images per model
     forward in both passes (the canvas is fixed, so batching pads nothing and results equal
@@ -483,6 +483,9 @@ class PartRankingStageConfig(StageConfig):
     min_label_score: float = 0.1
     min_object_iou: float = 0.001
     batch_size: int = 8
+    #: another part-ranking output whose part classes (centroids) label these images, with no
+    #: clustering of their own: the part-ranking labels held-out images get (same proposal model)
+    part_classes: Optional[str] = None
 
     _checks = {"num_clusters": _at_least(1), "min_area_ratio": _ratio(), "batch_size": _at_least(1),
                "min_proposal_score": _ratio(), "min_label_score": _ratio(), "min_object_iou": _ratio(),

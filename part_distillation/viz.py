@@ -1,4 +1,5 @@
-"""Drawing records to look at them: coloured parts, object outlines, labels, collages (OpenCV).
+"""Drawing records to look at them: coloured parts, object outlines, labels, collages (OpenCV);
+and the training curves of the report (matplotlib).
 
 Any stage's record is drawn by its schema fields, in its fitted frame (masks are
 stored there; the image is re-read from ``path`` and fitted with the record's frame):
@@ -256,3 +257,28 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path
+
+
+def plot_curves(series: Mapping[str, Sequence[tuple[int, float]]], title: str,
+                ylabel: str = "score (%)") -> bytes:
+    """A line chart as PNG bytes: one line per ``label -> [(iteration, value), ...]`` (matplotlib's
+    object API, so no display and no global backend state are involved)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6), dpi=100)
+    axes = figure.subplots()
+    for label, points in series.items():
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if any(series.values()):
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

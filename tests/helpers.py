@@ -8,6 +8,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: ``stage.overrides`` entries (quoted, comma-separated) that score the demo's evaluate on the
+#: training images' halves (train_eval, matched on train_match) instead of its held-out
+#: images: for demo pipelines at test size that leave out the held-out steps.
+TRAIN_HALVES_EVALUATION = ("'evaluate:stage.image_root=${data.root}/train','evaluate:stage.split=train_eval',"
+                           "'evaluate:stage.match_split=train_match'")
 
 
 def run_entry(*args: str, cwd: str | Path = REPO_ROOT, check: bool = False, timeout: float = 180,

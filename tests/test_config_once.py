@@ -29,7 +29,8 @@ EXCEPTIONS: dict[str, str] = {
 
 #: Files allowed to spell a stage's output folder instead of ``${paths.<stage>}`` -> why.
 SPELLS_OUTPUTS: dict[str, str] = {
-    "stage_tuning/demo_evaluate.yaml": "the demo recipe's predictor list (to become records:${paths.<stage>})",
+    "stage_tuning/demo_evaluate.yaml": "the demo's predictor list: the held-out images' records (another data.name "
+                                       "than evaluate's own)",
 }
 
 

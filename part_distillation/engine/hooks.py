@@ -1,4 +1,5 @@
-"""The standard hooks: periodic checkpoints, progress line, TensorBoard, previews, evaluation.
+"""The standard hooks: periodic checkpoints, progress line, TensorBoard, a JSON-lines metrics
+log, previews, evaluation.
 
 Order matters and follows detectron2's ``DefaultTrainer``: the checkpoint is written
 before evaluation and logging, so a crash in either never loses the step.
@@ -6,6 +7,7 @@ before evaluation and logging, so a crash in either never loses the step.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import time
@@ -23,6 +25,8 @@ log = logging.getLogger("part_distillation")
 
 #: Where :class:`PeriodicEval` puts its results in the trainer's event store.
 EVAL_PREFIX = "eval/"
+#: :class:`JSONWriter`'s file in the run folder: one JSON object per logged step.
+METRICS_FILE = "metrics.jsonl"
 
 
 def _due(trainer, period: int) -> bool:
@@ -178,6 +182,60 @@ class TensorBoardWriter(HookBase):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class JSONWriter(HookBase):
+    """``<run_dir>/metrics.jsonl`` on rank 0: every ``period`` iterations a line
+    ``{"iteration": <done>, <loss terms, lr, ...>}``, and at a step :class:`PeriodicEval` ran
+    (registered before this hook) its ``eval/`` values too; so the training curves are a file any
+    script reads (:func:`read_metrics_log`), without TensorBoard. A resumed run first drops
+    the lines after the checkpoint it resumed from, as TensorBoard's ``purge_step``."""
+
+    def __init__(self, run_dir: str | os.PathLike, period: int = 20):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.period = int(period)
+
+    def before_train(self) -> None:
+        if not distributed.is_main() or not self.path.is_file():
+            return
+        from part_distillation.store.files import atomic_write_bytes
+
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if _line_iteration(line) is not None and _line_iteration(line) <= self.trainer.iter]
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        if not distributed.is_main():
+            return
+        evaluated = trainer.storage.put_at(trainer.iter, prefix=EVAL_PREFIX)
+        if not evaluated and not _due(trainer, self.period):
+            return
+        line = {"iteration": trainer.iter + 1, **(trainer.metrics if _due(trainer, self.period) else {}),
+                **evaluated}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _line_iteration(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
+def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The lines of ``<run_dir>/metrics.jsonl`` (:class:`JSONWriter`), oldest first; a line cut
+    short by a kill is left out; [] when there is none."""
+    try:
+        text = (Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if _line_iteration(line) is not None:
+            out.append(json.loads(line))
+    return out
 
 
 class PeriodicEval(HookBase):

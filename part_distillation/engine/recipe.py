@@ -18,7 +18,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import prepare_run_dir
-from .hooks import Checkpointer, PeriodicCheckpoint, PeriodicEval, ProgressLog, TensorBoardWriter
+from .hooks import Checkpointer, JSONWriter, PeriodicCheckpoint, PeriodicEval, ProgressLog, TensorBoardWriter
 from .optim import build_adamw
 from .sampler import GlobalBatchSampler, accumulation_steps
 from .schedule import MultiStepSchedule
@@ -113,6 +113,7 @@ def build_trainer(recipe: TrainingRecipe, model: nn.Module, dataset, collate_fn:
         PeriodicCheckpoint(checkpointer, recipe.checkpoint_period, recipe.checkpoint_minutes),  # before eval/logs
         PeriodicEval(evaluate, recipe.eval_period) if evaluate is not None and recipe.eval_period else None,
         ProgressLog(recipe.log_period, prefix=recipe.name),
+        JSONWriter(run_dir, recipe.log_period),
         TensorBoardWriter(run_dir / "tensorboard", recipe.log_period, preview=preview,
                           preview_period=recipe.preview_period),
     ])

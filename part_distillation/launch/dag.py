@@ -7,6 +7,10 @@ every stage and ``'stage.overrides=[proposal_learning:stage.max_iter=10]'`` one 
 A stage depends on the earlier stages whose output it reads (``stage.input``, any path
 setting of the stage, ``data.root``, ``model.weights`` at or under that output).
 
+A stage may run more than once in a pipeline as ``<stage>@<tag>`` (a step), each with its
+own ``stage.overrides`` entries (``"pixel_grouping@heldout:data.split=heldout"``): the demo
+runs stages 1-3 on its training and on its held-out images so.
+
 Where a stage stands is read from its output alone (no scheduler): its kind
 (``StageSpec.kind``) says how. A sharded stage is complete when every shard file is
 closed (and its ``merged_file``, if it has one, is there); a training stage when the
@@ -73,15 +77,19 @@ class PlannedStage:
     """One stage of the pipeline, composed (shard 0's config stands for every shard)."""
 
     position: int  # 1-based, in stage.stages order
-    name: str
+    name: str  # the step: the stage's name, or <stage>@<tag> for a stage that runs more than once
     overrides: list[str]  # what `python -m part_distillation` gets for it, shard.index aside
     run: RunConfig
     shards: int
     after: list[str] = field(default_factory=list)  # earlier stages whose outputs it reads
 
     @property
+    def stage(self) -> str:
+        return stages.stage_of(self.name)
+
+    @property
     def spec(self) -> stages.StageSpec:
-        return stages.spec(self.name)
+        return stages.spec(self.stage)
 
     @property
     def kind(self) -> str:
@@ -96,7 +104,7 @@ class PlannedStage:
 
     def job_name(self) -> str:
         """``pd_<stage>_<hash of its output path>``: the SLURM job name of this stage's jobs."""
-        return f"pd_{self.name}_{hashlib.sha1(os.path.abspath(self.output).encode()).hexdigest()[:8]}"
+        return f"pd_{self.stage}_{hashlib.sha1(os.path.abspath(self.output).encode()).hexdigest()[:8]}"
 
 
 def compose_stage(overrides: list[str]) -> RunConfig:
@@ -110,9 +118,13 @@ def plan(base: list[str], names: list[str], entries: list[str], shards: dict[str
     unknown = sorted(set(shards) - set(names))
     if unknown:
         raise ValueError(f"stage.shards names {unknown}, not stages of stage.stages {list(names)}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"stage.stages names {repeated} more than once: a stage that runs again needs a step "
+                         f"name of its own, <stage>@<tag> (e.g. {repeated[0]}@heldout)")
     planned: list[PlannedStage] = []
     for position, name in enumerate(names, 1):
-        spec = stages.spec(name)  # an unknown stage fails here, before anything runs
+        spec = stages.spec(stages.stage_of(name))  # an unknown stage fails here, before anything runs
         if spec.kind == stages.DRIVER:
             raise ValueError(f"stage.stages may not contain '{name}': it runs stages itself")
         count = int(shards.get(name, 1))
@@ -120,9 +132,9 @@ def plan(base: list[str], names: list[str], entries: list[str], shards: dict[str
             raise ValueError(f"stage.shards.{name}={count}: expected >= 1")
         sharded = spec.kind == stages.SHARDED
         if count > 1 and not sharded:
-            raise ValueError(f"stage.shards.{name}={count}: stage {name} is not sharded "
+            raise ValueError(f"stage.shards.{name}={count}: stage {stages.stage_of(name)} is not sharded "
                              f"(sharded: {', '.join(n for n in stages.names() if _is_sharded(n))})")
-        overrides = list(base) + [f"stage={name}"] + per_stage.get(name, [])
+        overrides = list(base) + [f"stage={stages.stage_of(name)}"] + per_stage.get(name, [])
         if sharded and name in shards:
             overrides.append(f"shard.count={count}")
         run = compose_stage(overrides)
@@ -134,7 +146,7 @@ def plan(base: list[str], names: list[str], entries: list[str], shards: dict[str
 
 
 def _is_sharded(name: str) -> bool:
-    return stages.spec(name).kind == stages.SHARDED
+    return stages.spec(stages.stage_of(name)).kind == stages.SHARDED
 
 
 def save_plan(folder: str | os.PathLike, base: list[str], names: list[str], entries: list[str],

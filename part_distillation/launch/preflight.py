@@ -76,7 +76,7 @@ def check_job(run: RunConfig, pending: tuple[str, ...] = ()) -> None:
     spec = stages.spec(run.stage.name)
     if spec.kind == stages.DRIVER:
         for name in run.stage.stages:
-            if stages.spec(name).kind == stages.DRIVER:
+            if stages.spec(stages.stage_of(name)).kind == stages.DRIVER:
                 raise PreflightError(f"config key 'stage.stages' may not contain '{name}': it runs stages itself")
         return  # each sub-stage is composed and checked when the pipeline reaches it
     if spec.reads_image_tree and not coming(run.data.root):
@@ -162,7 +162,8 @@ def under_any(path: str, folders) -> bool:
 
 
 def paths_read(run: RunConfig) -> list[str]:
-    """Every path-like setting a job may read: its stage's strings (output and name aside),
+    """Every path-like setting a job may read: its stage's strings (output and name aside; a
+    ``<kind>:<path>`` entry such as evaluate's ``records:<folder>`` counts as its path),
     ``data.root`` and ``model.weights``."""
     found = [run.data.root, run.model.weights or ""]
     for f in dataclasses.fields(run.stage):
@@ -171,5 +172,6 @@ def paths_read(run: RunConfig) -> list[str]:
         value = getattr(run.stage, f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, str) and os.sep in item:
-                found.append(item)
+                kind, sep, rest = item.partition(":")
+                found.append(rest if sep and os.sep not in kind else item)
     return [p for p in found if p]

@@ -101,6 +101,12 @@ def _module(name: str):
     return importlib.import_module(module_of(name))
 
 
+def stage_of(step: str) -> str:
+    """The stage a pipeline step runs: ``pixel_grouping@heldout`` -> ``pixel_grouping`` (a stage
+    that runs more than once in one pipeline has a step name per run; ``launch.dag``)."""
+    return step.partition("@")[0]
+
+
 def spec(name: str) -> StageSpec:
     """The spec of stage ``name`` (imports that stage's module only)."""
     found = getattr(_module(name), "SPEC", None)

@@ -20,6 +20,9 @@ Three steps, each resumable, in the work folder ``<output>/part_classes/<i>-of-<
    memory-mapped file. Classes with at most K embeddings get no part classes (never
    random centroids). ``centroids.npz`` + ``centroids.json`` (counts, the checkpoint
    used) are written atomically once every class of the job is done.
+``stage.part_classes`` (another part-ranking output, e.g. of the training images) skips
+steps 1 and 2 and labels these images with its part classes.
+
 3. Label pass (``models.part_ranking.label_pass``): ``PART_LABELS`` records, with
    ``part_ratios`` and ``object_ratio`` over the square canvas (``canvas_ratios``); images
    of a class with no part classes are skipped with ``no_part_classes``, images left with
@@ -184,6 +187,23 @@ def load_centroids(folder: Path) -> tuple[dict[int, np.ndarray], dict]:
     return centroids, meta
 
 
+def other_run_part_classes(output: Path, checkpoint: Path) -> dict[int, np.ndarray]:
+    """The centroids of every job of the part-ranking output ``output`` (``stage.part_classes``),
+    which must have ranked with the same proposal checkpoint."""
+    folders = sorted(p.parent for p in (output / "part_classes").glob("*-of-*/centroids.json"))
+    if not folders:
+        raise ConfigError(f"stage.part_classes={output} holds no part classes (part_classes/*/centroids.json): "
+                          f"give a finished part_ranking output")
+    centroids: dict[int, np.ndarray] = {}
+    for folder in folders:
+        found, meta = load_centroids(folder)
+        if meta["checkpoint"] != str(checkpoint):
+            raise ConfigError(f"stage.part_classes: {folder}/centroids.json came from {meta['checkpoint']}, this "
+                              f"run uses {checkpoint}: rank with the same proposal model (stage.proposal_run)")
+        centroids.update(found)
+    return centroids
+
+
 # --------------------------------------------------------------------------- run
 
 def work_folder(cfg: RunConfig) -> Path:
@@ -209,11 +229,14 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
                         f"{stage.name} {step}", stage.progress_every)
 
     cluster_images = 0
-    if not (folder / "centroids.json").exists():  # steps 1 and 2, skipped entirely once the centroids exist
-        cluster_images = cluster_step(cfg, records("cluster pass"), model, device, folder, checkpoint)
-    centroids, meta = load_centroids(folder)
-    if meta["checkpoint"] != str(checkpoint):
-        raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}")
+    if stage.part_classes:  # another run's part classes: the label pass only
+        centroids, folder = other_run_part_classes(Path(stage.part_classes), checkpoint), Path(stage.part_classes)
+    else:
+        if not (folder / "centroids.json").exists():  # steps 1 and 2, skipped entirely once the centroids exist
+            cluster_images = cluster_step(cfg, records("cluster pass"), model, device, folder, checkpoint)
+        centroids, meta = load_centroids(folder)
+        if meta["checkpoint"] != str(checkpoint):
+            raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}")
     with open_output(cfg, PART_LABELS, context) as writer:  # 3. label pass
         label_step(cfg, records("label pass"), model, device, centroids, writer, summary)
     summary.output = str(stage.output)

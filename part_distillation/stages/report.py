@@ -7,6 +7,9 @@ their outputs; the page then shows:
 
 - the evaluation table: the evaluate stage's ``metrics.md`` as it is (a table is rendered
   from ``metrics.json`` when only that exists), and its PNGs (best/worst classes);
+- the training curves: each training stage's periodic evaluation (``stage.eval_period``,
+  read from its ``metrics.jsonl``), as a table and a plot (``<stage.output>/
+  training_curves_<experiment>.png``);
 - each stage's summary (records written, already done, skipped with reasons, time), read
   from the summaries the jobs saved next to their outputs (``summaries.record_summary``),
   summed over shards, so a run on SLURM reports like one in-process;
@@ -24,14 +27,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import quote
 
 from part_distillation import stages as registry
 from part_distillation.config import ReportStageConfig, RunConfig
+from part_distillation.engine import read_metrics_log
 from part_distillation.evaluation.tables import metric_cell, render_table
 from part_distillation.launch.dag import compose_stage, own_overrides, stage_overrides
 from part_distillation.progress import format_eta
-from part_distillation.stages import SINGLE, StageSpec
+from part_distillation.stages import SINGLE, TRAINING, StageSpec
 from part_distillation.summaries import StageSummary, read_summaries
 
 SPEC = StageSpec("report", ReportStageConfig, SINGLE, reported=False)
@@ -42,8 +47,12 @@ log = logging.getLogger("part_distillation")
 class StageFolder:
     """One stage of an experiment's pipeline and the folder it writes."""
 
-    name: str
+    name: str  #: the pipeline step (the stage, or <stage>@<tag>)
     output: str
+
+    @property
+    def stage(self) -> str:
+        return registry.stage_of(self.name)
 
 
 @dataclass
@@ -69,12 +78,13 @@ def plan_experiment(experiment: str, base: list[str]) -> ExperimentPlan:
         base.append(f"experiment={experiment}")
     try:
         pipeline = compose_stage(base + ["stage=pipeline"])
-        names = [n for n in pipeline.stage.stages if registry.spec(n).reported]
+        names = [n for n in pipeline.stage.stages if registry.spec(registry.stage_of(n)).reported]
         per_stage = stage_overrides(pipeline.stage.overrides, pipeline.stage.stages)
         stages = []
         for n in names:
-            run = compose_stage(base + [f"stage={n}"] + per_stage.get(n, []))
-            stages.append(StageFolder(n, registry.spec(n).output(run)))
+            stage = registry.stage_of(n)
+            run = compose_stage(base + [f"stage={stage}"] + per_stage.get(n, []))
+            stages.append(StageFolder(n, registry.spec(stage).output(run)))
     except Exception as err:  # a report never fails a run: it says what it could not read
         return ExperimentPlan(experiment, "?", problem=f"its stages could not be composed: {err}".splitlines()[0])
     return ExperimentPlan(experiment, pipeline.data.name, stages)
@@ -125,7 +135,7 @@ def stage_table(plan: ExperimentPlan, folder: Path) -> tuple[list[str], float]:
              "|---|---|---|---|---|---|---|---|"]
     total = 0.0
     for stage in plan.stages:
-        totals = stage_totals(read_summaries(stage.output, stage.name))
+        totals = stage_totals(read_summaries(stage.output, stage.stage))
         where = _link_text(stage.output, folder)
         if totals is None:
             lines.append(f"| {stage.name} | not run | | | | | | {where} |")
@@ -186,6 +196,51 @@ def evaluation_table(evaluate_output: str | None, folder: Path) -> tuple[str | N
     return None, f"not run (no metrics in {_link_text(where, folder)})"
 
 
+# --------------------------------------------------------------------------- training curves
+
+#: The curves drawn per training stage: a label and the ``metrics.jsonl`` keys it is read
+#: from, the first one present (a proposal model has overlapping AR, a part model one-label AR).
+CURVE_METRICS = (("bestIoU", ("eval/reference/bestIoU", "eval/strict/bestIoU")),
+                 ("AR@10", ("eval/reference/overlapping/AR@10", "eval/reference/one-label/AR@10")))
+
+Curves = dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def training_curves(plan: ExperimentPlan) -> Curves:
+    """``{step: {"bestIoU": [(iteration, value), ...], "AR@10": [...]}}`` of the plan's training
+    stages that evaluated while training (``stage.eval_period``); the others are left out."""
+    out: Curves = {}
+    for stage in plan.stages:
+        if registry.spec(stage.stage).kind != TRAINING:
+            continue
+        lines = read_metrics_log(stage.output)
+        curves = {}
+        for label, keys in CURVE_METRICS:
+            key = next((k for k in keys if any(k in line for line in lines)), None)
+            if key is not None:
+                curves[label] = [(int(line["iteration"]), float(line[key])) for line in lines if key in line]
+        if curves:
+            out[stage.name] = curves
+    return out
+
+
+def curves_table(curves: Curves) -> list[str]:
+    """One row per stage and metric: its values by iteration."""
+    rows = ([step, metric, ", ".join(f"{i}: {metric_cell(v)}" for i, v in points)]
+            for step, by_metric in curves.items() for metric, points in by_metric.items())
+    return render_table(["stage", "metric", "by iteration"], rows).rstrip("\n").splitlines()
+
+
+def write_curves_png(curves: Curves, path: Path, experiment: str) -> Path:
+    from part_distillation.store.files import atomic_write_bytes
+    from part_distillation.viz import plot_curves
+
+    series = {f"{step} {metric}": points for step, by_metric in curves.items() for metric, points in by_metric.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, plot_curves(series, f"{experiment}: periodic evaluation while training"))
+    return path
+
+
 # --------------------------------------------------------------------------- links
 
 def _link_text(path: str | os.PathLike, folder: Path) -> str:
@@ -212,9 +267,11 @@ def _pngs(folder: str | None, order: list[str] = ()) -> list[Path]:
 
 # --------------------------------------------------------------------------- the page
 
-def build_report(plans: list[ExperimentPlan], folder: str | os.PathLike) -> tuple[str, list[tuple[str, str]]]:
+def build_report(plans: list[ExperimentPlan], folder: str | os.PathLike,
+                 curves: Mapping[str, tuple[Curves, Path | None]] | None = None) -> tuple[str, list[tuple[str, str]]]:
     """The Markdown page for ``plans`` as seen from ``folder``, and the evaluation tables
-    found ``[(experiment, table)]`` (for the log)."""
+    found ``[(experiment, table)]`` (for the log). ``curves``: per experiment, its training
+    curves and their plot (:func:`training_curves`, :func:`write_curves_png`)."""
     folder = Path(folder)
     out = ["# PartDistillation run report", ""]
     names = ", ".join(f"`{p.experiment}` ({p.data})" for p in plans)
@@ -237,6 +294,19 @@ def build_report(plans: list[ExperimentPlan], folder: str | os.PathLike) -> tupl
             out += [f"**{png.stem}**", "", image_link(png, folder, f"{plan.experiment} evaluation {png.stem}"), ""]
     if not any(p.output_of("evaluate") for p in plans if not p.problem):
         out += ["No experiment here has an evaluate stage.", ""]
+
+    out += ["## Training curves", "",
+            "Each training stage's periodic evaluation (`stage.eval_period`; the demo scores its held-out "
+            "images), from `<output>/metrics.jsonl`.", ""]
+    for plan in plans:
+        found, png = (curves or {}).get(plan.experiment, ({}, None))
+        if plan.problem or not found:
+            continue
+        out += [f"### {plan.experiment} ({plan.data})", "", *curves_table(found), ""]
+        if png is not None:
+            out += [image_link(png, folder, f"{plan.experiment} training curves"), ""]
+    if not any((curves or {}).get(p.experiment, ({}, None))[0] for p in plans if not p.problem):
+        out += ["No training stage here evaluated while training.", ""]
 
     out += ["## Stages", "",
             "Summed over each stage's jobs, from the summaries they saved next to their outputs "
@@ -275,7 +345,13 @@ def run(cfg: RunConfig, context) -> StageSummary:
     base = own_overrides()
     plans = [plan_experiment(name, base) for name in (st.experiments or [cfg.experiment])]
     path = Path(st.file)
-    text, tables = build_report(plans, path.parent)
+    curves = {}
+    for plan in plans:
+        found = {} if plan.problem else training_curves(plan)
+        png = write_curves_png(found, Path(st.output) / f"training_curves_{plan.experiment}.png",
+                               plan.experiment) if found else None
+        curves[plan.experiment] = (found, png)
+    text, tables = build_report(plans, path.parent, curves)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.encode("utf-8"))
     summary.seen = len(plans)

@@ -65,3 +65,25 @@ def test_eval_results_go_to_tensorboard_at_the_step_they_were_made(tmp_path, cap
     scalars = [(e.step, round(e.value, 4)) for e in events.Scalars("eval/strict/AR@10")]
     assert scalars == [(3, 0.3), (6, 0.6), (7, 0.7)]   # the log period (100) does not delay them
     assert "[eval] iter 6: strict/AR@10 0.6" in [r.getMessage() for r in caplog.records]
+
+
+def test_metrics_log_has_losses_every_period_and_eval_results_at_their_step(tmp_path):
+    def evaluate(trainer):
+        return {"reference/bestIoU": float(trainer.iter + 1)}
+
+    toy.train(tmp_path, max_iter=7, period=100,
+              extra_hooks=[PeriodicEval(evaluate, period=3), hooks.JSONWriter(tmp_path, period=2)])
+    lines = hooks.read_metrics_log(tmp_path)
+    assert [line["iteration"] for line in lines] == [2, 3, 4, 6, 7]   # log period 2, eval at 3, 6 and the last
+    assert [line.get("eval/reference/bestIoU") for line in lines] == [None, 3.0, None, 6.0, 7.0]
+    assert "total_loss" in lines[0] and "lr" in lines[0] and "total_loss" not in lines[1]
+
+
+def test_metrics_log_of_a_resumed_run_drops_the_lines_after_its_checkpoint(tmp_path):
+    toy.train(tmp_path, max_iter=5, period=3, extra_hooks=[hooks.JSONWriter(tmp_path, period=1)])
+    ckpt.checkpoint_path(tmp_path, 5).unlink()   # as if killed after iteration 5 with the last save at 3
+    with open(tmp_path / hooks.METRICS_FILE, "a") as f:
+        f.write('{"iteration": 9, "total_lo')    # and a line cut short by the kill
+    assert [line["iteration"] for line in hooks.read_metrics_log(tmp_path)] == [1, 2, 3, 4, 5]
+    toy.train(tmp_path, max_iter=6, period=3, extra_hooks=[hooks.JSONWriter(tmp_path, period=1)])
+    assert [line["iteration"] for line in hooks.read_metrics_log(tmp_path)] == [1, 2, 3, 4, 5, 6]

@@ -140,3 +140,32 @@ def test_the_local_pipeline_runs_each_stage_as_a_job_and_fails_in_one_line(tmp_p
     assert dag.stage_state(synthetic, cfg.stage.output).complete  # its done marker
     errors = json.loads((Path(cfg.stage.output) / "errors.json").read_text())
     assert list(errors) == ["index"] and "shard.rec: the disk is full" in errors["index"]
+
+
+def test_a_stage_runs_twice_as_steps_of_their_own(tmp_path):
+    """``<stage>@<tag>``: the same stage on other data, with its own overrides, output and done
+    state (the demo runs stages 1-3 on its held-out images so)."""
+    cfg = compose(tmp_path, "stage=pipeline", "experiment=demo")
+    planned = dag.plan(["experiment=demo", f"paths.root={tmp_path}"], list(cfg.stage.stages),
+                       list(cfg.stage.overrides), dict(cfg.stage.shards))
+    by_name = {p.name: p for p in planned}
+    train, heldout = by_name["dense_crf"], by_name["dense_crf@heldout"]
+    assert heldout.stage == "dense_crf" and heldout.kind == "sharded" and heldout.spec is train.spec
+    assert heldout.run.data.split == "heldout" and train.run.data.split != "heldout"
+    assert heldout.output.endswith("synthetic_heldout") and train.output.endswith("synthetic_train")
+    assert heldout.job_name().startswith("pd_dense_crf_") and heldout.job_name() != train.job_name()
+    assert "pixel_grouping@heldout" in heldout.after and "pixel_grouping" not in heldout.after
+    # the held-out part ranking uses the training run's proposal model; evaluate waits for the records it scores
+    assert by_name["part_ranking@heldout"].run.stage.proposal_run == by_name["proposal_learning"].output
+    assert {"dense_crf@heldout", "part_ranking@heldout", "proposal_learning"} <= set(by_name["evaluate"].after)
+    out = str(tmp_path / "outputs" / "pipeline")
+    dag.write_marker(out, by_name["synthetic_data@heldout"])
+    assert dag.stage_state(by_name["synthetic_data@heldout"], out).complete
+    assert not dag.stage_state(by_name["synthetic_data"], out).complete
+
+
+def test_a_stage_named_twice_without_a_step_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"more than once.*index@heldout"):
+        make_plan(tmp_path, ["synthetic_data", "index", "index"])
+    with pytest.raises(ValueError, match="stage.overrides entry"):
+        make_plan(tmp_path, ["index@heldout"], entries=["index@other:data.split=heldout"])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from part_distillation.store import FRAME_HEADER_SIZE, RecordStore, scan_file
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, TRAIN_HALVES_EVALUATION
 
 STAGES = ["synthetic_data", "index", "detic_labeling", "pixel_grouping", "dense_crf", "proposal_learning",
           "part_ranking", "part_distillation", "evaluate"]
@@ -34,7 +34,8 @@ OVERRIDES = ("stage.overrides=["
              "'part_ranking:stage.num_clusters=2',"
              "'part_distillation:stage.parts_per_class=2','part_distillation:stage.max_iter=6',"
              "'part_distillation:stage.steps=[5]','part_distillation:stage.checkpoint_period=3',"
-             "'part_distillation:stage.deterministic=true']")
+             "'part_distillation:stage.deterministic=true',"
+             "'evaluate:stage.predictors=[proposal,part_distillation,records,strips]'," + TRAIN_HALVES_EVALUATION + "]")
 #: The random tiny model (the demo's pretrained CPU model is not what these tests are about:
 #: they compare interrupted and uninterrupted runs, and the tiny one keeps them fast).
 MODEL = "model=mask2former_tiny"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from part_distillation.store import RecordStore
-from tests.helpers import REPO_ROOT, run_entry
+from tests.helpers import REPO_ROOT, TRAIN_HALVES_EVALUATION, run_entry
 from tests.slurm_cluster import slurm_cluster, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -33,7 +33,7 @@ SMALL = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stag
          "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
          "'proposal_learning:stage.checkpoint_period=2','proposal_learning:stage.image_size=64',"
          "'proposal_learning:stage.num_points=256','part_ranking:stage.image_size=64',"
-         "'evaluate:stage.predictors=[proposal,records,strips]']")
+         "'evaluate:stage.predictors=[proposal,records,strips]'," + TRAIN_HALVES_EVALUATION + "]")
 LABELS = Path("pseudo_labels")
 RECORD_OUTPUTS = {
     "index": LABELS / "index" / "synthetic_train",

@@ -484,3 +484,24 @@ def test_ratios_are_over_the_square_canvas_and_stage_6_filters_on_them(tmp_path,
     for index in range(len(dataset)):
         record = dataset.record(index)
         assert record["class_index"] == 0 and dataset.filter.part_indices(record).tolist() == [0]
+
+
+def test_other_images_are_labelled_with_the_part_classes_of_a_finished_run(tmp_path, records, proposal_run,
+                                                                            monkeypatch):
+    """``stage.part_classes``: held-out images get the training run's part classes (its centroids,
+    the same proposal model), with no clustering of their own."""
+    torch.set_num_threads(1)
+    trained = _cfg(tmp_path / "train", records, proposal_run)
+    part_ranking.run(trained, JobContext())
+    expected = {r["key"]: r["cluster_ids"].tolist() for r in RecordStore(trained.stage.output).iter_records()}
+    monkeypatch.setattr(part_ranking, "cluster_step", lambda *a, **k: pytest.fail("clustered again"))
+    other = _cfg(tmp_path / "heldout", records, proposal_run, part_classes=trained.stage.output)
+    summary = part_ranking.run(other, JobContext())
+    labelled = {r["key"]: r["cluster_ids"].tolist() for r in RecordStore(other.stage.output).iter_records()}
+    assert labelled == expected and summary.written == len(expected) > 0   # same images here: same labels
+    assert not part_ranking.work_folder(other).exists()
+    with pytest.raises(ConfigError, match="same proposal model"):   # ranked with another checkpoint
+        part_ranking.run(_cfg(tmp_path / "older", records, proposal_run, checkpoint_iteration=10,
+                              part_classes=trained.stage.output), JobContext())
+    with pytest.raises(ConfigError, match="holds no part classes"):
+        part_ranking.run(_cfg(tmp_path / "none", records, proposal_run, part_classes=str(tmp_path)), JobContext())

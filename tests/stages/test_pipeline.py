@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from part_distillation.store import RecordStore
+from tests.helpers import TRAIN_HALVES_EVALUATION
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: The demo at test size: 2 classes x 3 images, 4 training iterations.
 SMALL_DEMO = ("stage.overrides=['synthetic_data:stage.classes=2','synthetic_data:stage.images_per_class=3',"
               "'proposal_learning:stage.max_iter=4','proposal_learning:stage.steps=[3]',"
-              "'proposal_learning:stage.checkpoint_period=2','evaluate:stage.predictors=[proposal,records,strips]']")
+              "'proposal_learning:stage.checkpoint_period=2','evaluate:stage.predictors=[proposal,records,strips]',"
+              f"{TRAIN_HALVES_EVALUATION}]")
 #: Stage 6 is left out at this size: a 4-iteration proposal model gives part ranking too
 #: few embeddings per class for part classes (tests/stages/test_part_distillation.py
 #: trains stage 6 on fixture records; `make demo` runs it on part ranking's records).

@@ -161,3 +161,27 @@ def test_the_report_stage_at_the_end_of_a_pipeline_reports_its_stages_and_the_on
     assert (tmp_path / "pseudo_labels" / "index" / "synthetic_train" / "summaries" / "index-shard0-of-1.json").is_file()
     assert (tmp_path / "datasets" / "synthetic" / ".summaries" / "synthetic_data-shard0-of-1.json").is_file()
     assert f"report: {tmp_path / 'report.md'}" in result.stderr + result.stdout
+
+
+def test_training_curves_come_from_the_metrics_log_as_a_table_and_a_plot(tmp_path):
+    from part_distillation.stages.report import training_curves, write_curves_png
+
+    plan = _plan(tmp_path)
+    plan.stages.append(StageFolder("part_distillation@again", str(tmp_path / "outputs" / "pd_again")))
+    run = Path(plan.output_of("proposal_learning"))
+    run.mkdir(parents=True)
+    lines = [{"iteration": 50, "total_loss": 3.0},   # a loss-only line: no point of the curves
+             {"iteration": 100, "eval/reference/bestIoU": 41.0, "eval/reference/overlapping/AR@10": 30.0},
+             {"iteration": 200, "total_loss": 1.0, "eval/reference/bestIoU": 55.5,
+              "eval/reference/overlapping/AR@10": 44.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = training_curves(plan)   # the second training step never evaluated: left out
+    assert curves == {"proposal_learning": {"bestIoU": [(100, 41.0), (200, 55.5)], "AR@10": [(100, 30.0), (200, 44.0)]}}
+    png = write_curves_png(curves, tmp_path / "outputs" / "report" / "training_curves_demo.png", "demo")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 100
+    text, _ = build_report([plan], tmp_path, {"demo": (curves, png)})
+    section = text.split("## Training curves")[1].split("## Stages")[0]
+    assert "| proposal_learning | bestIoU | 100: 41.0, 200: 55.5 |" in section
+    assert "| proposal_learning | AR@10 | 100: 30.0, 200: 44.0 |" in section
+    assert _links(section) == ["outputs/report/training_curves_demo.png"]
+    assert "No training stage" in build_report([plan], tmp_path)[0]
