@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--images", type=int, default=12, help="training images per class (the demo's 12)")
     parser.add_argument("--heldout-images", type=int, default=12, help="held-out images per class")
+    parser.add_argument("--tune", action="store_true",
+                        help="choosing a recipe: score on the split 'tune' (other images of the same generator, "
+                             "apart from train and heldout) instead of the held-out split, which stays unseen")
     parser.add_argument("--parts", type=int, default=4, help="parts per object = K of every predictor")
     parser.add_argument("--iters", type=int, default=400, help="stage-4 and stage-6 iterations (the demo's 400)")
     parser.add_argument("--curve-every", type=int, default=100, help="a checkpoint (curve point) every N iterations")
@@ -103,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "default: start afresh")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.scored = "tune" if args.tune else HELDOUT
     bad = [v for v in args.variants if v not in ("distinct", "shared")]
     if bad or not args.variants:
         parser.error(f"--variants: expected distinct and/or shared, got {args.variants}")
@@ -134,7 +138,7 @@ def stage_overrides(args, root: Path, variant: str, split: str, names: tuple[str
         "part_ranking": [f"stage.num_clusters={args.parts}"] + ([   # held-out: the training run's model and classes
             f"stage.proposal_run={root / 'outputs' / 'proposal_learning' / 'synthetic_train'}",
             f"stage.part_classes={root / 'pseudo_labels' / 'part_labels' / 'part_ranking' / 'synthetic_train'}"]
-            if split == "heldout" else []),
+            if split != "train" else []),
         "part_distillation": [*train, f"stage.parts_per_class={args.parts}"],
     }
     for entry in args.set:
@@ -189,8 +193,9 @@ def score(predictor, samples: dict, num_parts: int, match: bool = True) -> dict:
     """The held-out row of one predictor: the strict protocol (matched on ``train_match``)."""
     from part_distillation.evaluation.scoring import evaluate_in_memory
 
-    splits = samples if match else {HELDOUT: samples[HELDOUT]}
-    result = evaluate_in_memory(predictor, splits, HELDOUT, MATCH if match else None, num_parts, top_k=TOP_K,
+    scored = next(s for s in samples if s != MATCH)
+    splits = samples if match else {scored: samples[scored]}
+    result = evaluate_in_memory(predictor, splits, scored, MATCH if match else None, num_parts, top_k=TOP_K,
                                 at_test_size=False)
     strict = result["strict"]
     ar = strict.get(AR_SETTING) or strict["one-label"]   # a part segmentation's masks: its only set
@@ -210,7 +215,7 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
     from part_distillation.inference import TrainedModel
 
     data = root / "datasets" / "synthetic"
-    datasets = {HELDOUT: open_part_dataset("partimagenet", data, HELDOUT, data / HELDOUT),
+    datasets = {args.scored: open_part_dataset("partimagenet", data, args.scored, data / args.scored),
                 MATCH: open_part_dataset("partimagenet", data, MATCH, data / "train")}
     samples = {split: list(d.samples()) for split, d in datasets.items()}
     num_parts = max(d.num_parts for d in datasets.values())
@@ -220,9 +225,9 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
     predictors = {}
     for label, folder in (("pixel_grouping", "proposal_generation"), ("dense_crf", "proposal_generation_dcrf"),
                           ("part_ranking", "part_ranking")):
-        if not (labels / folder / "synthetic_heldout").is_dir():   # part ranking, when stage 4 failed
+        if not (labels / folder / f"synthetic_{args.scored}").is_dir():   # part ranking, when stage 4 failed
             continue
-        found = {**records(labels / folder / "synthetic_train"), **records(labels / folder / "synthetic_heldout")}
+        found = {**records(labels / folder / "synthetic_train"), **records(labels / folder / f"synthetic_{args.scored}")}
         predictors[label] = RecordsPredictor(found, label, args.parts)
     runs = {kind: run for kind, run in runs.items() if list_checkpoints(run)}   # the others failed to train
     for kind, run in runs.items():
@@ -236,7 +241,7 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
             continue
         start = time.perf_counter()
         table[label] = score(predictors[label], samples, num_parts)
-        print(f"  scored {label} on {table[label]['images']} held-out images ({time.perf_counter() - start:.1f} s)",
+        print(f"  scored {label} on {table[label]['images']} {args.scored} images ({time.perf_counter() - start:.1f} s)",
               flush=True)
     curves = {kind: [] for kind in MODELS.values()}
     for kind, run in runs.items():
@@ -248,9 +253,9 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------- reporting
 
-def markdown(table: dict) -> str:
+def markdown(table: dict, scored: str = HELDOUT) -> str:
     header = [f"{c} ({AR_SETTING})" if c.startswith("AR@") else c for c in COLUMNS]
-    lines = ["| predictor (held-out) | " + " | ".join(header) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [f"| predictor ({scored}) | " + " | ".join(header) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for label, row in table.items():
         lines.append(f"| {ROWS[label]} | " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
@@ -307,19 +312,19 @@ def main(argv=None) -> dict:
         print(f"[{variant}] root {root}", flush=True)
         start = time.perf_counter()
         failures: dict[str, str] = {}
-        seconds = run_stages(stage_overrides(args, root, variant, "heldout"), "held-out", failures)
+        seconds = run_stages(stage_overrides(args, root, variant, args.scored), args.scored, failures)
         seconds.update({f"train/{k}": v for k, v in
                         run_stages(stage_overrides(args, root, variant, "train"), "train", failures).items()})
         if "part_ranking" not in failures:
             heldout_failures: dict[str, str] = {}
             seconds.update({f"heldout/{k}": v for k, v in run_stages(
-                stage_overrides(args, root, variant, "heldout", HELDOUT_MODEL_STAGES), "held-out",
+                stage_overrides(args, root, variant, args.scored, HELDOUT_MODEL_STAGES), args.scored,
                 heldout_failures).items()})
             failures.update({f"{k} (held-out)": v for k, v in heldout_failures.items()})
         table, curves = evaluate_variant(args, root)
         all_margins[variant] = margins(table)
-        text = markdown(table)
-        header = (f"### {variant}: {args.classes} classes x {args.images} training / {args.heldout_images} held-out "
+        text = markdown(table, args.scored)
+        header = (f"### {variant}: {args.classes} classes x {args.images} training / {args.heldout_images} {args.scored} "
                   f"images, K={args.parts}, {args.iters} iterations, model={args.model} (strict protocol, "
                   f"matched on {MATCH})\n\n")
         notes = "".join(f"  {name}: {message}\n" for name, message in failures.items())

@@ -281,15 +281,44 @@ def part_inference(
 
 @dataclass
 class _TopLogits:
-    """Steps 1-4 of :func:`part_inference` (shared by its one-label and overlapping forms)."""
+    """Steps 1-4 of :func:`part_inference` (shared by its one-label and overlapping forms).
+
+    A query stands in several pairs when the pairs are (query, class) (stage 5: every query x
+    every part class): its logits are resized once, ``query_logits[pair_query[p]]`` being pair
+    ``p``'s, so the full-resolution work scales with the queries, not the pairs."""
 
     scores: Tensor
     classes: Tensor
     queries: Tensor
-    logits: Tensor
+    query_logits: Tensor  # (U, H, W): each distinct query of the pairs once
+    pair_query: Tensor  # (P,): the row of query_logits of each pair
     region: Tensor
     object_mask: Tensor | None
     restrict: str
+
+    def binary_masks(self) -> Tensor:
+        """Each pair's logit > 0 (P, H, W)."""
+        return (self.query_logits > 0)[self.pair_query]
+
+    def one_label_masks(self) -> Tensor:
+        """:func:`one_label_per_pixel` of the pairs' logits, computed over the distinct queries:
+        of a query's pairs only the first best-scored can own a pixel (its score x the same
+        sigmoid is the largest of them, and it comes first), so the owner over those pairs, in
+        pair order, is the owner over all pairs, ties included."""
+        pairs = self.scores.shape[0]
+        if pairs == 0:
+            return torch.zeros((0, *self.query_logits.shape[-2:]), dtype=torch.bool, device=self.query_logits.device)
+        best_pair = torch.full((self.query_logits.shape[0],), pairs, dtype=torch.long, device=self.scores.device)
+        order = torch.argsort(self.scores.float(), descending=True, stable=True)   # best first, then pair order
+        for p in reversed(order.tolist()):   # the last write per query wins: its first best-scored pair
+            best_pair[self.pair_query[p]] = p
+        rows = torch.argsort(best_pair)   # the candidate pairs in pair order
+        candidates = best_pair[rows]
+        owner = (self.scores.float()[candidates][:, None, None] * self.query_logits[rows].float().sigmoid()).argmax(0)
+        index = torch.arange(len(rows), device=owner.device)[:, None, None]
+        masks = torch.zeros((pairs, *owner.shape), dtype=torch.bool, device=owner.device)
+        masks[candidates] = (owner[None] == index) & self.region[None]   # the other pairs own nothing
+        return masks
 
 
 def _top_logits(pair_scores, mask_logits, *, padded_size, image_size, output_size, object_mask, topk, restrict,
@@ -299,18 +328,19 @@ def _top_logits(pair_scores, mask_logits, *, padded_size, image_size, output_siz
     if object_mask is None and min_object_iou is not None:
         raise ValueError("min_object_iou needs an object_mask")
     scores, classes, queries = topk_pairs(pair_scores, topk, sorted=True)
-    logits = resize_mask_logits(_tensor(mask_logits)[queries], padded_size, image_size, output_size)
+    distinct, pair_query = queries.unique(sorted=True, return_inverse=True)
+    logits = resize_mask_logits(_tensor(mask_logits)[distinct], padded_size, image_size, output_size)
     obj = None if object_mask is None else _tensor(object_mask).bool().to(logits.device)
     if obj is not None and restrict == "before":
         logits = restrict_to_object(logits, obj)
-    return _TopLogits(scores, classes, queries, logits, foreground(logits), obj, restrict)
+    return _TopLogits(scores, classes, queries, logits, pair_query, foreground(logits), obj, restrict)
 
 
 def _select(top: _TopLogits, *, one_label, merge_classes, min_area_ratio, min_score, keep_all_if_none_pass,
             min_object_iou) -> InstancePredictions:
     """Steps 4-9 of :func:`part_inference` on the top pairs' logits."""
     scores, classes, queries, obj = top.scores, top.classes, top.queries, top.object_mask
-    masks = one_label_per_pixel(top.logits, scores, top.region) if one_label else top.logits > 0
+    masks = top.one_label_masks() if one_label else top.binary_masks()
     if merge_classes:
         masks, classes, scores, best = merge_by_class(masks, classes, scores)
         queries = queries[best]

@@ -342,3 +342,28 @@ def test_part_inference_refuses_bad_settings():
     with pytest.raises(ValueError, match="object_mask"):
         part_inference(torch.ones(2, 1), torch.zeros(2, 4, 4), padded_size=(4, 4), image_size=(4, 4),
                        min_object_iou=0.001)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pairs_sharing_a_query_give_the_masks_of_the_plain_per_pair_computation(seed):
+    """Stage 5's pairs are every query x every part class: the logits are resized and labelled
+    per distinct query, and must give what labelling every pair's own copy gives (ties too)."""
+    from part_distillation import postprocess as pp
+
+    g = torch.Generator().manual_seed(seed)
+    queries, clusters = 6, 3
+    pair_scores = torch.rand(queries, clusters, generator=g).round(decimals=1)   # many equal scores
+    pair_scores[1] = pair_scores[4]   # two queries with the same scores ...
+    mask_logits = torch.randn(queries, 5, 7, generator=g)
+    mask_logits[4] = mask_logits[1]   # ... and the same logits: exact ties between queries
+    object_mask = torch.rand(20, 28, generator=g) > 0.2
+    kwargs = dict(padded_size=(20, 28), image_size=(20, 28), object_mask=object_mask, topk=10,
+                  min_area_ratio=None, min_score=None)
+    got = pp.part_inference(pair_scores, mask_logits, **kwargs)
+    scores, classes, query = pp.topk_pairs(pair_scores, 10, sorted=True)
+    logits = pp.restrict_to_object(pp.resize_mask_logits(mask_logits[query], (20, 28), (20, 28)), object_mask)
+    order = torch.argsort(scores, descending=True, stable=True)
+    expected = pp.one_label_per_pixel(logits, scores)[order]
+    assert torch.equal(got.masks, expected) and torch.equal(got.query_indices, query[order])
+    overlapping = pp.part_inference(pair_scores, mask_logits, one_label=False, **kwargs)
+    assert torch.equal(overlapping.masks, (logits > 0)[order])

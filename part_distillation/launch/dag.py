@@ -367,6 +367,7 @@ def run_local(cfg: RunConfig, planned: list[PlannedStage], context: JobContext) 
         try:
             for index in shards:
                 result = run_in_context(compose_stage(stage.overrides_for(index)), context)
+                result.stage = stage.name  # the step (dense_crf@heldout), once its job has saved its summary
                 summary.parts.append(result)  # reported per stage: counts of different things never add up
         except BaseException as exc:
             if context.is_main:

@@ -11,15 +11,15 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
-#: 2 classes x 4 training / 2 held-out images, K=2, 4 iterations; stages 1-3 at the images' own
+#: The random tiny model, 2 classes x 4 training / 2 held-out images, K=2, 4 iterations; stages 1-3 at the images' own
 #: 128 pixels (not fitted to 640) and part ranking keeping every proposal of the barely trained model
-TINY = ["--variants", "shared", "--classes", "2", "--images", "4", "--heldout-images", "2", "--parts", "2",
+TINY = ["--model", "mask2former_tiny", "--variants", "shared", "--classes", "2", "--images", "4", "--heldout-images", "2", "--parts", "2",
         "--iters", "4", "--curve-every", "2",
         "--set", "detic_labeling:stage.fit_size=128", "--set", "pixel_grouping:stage.input_size=128",
         "--set", "dense_crf:stage.input_size=128", "--set", "part_ranking:stage.min_proposal_score=0.0",
         "--set", "part_ranking:stage.min_label_score=0.0", "--set", "part_ranking:stage.min_area_ratio=0.0"]
-ROWS = ("pixel grouping records", "dense-CRF records", "stage-4 proposal model", "stage-6 PartDistillation model",
-        "box strips", "k-means of colour + position")
+ROWS = ("pixel grouping records", "dense-CRF records", "part-ranking labels", "stage-4 proposal model",
+        "stage-6 PartDistillation model", "box strips", "k-means of colour + position")
 
 
 @pytest.mark.integration
@@ -31,17 +31,17 @@ def test_b9_prints_every_row_and_the_margins_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert table[:2] == ["| predictor (held-out) | bestIoU | AR@1 (overlapping) | AR@10 (overlapping) "
+    assert table[:2] == ["| predictor (heldout) | bestIoU | AR@1 (overlapping) | AR@10 (overlapping) "
                          "| C-mIoU | A-mIoU |", "|---" * 6 + "|"]
     assert len(table) == 2 + len(ROWS) and all(label in row for label, row in zip(ROWS, table[2:]))
     assert "–" not in "".join(table)   # every row has figures: both models trained at this size
-    pair = r"s[46]-vs-(grouping|crf|strips|kmeans) bestIoU [+-]\d+\.\d AR10 [+-]\d+\.\d C-mIoU ([+-]\d+\.\d|n/a)"
-    assert re.fullmatch(rf"B9 shared: {pair}( \| {pair}){{7}}", lines[-1]), lines[-1]
+    pair = r"s[46]-vs-(grouping|crf|rank|strips|kmeans) bestIoU [+-]\d+\.\d AR10 [+-]\d+\.\d C-mIoU ([+-]\d+\.\d|n/a)"
+    assert re.fullmatch(rf"B9 shared: {pair}( \| {pair}){{9}}", lines[-1]), lines[-1]
 
     report = json.loads((tmp_path / "b9_quality.json").read_text())
     shared = report["variants"]["shared"]
-    assert list(shared["table"]) == ["pixel_grouping", "dense_crf", "proposal", "part_distillation", "strips",
-                                     "colour_kmeans"]
+    assert list(shared["table"]) == ["pixel_grouping", "dense_crf", "part_ranking", "proposal", "part_distillation",
+                                     "strips", "colour_kmeans"]
     for row in shared["table"].values():
         assert row["images"] == 4 and 0 <= row["bestIoU"] <= 100 and row["AR@10"] is not None
     assert shared["table"]["colour_kmeans"]["C-mIoU"] is not None   # strict: matched on train_match
