@@ -397,7 +397,9 @@ def combined_table(results: Mapping[str, dict], top_k: tuple[int, ...]) -> str:
 def write_combined(folder: Path, results: Mapping[str, dict], split: str, match_split: str | None,
                    top_k: tuple[int, ...], class_names: Mapping[str, str] | None = None) -> str:
     """``metrics.md``, ``metrics.json`` and ``per_class.csv`` over all predictors; returns the table."""
-    table = combined_table(results, top_k)
+    table = combined_table(results, top_k) + (
+        f"\nScored on split `{split}`" + (f"; the strict protocol matched clusters to parts on `{match_split}`"
+                                           if match_split else " (no stage.match_split: no strict mIoU)") + ".\n")
     _write_atomic(folder / "metrics.md", table)
     _write_atomic(folder / "metrics.json", json.dumps(
         {"split": split, "match_split": match_split, "predictors": dict(results)}, indent=2, default=_json_default))

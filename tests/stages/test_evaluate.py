@@ -128,6 +128,7 @@ def test_evaluate_records_both_protocols(synthetic, tmp_path, how):
         assert strict["bestIoU"] == reference["bestIoU"] == pytest.approx(100.0)
     assert summary["metrics"]["records_dense_crf"]["strict"]["C-mIoU"] == strict["C-mIoU"]
     assert summary["metrics_table"] == combined
+    assert combined.rstrip().endswith("Scored on split `train`; the strict protocol matched clusters to parts on `val`.")
     assert (Path(cfg.stage.output) / "per_class.csv").read_text().startswith(
         "predictor,object_class,class_name,mIoU_reference,mIoU_strict")
 
