@@ -30,8 +30,8 @@ checkpoint.
 A model stage that fails at a small size (part ranking finds no part classes among the few
 proposals of a barely trained stage-4 model) does not end the run: that model's row has no
 figures and the reason is printed under the table. Prints a Markdown table per variant and
-the curves; writes ``b9_quality.json`` (tables, curves, margins, settings) and
-``b9_quality.md`` in ``--out`` (default ``benchmarks_output/b9``, git-ignored); the last
+the curves; writes ``b9_quality.json`` (tables, curves, margins, settings),
+``b9_quality.md`` and the curves' plots ``b9_curves_<variant>.png`` in ``--out`` (default ``benchmarks_output/b9``, git-ignored); the last
 line gives each model's margin over each baseline (percentage points):
 ``B9 distinct: s4-vs-crf bestIoU +5.0 AR10 +3.1 C-mIoU ... | ...; shared: ...``. All figures are percentages.
 
@@ -286,6 +286,15 @@ def b9_line(all_margins: dict[str, dict]) -> str:
     return "B9 " + "; ".join(parts)
 
 
+def write_curves_png(curves: dict, path: Path, title: str) -> None:
+    from part_distillation.store.files import atomic_write_bytes
+    from part_distillation.viz import plot_curves
+
+    series = {kind: [(p["iteration"], p["bestIoU"]) for p in points if p["bestIoU"] is not None]
+              for kind, points in curves.items()}
+    atomic_write_bytes(path, plot_curves(series, title, ylabel="best-match IoU (%)"))
+
+
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -330,6 +339,7 @@ def main(argv=None) -> dict:
         notes = "".join(f"  {name}: {message}\n" for name, message in failures.items())
         markdown_text.append(header + text + "\n" + curves_text(curves) + "\n" + notes)
         print("\n" + header + text + curves_text(curves) + "\n" + notes, flush=True)
+        write_curves_png(curves, out / f"b9_curves_{variant}.png", f"B9 {variant}: {args.scored} bestIoU while training")
         results[variant] = {"table": table, "curves": curves, "margins": all_margins[variant],
                             "failed_stages": failures, "stage_seconds": seconds,
                             "seconds": time.perf_counter() - start}

@@ -347,9 +347,13 @@ def run(cfg: RunConfig, context) -> StageSummary:
     path = Path(st.file)
     curves = {}
     for plan in plans:
-        found = {} if plan.problem else training_curves(plan)
-        png = write_curves_png(found, Path(st.output) / f"training_curves_{plan.experiment}.png",
-                               plan.experiment) if found else None
+        found, png = ({} if plan.problem else training_curves(plan)), None
+        if found:
+            try:
+                png = write_curves_png(found, Path(st.output) / f"training_curves_{plan.experiment}.png",
+                                       plan.experiment)
+            except (ImportError, OSError) as err:  # a report never fails a run: the table stays
+                log.warning("report: the training curves of %s were not plotted: %s", plan.experiment, err)
         curves[plan.experiment] = (found, png)
     text, tables = build_report(plans, path.parent, curves)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,4 @@ def test_b9_prints_every_row_and_the_margins_line(tmp_path):
     margin = shared["margins"]["s6-vs-strips"]["bestIoU"]
     assert margin == pytest.approx(shared["table"]["part_distillation"]["bestIoU"] - shared["table"]["strips"]["bestIoU"])
     assert (tmp_path / "b9_quality.md").read_text().strip().endswith(lines[-1])
+    assert (tmp_path / "b9_curves_shared.png").read_bytes()[:4] == b"\x89PNG"
