@@ -59,14 +59,18 @@ def own_overrides() -> list[str]:
 
 
 def stage_overrides(entries: list[str], names: list[str]) -> dict[str, list[str]]:
-    """``["<stage>:<override>", ...]`` -> overrides per stage; a stage not in ``names`` is an error."""
+    """``["<stage>:<override>", ...]`` -> overrides per step of ``names``. An entry for a step
+    that is not in ``names`` but runs a registered stage is left out (an experiment's entries
+    for the steps a shorter ``stage.stages`` drops); one that names no stage is an error."""
+    known = set(stages.names())
     out: dict[str, list[str]] = {}
     for entry in entries:
         name, sep, override = entry.partition(":")
-        if not sep or not override or name not in names:
-            raise ValueError(f"stage.overrides entry {entry!r}: expected '<stage>:<override>' with a stage of "
-                             f"stage.stages {list(names)}")
-        out.setdefault(name, []).append(override)
+        if not sep or not override or stages.stage_of(name) not in known:
+            raise ValueError(f"stage.overrides entry {entry!r}: expected '<stage>:<override>' (or "
+                             f"'<stage>@<tag>:<override>') with a stage of stage.stages {list(names)}")
+        if name in names:
+            out.setdefault(name, []).append(override)
     return out
 
 

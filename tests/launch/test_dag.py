@@ -168,4 +168,8 @@ def test_a_stage_named_twice_without_a_step_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"more than once.*index@heldout"):
         make_plan(tmp_path, ["synthetic_data", "index", "index"])
     with pytest.raises(ValueError, match="stage.overrides entry"):
-        make_plan(tmp_path, ["index@heldout"], entries=["index@other:data.split=heldout"])
+        make_plan(tmp_path, ["index@heldout"], entries=["indx@heldout:data.split=heldout"])   # no such stage
+    # an entry for a step the list leaves out (an experiment's, after a shorter stage.stages) is left out too
+    planned, = make_plan(tmp_path, ["index@heldout"], entries=["index@other:data.split=nowhere",
+                                                               "index@heldout:data.split=heldout"])
+    assert planned.run.data.split == "heldout"

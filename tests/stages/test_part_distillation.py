@@ -232,7 +232,7 @@ def test_seed_script_runs_the_demo_in_process(tmp_path, records):
     assert [i for i, _ in ckpt.list_checkpoints(run_dir)] == [20]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     config = manifest["config"]
-    assert config["model"]["size"] == "efficientnet_lite0" and config["stage"]["image_size"] == 128
+    assert config["model"]["size"] == "efficientnet_lite0" and config["stage"]["image_size"] == 192
 
 
 def _script_overrides(tmp_path, **env) -> list[str]:

@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 OBJECTS = Path("pseudo_labels") / "object_labels" / "synthetic_train" / "detic_predictions"
 PARTS = Path("pseudo_labels") / "part_labels" / "proposal_generation" / "synthetic_train"
 __all__ = ["slurm_cluster"]
+#: The demo's frame (configs/stage_tuning/demo_detic_labeling.yaml: fit_size, the stage's input_size).
+DEMO_FRAME = 256
 # Cheap settings for CPU tests: the stride-4 level only stops the backbone early.
 FAST = ("experiment=demo", "stage=pixel_grouping", "stage.feature_levels=[stride4]", "stage.kmeans_restarts=3")
 
@@ -36,7 +38,7 @@ def _entry(root: Path, *extra: str, check: bool = True, **kw) -> subprocess.Comp
 def _make_root(root: Path, classes: int = 2, images: int = 3, size: int = 64) -> Path:
     make_synthetic_dataset(root / "datasets" / "synthetic", num_classes=classes, images_per_class=images,
                            size=size, seed=7)
-    write_object_records(root / "datasets" / "synthetic", root / OBJECTS)
+    write_object_records(root / "datasets" / "synthetic", root / OBJECTS, fit_size=DEMO_FRAME)
     return root
 
 
@@ -58,7 +60,7 @@ def test_records_follow_the_schema_and_the_fitted_frame(done_root):
     for key, rec in records.items():
         PART_SEGMENTS.check(rec)
         h, w = rec["fitted_size"]
-        assert rec["original_size"] == [64, 64] and (h, w) == (640, 640)
+        assert rec["original_size"] == [64, 64] and (h, w) == (DEMO_FRAME, DEMO_FRAME)
         obj = decode_rle(rec["object_mask"])
         assert obj.shape == (h, w) and np.array_equal(obj, decode_rle(objects[key]["masks"][0]))
         parts = decode_rles(rec["part_masks"])
@@ -120,7 +122,7 @@ def test_tiny_slurm_array_writes_every_shard(slurm_cluster, tmp_path):
     for records in per_shard:
         for rec in records:
             PART_SEGMENTS.check(rec)
-            assert rec["fitted_size"] == [640, 640] and len(rec["part_masks"]) >= 1
+            assert rec["fitted_size"] == [DEMO_FRAME, DEMO_FRAME] and len(rec["part_masks"]) >= 1
 
 
 @pytest.mark.integration
