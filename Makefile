@@ -25,6 +25,11 @@ demo: venv
 	$(PY) -m part_distillation experiment=demo
 	@echo; awk '/^## /{show = ($$0 == "## Evaluation")} show' "$(DEMO_REPORT)"; echo "Report: $(DEMO_REPORT)"
 
+# The demo's outputs (demo_output/ or $PD_DEMO_ROOT) removed: a demo made by a version with other
+# demo settings is refused ("made with other settings") rather than overwritten.
+clean-demo:
+	rm -rf "$${PD_DEMO_ROOT:-demo_output}"
+
 test: venv
 	$(PY) -m pytest -q
 
