@@ -287,12 +287,10 @@ def b9_line(all_margins: dict[str, dict]) -> str:
 
 
 def write_curves_png(curves: dict, path: Path, title: str) -> None:
-    from part_distillation.store.files import atomic_write_bytes
-    from part_distillation.viz import plot_curves
+    from part_distillation.viz import write_curves
 
-    series = {kind: [(p["iteration"], p["bestIoU"]) for p in points if p["bestIoU"] is not None]
-              for kind, points in curves.items()}
-    atomic_write_bytes(path, plot_curves(series, title, ylabel="best-match IoU (%)"))
+    write_curves(path, {kind: [(p["iteration"], p["bestIoU"]) for p in points if p["bestIoU"] is not None]
+                        for kind, points in curves.items()}, title, ylabel="best-match IoU (%)")
 
 
 def _fmt(value) -> str:

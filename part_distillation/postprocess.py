@@ -308,10 +308,10 @@ class _TopLogits:
         pairs = self.scores.shape[0]
         if pairs == 0:
             return torch.zeros((0, *self.query_logits.shape[-2:]), dtype=torch.bool, device=self.query_logits.device)
-        best_pair = torch.full((self.query_logits.shape[0],), pairs, dtype=torch.long, device=self.scores.device)
         order = torch.argsort(self.scores.float(), descending=True, stable=True)   # best first, then pair order
-        for p in reversed(order.tolist()):   # the last write per query wins: its first best-scored pair
-            best_pair[self.pair_query[p]] = p
+        rank = torch.full((self.query_logits.shape[0],), pairs, dtype=torch.long, device=order.device)
+        rank.scatter_reduce_(0, self.pair_query[order], torch.arange(pairs, device=order.device), reduce="amin")
+        best_pair = order[rank]   # each query's first best-scored pair
         rows = torch.argsort(best_pair)   # the candidate pairs in pair order
         candidates = best_pair[rows]
         owner = (self.scores.float()[candidates][:, None, None] * self.query_logits[rows].float().sigmoid()).argmax(0)

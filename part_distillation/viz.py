@@ -282,3 +282,14 @@ def plot_curves(series: Mapping[str, Sequence[tuple[int, float]]], title: str,
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def write_curves(path: str | Path, series: Mapping[str, Sequence[tuple[int, float]]], title: str,
+                 ylabel: str = "score (%)") -> Path:
+    """:func:`plot_curves` written atomically to ``path`` (folders made); returns the path."""
+    from part_distillation.store.files import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, plot_curves(series, title, ylabel))
+    return path

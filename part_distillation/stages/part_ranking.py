@@ -230,7 +230,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
 
     cluster_images = 0
     if stage.part_classes:  # another run's part classes: the label pass only
-        centroids, folder = other_run_part_classes(Path(stage.part_classes), checkpoint), Path(stage.part_classes)
+        centroids = other_run_part_classes(Path(stage.part_classes), checkpoint)
     else:
         if not (folder / "centroids.json").exists():  # steps 1 and 2, skipped entirely once the centroids exist
             cluster_images = cluster_step(cfg, records("cluster pass"), model, device, folder, checkpoint)
@@ -241,7 +241,8 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
         label_step(cfg, records("label pass"), model, device, centroids, writer, summary)
     summary.output = str(stage.output)
     summary.extra.update({"checkpoint": str(checkpoint), "cluster_pass_images": cluster_images,
-                          "classes_with_parts": len(centroids), "centroids": str(folder / "centroids.npz")})
+                          "classes_with_parts": len(centroids),
+                          "centroids": stage.part_classes or str(folder / "centroids.npz")})
     return summary.finish()
 
 

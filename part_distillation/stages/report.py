@@ -232,13 +232,10 @@ def curves_table(curves: Curves) -> list[str]:
 
 
 def write_curves_png(curves: Curves, path: Path, experiment: str) -> Path:
-    from part_distillation.store.files import atomic_write_bytes
-    from part_distillation.viz import plot_curves
+    from part_distillation.viz import write_curves
 
     series = {f"{step} {metric}": points for step, by_metric in curves.items() for metric, points in by_metric.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, plot_curves(series, f"{experiment}: periodic evaluation while training"))
-    return path
+    return write_curves(path, series, f"{experiment}: periodic evaluation while training")
 
 
 # --------------------------------------------------------------------------- links
