@@ -17,7 +17,7 @@ experiment's settings (``configs/stage_tuning/demo_*.yaml``), as the demo runs t
 
 Then on ``heldout`` (``evaluation.scoring.evaluate_in_memory``, the evaluate stage's per-image code)
 it scores pixel grouping's, dense CRF's and part ranking's records, the final stage-4 and stage-6 models,
-box strips and k-means of colour + position (K = the parts per object): mean best-match
+box strips and k-means of colour + position (K = ``--k``, default the parts per object): mean best-match
 IoU (each true part to its best segment; proposals: the top K one-label masks, those with
 a cluster), AR@1/AR@10 in the ``overlapping`` setting (no filter; a PartDistillation model's
 masks are its only set, its ``one-label`` AR) and C-mIoU / A-mIoU under the strict
@@ -38,6 +38,7 @@ line gives each model's margin over each baseline (percentage points):
     .venv/bin/python benchmarks/b9_quality.py        # the demo's model and recipe: 4 classes x 12 images, 400 it.
     .venv/bin/python benchmarks/b9_quality.py --set proposal_learning:stage.lr=3e-4 --out benchmarks_output/b9_lr
     .venv/bin/python benchmarks/b9_quality.py --variants shared --images 6 --iters 20 --curve-every 10
+    .venv/bin/python benchmarks/b9_quality.py --tune --k 6 --out benchmarks_output/b9_k6   # over-clustering: K > parts
 """
 from __future__ import annotations
 
@@ -94,7 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tune", action="store_true",
                         help="choosing a recipe: score on the split 'tune' (other images of the same generator, "
                              "apart from train and heldout) instead of the held-out split, which stays unseen")
-    parser.add_argument("--parts", type=int, default=4, help="parts per object = K of every predictor")
+    parser.add_argument("--parts", type=int, default=4, help="parts per object of the synthetic images")
+    parser.add_argument("--k", type=int, default=None,
+                        help="K of every predictor: stage-2 parts per object, stage-5 part classes per object "
+                             "class, segments of the baselines (default: --parts)")
     parser.add_argument("--iters", type=int, default=400, help="stage-4 and stage-6 iterations (the demo's 400)")
     parser.add_argument("--curve-every", type=int, default=100, help="a checkpoint (curve point) every N iterations")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
@@ -112,8 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--variants: expected distinct and/or shared, got {args.variants}")
     if args.images < 2:
         parser.error("--images must be >= 2 (the strict protocol matches on half of the training images)")
-    if min(args.iters, args.curve_every, args.heldout_images, args.classes) < 1 or args.parts < 2:
-        parser.error("--iters, --curve-every, --heldout-images, --classes must be >= 1 and --parts >= 2")
+    args.k = args.parts if args.k is None else args.k
+    if min(args.iters, args.curve_every, args.heldout_images, args.classes) < 1 or min(args.parts, args.k) < 2:
+        parser.error("--iters, --curve-every, --heldout-images, --classes must be >= 1 and --parts, --k >= 2")
     for entry in args.set:
         if entry.partition(":")[0] not in TRAIN_STAGES or "=" not in entry:
             parser.error(f"--set {entry!r}: expected STAGE:KEY=VALUE with STAGE one of {list(TRAIN_STAGES)}")
@@ -133,13 +138,13 @@ def stage_overrides(args, root: Path, variant: str, split: str, names: tuple[str
         "synthetic_data": [f"stage.classes={args.classes}", f"stage.parts_per_class={args.parts}",
                            f"stage.images_per_class={args.images if split == 'train' else args.heldout_images}",
                            f"stage.appearance={variant}"],
-        "pixel_grouping": [f"stage.num_parts={args.parts}"],
+        "pixel_grouping": [f"stage.num_parts={args.k}"],
         "proposal_learning": train,
-        "part_ranking": [f"stage.num_clusters={args.parts}"] + ([   # held-out: the training run's model and classes
+        "part_ranking": [f"stage.num_clusters={args.k}"] + ([   # held-out: the training run's model and classes
             f"stage.proposal_run={root / 'outputs' / 'proposal_learning' / 'synthetic_train'}",
             f"stage.part_classes={root / 'pseudo_labels' / 'part_labels' / 'part_ranking' / 'synthetic_train'}"]
             if split != "train" else []),
-        "part_distillation": [*train, f"stage.parts_per_class={args.parts}"],
+        "part_distillation": [*train, f"stage.parts_per_class={args.k}"],
     }
     for entry in args.set:
         name, _, override = entry.partition(":")
@@ -228,12 +233,12 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
         if not (labels / folder / f"synthetic_{args.scored}").is_dir():   # part ranking, when stage 4 failed
             continue
         found = {**records(labels / folder / "synthetic_train"), **records(labels / folder / f"synthetic_{args.scored}")}
-        predictors[label] = RecordsPredictor(found, label, args.parts)
+        predictors[label] = RecordsPredictor(found, label, args.k)
     runs = {kind: run for kind, run in runs.items() if list_checkpoints(run)}   # the others failed to train
     for kind, run in runs.items():
-        predictors[kind] = ModelPredictor(TrainedModel.load(run), kind, args.parts)
-    predictors["strips"] = StripsPredictor(args.parts)
-    predictors["colour_kmeans"] = ColourKMeansPredictor(args.parts)
+        predictors[kind] = ModelPredictor(TrainedModel.load(run), kind, args.k)
+    predictors["strips"] = StripsPredictor(args.k)
+    predictors["colour_kmeans"] = ColourKMeansPredictor(args.k)
     table = {}
     for label in ROWS:
         if label not in predictors:
@@ -246,7 +251,7 @@ def evaluate_variant(args, root: Path) -> tuple[dict, dict]:
     curves = {kind: [] for kind in MODELS.values()}
     for kind, run in runs.items():
         for iteration, path in list_checkpoints(run):
-            row = score(ModelPredictor(TrainedModel.load(path), kind, args.parts), samples, num_parts, match=False)
+            row = score(ModelPredictor(TrainedModel.load(path), kind, args.k), samples, num_parts, match=False)
             curves[kind].append({"iteration": iteration, "bestIoU": row["bestIoU"], "AR@10": row["AR@10"]})
     return table, curves
 
@@ -332,7 +337,7 @@ def main(argv=None) -> dict:
         all_margins[variant] = margins(table)
         text = markdown(table, args.scored)
         header = (f"### {variant}: {args.classes} classes x {args.images} training / {args.heldout_images} {args.scored} "
-                  f"images, K={args.parts}, {args.iters} iterations, model={args.model} (strict protocol, "
+                  f"images, K={args.k}, {args.iters} iterations, model={args.model} (strict protocol, "
                   f"matched on {MATCH})\n\n")
         notes = "".join(f"  {name}: {message}\n" for name, message in failures.items())
         markdown_text.append(header + text + "\n" + curves_text(curves) + "\n" + notes)

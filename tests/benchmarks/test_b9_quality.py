@@ -53,3 +53,26 @@ def test_b9_prints_every_row_and_the_margins_line(tmp_path):
     assert margin == pytest.approx(shared["table"]["part_distillation"]["bestIoU"] - shared["table"]["strips"]["bestIoU"])
     assert (tmp_path / "b9_quality.md").read_text().strip().endswith(lines[-1])
     assert (tmp_path / "b9_curves_shared.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_k_sets_the_method_apart_from_the_images_parts(tmp_path):
+    """``--k`` is K of every stage and baseline; the generator keeps ``--parts`` parts per object."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import b9_quality as b; from pathlib import Path; "
+            "a = b.parse_args(sys.argv[1:]); print(json.dumps([a.k, b.stage_overrides(a, Path('r'), 'shared', 'train')]))")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    result = run("--parts", "4", "--k", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    k, overrides = json.loads(result.stdout.strip().splitlines()[-1])
+    assert k == 6
+    assert "stage.parts_per_class=4" in overrides["synthetic_data"]
+    assert "stage.num_parts=6" in overrides["pixel_grouping"]
+    assert "stage.num_clusters=6" in overrides["part_ranking"]
+    assert "stage.parts_per_class=6" in overrides["part_distillation"]
+    k, overrides = json.loads(run("--parts", "3").stdout.strip().splitlines()[-1])
+    assert k == 3 and "stage.num_parts=3" in overrides["pixel_grouping"]
+    refused = run("--k", "1")
+    assert refused.returncode == 2 and "--k" in refused.stderr
