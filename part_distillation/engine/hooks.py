@@ -200,8 +200,8 @@ class JSONWriter(HookBase):
             return
         from part_distillation.store.files import atomic_write_bytes
 
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if _line_iteration(line) is not None and _line_iteration(line) <= self.trainer.iter]
+        kept = [line for line, parsed in _parsed_lines(self.path.read_text(encoding="utf-8"))
+                if parsed["iteration"] <= self.trainer.iter]
         atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
     def after_step(self) -> None:
@@ -217,11 +217,18 @@ class JSONWriter(HookBase):
             f.write(json.dumps(line) + "\n")
 
 
-def _line_iteration(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["iteration"])
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a kill
+def _parsed_lines(text: str) -> list[tuple[str, dict]]:
+    """Each complete line of a metrics log with its object (``iteration`` an int); a line cut
+    short by a kill is left out."""
+    out = []
+    for line in text.splitlines():
+        try:
+            parsed = json.loads(line)
+            parsed["iteration"] = int(parsed["iteration"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        out.append((line, parsed))
+    return out
 
 
 def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
@@ -231,11 +238,7 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
         text = (Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    out = []
-    for line in text.splitlines():
-        if _line_iteration(line) is not None:
-            out.append(json.loads(line))
-    return out
+    return [parsed for _, parsed in _parsed_lines(text)]
 
 
 class PeriodicEval(HookBase):

@@ -187,6 +187,15 @@ def load_centroids(folder: Path) -> tuple[dict[int, np.ndarray], dict]:
     return centroids, meta
 
 
+def checked_centroids(folder: Path, checkpoint: Path, hint: str = "") -> dict[int, np.ndarray]:
+    """:func:`load_centroids` of ``folder``, refused unless they were ranked with ``checkpoint``
+    (part classes are embeddings of one proposal model: another model's are meaningless)."""
+    centroids, meta = load_centroids(folder)
+    if meta["checkpoint"] != str(checkpoint):
+        raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}{hint}")
+    return centroids
+
+
 def other_run_part_classes(output: Path, checkpoint: Path) -> dict[int, np.ndarray]:
     """The centroids of every job of the part-ranking output ``output`` (``stage.part_classes``),
     which must have ranked with the same proposal checkpoint."""
@@ -196,11 +205,8 @@ def other_run_part_classes(output: Path, checkpoint: Path) -> dict[int, np.ndarr
                           f"give a finished part_ranking output")
     centroids: dict[int, np.ndarray] = {}
     for folder in folders:
-        found, meta = load_centroids(folder)
-        if meta["checkpoint"] != str(checkpoint):
-            raise ConfigError(f"stage.part_classes: {folder}/centroids.json came from {meta['checkpoint']}, this "
-                              f"run uses {checkpoint}: rank with the same proposal model (stage.proposal_run)")
-        centroids.update(found)
+        centroids.update(checked_centroids(
+            folder, checkpoint, " (stage.part_classes): rank with the same proposal model (stage.proposal_run)"))
     return centroids
 
 
@@ -234,9 +240,7 @@ def run(cfg: RunConfig, context: JobContext) -> StageSummary:
     else:
         if not (folder / "centroids.json").exists():  # steps 1 and 2, skipped entirely once the centroids exist
             cluster_images = cluster_step(cfg, records("cluster pass"), model, device, folder, checkpoint)
-        centroids, meta = load_centroids(folder)
-        if meta["checkpoint"] != str(checkpoint):
-            raise ConfigError(f"{folder}/centroids.json came from {meta['checkpoint']}, this run uses {checkpoint}")
+        centroids = checked_centroids(folder, checkpoint)
     with open_output(cfg, PART_LABELS, context) as writer:  # 3. label pass
         label_step(cfg, records("label pass"), model, device, centroids, writer, summary)
     summary.output = str(stage.output)
